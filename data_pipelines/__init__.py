@@ -1,0 +1,1 @@
+"""Data pipelines: synthetic world, KITTI raw -> TFDS, Make3D, teacher logits."""

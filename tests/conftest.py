@@ -1,0 +1,26 @@
+"""Test-session setup. Runs before any test module imports jax.
+
+- 4 fake CPU devices, so sharding tests can build a Mesh(("data",)) of 1, 2 or 4 devices.
+- rbg PRNG (cheaper on CPU), CPU platform unless the caller chose another.
+- a persistent compilation cache shared by the test processes (and subprocesses they start).
+"""
+
+import os
+import pathlib
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("JAX_DEFAULT_PRNG_IMPL", "rbg")
+_flags = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in _flags:
+    os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=4").strip()
+_cache = os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", str(pathlib.Path.home() / ".cache" / "xdistill_jax" / "jax_cache")
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_compilation_cache_dir", _cache)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+DATA_DIR = pathlib.Path(__file__).parent / "data"

@@ -1,0 +1,1 @@
+"""Flax networks: ResNet encoders, depth decoder, pose network, translator, segmentation teacher."""
