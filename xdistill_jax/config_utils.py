@@ -1,0 +1,242 @@
+"""Experiment configs: load a `configs/*.py` file, apply `--config.a.b=value` overrides, validate,
+save/load the resolved config as `config.json` in the workdir.
+
+Everything here runs before JAX compiles anything, so a typo or an impossible value fails in
+well under a second with the offending key named, instead of minutes into a run.
+
+Config files are plain Python modules exposing `get_config()` (or `get_config(arg)`, selected
+with `path.py:arg`). They are only ever loaded from a path the user names.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import os
+import pathlib
+from typing import Any, Iterable, Sequence
+
+import ml_collections
+
+CONFIG_JSON = "config.json"
+
+# Fields whose values change the shapes or meaning of the saved variables: a checkpoint written
+# under one value cannot be restored under another.
+STRUCTURAL_KEYS = (
+    "data.height",
+    "data.width",
+    "model.num_layers",
+    "model.pose_num_layers",
+    "distill.grouping",
+    "distill.num_groups",
+    "distill.translator",
+    "distill.weight_is_zero",  # derived below: the translator params exist only when weight > 0
+)
+
+
+class ConfigError(ValueError):
+    """A config file, override or value is wrong; the message names the key."""
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """Load `path/to/file.py` or `path/to/file.py:arg` and return its `get_config([arg])`."""
+    path, sep, arg = spec.partition(":")
+    p = pathlib.Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {path!r} does not exist")
+    module_name = "xdistill_config_" + p.stem.replace("-", "_")
+    mod_spec = importlib.util.spec_from_file_location(module_name, p)
+    module = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file {path!r} defines no get_config()")
+    config = module.get_config(arg) if sep else module.get_config()
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(f"{path}: get_config() returned {type(config).__name__}, not a ConfigDict")
+    return config
+
+
+def _parse_value(key: str, text: str, current: Any) -> Any:
+    """Convert the string `text` to the type of the existing value `current`."""
+    if isinstance(current, bool):
+        low = text.strip().lower()
+        if low in ("true", "1", "yes"):
+            return True
+        if low in ("false", "0", "no"):
+            return False
+        raise ConfigError(f"--config.{key}: expected a bool (true/false), got {text!r}")
+    if isinstance(current, int):
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(f"--config.{key}: expected an int, got {text!r}") from None
+    if isinstance(current, float):
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"--config.{key}: expected a float, got {text!r}") from None
+    if isinstance(current, str):
+        return text
+    if isinstance(current, (tuple, list)):
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            raise ConfigError(f"--config.{key}: expected a tuple like (1, 2), got {text!r}") from None
+        if not isinstance(value, (tuple, list)):
+            value = (value,)
+        if current and any(type(v) is not type(current[0]) for v in value):
+            # allow ints where floats are expected, nothing else
+            if not (isinstance(current[0], float) and all(isinstance(v, (int, float)) for v in value)):
+                raise ConfigError(
+                    f"--config.{key}: expected a tuple of {type(current[0]).__name__}, got {text!r}")
+            value = tuple(float(v) for v in value)
+        return type(current)(value)
+    if current is None:
+        try:
+            return ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            return text
+    raise ConfigError(f"--config.{key}: cannot override a field of type {type(current).__name__}")
+
+
+def _lookup(config: ml_collections.ConfigDict, key: str):
+    """Return (parent ConfigDict, leaf name) for a dotted key, or raise naming the key."""
+    parts = key.split(".")
+    node = config
+    for i, part in enumerate(parts[:-1]):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            raise ConfigError(f"unknown config key {key!r} (no field {'.'.join(parts[:i + 1])!r})")
+        node = node[part]
+    if not isinstance(node, ml_collections.ConfigDict) or parts[-1] not in node:
+        raise ConfigError(f"unknown config key {key!r}")
+    return node, parts[-1]
+
+
+def apply_overrides(config: ml_collections.ConfigDict, args: Sequence[str]) -> ml_collections.ConfigDict:
+    """Apply `--config.a.b=value` (or `--config.a.b value`) strings to a copy of `config`.
+
+    Unknown keys, values of the wrong type, and arguments that are not config overrides raise
+    ConfigError naming the key. Overriding a whole sub-config is not allowed.
+    """
+    config = ml_collections.ConfigDict(config.to_dict())
+    args = list(args)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--config."):
+            raise ConfigError(f"unrecognised argument {arg!r} (config overrides look like --config.a.b=value)")
+        body = arg[len("--config."):]
+        if "=" in body:
+            key, text = body.split("=", 1)
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"--config.{body}: missing value")
+            key, text = body, args[i + 1]
+            i += 1
+        parent, leaf = _lookup(config, key)
+        current = parent[leaf]
+        if isinstance(current, ml_collections.ConfigDict):
+            raise ConfigError(f"--config.{key}: is a group of fields; override its fields one by one")
+        parent[leaf] = _parse_value(key, text, current)
+        i += 1
+    return config
+
+
+def _check(cond: bool, key: str, message: str):
+    if not cond:
+        raise ConfigError(f"config.{key}: {message}")
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+    """Reject impossible values, naming the key. `num_devices`: global device count, if known."""
+    d, m, lo, ds, o, r = config.data, config.model, config.loss, config.distill, config.optim, config.run
+    for key, value in (("data.height", d.height), ("data.width", d.width)):
+        _check(isinstance(value, int) and value > 0 and value % 32 == 0, key,
+               f"must be a positive multiple of 32 (the encoder downsamples by 32), got {value}")
+    _check(m.num_layers in (18, 34, 50), "model.num_layers", f"must be 18, 34 or 50, got {m.num_layers}")
+    _check(m.pose_num_layers in (18, 50), "model.pose_num_layers",
+           f"must be 18 or 50 (two-image ResNet input), got {m.pose_num_layers}")
+    _check(m.dtype in ("float32", "bfloat16"), "model.dtype", f"must be float32 or bfloat16, got {m.dtype!r}")
+    _check(m.init == "scratch" or m.init.endswith(".msgpack"), "model.init",
+           f"must be 'scratch' or a path to a converted .msgpack, got {m.init!r}")
+    _check(0 < lo.min_depth < lo.max_depth, "loss.min_depth",
+           f"need 0 < min_depth < max_depth, got {lo.min_depth} and {lo.max_depth}")
+    _check(lo.smoothness_weight >= 0, "loss.smoothness_weight", f"must be >= 0, got {lo.smoothness_weight}")
+    _check(ds.weight >= 0, "distill.weight", f"must be >= 0, got {ds.weight}")
+    _check(ds.mode in ("hard", "soft"), "distill.mode", f"must be 'hard' or 'soft', got {ds.mode!r}")
+    _check(ds.temperature > 0, "distill.temperature", f"must be > 0, got {ds.temperature}")
+    _check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
+    _check(o.batch_size > 0, "optim.batch_size", f"must be > 0, got {o.batch_size}")
+    _check(o.epochs > 0 or o.num_steps > 0, "optim.num_steps", "set optim.epochs or optim.num_steps > 0")
+    _check(0 < o.lr_decay_factor <= 1, "optim.lr_decay_factor", f"must be in (0, 1], got {o.lr_decay_factor}")
+    _check(all(e > 0 for e in o.lr_drop_epochs), "optim.lr_drop_epochs", f"must be > 0, got {o.lr_drop_epochs}")
+    for key in ("log_every", "ckpt_every", "val_every", "keep"):
+        _check(r[key] > 0, f"run.{key}", f"must be > 0, got {r[key]}")
+    if num_devices is not None:
+        _check(o.batch_size % num_devices == 0, "optim.batch_size",
+               f"{o.batch_size} is not divisible by the {num_devices} devices of the mesh")
+
+
+def config_from_args(config_spec: str, overrides: Sequence[str] = (), num_devices: int | None = None):
+    """The whole front door: load file, apply overrides, validate."""
+    config = apply_overrides(load_config_file(config_spec), overrides)
+    validate(config, num_devices)
+    return config
+
+
+def _tuplify(value):
+    if isinstance(value, dict):
+        return {k: _tuplify(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return tuple(_tuplify(v) for v in value)
+    return value
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> pathlib.Path:
+    """Write `workdir/config.json` atomically (temp name, then rename)."""
+    path = pathlib.Path(workdir) / CONFIG_JSON
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+    """Read `workdir/config.json` back (lists become tuples, as the config files write them)."""
+    path = pathlib.Path(workdir) / CONFIG_JSON
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist: is {workdir} a training workdir?")
+    return ml_collections.ConfigDict(_tuplify(json.loads(path.read_text())))
+
+
+def _flatten(value, prefix="") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: value}
+
+
+def structural_differences(saved: ml_collections.ConfigDict, current: ml_collections.ConfigDict) -> list[str]:
+    """Keys (dotted) under STRUCTURAL_KEYS whose values differ, as 'key: saved -> current'."""
+    a = _flatten(_tuplify(saved.to_dict()))
+    b = _flatten(_tuplify(current.to_dict()))
+    a["distill.weight_is_zero"] = a.get("distill.weight", 0) == 0
+    b["distill.weight_is_zero"] = b.get("distill.weight", 0) == 0
+    out = []
+    for key in sorted(set(a) | set(b)):
+        if any(key == s or key.startswith(s + ".") for s in STRUCTURAL_KEYS):
+            if a.get(key) != b.get(key):
+                out.append(f"{key}: {a.get(key)!r} -> {b.get(key)!r}")
+    return out
+
+
+def differences(saved: ml_collections.ConfigDict, current: ml_collections.ConfigDict) -> Iterable[str]:
+    """All differing keys, as 'key: saved -> current'."""
+    a, b = _flatten(_tuplify(saved.to_dict())), _flatten(_tuplify(current.to_dict()))
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) != b.get(key):
+            yield f"{key}: {a.get(key)!r} -> {b.get(key)!r}"
