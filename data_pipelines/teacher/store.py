@@ -1,0 +1,272 @@
+"""The teacher logits store: grouped teacher logits, one record per example of a triplet split.
+
+Why a separate store joined by example id (not a feature of the triplet TFDS dataset): the
+teacher is a choice made after the data is prepared (our Flax checkpoint, an ONNX model, label
+files; which grouping, which resolution), and the 40k-example triplet split should not be
+rebuilt to change it. Record i belongs to example i of the split it was computed for and
+carries that example's id, so the loader can check the join and fail on the first mismatch.
+
+Layout of a store directory::
+
+    teacher.json                          metadata (below); "complete": true only at the end
+    logits-00000.array_record ...         shard k holds examples [k*shard_size, (k+1)*shard_size)
+
+Record encoding (little endian): uint32 n, n bytes of the UTF-8 example id, then h*w*G float16
+logits in (h,w,G) C order. No compression: float16 logits barely compress and random access
+stays cheap (array_record with group_size 1).
+
+Resumable: the writer saves teacher.json with "complete": false first; each shard is written to a
+temporary name and renamed when whole, so a shard file that exists is complete and is not
+recomputed on resume; the store is marked complete only after the last shard. Resuming with
+different settings (grouping, size, ids) is an error naming the field.
+
+Size: h*w*G*2 bytes of logits + id + ~8 bytes per record. At the default resolution (a quarter
+of the 640x192 input in each dimension: 160x48) and 7 groups that is 107,520 bytes per example,
+4.28 GB for the 39,810 Eigen-Zhou training examples (1/8: 26,880 bytes, 1.07 GB).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+METADATA_FILE = "teacher.json"
+FORMAT = "xdistill-teacher-logits"
+VERSION = 1
+
+
+def shard_name(index: int) -> str:
+    return f"logits-{index:05d}.array_record"
+
+
+def encode_record(example_id: str, logits: np.ndarray) -> bytes:
+    raw = example_id.encode("utf-8")
+    return struct.pack("<I", len(raw)) + raw + np.ascontiguousarray(logits, np.float16).tobytes()
+
+
+def decode_record(record: bytes, shape: tuple[int, int, int]) -> tuple[str, np.ndarray]:
+    (n,) = struct.unpack_from("<I", record, 0)
+    example_id = record[4:4 + n].decode("utf-8")
+    logits = np.frombuffer(record, np.float16, offset=4 + n).reshape(shape)
+    return example_id, logits
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def bytes_per_example(height: int, width: int, num_groups: int, id_len: int = 40) -> int:
+    """Approximate stored bytes of one record (logits + id + length prefix + ~8 bytes framing)."""
+    return height * width * num_groups * 2 + id_len + 4 + 8
+
+
+class TeacherLogitsSource:
+    """Random-access reader of a complete store (the contracts.md interface).
+
+    ``len(src)``; ``src[i] -> (example_id: str, logits float16 (height, width, num_groups))``;
+    attributes ``num_groups``, ``grouping``, ``group_names``, ``height``, ``width``, ``metadata``.
+    Picklable (grain worker processes): shard readers open lazily in each process.
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        meta_path = self.path / METADATA_FILE
+        if not meta_path.is_file():
+            raise ValueError(f"{meta_path}: no teacher logits store here (missing {METADATA_FILE}; "
+                             "write one with `xdistill teacher precompute`)")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{meta_path}: not a teacher logits store (format {meta.get('format')!r})")
+        if not meta.get("complete"):
+            raise ValueError(f"{meta_path}: store is incomplete (an interrupted precompute); "
+                             "rerun the same `xdistill teacher precompute` command to finish it")
+        self.metadata = meta
+        self.num_groups = int(meta["num_groups"])
+        self.grouping = str(meta["grouping"])
+        self.group_names = tuple(meta["group_names"])
+        self.height = int(meta["height"])
+        self.width = int(meta["width"])
+        self.shard_size = int(meta["shard_size"])
+        self._len = int(meta["num_examples"])
+        self._readers: dict[int, object] = {}
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_readers"] = {}
+        return state
+
+    def _reader(self, shard: int):
+        reader = self._readers.get(shard)
+        if reader is None:
+            from array_record.python import array_record_module
+
+            file = self.path / shard_name(shard)
+            if not file.is_file():
+                raise ValueError(f"{file}: shard missing from a store marked complete")
+            reader = array_record_module.ArrayRecordReader(str(file), "readahead_buffer_size:0")
+            self._readers[shard] = reader
+        return reader
+
+    def __getitem__(self, index: int) -> tuple[str, np.ndarray]:
+        index = int(index)
+        if index < 0:
+            index += self._len
+        if not 0 <= index < self._len:
+            raise IndexError(f"teacher store {self.path}: index {index} out of range 0..{self._len - 1}")
+        shard, offset = divmod(index, self.shard_size)
+        (record,) = self._reader(shard).read([offset])
+        return decode_record(record, (self.height, self.width, self.num_groups))
+
+
+class TeacherLogitsWriter:
+    """Writes a store shard by shard; see the module docstring for resume semantics.
+
+    Args:
+      path: store directory (created).
+      example_ids: the split's example ids, in split order (record i <-> example i).
+      grouping / group_names: the grouping name and its G group names.
+      height, width: stored logits resolution.
+      shard_size: examples per shard.
+      extra_metadata: JSON-able facts to keep (backend, dataset, split); not checked on resume.
+    """
+
+    def __init__(self, path, example_ids: Sequence[str], *, grouping: str, group_names: Sequence[str],
+                 height: int, width: int, shard_size: int = 1000, extra_metadata: dict | None = None):
+        if shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        self.path = Path(path)
+        self.example_ids = [str(i) for i in example_ids]
+        self.height, self.width = int(height), int(width)
+        self.num_groups = len(group_names)
+        self.shard_size = int(shard_size)
+        n = len(self.example_ids)
+        self.num_shards = max(1, -(-n // self.shard_size))
+        self.meta = {
+            "format": FORMAT, "version": VERSION, "grouping": grouping,
+            "group_names": list(group_names), "num_groups": self.num_groups,
+            "height": self.height, "width": self.width, "dtype": "float16",
+            "num_examples": n, "shard_size": self.shard_size, "num_shards": self.num_shards,
+            "first_id": self.example_ids[0] if n else "", "last_id": self.example_ids[-1] if n else "",
+            "bytes_per_example": bytes_per_example(self.height, self.width, self.num_groups),
+            "complete": False, **(extra_metadata or {}),
+        }
+        self.path.mkdir(parents=True, exist_ok=True)
+        meta_path = self.path / METADATA_FILE
+        if meta_path.is_file():
+            old = json.loads(meta_path.read_text())
+            for key in ("format", "grouping", "num_groups", "height", "width", "num_examples",
+                        "shard_size", "first_id", "last_id"):
+                if old.get(key) != self.meta[key]:
+                    raise ValueError(
+                        f"{meta_path}: existing store has {key}={old.get(key)!r}, this run has "
+                        f"{self.meta[key]!r}; use another --out or delete the old store")
+            if old.get("complete"):
+                self.meta["complete"] = True
+                return
+        _write_json_atomic(meta_path, self.meta)
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.meta["complete"])
+
+    def shard_range(self, shard: int) -> tuple[int, int]:
+        start = shard * self.shard_size
+        return start, min(start + self.shard_size, len(self.example_ids))
+
+    def pending_shards(self) -> list[int]:
+        """Shards whose file does not exist yet (a renamed shard file is complete)."""
+        if self.complete:
+            return []
+        return [k for k in range(self.num_shards) if not (self.path / shard_name(k)).is_file()]
+
+    def write_shard(self, shard: int, logits: np.ndarray) -> None:
+        """Writes shard `shard` from (n,h,w,G) logits of its examples, atomically."""
+        from array_record.python import array_record_module
+
+        start, stop = self.shard_range(shard)
+        want = (stop - start, self.height, self.width, self.num_groups)
+        if tuple(logits.shape) != want:
+            raise ValueError(f"shard {shard}: logits shape {tuple(logits.shape)}, expected {want}")
+        if not np.isfinite(logits).all():
+            bad = int(np.argmax(~np.isfinite(logits).reshape(len(logits), -1).all(axis=1)))
+            raise ValueError(f"teacher logits of example {self.example_ids[start + bad]!r} are not "
+                             "finite (after float16 conversion)")
+        final = self.path / shard_name(shard)
+        tmp = final.with_name(final.name + ".tmp")
+        writer = array_record_module.ArrayRecordWriter(str(tmp), "group_size:1")
+        for i in range(stop - start):
+            writer.write(encode_record(self.example_ids[start + i], logits[i]))
+        writer.close()
+        os.replace(tmp, final)
+
+    def finalize(self) -> None:
+        missing = self.pending_shards()
+        if missing:
+            raise ValueError(f"{self.path}: cannot mark complete, shards {missing} not written")
+        self.meta["complete"] = True
+        _write_json_atomic(self.path / METADATA_FILE, self.meta)
+
+
+def write_store(path, example_ids: Sequence[str], logits_fn: Callable[[np.ndarray], np.ndarray], *,
+                grouping: str, group_names: Sequence[str], height: int, width: int,
+                shard_size: int = 1000, batch_size: int = 16, extra_metadata: dict | None = None,
+                progress: bool = True) -> Path:
+    """Computes and writes every pending shard, then marks the store complete.
+
+    `logits_fn(indices)` returns the (len(indices),height,width,G) grouped logits of the
+    examples at those split positions; it is called with at most `batch_size` indices.
+    Returns the store path. Safe to rerun after an interruption (completed shards are kept).
+    """
+    writer = TeacherLogitsWriter(path, example_ids, grouping=grouping, group_names=group_names,
+                                 height=height, width=width, shard_size=shard_size,
+                                 extra_metadata=extra_metadata)
+    pending = writer.pending_shards()
+    total = sum(writer.shard_range(k)[1] - writer.shard_range(k)[0] for k in pending)
+    bar = _progress(total, f"teacher logits -> {path}", progress)
+    for shard in pending:
+        start, stop = writer.shard_range(shard)
+        parts = []
+        for b in range(start, stop, batch_size):
+            idx = np.arange(b, min(b + batch_size, stop))
+            out = np.asarray(logits_fn(idx), np.float32)
+            with np.errstate(over="ignore"):  # overflow -> inf, reported by write_shard
+                parts.append(out.astype(np.float16))
+            bar.update(len(idx))
+        empty = np.zeros((0, height, width, len(group_names)), np.float16)
+        writer.write_shard(shard, np.concatenate(parts) if parts else empty)
+    bar.close()
+    if not writer.complete:
+        writer.finalize()
+    return Path(path)
+
+
+class _progress:
+    """A minimal stderr progress bar (tqdm is not a dependency)."""
+
+    def __init__(self, total: int, desc: str, enabled: bool):
+        import sys
+        import time
+
+        self.total, self.done, self.enabled, self.desc = total, 0, enabled and total > 0, desc
+        self._stream, self._time, self._t0 = sys.stderr, time.monotonic, time.monotonic()
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.enabled:
+            rate = self.done / max(self._time() - self._t0, 1e-9)
+            self._stream.write(f"\r{self.desc}: {self.done}/{self.total} ({rate:.1f} ex/s)")
+            self._stream.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._stream.write("\n")
