@@ -23,6 +23,13 @@ def test_hard_mode_by_hand_with_ignore():
     np.testing.assert_allclose(float(loss), (math.log(3) + math.log(2)) / 2, rtol=1e-6)
 
 
+def test_uniform_teacher_logits_are_ignored_in_hard_mode():
+    student = np.array([[[[0.0, 0.0, 0.0], [math.log(2), 0.0, 0.0]]]], np.float32)
+    teacher = np.array([[[[0.0, 0.0, 0.0], [3.0, 1.0, 1.0]]]], np.float16)  # pixel 0: no opinion
+    loss = distillation_loss(jnp.asarray(student), jnp.asarray(teacher))
+    np.testing.assert_allclose(float(loss), math.log(2), rtol=1e-6)
+
+
 def test_hard_mode_all_ignored_is_zero_not_nan():
     loss = distillation_loss(jnp.zeros((1, 2, 2, 3)), jnp.full((1, 2, 2), 255, jnp.uint8))
     assert float(loss) == 0.0

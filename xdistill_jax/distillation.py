@@ -5,7 +5,10 @@ group logits (B,h',w',G) (float, e.g. float16 from the logits store) or group la
 (integer group ids, 255 = ignore). Two modes:
 
 - ``"hard"`` (default): cross-entropy to the teacher's argmax (or to the labels), averaged over
-  valid pixels (labels != ignore_index). An all-ignored batch gives 0, not NaN.
+  valid pixels (labels != ignore_index). Teacher *logits* that are equal for every group at a
+  pixel carry no opinion and count as ignored too: that is how the logits store represents
+  label 255 (the `labels:` teacher backend writes all-zero logits there). An all-ignored batch
+  gives 0, not NaN.
 - ``"soft"``: ``T^2 * KL(softmax(teacher/T) || softmax(student/T))`` summed over groups and
   averaged over pixels (Hinton et al.'s scaling keeps gradient magnitude independent of T).
   Needs teacher logits.
@@ -98,7 +101,10 @@ def distillation_loss(translator_logits, teacher, *, mode: str = "hard", tempera
     if is_labels:
         labels = resize_nearest(teacher, h, w).astype(jnp.int32)
     else:
-        labels = resize_nearest(jnp.argmax(teacher, axis=-1).astype(jnp.int32), h, w)
+        # argmax, with "all groups equal" (no opinion, e.g. an ignored label) -> ignore_index
+        flat = jnp.max(teacher, axis=-1) == jnp.min(teacher, axis=-1)
+        arg = jnp.where(flat, ignore_index, jnp.argmax(teacher, axis=-1)).astype(jnp.int32)
+        labels = resize_nearest(arg, h, w)
     valid = labels != ignore_index
     safe = jnp.where(valid, labels, 0)
     log_q = jax.nn.log_softmax(student, axis=-1)
