@@ -1,0 +1,128 @@
+"""Monodepth2's depth network: ResNet encoder + U-Net style disparity decoder (reference §3.2).
+
+Decoder, for i = 4..0 with ``num_ch_dec = (16, 32, 64, 128, 256)``::
+
+    x = f4
+    x = ELU(conv3x3_reflect(x))                        # "upconv_{i}_0" -> num_ch_dec[i]
+    x = nearest_upsample_x2(x)
+    if i > 0: x = concat([x, f_{i-1}], channels)       # skip connection
+    x = ELU(conv3x3_reflect(x))                        # "upconv_{i}_1" -> num_ch_dec[i]
+    if i in scales: disp_i = sigmoid(conv3x3_reflect(x))   # "dispconv_{i}" -> 1 channel
+
+All decoder convs have a bias and PyTorch's default Conv2d init (W, b ~ U(+-1/sqrt(fan_in))),
+as Monodepth2 trains them from that init.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from xdistill_jax.models.resnet import ResNetEncoder, encoder_channels
+
+DECODER_CHANNELS = (16, 32, 64, 128, 256)
+
+# PyTorch's default Conv2d weight init, kaiming_uniform(a=sqrt(5)): U(+-1/sqrt(fan_in)).
+torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_default_bias_init(fan_in: int):
+    """PyTorch's default Conv2d bias init: U(+-1/sqrt(fan_in)), fan_in = in_channels * kh * kw."""
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def torch_default_conv(features: int, in_features: int, kernel: int, *, name: str, dtype, param_dtype,
+                       padding: Any = "VALID") -> nn.Conv:
+    """An `nn.Conv` with bias and PyTorch's default init (needs `in_features` for the bias bound)."""
+    return nn.Conv(
+        features, (kernel, kernel), padding=padding, use_bias=True, dtype=dtype, param_dtype=param_dtype,
+        kernel_init=torch_default_kernel_init,
+        bias_init=torch_default_bias_init(in_features * kernel * kernel), name=name,
+    )
+
+
+def reflect_pad1(x):
+    """torch.nn.ReflectionPad2d(1) on an NHWC tensor (edge pixel not repeated)."""
+    return jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+
+
+def upsample_nearest2(x):
+    """F.interpolate(scale_factor=2, mode="nearest") on NHWC: out[i, j] = in[i // 2, j // 2]."""
+    b, h, w, c = x.shape
+    x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c))
+    return x.reshape(b, 2 * h, 2 * w, c)
+
+
+class DepthDecoder(nn.Module):
+    """Features [f0..f4] -> {scale: disparity (B, H/2^s, W/2^s, 1) float32 in (0,1)}.
+
+    Convs run in `dtype`; the sigmoid is taken in float32 so disparities are float32 in any mode.
+    `num_ch_enc` must match the encoder (`encoder_channels(num_layers)`).
+    """
+
+    num_ch_enc: Sequence[int] = (64, 64, 128, 256, 512)
+    scales: Sequence[int] = (0, 1, 2, 3)
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def _conv(self, features, in_features, name):
+        return torch_default_conv(features, in_features, 3, name=name, dtype=self.dtype,
+                                  param_dtype=self.param_dtype)
+
+    @nn.compact
+    def __call__(self, features: Sequence[jax.Array]) -> dict[int, jax.Array]:
+        if len(features) != 5:
+            raise ValueError(f"DepthDecoder expects 5 encoder features f0..f4, got {len(features)}")
+        for k, (f, c) in enumerate(zip(features, self.num_ch_enc)):
+            if f.shape[-1] != c:
+                raise ValueError(f"DepthDecoder: feature f{k} has {f.shape[-1]} channels, num_ch_enc says {c}")
+        bad = [s for s in self.scales if s not in (0, 1, 2, 3)]
+        if bad:
+            raise ValueError(f"DepthDecoder scales must be within (0, 1, 2, 3), got {tuple(self.scales)}")
+
+        outputs = {}
+        x = features[4].astype(self.dtype)
+        for i in range(4, -1, -1):
+            x = nn.elu(self._conv(DECODER_CHANNELS[i], x.shape[-1], f"upconv_{i}_0")(reflect_pad1(x)))
+            x = upsample_nearest2(x)
+            if i > 0:
+                x = jnp.concatenate([x, features[i - 1].astype(self.dtype)], axis=-1)
+            x = nn.elu(self._conv(DECODER_CHANNELS[i], x.shape[-1], f"upconv_{i}_1")(reflect_pad1(x)))
+            if i in self.scales:
+                logits = self._conv(1, x.shape[-1], f"dispconv_{i}")(reflect_pad1(x))
+                outputs[i] = jax.nn.sigmoid(logits.astype(jnp.float32))
+        return outputs
+
+
+class DepthNet(nn.Module):
+    """Monodepth2 depth network: images (B,H,W,3) in [0,1] -> {scale: disparity (B,H/2^s,W/2^s,1)}.
+
+    H and W must be multiples of 32 (so the decoder's x2 upsampling meets the skip features).
+    Variables: {"params": {"encoder", "decoder"}, "batch_stats": {"encoder"}}; with
+    ``train=True`` apply with ``mutable=["batch_stats"]``. Disparities are float32 sigmoid
+    outputs whatever `dtype` the network computes in.
+    """
+
+    num_layers: int = 18
+    dtype: Any = jnp.float32
+    scales: Sequence[int] = (0, 1, 2, 3)
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, images, train: bool = False) -> dict[int, jax.Array]:
+        h, w = images.shape[1:3]
+        if h % 32 or w % 32:
+            raise ValueError(f"DepthNet needs height and width divisible by 32, got {h}x{w}")
+        features = ResNetEncoder(self.num_layers, 1, dtype=self.dtype, param_dtype=self.param_dtype,
+                                 name="encoder")(images, train=train)
+        return DepthDecoder(encoder_channels(self.num_layers), tuple(self.scales), dtype=self.dtype,
+                            param_dtype=self.param_dtype, name="decoder")(features)

@@ -1,0 +1,210 @@
+"""ResNet-18/34/50 feature encoders (Flax linen), numerically interchangeable with torchvision.
+
+Monodepth2's depth and pose encoders are torchvision ResNets with the classifier removed
+(reference §3.1, §3.3). To make ImageNet and Monodepth2 PyTorch weights convert exactly, every
+layer copies torchvision's arithmetic rather than Flax's habits:
+
+- explicit symmetric padding (conv1 7x7 s2 p3, 3x3 convs p1, 1x1 convs p0) instead of
+  ``SAME``, which pads asymmetrically for stride 2 on even sizes;
+- max-pool 3x3 s2 p1, padded with -inf (as torch does);
+- stride on the first 3x3 conv of a BasicBlock and on the 3x3 conv of a Bottleneck
+  (torchvision's "ResNet v1.5"), 1x1 stride-s projection + BN on the shortcut;
+- no conv bias; BatchNorm with eps 1e-5, torch momentum 0.1 (running = 0.9 running + 0.1 batch)
+  and torch's running-variance update with the *unbiased* batch variance (`TorchBatchNorm`).
+
+Initialisation from scratch is torchvision's: kaiming-normal (fan_out, relu gain, untruncated)
+for convs, BN scale 1 and bias 0.
+
+Variable names mirror torchvision's so `xdistill_jax.convert` can map them one to one:
+``conv1``, ``bn1``, ``layer{1..4}_{j}`` blocks holding ``conv1..3``, ``bn1..3``,
+``downsample_conv``, ``downsample_bn``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+ModuleDef = Any
+
+# torchvision's `kaiming_normal_(mode="fan_out", nonlinearity="relu")`: untruncated normal with
+# std sqrt(2 / (out_channels * kh * kw)). Flax's `kaiming_normal` would truncate.
+torch_resnet_conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+# Monodepth2's fixed input normalisation (one scalar mean/std for all channels, not ImageNet's).
+INPUT_MEAN = 0.45
+INPUT_STD = 0.225
+
+
+class TorchBatchNorm(nn.Module):
+    """BatchNorm over the N, H, W axes of an NHWC tensor with torch.nn.BatchNorm2d's semantics.
+
+    Flax's `nn.BatchNorm` updates the running variance with the biased batch variance; torch
+    uses the unbiased one (x n/(n-1)). Normalisation itself uses the biased variance in both.
+    Variables are named like Flax's (params ``scale``/``bias``, batch_stats ``mean``/``var``).
+    Statistics and the affine transform are computed in float32; the result is cast to `dtype`.
+
+    Under `jit` with the batch sharded over devices, the means are over the global batch.
+    """
+
+    use_running_average: bool = False
+    momentum: float = 0.9  # weight of the old running value: torch momentum 0.1
+    epsilon: float = 1e-5
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    scale_init: Callable = nn.initializers.ones
+    bias_init: Callable = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x):
+        features = x.shape[-1]
+        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32))
+        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
+        scale = self.param("scale", self.scale_init, (features,), self.param_dtype)
+        bias = self.param("bias", self.bias_init, (features,), self.param_dtype)
+
+        xf = x.astype(jnp.float32)
+        if self.use_running_average:
+            mean, var = ra_mean.value, ra_var.value
+        else:
+            axes = tuple(range(x.ndim - 1))
+            mean = jnp.mean(xf, axis=axes)
+            var = jnp.mean(jnp.square(xf - mean), axis=axes)
+            if not self.is_initializing():
+                n = x.size // features
+                unbiased = var * (n / max(n - 1, 1))
+                ra_mean.value = self.momentum * ra_mean.value + (1.0 - self.momentum) * mean
+                ra_var.value = self.momentum * ra_var.value + (1.0 - self.momentum) * unbiased
+        mul = jax.lax.rsqrt(var + self.epsilon) * scale.astype(jnp.float32)
+        y = (xf - mean) * mul + bias.astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+def _pad(p: int):
+    return ((p, p), (p, p))
+
+
+class BasicBlock(nn.Module):
+    """torchvision BasicBlock: 3x3(stride) -> BN -> ReLU -> 3x3 -> BN, + shortcut, ReLU."""
+
+    filters: int
+    conv: ModuleDef
+    norm: ModuleDef
+    strides: int = 1
+    expansion = 1
+
+    @nn.compact
+    def __call__(self, x):
+        s = (self.strides, self.strides)
+        y = self.conv(self.filters, (3, 3), s, padding=_pad(1), name="conv1")(x)
+        y = nn.relu(self.norm(name="bn1")(y))
+        y = self.conv(self.filters, (3, 3), padding=_pad(1), name="conv2")(y)
+        y = self.norm(name="bn2")(y)
+        residual = x
+        if residual.shape != y.shape:
+            residual = self.conv(self.filters, (1, 1), s, padding=_pad(0), name="downsample_conv")(x)
+            residual = self.norm(name="downsample_bn")(residual)
+        return nn.relu(residual + y)
+
+
+class Bottleneck(nn.Module):
+    """torchvision Bottleneck (v1.5): 1x1 -> 3x3(stride) -> 1x1 (x4 channels), + shortcut, ReLU."""
+
+    filters: int
+    conv: ModuleDef
+    norm: ModuleDef
+    strides: int = 1
+    expansion = 4
+
+    @nn.compact
+    def __call__(self, x):
+        s = (self.strides, self.strides)
+        y = self.conv(self.filters, (1, 1), padding=_pad(0), name="conv1")(x)
+        y = nn.relu(self.norm(name="bn1")(y))
+        y = self.conv(self.filters, (3, 3), s, padding=_pad(1), name="conv2")(y)
+        y = nn.relu(self.norm(name="bn2")(y))
+        y = self.conv(self.filters * 4, (1, 1), padding=_pad(0), name="conv3")(y)
+        y = self.norm(name="bn3")(y)
+        residual = x
+        if residual.shape != y.shape:
+            residual = self.conv(self.filters * 4, (1, 1), s, padding=_pad(0), name="downsample_conv")(x)
+            residual = self.norm(name="downsample_bn")(residual)
+        return nn.relu(residual + y)
+
+
+# num_layers -> (blocks per stage, block class), as torchvision's resnet18/34/50.
+LAYOUTS: dict[int, tuple[tuple[int, ...], type[nn.Module]]] = {
+    18: ((2, 2, 2, 2), BasicBlock),
+    34: ((3, 4, 6, 3), BasicBlock),
+    50: ((3, 4, 6, 3), Bottleneck),
+}
+
+
+def encoder_channels(num_layers: int) -> tuple[int, ...]:
+    """Channels of the five features f0..f4 (Monodepth2's `num_ch_enc`)."""
+    if num_layers not in LAYOUTS:
+        raise ValueError(f"num_layers={num_layers}: supported ResNet depths are {sorted(LAYOUTS)}")
+    expansion = LAYOUTS[num_layers][1].expansion
+    return (64, 64 * expansion, 128 * expansion, 256 * expansion, 512 * expansion)
+
+
+class ResNetEncoder(nn.Module):
+    """ResNet feature encoder: images (B,H,W,3n) in [0,1] -> [f0, f1, f2, f3, f4].
+
+    f0 (B,H/2,W/2,64) after conv1/bn1/relu; f1 (B,H/4,W/4,C1) after maxpool + layer1;
+    f2..f4 after layer2..4 at H/8, H/16, H/32 (sizes rounded as torch rounds), channels
+    `encoder_channels(num_layers)`. Features are in `dtype`; params in `param_dtype`.
+
+    `num_input_images` stacks frames on the channel axis (the pose encoder takes 2).
+    BatchNorm uses batch statistics and updates "batch_stats" when `train` is true
+    (apply with ``mutable=["batch_stats"]``), running statistics otherwise.
+    """
+
+    num_layers: int = 18
+    num_input_images: int = 1
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    conv: ModuleDef = nn.Conv
+    norm: ModuleDef = TorchBatchNorm
+
+    @nn.compact
+    def __call__(self, images, train: bool = False) -> list[jax.Array]:
+        if self.num_layers not in LAYOUTS:
+            raise ValueError(f"num_layers={self.num_layers}: supported ResNet depths are {sorted(LAYOUTS)}")
+        expected_c = 3 * self.num_input_images
+        if images.ndim != 4 or images.shape[-1] != expected_c:
+            raise ValueError(
+                f"ResNetEncoder(num_input_images={self.num_input_images}) expects images of shape "
+                f"(B,H,W,{expected_c}), got {images.shape}"
+            )
+        stage_sizes, block_cls = LAYOUTS[self.num_layers]
+        conv = functools.partial(
+            self.conv, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+            kernel_init=torch_resnet_conv_init,
+        )
+        norm = functools.partial(
+            self.norm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
+            dtype=self.dtype, param_dtype=self.param_dtype,
+        )
+
+        x = (images.astype(jnp.float32) - INPUT_MEAN) / INPUT_STD
+        x = x.astype(self.dtype)
+        x = conv(64, (7, 7), (2, 2), padding=_pad(3), name="conv1")(x)
+        x = nn.relu(norm(name="bn1")(x))
+        features = [x]
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=_pad(1))
+        for i, num_blocks in enumerate(stage_sizes):
+            for j in range(num_blocks):
+                strides = 2 if i > 0 and j == 0 else 1
+                x = block_cls(64 * 2**i, conv=conv, norm=norm, strides=strides, name=f"layer{i + 1}_{j}")(x)
+            features.append(x)
+        return features
+
+
+ResNet18Encoder = functools.partial(ResNetEncoder, num_layers=18)
+ResNet34Encoder = functools.partial(ResNetEncoder, num_layers=34)
+ResNet50Encoder = functools.partial(ResNetEncoder, num_layers=50)
