@@ -1,0 +1,131 @@
+"""Orbax checkpoints of the train state plus the data iterator's state, in `workdir/checkpoints/`.
+
+Layout (orbax CheckpointManager, one directory per step):
+  checkpoints/<step>/state/   the TrainState pytree (StandardSave), restored into an abstract
+                              target from `jax.eval_shape`, so arrays land with the target's
+                              shardings (replicated on the mesh) on any device count.
+  checkpoints/<step>/data/    JSON: the loader iterator's state (so a resumed run sees the same
+                              data order) and small bookkeeping (e.g. skipped non-finite steps).
+
+Saves are async (the step loop continues while the arrays are written); orbax writes into a
+temporary directory and renames it when complete, so a killed save never looks complete.
+Every process calls save/restore (orbax coordinates multi-host writes).
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be restored into the current config's state; the message says why."""
+
+
+def _describe_tree(tree) -> dict[str, tuple]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(p): tuple(getattr(x, "shape", ())) for p, x in leaves}
+
+
+class Checkpointer:
+    """Save/restore (state, data_state) pairs in `directory` with orbax."""
+
+    def __init__(self, directory: str | pathlib.Path, *, keep: int = 3, async_save: bool = True):
+        self.directory = pathlib.Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+            # we decide when to save (every N steps, at the end, on SIGTERM)
+            save_interval_steps=1)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, data_state: dict[str, Any] | None = None, *, force: bool = True) -> bool:
+        """Start an (async) save of `state` and `data_state` at `step`."""
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                  data=ocp.args.JsonSave(data_state or {}))
+        return self.manager.save(step, args=args, force=force)
+
+    def wait(self):
+        """Block until pending async saves are on disk."""
+        self.manager.wait_until_finished()
+
+    def close(self):
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+    def _restore_step(self, step: int, abstract_state):
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+        return restored["state"], dict(restored["data"] or {})
+
+    def _mismatch_message(self, step: int, abstract_state, error: Exception) -> str:
+        """Compare the saved tree with the target and say which leaves differ."""
+        msg = f"checkpoint {self.directory / str(step)} does not match the current config's train state"
+        try:
+            meta = self.manager.item_metadata(step)["state"]
+            saved = _describe_tree(meta)
+            wanted = _describe_tree(abstract_state)
+            missing = sorted(set(wanted) - set(saved))
+            extra = sorted(set(saved) - set(wanted))
+            shape = sorted(k for k in set(saved) & set(wanted) if saved[k] != wanted[k])
+            parts = []
+            if missing:
+                parts.append(f"{len(missing)} parameters missing from the checkpoint, e.g. {missing[:3]}")
+            if extra:
+                parts.append(f"{len(extra)} unexpected parameters in the checkpoint, e.g. {extra[:3]}")
+            if shape:
+                k = shape[0]
+                parts.append(f"{len(shape)} shape mismatches, e.g. {k}: checkpoint {saved[k]} vs config {wanted[k]}")
+            if parts:
+                return msg + ": " + "; ".join(parts)
+        except Exception:  # metadata unreadable: fall through to the orbax error
+            pass
+        return f"{msg} ({type(error).__name__}: {str(error)[:300]})"
+
+    def restore(self, abstract_state, step: int | None = None):
+        """Restore (state, data_state) from `step` (default: the latest that restores).
+
+        A latest checkpoint that cannot be read (truncated, partly deleted) is skipped with a
+        warning naming it and the one used instead. A checkpoint whose tree or shapes differ from
+        `abstract_state` raises CheckpointError naming the differing parameters. Returns
+        (None, None, None) when there is no checkpoint; else (state, data_state, step).
+        """
+        steps = [step] if step is not None else sorted(self.all_steps(), reverse=True)
+        if not steps:
+            return None, None, None
+        wanted = _describe_tree(abstract_state)
+        failures = []
+        for s in steps:
+            try:
+                meta = self.manager.item_metadata(s)["state"]
+                saved = _describe_tree(meta) if meta is not None else None
+            except Exception:  # unreadable metadata: try the restore, it gives the real error
+                saved = None
+            if saved is not None and saved != wanted:
+                raise CheckpointError(self._mismatch_message(s, abstract_state, ValueError("tree mismatch")))
+            try:
+                state, data_state = self._restore_step(s, abstract_state)
+            except Exception as e:  # noqa: BLE001 - orbax raises many kinds for a damaged directory
+                if saved is None and not failures and len(steps) == 1:
+                    raise CheckpointError(self._mismatch_message(s, abstract_state, e)) from e
+                failures.append((s, e))
+                log.warning("checkpoint %s is unreadable (%s: %s); trying an older one",
+                            self.directory / str(s), type(e).__name__, str(e)[:200])
+                continue
+            if failures:
+                log.warning("restored checkpoint %s instead of the damaged %s", self.directory / str(s),
+                            ", ".join(str(self.directory / str(f)) for f, _ in failures))
+            return state, data_state, s
+        raise CheckpointError("no checkpoint in {} could be restored: {}".format(
+            self.directory, "; ".join(f"step {s}: {type(e).__name__}: {str(e)[:200]}" for s, e in failures)))

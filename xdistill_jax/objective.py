@@ -1,0 +1,176 @@
+"""The X-Distill training objective: Monodepth2's photometric loss + lambda x distillation.
+
+    total = monodepth2_loss(...) + distill.weight * distillation_loss(translator(disp), teacher)
+
+With `distill.weight == 0` this is exactly Monodepth2: the translator is neither built nor run
+and the batch needs no `teacher` entry.
+
+Networks and their inputs follow the original code (reference §1, §3.3):
+- the depth net runs once, on the colour-augmented target frame `color_aug[:, 1]`;
+- the pose net runs once PER SOURCE PAIR, batch B each, frames in temporal order:
+  (I-1, I0) for f = -1 (its transform is inverted: the net predicts -1 -> 0, we need 0 -> -1)
+  and (I0, I+1) for f = +1. Running both pairs as one 2B batch would change the BatchNorm
+  statistics. The second call sees the running statistics the first call updated, as in torch.
+- all losses use the un-augmented `color` frames; uint8 is divided by 255 in float32.
+
+Parameter and state layout (dicts, so optax and orbax see plain pytrees):
+  params      = {"depth": ..., "pose": ..., ["translator": ...]}
+  batch_stats = {"depth": ..., "pose": ...}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from xdistill_jax import distillation, geometry, losses, semantics
+
+FRAMES = (-1, 0, 1)  # order of the frame axis in batch["color"] / ["color_aug"]
+SCALES = (0, 1, 2, 3)
+
+
+def _dtype(name: str):
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class Networks:
+    """The Flax modules a config describes (translator None when distillation is off)."""
+
+    depth: nn.Module
+    pose: nn.Module
+    translator: nn.Module | None
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict) -> "Networks":
+        from xdistill_jax.models.depth import DepthNet
+        from xdistill_jax.models.pose import PoseNet
+        from xdistill_jax.models.translator import Translator
+
+        dtype = _dtype(config.model.dtype)
+        translator = None
+        if config.distill.weight > 0:
+            num_groups = semantics.get_grouping(config.distill.grouping).num_groups
+            translator = Translator(num_groups=num_groups, input_scale=config.distill.scale,
+                                    dtype=dtype, **config.distill.translator.to_dict())
+        return cls(depth=DepthNet(num_layers=config.model.num_layers, dtype=dtype),
+                   pose=PoseNet(num_layers=config.model.pose_num_layers, dtype=dtype),
+                   translator=translator)
+
+    def init(self, rng, height: int, width: int, batch: int = 1):
+        """Fresh (params, batch_stats) for images of (height, width). Trace with eval_shape/jit."""
+        k_depth, k_pose, k_tr = jax.random.split(rng, 3)
+        image = jnp.zeros((batch, height, width, 3), jnp.float32)
+        depth_vars = self.depth.init(k_depth, image, train=False)
+        pose_vars = self.pose.init(k_pose, jnp.zeros((batch, height, width, 6), jnp.float32), train=False)
+        params = {"depth": depth_vars["params"], "pose": pose_vars["params"]}
+        batch_stats = {"depth": depth_vars.get("batch_stats", {}), "pose": pose_vars.get("batch_stats", {})}
+        if self.translator is not None:
+            disps = self.depth.apply(depth_vars, image, train=False)
+            params["translator"] = self.translator.init(k_tr, disps)["params"]
+        return params, batch_stats
+
+
+def _to_unit(x):
+    """uint8 images -> float32 in [0,1] (torchvision ToTensor); floats pass through as float32."""
+    if jnp.issubdtype(x.dtype, jnp.integer):
+        return x.astype(jnp.float32) / 255.0
+    return x.astype(jnp.float32)
+
+
+def _apply_bn(module, params, batch_stats, x, train: bool):
+    """Apply a BatchNorm-carrying module; returns (output, new batch_stats)."""
+    variables = {"params": params, "batch_stats": batch_stats}
+    if train:
+        out, updates = module.apply(variables, x, train=True, mutable=["batch_stats"])
+        return out, updates["batch_stats"]
+    return module.apply(variables, x, train=False), batch_stats
+
+
+def predict_poses(nets: Networks, params, batch_stats, color_aug, train: bool):
+    """cam_T_cam {-1, +1} (B,4,4), from two pose-net calls (one per source pair).
+
+    color_aug: (B,3,H,W,3) float32 in [0,1], frames (-1, 0, +1).
+    Returns (cam_T_cam, new pose batch_stats, {frame: (axisangle, translation)}).
+    """
+    prev, cur, nxt = color_aug[:, 0], color_aug[:, 1], color_aug[:, 2]
+    stats = batch_stats
+    cam_T_cam, raw = {}, {}
+    for f, pair in ((-1, (prev, cur)), (1, (cur, nxt))):
+        (axisangle, translation), stats = _apply_bn(nets.pose, params, stats,
+                                                    jnp.concatenate(pair, axis=-1), train)
+        axisangle, translation = axisangle.astype(jnp.float32), translation.astype(jnp.float32)
+        raw[f] = (axisangle, translation)
+        cam_T_cam[f] = geometry.pose_from_axisangle(axisangle, translation, invert=(f < 0))
+    return cam_T_cam, stats, raw
+
+
+def loss_fn(nets: Networks, config: ml_collections.ConfigDict, params, batch_stats, batch, rng,
+            train: bool = True):
+    """The X-Distill loss for one global batch.
+
+    Args:
+      nets: `Networks.from_config(config)`.
+      params / batch_stats: see the module docstring.
+      batch: the loader's dict (contracts.md): `color`, `color_aug` (B,3,H,W,3) uint8,
+        `color_s1..3`, `K`, `inv_K` (B,4,4,4), and `teacher` (B,h,w,G) when distill.weight > 0.
+      rng: key for the tie-break noise of the auto-mask minimum.
+      train: BatchNorm in training mode (batch statistics, running stats updated).
+    Returns:
+      (loss, (new_batch_stats, metrics)): float32 scalar; metrics is a dict of float32 scalars
+      plus "disp" (the scale-0 disparity, for images) and, with distillation, "translator_logits".
+    """
+    lo, ds = config.loss, config.distill
+    color = _to_unit(batch["color"])
+    color_aug = _to_unit(batch["color_aug"])
+    if color.ndim != 5 or color.shape[1] != 3:
+        raise ValueError(f"batch['color'] must be (B,3,H,W,3), got {color.shape}")
+
+    disps, depth_stats = _apply_bn(nets.depth, params["depth"], batch_stats["depth"], color_aug[:, 1], train)
+    disps = {s: d.astype(jnp.float32) for s, d in disps.items()}
+    cam_T_cam, pose_stats, raw_poses = predict_poses(nets, params["pose"], batch_stats["pose"], color_aug, train)
+
+    colors = {f: {0: color[:, i]} for i, f in enumerate(FRAMES)}
+    for s in SCALES[1:]:
+        scaled = _to_unit(batch[f"color_s{s}"])
+        for i, f in enumerate(FRAMES):
+            colors[f][s] = scaled[:, i]
+    K = batch["K"].astype(jnp.float32)
+    inv_K = batch["inv_K"].astype(jnp.float32)
+    Ks = {s: K[:, s] for s in SCALES}
+    inv_Ks = {s: inv_K[:, s] for s in SCALES}
+
+    photometric, aux = losses.monodepth2_loss(
+        colors, disps, cam_T_cam, Ks, inv_Ks, rng=rng, automask=lo.automask,
+        avg_reprojection=lo.avg_reprojection, v1_multiscale=lo.v1_multiscale, no_ssim=lo.no_ssim,
+        smoothness_weight=lo.smoothness_weight, min_depth=lo.min_depth, max_depth=lo.max_depth,
+        align_corners=lo.align_corners)
+
+    metrics: dict[str, Any] = {"photometric_loss": photometric}
+    for key, value in aux.items():
+        if jnp.ndim(value) == 0:
+            metrics[f"photometric/{key}"] = jnp.asarray(value, jnp.float32)
+    metrics["translation_norm"] = jnp.mean(jnp.linalg.norm(raw_poses[1][1], axis=-1))
+    metrics["disp_mean"] = jnp.mean(disps[0])
+    metrics["disp"] = disps[0]
+    total = photometric
+    if nets.translator is not None:
+        if "teacher" not in batch:
+            raise ValueError("distill.weight > 0 but the batch has no 'teacher' logits "
+                             "(set config.data.teacher_dir, or --config.distill.weight=0)")
+        from xdistill_jax.models.translator import translate
+
+        logits = translate(params["translator"], disps, stop_depth_grad=ds.stop_gradient,
+                           module=nets.translator)
+        distill = distillation.distillation_loss(logits, batch["teacher"], mode=ds.mode,
+                                                 temperature=ds.temperature)
+        total = total + jnp.float32(ds.weight) * distill
+        metrics["distill_loss"] = distill
+        metrics["translator_logits"] = logits
+    metrics["loss"] = total
+    return total, ({"depth": depth_stats, "pose": pose_stats}, metrics)

@@ -1,0 +1,248 @@
+"""The train state, optimiser and the jitted data-parallel train step.
+
+One `jax.jit` over a `Mesh(("data",))`: the global batch is sharded on "data", the state is
+replicated (DESIGN.md: jit + NamedSharding rather than pmap). BatchNorm statistics are therefore
+global-batch statistics, so the result does not depend on how many devices ran the step.
+
+    mesh = make_mesh(config)
+    nets = Networks.from_config(config)
+    tx = make_optimizer(config, steps_per_epoch)
+    state = create_train_state(config, nets, tx, mesh, rng)            # jitted init, no eager init
+    step = make_train_step(config, nets, tx, mesh)                      # jitted, donates the state
+    state, metrics = step(state, batch, rng)                            # per-step key fold_in(rng, step)
+
+The training loop (`train_and_evaluate`) lives in `xdistill_jax.training_loop`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from xdistill_jax import objective
+from xdistill_jax.objective import Networks
+
+# Initialise the networks at this size: all parameters are shape-independent (fully
+# convolutional), and a small init traces and compiles faster than the training resolution.
+_INIT_HW = (64, 64)
+
+
+@flax.struct.dataclass
+class TrainState:
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    step: jax.Array  # int32 scalar: optimiser steps taken
+
+
+def make_mesh(config: ml_collections.ConfigDict) -> Mesh:
+    """A 1-D ("data",) mesh over `config.mesh.num_devices` devices (-1 = all, every process)."""
+    devices = jax.devices()
+    n = config.mesh.num_devices
+    if n > 0:
+        if n > len(devices):
+            raise ValueError(f"config.mesh.num_devices={n} but only {len(devices)} devices exist")
+        devices = devices[:n]
+    return Mesh(np.asarray(devices), ("data",))
+
+
+def lr_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
+    """Step decay: lr x lr_decay_factor at each boundary (optimiser steps).
+
+    Boundaries are `optim.lr_drop_steps` when given, else `optim.lr_drop_epochs` x
+    steps_per_epoch. Optimiser step k (0-based) uses schedule(k), so with drop epoch 14 the
+    first step of epoch 14 (the 15th epoch) is the first at the lower rate, as the original code.
+    """
+    o = config.optim
+    if o.lr_drop_steps:
+        boundaries = list(o.lr_drop_steps)
+    else:
+        boundaries = [int(e) * steps_per_epoch for e in o.lr_drop_epochs]
+    return optax.piecewise_constant_schedule(o.lr, {int(b): o.lr_decay_factor for b in boundaries})
+
+
+def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.GradientTransformation:
+    """Adam (torch defaults: no weight decay, no clipping) with the step schedule, over all params."""
+    o = config.optim
+    return optax.adam(lr_schedule(config, steps_per_epoch), b1=o.b1, b2=o.b2, eps=o.eps)
+
+
+def total_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+    o = config.optim
+    return int(o.num_steps) if o.num_steps > 0 else int(o.epochs) * steps_per_epoch
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P("data"))
+
+
+def _init_fn(nets: Networks, tx: optax.GradientTransformation, rng):
+    params, batch_stats = nets.init(rng, *_INIT_HW)
+    return TrainState(params=params, batch_stats=batch_stats, opt_state=tx.init(params),
+                      step=jnp.zeros((), jnp.int32))
+
+
+def abstract_train_state(nets: Networks, tx, mesh: Mesh):
+    """(ShapeDtypeStruct tree of the TrainState with replicated shardings, the sharding tree)."""
+    abstract = jax.eval_shape(functools.partial(_init_fn, nets, tx), jax.random.key(0))
+    rep = replicated(mesh)
+    shardings = jax.tree.map(lambda _: rep, abstract)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+    return abstract, shardings
+
+
+def create_train_state(nets: Networks, tx, mesh: Mesh, rng, encoder_init: dict | None = None) -> TrainState:
+    """Fresh state, initialised by one jitted call whose outputs are replicated on the mesh.
+
+    encoder_init: optional {"depth": encoder variables, "pose": encoder variables} (numpy
+    trees with "params" and "batch_stats", see `load_pretrained_encoders`) that replace the
+    scratch encoder weights; shapes are checked leaf by leaf.
+    """
+    _, shardings = abstract_train_state(nets, tx, mesh)
+    state = jax.jit(functools.partial(_init_fn, nets, tx), out_shardings=shardings)(rng)
+    if encoder_init:
+        params = dict(state.params)
+        batch_stats = dict(state.batch_stats)
+        for net, variables in encoder_init.items():
+            params[net] = dict(params[net], encoder=_checked_replace(
+                params[net]["encoder"], variables["params"], f"{net} encoder params"))
+            if "batch_stats" in variables:
+                batch_stats[net] = dict(batch_stats[net], encoder=_checked_replace(
+                    batch_stats[net]["encoder"], variables["batch_stats"], f"{net} encoder batch_stats"))
+        params = jax.device_put(params, replicated(mesh))
+        batch_stats = jax.device_put(batch_stats, replicated(mesh))
+        # Adam's moments are zeros either way; re-init keeps the tree identical.
+        opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+        state = state.replace(params=params, batch_stats=batch_stats, opt_state=opt_state)
+    return state
+
+
+def _checked_replace(target, source, what: str):
+    """`source` as arrays, after checking it has exactly `target`'s tree and shapes."""
+    t_leaves = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(target)[0]}
+    s_leaves = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(source)[0]}
+    if set(t_leaves) != set(s_leaves):
+        missing, extra = sorted(set(t_leaves) - set(s_leaves)), sorted(set(s_leaves) - set(t_leaves))
+        raise ValueError(f"pretrained {what}: {len(missing)} missing (e.g. {missing[:3]}), "
+                         f"{len(extra)} unexpected (e.g. {extra[:3]})")
+    for k, x in t_leaves.items():
+        if tuple(np.shape(s_leaves[k])) != tuple(x.shape):
+            raise ValueError(f"pretrained {what}{k}: shape {np.shape(s_leaves[k])}, model expects {x.shape}")
+    return jax.tree.map(lambda t, s: np.asarray(s, dtype=t.dtype), target, source)
+
+
+def load_pretrained_encoders(config: ml_collections.ConfigDict) -> dict | None:
+    """ImageNet encoder weights for both networks from `config.model.init` (a convert-weights msgpack).
+
+    The msgpack holds one-image encoder variables. The pose encoder takes two images: its first
+    conv is the ImageNet conv1 repeated along the input channels and divided by 2 (Monodepth2's
+    ResNetMultiImageInput). The pose encoder is only initialised from it when it has the same
+    depth (`model.pose_num_layers == model.num_layers`); otherwise it starts from scratch.
+    """
+    if config.model.init == "scratch":
+        return None
+    from xdistill_jax.convert import load_variables
+
+    variables = load_variables(config.model.init)
+    if "params" not in variables:
+        raise ValueError(f"{config.model.init}: expected encoder variables with a 'params' entry, "
+                         f"got keys {sorted(variables)}")
+    out = {"depth": variables}
+    if config.model.pose_num_layers == config.model.num_layers:
+        params = jax.tree.map(np.asarray, variables["params"])
+        conv1 = _find_first_conv(params)
+        if conv1 is not None:
+            parent, key = conv1
+            kernel = parent[key]
+            parent[key] = np.concatenate([kernel, kernel], axis=2) / 2.0
+        out["pose"] = {"params": params, "batch_stats": variables.get("batch_stats", {})}
+    return out
+
+
+def _find_first_conv(params):
+    """(dict, key) of the stem conv kernel: the only 4-D leaf with 3 input channels."""
+    found = []
+
+    def walk(node):
+        for k, v in node.items():
+            if isinstance(v, dict):
+                walk(v)
+            elif np.ndim(v) == 4 and np.shape(v)[2] == 3:
+                found.append((node, k))
+
+    walk(params)
+    if len(found) != 1:
+        raise ValueError(f"pretrained encoder: expected one 3-input-channel stem conv, found {len(found)}")
+    return found[0]
+
+
+def make_train_step(config: ml_collections.ConfigDict, nets: Networks, tx, mesh: Mesh,
+                    *, jit: bool = True) -> Callable:
+    """`(state, batch, rng) -> (state, metrics)`; jitted over `mesh` with the state donated.
+
+    Metrics are float32 scalars (replicated): loss terms, grad_norm, lr-free. With
+    `config.run.on_nonfinite == "skip"`, a step whose loss or gradients are not finite leaves
+    the state unchanged except `step` (metric "skipped" = 1).
+    """
+    skip_nonfinite = config.run.on_nonfinite == "skip"
+    loss = functools.partial(objective.loss_fn, nets, config)
+
+    def train_step(state: TrainState, batch, rng):
+        step_rng = jax.random.fold_in(rng, state.step)
+        grad_fn = jax.value_and_grad(loss, has_aux=True)
+        (total, (batch_stats, metrics)), grads = grad_fn(state.params, state.batch_stats, batch,
+                                                         step_rng, True)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        out = {k: v for k, v in metrics.items() if jnp.ndim(v) == 0}
+        out["grad_norm"] = optax.global_norm(grads)
+        new = TrainState(params=params, batch_stats=batch_stats, opt_state=opt_state, step=state.step + 1)
+        if skip_nonfinite:
+            ok = jnp.isfinite(total) & jnp.isfinite(out["grad_norm"])
+            new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state.replace(step=state.step + 1))
+            out["skipped"] = 1.0 - ok.astype(jnp.float32)
+        return new, out
+
+    if not jit:
+        return train_step
+    _, state_shardings = abstract_train_state(nets, tx, mesh)
+    return jax.jit(train_step,
+                   in_shardings=(state_shardings, batch_sharding(mesh), replicated(mesh)),
+                   out_shardings=(state_shardings, replicated(mesh)),
+                   donate_argnums=(0,))
+
+
+def make_eval_step(config: ml_collections.ConfigDict, nets: Networks, mesh: Mesh) -> Callable:
+    """`(params, batch_stats, batch, rng) -> metrics` in eval mode (BN running stats).
+
+    metrics holds the loss scalars plus "disp" (B,H,W,1) (and "translator_logits"), sharded
+    on the batch.
+    """
+    def eval_step(params, batch_stats, batch, rng):
+        _, (_, metrics) = objective.loss_fn(nets, config, params, batch_stats, batch, rng, train=False)
+        return metrics
+
+    return jax.jit(eval_step, in_shardings=(replicated(mesh), replicated(mesh), batch_sharding(mesh),
+                                            replicated(mesh)))
+
+
+def global_batch(batch: dict, mesh: Mesh) -> dict:
+    """Host-local numpy batch -> global jax.Arrays sharded on "data".
+
+    Each process passes its own slice (global batch / process count rows); on one process this
+    is a plain sharded device_put.
+    """
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
