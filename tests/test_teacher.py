@@ -20,9 +20,13 @@ def _fake_logits(idx, h=3, w=5, g=7):
     return base[None] + idx[:, None, None, None]
 
 
+def _fake_batch(ids):
+    return lambda idx: ([ids[i] for i in idx], _fake_logits(idx))
+
+
 def test_store_round_trip(tmp_path):
     ids = _ids(7)
-    store.write_store(tmp_path / "s", ids, _fake_logits, grouping="geometric", group_names=GROUPS7,
+    store.write_store(tmp_path / "s", 7, _fake_batch(ids), grouping="geometric", group_names=GROUPS7,
                       height=3, width=5, shard_size=3, batch_size=2, progress=False)
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [
         "logits-00000.array_record", "logits-00001.array_record", "logits-00002.array_record",
@@ -47,12 +51,12 @@ def test_store_resume_after_interruption(tmp_path):
         if idx[0] >= 6:
             raise KeyboardInterrupt
         calls.append(list(idx))
-        return _fake_logits(idx)
+        return _fake_batch(ids)(idx)
 
     kw = dict(grouping="geometric", group_names=GROUPS7, height=3, width=5, shard_size=3,
               batch_size=3, progress=False)
     with pytest.raises(KeyboardInterrupt):
-        store.write_store(tmp_path / "s", ids, dies_in_shard_2, **kw)
+        store.write_store(tmp_path / "s", 8, dies_in_shard_2, **kw)
     assert not json.loads((tmp_path / "s" / "teacher.json").read_text())["complete"]
     with pytest.raises(ValueError, match="store is incomplete"):
         store.TeacherLogitsSource(tmp_path / "s")
@@ -60,19 +64,21 @@ def test_store_resume_after_interruption(tmp_path):
 
     def counting(idx):
         calls.append(list(idx))
-        return _fake_logits(idx)
+        return _fake_batch(ids)(idx)
 
-    store.write_store(tmp_path / "s", ids, counting, **kw)
+    store.write_store(tmp_path / "s", 8, counting, **kw)
     assert calls == [[6, 7]]  # shards 0 and 1 were kept, only shard 2 computed
     src = store.TeacherLogitsSource(tmp_path / "s")
     for i in range(8):
         np.testing.assert_array_equal(src[i][1], _fake_logits([i])[0].astype(np.float16))
     # a complete store is not recomputed; resuming with other settings is refused by name
     calls.clear()
-    store.write_store(tmp_path / "s", ids, counting, **kw)
+    store.write_store(tmp_path / "s", 8, counting, **kw)
     assert calls == []
     with pytest.raises(ValueError, match="existing store has height=3, this run has 4"):
-        store.write_store(tmp_path / "s", ids, counting, **{**kw, "height": 4})
+        store.write_store(tmp_path / "s", 8, counting, **{**kw, "height": 4})
+    with pytest.raises(ValueError, match="existing store has fingerprint='', this run has 'abc'"):
+        store.write_store(tmp_path / "s", 8, counting, **{**kw, "fingerprint": "abc"})
 
 
 def test_store_rejects_non_finite_logits(tmp_path):
@@ -80,8 +86,8 @@ def test_store_rejects_non_finite_logits(tmp_path):
         out = _fake_logits(idx)
         if 1 in idx:
             out[list(idx).index(1), 0, 0, 0] = 1e6  # overflows float16
-        return out
+        return _ids(3)[idx[0]:idx[-1] + 1], out
 
     with pytest.raises(ValueError, match="example '.* 0000000001 l' are not finite"):
-        store.write_store(tmp_path / "s", _ids(3), inf_in_example_1, grouping="geometric",
+        store.write_store(tmp_path / "s", 3, inf_in_example_1, grouping="geometric",
                           group_names=GROUPS7, height=3, width=5, progress=False)

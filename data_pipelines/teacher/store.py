@@ -133,30 +133,32 @@ class TeacherLogitsWriter:
 
     Args:
       path: store directory (created).
-      example_ids: the split's example ids, in split order (record i <-> example i).
+      num_examples: examples in the split (record i <-> example i).
       grouping / group_names: the grouping name and its G group names.
       height, width: stored logits resolution.
       shard_size: examples per shard.
+      fingerprint: identifies the source split (e.g. its split-file hash); a resume must match.
       extra_metadata: JSON-able facts to keep (backend, dataset, split); not checked on resume.
     """
 
-    def __init__(self, path, example_ids: Sequence[str], *, grouping: str, group_names: Sequence[str],
-                 height: int, width: int, shard_size: int = 1000, extra_metadata: dict | None = None):
+    def __init__(self, path, num_examples: int, *, grouping: str, group_names: Sequence[str],
+                 height: int, width: int, shard_size: int = 1000, fingerprint: str = "",
+                 extra_metadata: dict | None = None):
         if shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, got {shard_size}")
         self.path = Path(path)
-        self.example_ids = [str(i) for i in example_ids]
+        self.num_examples = int(num_examples)
         self.height, self.width = int(height), int(width)
         self.num_groups = len(group_names)
         self.shard_size = int(shard_size)
-        n = len(self.example_ids)
+        n = self.num_examples
         self.num_shards = max(1, -(-n // self.shard_size))
         self.meta = {
             "format": FORMAT, "version": VERSION, "grouping": grouping,
             "group_names": list(group_names), "num_groups": self.num_groups,
             "height": self.height, "width": self.width, "dtype": "float16",
             "num_examples": n, "shard_size": self.shard_size, "num_shards": self.num_shards,
-            "first_id": self.example_ids[0] if n else "", "last_id": self.example_ids[-1] if n else "",
+            "fingerprint": fingerprint,
             "bytes_per_example": bytes_per_example(self.height, self.width, self.num_groups),
             "complete": False, **(extra_metadata or {}),
         }
@@ -165,7 +167,7 @@ class TeacherLogitsWriter:
         if meta_path.is_file():
             old = json.loads(meta_path.read_text())
             for key in ("format", "grouping", "num_groups", "height", "width", "num_examples",
-                        "shard_size", "first_id", "last_id"):
+                        "shard_size", "fingerprint"):
                 if old.get(key) != self.meta[key]:
                     raise ValueError(
                         f"{meta_path}: existing store has {key}={old.get(key)!r}, this run has "
@@ -181,7 +183,7 @@ class TeacherLogitsWriter:
 
     def shard_range(self, shard: int) -> tuple[int, int]:
         start = shard * self.shard_size
-        return start, min(start + self.shard_size, len(self.example_ids))
+        return start, min(start + self.shard_size, self.num_examples)
 
     def pending_shards(self) -> list[int]:
         """Shards whose file does not exist yet (a renamed shard file is complete)."""
@@ -189,23 +191,25 @@ class TeacherLogitsWriter:
             return []
         return [k for k in range(self.num_shards) if not (self.path / shard_name(k)).is_file()]
 
-    def write_shard(self, shard: int, logits: np.ndarray) -> None:
-        """Writes shard `shard` from (n,h,w,G) logits of its examples, atomically."""
+    def write_shard(self, shard: int, example_ids: Sequence[str], logits: np.ndarray) -> None:
+        """Writes shard `shard` from its n example ids and (n,h,w,G) logits, atomically."""
         from array_record.python import array_record_module
 
         start, stop = self.shard_range(shard)
         want = (stop - start, self.height, self.width, self.num_groups)
         if tuple(logits.shape) != want:
             raise ValueError(f"shard {shard}: logits shape {tuple(logits.shape)}, expected {want}")
+        if len(example_ids) != stop - start:
+            raise ValueError(f"shard {shard}: {len(example_ids)} example ids for {stop - start} examples")
         if not np.isfinite(logits).all():
             bad = int(np.argmax(~np.isfinite(logits).reshape(len(logits), -1).all(axis=1)))
-            raise ValueError(f"teacher logits of example {self.example_ids[start + bad]!r} are not "
+            raise ValueError(f"teacher logits of example {example_ids[bad]!r} are not "
                              "finite (after float16 conversion)")
         final = self.path / shard_name(shard)
         tmp = final.with_name(final.name + ".tmp")
         writer = array_record_module.ArrayRecordWriter(str(tmp), "group_size:1")
         for i in range(stop - start):
-            writer.write(encode_record(self.example_ids[start + i], logits[i]))
+            writer.write(encode_record(str(example_ids[i]), logits[i]))
         writer.close()
         os.replace(tmp, final)
 
@@ -217,33 +221,35 @@ class TeacherLogitsWriter:
         _write_json_atomic(self.path / METADATA_FILE, self.meta)
 
 
-def write_store(path, example_ids: Sequence[str], logits_fn: Callable[[np.ndarray], np.ndarray], *,
+def write_store(path, num_examples: int, batch_fn: Callable[[np.ndarray], tuple], *,
                 grouping: str, group_names: Sequence[str], height: int, width: int,
-                shard_size: int = 1000, batch_size: int = 16, extra_metadata: dict | None = None,
-                progress: bool = True) -> Path:
+                shard_size: int = 1000, batch_size: int = 16, fingerprint: str = "",
+                extra_metadata: dict | None = None, progress: bool = True) -> Path:
     """Computes and writes every pending shard, then marks the store complete.
 
-    `logits_fn(indices)` returns the (len(indices),height,width,G) grouped logits of the
-    examples at those split positions; it is called with at most `batch_size` indices.
-    Returns the store path. Safe to rerun after an interruption (completed shards are kept).
+    `batch_fn(indices)` returns ``(example_ids, logits)`` for the examples at those split
+    positions: their ids and (len(indices),height,width,G) grouped logits; it is called with at
+    most `batch_size` indices. Returns the store path. Safe to rerun after an interruption
+    (completed shards are kept, not recomputed).
     """
-    writer = TeacherLogitsWriter(path, example_ids, grouping=grouping, group_names=group_names,
+    writer = TeacherLogitsWriter(path, num_examples, grouping=grouping, group_names=group_names,
                                  height=height, width=width, shard_size=shard_size,
-                                 extra_metadata=extra_metadata)
+                                 fingerprint=fingerprint, extra_metadata=extra_metadata)
     pending = writer.pending_shards()
     total = sum(writer.shard_range(k)[1] - writer.shard_range(k)[0] for k in pending)
     bar = _progress(total, f"teacher logits -> {path}", progress)
     for shard in pending:
         start, stop = writer.shard_range(shard)
-        parts = []
+        ids, parts = [], []
         for b in range(start, stop, batch_size):
             idx = np.arange(b, min(b + batch_size, stop))
-            out = np.asarray(logits_fn(idx), np.float32)
+            batch_ids, out = batch_fn(idx)
+            ids.extend(str(i) for i in batch_ids)
             with np.errstate(over="ignore"):  # overflow -> inf, reported by write_shard
-                parts.append(out.astype(np.float16))
+                parts.append(np.asarray(out, np.float32).astype(np.float16))
             bar.update(len(idx))
         empty = np.zeros((0, height, width, len(group_names)), np.float16)
-        writer.write_shard(shard, np.concatenate(parts) if parts else empty)
+        writer.write_shard(shard, ids, np.concatenate(parts) if parts else empty)
     bar.close()
     if not writer.complete:
         writer.finalize()
