@@ -1,0 +1,203 @@
+"""PyTorch -> Flax conversion: torch modules built here (tests/torch_nets.py), random weights and BN
+statistics, saved as a Monodepth2-style model folder, converted, and the Flax forward compared with
+the torch forward (eval and train mode). Plus error reporting and the convert-weights CLI."""
+
+import copy
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import torch_nets  # noqa: E402  (tests/ helper; needs torch)
+
+from xdistill_jax import cli, convert  # noqa: E402
+from xdistill_jax.models.depth import DepthNet  # noqa: E402
+from xdistill_jax.models.pose import PoseNet  # noqa: E402
+from xdistill_jax.models.resnet import ResNetEncoder  # noqa: E402
+
+H, W, B = 64, 192, 2
+
+depth_eval = jax.jit(DepthNet().apply)
+pose_eval = jax.jit(PoseNet().apply)
+depth_train = jax.jit(lambda v, x: DepthNet().apply(v, x, train=True, mutable=["batch_stats"]))
+
+
+def _rand_images(seed, channels=3, b=B, h=H, w=W):
+    return np.random.default_rng(seed).uniform(0, 1, (b, h, w, channels)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def torch_folder(tmp_path_factory):
+    """A Monodepth2-layout folder of random ResNet-18 depth + pose weights, and the torch modules."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    enc, dec = torch_nets.Encoder(18), torch_nets.DepthDecoder()
+    penc, pdec = torch_nets.Encoder(18, num_input_images=2), torch_nets.PoseDecoder()
+    torch_nets.randomise_batchnorm(enc, torch_nets.nchw(_rand_images(10)), g)
+    torch_nets.randomise_batchnorm(penc, torch_nets.nchw(_rand_images(11, channels=6)), g)
+    for m in (dec, pdec):
+        m.eval()
+    folder = tmp_path_factory.mktemp("mono_64x192")
+    enc_state = dict(enc.state_dict(), height=H, width=W, use_stereo=False)
+    torch.save(enc_state, folder / "encoder.pth")
+    torch.save(dec.state_dict(), folder / "depth.pth")
+    torch.save(penc.state_dict(), folder / "pose_encoder.pth")
+    torch.save(pdec.state_dict(), folder / "pose.pth")
+    return folder, (enc, dec, penc, pdec)
+
+
+@pytest.fixture(scope="module")
+def converted(torch_folder):
+    return convert.load_monodepth2(torch_folder[0])
+
+
+def test_load_monodepth2_structure(converted):
+    assert (converted["num_layers"], converted["height"], converted["width"]) == (18, H, W)
+    for name, model, c in (("depth", DepthNet(), 3), ("pose", PoseNet(), 6)):
+        abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, c)))
+        got = jax.tree.map(lambda a: (a.shape, a.dtype), converted[name])
+        want = jax.tree.map(lambda a: (a.shape, a.dtype), abstract)
+        assert got == want, name
+
+
+def test_depth_matches_torch_eval(torch_folder, converted):
+    enc, dec = torch_folder[1][:2]
+    x = _rand_images(0)
+    with torch.no_grad():
+        ref = dec(enc(torch_nets.nchw(x)))
+    out = depth_eval(converted["depth"], x)
+    diffs = {}
+    for s in range(4):
+        want = torch_nets.nhwc(ref[s])
+        assert out[s].shape == want.shape == (B, H // 2**s, W // 2**s, 1)
+        diffs[s] = float(np.max(np.abs(np.asarray(out[s]) - want)))
+        # the test is only meaningful if the disparity depends on the image
+        assert want.std() > 1e-3
+    print("depth max abs diff per scale:", diffs)
+    assert max(diffs.values()) < 1e-4, diffs
+
+
+def test_pose_matches_torch_eval(torch_folder, converted):
+    penc, pdec = torch_folder[1][2:]
+    x = _rand_images(1, channels=6)
+    with torch.no_grad():
+        axisangle, translation = pdec(penc(torch_nets.nchw(x)))
+    got_a, got_t = pose_eval(converted["pose"], x)
+    want_a, want_t = axisangle[:, 0, 0].numpy(), translation[:, 0, 0].numpy()
+    diff = max(np.abs(np.asarray(got_a) - want_a).max(), np.abs(np.asarray(got_t) - want_t).max())
+    print("pose max abs diff:", float(diff), "output scale:", float(np.abs(want_t).max()))
+    np.testing.assert_allclose(got_a, want_a, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(got_t, want_t, rtol=1e-4, atol=1e-6)
+
+
+def test_depth_train_mode_matches_torch(torch_folder, converted):
+    """train=True: batch-statistics forward and torch's running-stat update (unbiased variance)."""
+    enc, dec = (copy.deepcopy(m) for m in torch_folder[1][:2])
+    enc.train()
+    x = _rand_images(2)
+    with torch.no_grad():
+        ref = dec(enc(torch_nets.nchw(x)))
+    out, updates = depth_train(converted["depth"], x)
+    for s in range(4):
+        np.testing.assert_allclose(out[s], torch_nets.nhwc(ref[s]), atol=1e-4)
+    new_stats = convert.load_torchvision_resnet(
+        {k[len("encoder."):]: v for k, v in enc.state_dict().items()}, 18)["batch_stats"]
+    old_stats = converted["depth"]["batch_stats"]["encoder"]
+    got = updates["batch_stats"]["encoder"]
+    for path in (("bn1", "var"), ("layer4_1", "bn2", "mean"), ("layer4_1", "bn2", "var"),
+                 ("layer2_0", "downsample_bn", "var")):
+        g, w, o = got, new_stats, old_stats
+        for k in path:
+            g, w, o = g[k], w[k], o[k]
+        assert not np.allclose(w, o)  # the update did something
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5, err_msg=str(path))
+
+
+def test_torchvision_resnet_conversion(torch_folder, converted, tmp_path):
+    """A plain torchvision state dict (with fc.*) converts to the same encoder as encoder.pth;
+    for 2 input images the ImageNet conv1 is tiled and halved."""
+    enc = torch_folder[1][0]
+    path = tmp_path / "resnet18.pth"
+    torch.save(enc.encoder.state_dict(), path)  # keys conv1.weight ..., fc.weight, fc.bias
+    assert "fc.weight" in torch.load(path, weights_only=True)
+    single = convert.load_torchvision_resnet(path, 18)
+    want = {"params": converted["depth"]["params"]["encoder"],
+            "batch_stats": converted["depth"]["batch_stats"]["encoder"]}
+    jax.tree.map(np.testing.assert_array_equal, single, want)
+
+    double = convert.load_torchvision_resnet(path, 18, num_input_images=2)
+    k1, k2 = single["params"]["conv1"]["kernel"], double["params"]["conv1"]["kernel"]
+    assert k2.shape == (7, 7, 6, 64)
+    np.testing.assert_allclose(k2, np.concatenate([k1, k1], axis=2) / 2)
+    np.testing.assert_array_equal(double["params"]["layer3_1"]["conv2"]["kernel"],
+                                  single["params"]["layer3_1"]["conv2"]["kernel"])
+
+
+def test_resnet50_matches_torch():
+    """Bottleneck stride placement (v1.5), projection shortcuts and channel counts of ResNet-50."""
+    torch.manual_seed(3)
+    enc = torch_nets.Encoder(50)
+    x = _rand_images(4, b=2, h=32, w=64)
+    torch_nets.randomise_batchnorm(enc, torch_nets.nchw(_rand_images(5, b=2, h=32, w=64)), torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = enc(torch_nets.nchw(x))
+    variables = convert.load_torchvision_resnet(enc.encoder.state_dict(), 50)
+    feats = jax.jit(ResNetEncoder(50).apply)(variables, x)
+    for k, (f, r) in enumerate(zip(feats, ref)):
+        r = torch_nets.nhwc(r)
+        assert f.shape == r.shape, k
+        np.testing.assert_allclose(f, r, atol=1e-4 * max(1.0, float(np.abs(r).max())), err_msg=f"f{k}")
+
+
+def test_bad_state_dict_lists_every_problem(torch_folder, tmp_path):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    for name in ("encoder.pth", "pose_encoder.pth", "pose.pth"):
+        (folder / name).write_bytes((torch_folder[0] / name).read_bytes())
+    depth = torch.load(torch_folder[0] / "depth.pth", weights_only=True)
+    del depth["decoder.3.conv.conv.bias"]
+    depth["decoder.99.conv.weight"] = torch.zeros(1)
+    depth["decoder.12.conv.weight"] = torch.zeros(1, 64, 5, 5)
+    torch.save(depth, folder / "depth.pth")
+    with pytest.raises(ValueError) as e:
+        convert.load_monodepth2(folder)
+    msg = str(e.value)
+    assert "depth.pth" in msg
+    assert "missing keys: decoder.3.conv.conv.bias" in msg
+    assert "unexpected keys: decoder.99.conv.weight" in msg
+    assert "decoder.12.conv.weight: file has (1, 64, 5, 5), expected (1, 64, 3, 3)" in msg
+
+    (folder / "pose.pth").unlink()
+    with pytest.raises(ValueError, match="missing pose.pth"):
+        convert.load_monodepth2(folder)
+
+
+def test_convert_weights_cli_round_trip(torch_folder, converted, tmp_path, capsys):
+    out = tmp_path / "converted"
+    assert cli.main(["convert-weights", "--monodepth2", str(torch_folder[0]), "--out", str(out)]) == 0
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta == {"num_layers": 18, "height": H, "width": W, "has_pose": True}
+    for name in ("depth", "pose"):
+        loaded = convert.load_variables(out / f"{name}.msgpack")
+        assert jax.tree.structure(loaded) == jax.tree.structure(converted[name])
+        jax.tree.map(np.testing.assert_array_equal, loaded, converted[name])
+
+    pth = tmp_path / "r18.pth"
+    torch.save(torch_folder[1][2].encoder.state_dict(), pth)  # the 6-channel pose encoder
+    msg = tmp_path / "enc.msgpack"
+    assert cli.main(["convert-weights", "--torchvision", str(pth), "--num-layers", "18",
+                     "--num-input-images", "2", "--out", str(msg)]) == 0
+    loaded = convert.load_variables(msg)
+    want = {"params": converted["pose"]["params"]["encoder"], "batch_stats": converted["pose"]["batch_stats"]["encoder"]}
+    jax.tree.map(np.testing.assert_array_equal, loaded, want)
+    assert not list(tmp_path.glob("**/*.tmp"))  # no temp files left behind
+
+    # a wrong depth is reported by name, with exit status 1
+    assert cli.main(["convert-weights", "--torchvision", str(pth), "--num-layers", "34", "--out",
+                     str(tmp_path / "x.msgpack")]) == 1
+    assert "missing keys: " in capsys.readouterr().err
+    assert not (tmp_path / "x.msgpack").exists()

@@ -1,0 +1,69 @@
+"""`xdistill convert-weights`: PyTorch weights -> Flax msgpack variables.
+
+    xdistill convert-weights --torchvision resnet18.pth --num-layers 18 [--num-input-images 2] --out enc.msgpack
+    xdistill convert-weights --monodepth2 models/mono_640x192 --out converted/mono_640x192
+
+The Monodepth2 form writes ``depth.msgpack`` (DepthNet variables), ``pose.msgpack`` (PoseNet
+variables, when the folder has a pose network) and, last, ``meta.json`` with num_layers, height
+and width. Read them back with `xdistill_jax.convert.load_variables`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+
+def add_arguments(parser) -> None:
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--torchvision", metavar="FILE", help="torchvision ResNet state dict (.pth)")
+    src.add_argument("--monodepth2", metavar="DIR",
+                     help="Monodepth2 model folder (encoder.pth, depth.pth[, pose_encoder.pth, pose.pth])")
+    parser.add_argument("--num-layers", type=int, choices=(18, 34, 50),
+                        help="ResNet depth (required with --torchvision; inferred for --monodepth2)")
+    parser.add_argument("--num-input-images", type=int, default=1,
+                        help="frames stacked on channels (2 for a pose encoder; ImageNet conv1 is tiled / n)")
+    parser.add_argument("--out", required=True,
+                        help="output .msgpack file (--torchvision) or directory (--monodepth2)")
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def run(args) -> int:
+    from xdistill_jax import convert
+
+    try:
+        if args.torchvision:
+            if args.num_layers is None:
+                print("xdistill convert-weights: --num-layers is required with --torchvision", file=sys.stderr)
+                return 2
+            variables = convert.load_torchvision_resnet(args.torchvision, args.num_layers, args.num_input_images)
+            convert.save_variables(args.out, variables)
+            print(f"wrote {args.out} (ResNet-{args.num_layers} encoder, {args.num_input_images} input image(s))")
+            return 0
+        if args.num_input_images != 1:
+            print("xdistill convert-weights: --num-input-images applies only to --torchvision", file=sys.stderr)
+            return 2
+        loaded = convert.load_monodepth2(args.monodepth2, num_layers=args.num_layers)
+    except ValueError as e:
+        print(f"xdistill convert-weights: {e}", file=sys.stderr)
+        return 1
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    convert.save_variables(out / "depth.msgpack", loaded["depth"])
+    if loaded["pose"] is not None:
+        convert.save_variables(out / "pose.msgpack", loaded["pose"])
+    meta = {k: loaded[k] for k in ("num_layers", "height", "width")}
+    meta["has_pose"] = loaded["pose"] is not None
+    _write_json_atomic(out / "meta.json", meta)  # written last: its presence marks a complete folder
+    print(f"wrote {out}/depth.msgpack" + (", pose.msgpack" if meta["has_pose"] else "") + f", meta.json {meta}")
+    return 0
