@@ -1,0 +1,167 @@
+"""TFDS builder for KITTI triplets, stored as array_record shards, and its reader.
+
+No TensorFlow is needed to write or read these datasets. What TFDS 4.9 does without TF
+(checked in its sources and by `tests/test_prepare.py`):
+- `tfds.features.Image` stores given *encoded bytes* (or a PIL image, or a file path) as they
+  are; only numpy image arrays need TF (`tf.image.encode_png`). So `triplets.make_example`
+  encodes with PIL and the builder yields bytes.
+- `tfds.features.Tensor` (float32 K, shape (4,4)), `Scalar` (int64 index) and `Text` (id)
+  serialise with numpy and TFDS's own copy of the tf.Example protos.
+- Reading: `builder.as_data_source(split)` (or `tfds.data_source`) returns a random-access
+  `ArrayRecordDataSource`; it decodes images with PIL (OpenCV when installed) into uint8
+  (H,W,3) arrays, K into float32 (4,4), index into an int, and Text into *bytes*.
+- TFDS sorts the examples by key when `disable_shuffling=True`, so record i of a split is
+  split line i (the teacher logits store relies on that). Without it TFDS would store them
+  in hashed-key order.
+- TFDS writes into `incomplete.*` and renames the version directory at the end; a failure
+  removes the temporary directory. So a half-built dataset never looks complete.
+
+Layout: `OUT/kitti_triplets/<split>/1.0.0/` (one builder config per split name, so train and
+val are prepared independently into the same OUT), holding
+`kitti_triplets-<split>.array_record-0000X-of-0000N`, `dataset_info.json`, `features.json`
+and `metadata.json` (the storage settings and the split file's SHA-256).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import pathlib
+from typing import Any, Iterator
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from data_pipelines.kitti import triplets
+
+DATASET_NAME = "kitti_triplets"
+VERSION = "1.0.0"
+
+
+def dataset_dir(out_dir: str | pathlib.Path, split_name: str) -> pathlib.Path:
+    """Directory of a prepared split: OUT/kitti_triplets/<split>/1.0.0."""
+    return pathlib.Path(out_dir) / DATASET_NAME / split_name / VERSION
+
+
+def _make_example_job(job: tuple) -> tuple[int, dict[str, Any]]:
+    raw_dir, line, index, settings, where = job
+    return index, triplets.make_example(raw_dir, line, index, settings, where)
+
+
+class KittiTriplets(tfds.core.GeneratorBasedBuilder):
+    """KITTI raw (or the synthetic world in its layout) + a split file -> triplet examples."""
+
+    VERSION = tfds.core.Version(VERSION)
+    RELEASE_NOTES = {"1.0.0": "Triplets (-1, 0, +1), resized and encoded, normalised K."}
+
+    def __init__(
+        self,
+        *,
+        out_dir: str | pathlib.Path,
+        split_name: str,
+        raw_dir: str | pathlib.Path | None = None,
+        lines: list | None = None,
+        split_file: str | pathlib.Path | None = None,
+        locations: list[str] | None = None,
+        split_sha256: str = "",
+        settings: triplets.TripletSettings | None = None,
+        num_workers: int = 1,
+    ):
+        self._raw_dir = raw_dir
+        self._lines = lines
+        self._split_file = split_file
+        self._locations = locations
+        self._split_sha256 = split_sha256
+        self._settings = settings or triplets.TripletSettings()
+        self._num_workers = num_workers
+        self._split_name = split_name
+        super().__init__(
+            data_dir=str(out_dir),
+            config=tfds.core.BuilderConfig(name=split_name, description=f"split {split_name}"),
+            file_format="array_record",
+        )
+
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls):
+        # TFDS 4.9.10 looks for a checksums file next to the builder's source and, on the way,
+        # imports `importlib_resources`, a dependency it declares only for Python < 3.9
+        # (tensorflow/datasets#11212): without that package `download_and_prepare` fails.
+        # Nothing is downloaded here, so there are no checksums to find.
+        return None
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        s = self._settings
+        image = lambda: tfds.features.Image(  # noqa: E731
+            shape=(s.height, s.width, 3), dtype=np.uint8, encoding_format=s.image_format
+        )
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=(
+                "KITTI raw triplets (frames -1, 0, +1 of one camera) for self-supervised depth."
+            ),
+            features=tfds.features.FeaturesDict(
+                {
+                    "id": tfds.features.Text(),
+                    "image_m1": image(),
+                    "image_0": image(),
+                    "image_p1": image(),
+                    "K": tfds.features.Tensor(shape=(4, 4), dtype=np.float32),
+                    "index": tfds.features.Scalar(dtype=np.int64),
+                }
+            ),
+            disable_shuffling=True,
+            metadata=tfds.core.MetadataDict(
+                settings=s.as_dict(),
+                split_file=str(self._split_file or ""),
+                split_sha256=self._split_sha256,
+                num_lines=len(self._lines or []),
+            ),
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager  # nothing is downloaded
+        if self._lines is None or self._raw_dir is None:
+            raise ValueError("KittiTriplets needs raw_dir and lines to generate a dataset")
+        return {self._split_name: self._generate_examples()}
+
+    def _generate_examples(self) -> Iterator[tuple[int, dict[str, Any]]]:
+        locations = self._locations or [
+            f"{self._split_file}:{i + 1}" for i in range(len(self._lines))
+        ]
+        jobs = [
+            (str(self._raw_dir), line, i, self._settings, where)
+            for i, (line, where) in enumerate(zip(self._lines, locations, strict=True))
+        ]
+        if self._num_workers <= 1:
+            for job in jobs:
+                yield _make_example_job(job)
+            return
+        # "spawn": the caller may have started JAX threads, which fork() would copy unsafely.
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(self._num_workers) as pool:
+            # imap keeps the split order; an error in a worker is re-raised here.
+            yield from pool.imap(_make_example_job, jobs, chunksize=4)
+
+
+def open_split(out_dir: str | pathlib.Path, split_name: str):
+    """Random-access source of a prepared split (a TFDS `ArrayRecordDataSource`).
+
+    `source[i]` is a dict: id (bytes), image_m1 / image_0 / image_p1 uint8 (H,W,3),
+    K float32 (4,4), index (int). Reads the files only; no builder code runs.
+    """
+    path = dataset_dir(out_dir, split_name)
+    if not (path / "dataset_info.json").is_file():
+        raise ValueError(
+            f"no prepared split {split_name!r} under {out_dir} (expected {path}); "
+            "run `xdistill prepare` first"
+        )
+    builder = tfds.builder_from_directory(str(path))
+    return builder.as_data_source(split=split_name)
+
+
+def read_metadata(out_dir: str | pathlib.Path, split_name: str) -> dict[str, Any]:
+    """The metadata stored with a prepared split (settings, split file hash, line count)."""
+    import json
+
+    path = dataset_dir(out_dir, split_name) / "metadata.json"
+    return json.loads(path.read_text())

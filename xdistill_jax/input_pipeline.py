@@ -1,0 +1,439 @@
+"""Training and evaluation input: grain over the TFDS triplet shards, Monodepth2 augmentation.
+
+    source = data_pipelines.kitti.tfds_builder.open_split("data/tfds", "train")
+    it = make_train_iterator(source, global_batch_size=12, seed=0)       # numpy batches
+    batches = DevicePrefetchIterator(it, mesh)                           # global jax.Arrays
+    state = batches.get_state(); ...; batches.set_state(state)           # resume exactly
+
+Batches (host-local numpy; the contract in the project's contracts):
+  color       uint8 (B,3,H,W,3)        frames (-1, 0, +1), scale 0, not colour-augmented
+  color_aug   uint8 (B,3,H,W,3)        the same frames colour-jittered (what the networks see)
+  color_s1..3 uint8 (B,3,H/2^s,W/2^s,3) scale s made from scale s-1 with PIL LANCZOS
+  K, inv_K    float32 (B,4,4,4)        [:, s] = normalised K, row 0 x W//2^s, row 1 x H//2^s
+  index       int32 (B,)               position of the example in its split
+  teacher     float16 (B,h,w,G)        only with a teacher store; flipped with the images
+Eval batches add `mask` bool (B,): False on the padding of the last batch.
+
+Augmentation (Monodepth2, `mono_dataset.py`), drawn once per example from its own generator
+seeded by (seed, epoch, example index), so data order and augmentation are reproducible and do
+not depend on the number of hosts or loader threads:
+- colour jitter with p=0.5: brightness, contrast, saturation ~ U(0.8, 1.2), hue ~ U(-0.1, 0.1),
+  the four ops in a random order; ONE draw of parameters and order for all three frames
+  (torchvision >= 0.8 users of the original code re-draw per frame, which this avoids).
+  The ops are torchvision's PIL ones: ImageEnhance Brightness (blend with black), Contrast
+  (blend with the rounded mean of the grey image), Color (blend with the grey image), and the
+  hue shift of the PIL HSV hue channel by uint8(hue * 255) mod 256; each quantises to uint8.
+- horizontal flip with p=0.5 of all frames (and of the teacher logits) together. K is left
+  unchanged, as in Monodepth2, which assumes a centred principal point. Monodepth2 flips the
+  native image before resizing; here the stored, already resized image is flipped (PIL's
+  LANCZOS weights are mirror-symmetric, so the two agree up to float rounding).
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import dataclasses
+from typing import Any, Iterator, Sequence
+
+import jax
+import numpy as np
+
+IMAGE_KEYS = ("image_m1", "image_0", "image_p1")  # frames -1, 0, +1
+NUM_SCALES = 4
+JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
+_SHUFFLE_TAG = 0x5348  # separates the shuffle seed's stream from the per-example streams
+
+
+# --------------------------------------------------------------------------- augmentation
+
+
+@dataclasses.dataclass(frozen=True)
+class Augmentation:
+    """One example's augmentation: flip and colour-jitter parameters (shared by its frames)."""
+
+    flip: bool = False
+    jitter: bool = False
+    order: tuple[int, ...] = (0, 1, 2, 3)  # indices into JITTER_OPS, applied left to right
+    brightness: float = 1.0
+    contrast: float = 1.0
+    saturation: float = 1.0
+    hue: float = 0.0
+
+
+def example_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The generator of one example's augmentation in one epoch (independent streams)."""
+    return np.random.default_rng(np.random.SeedSequence([int(seed), int(epoch), int(index)]))
+
+
+def sample_augmentation(rng: np.random.Generator) -> Augmentation:
+    """Monodepth2's draws: jitter coin, flip coin, then (if jittering) order and factors."""
+    jitter = bool(rng.random() > 0.5)
+    flip = bool(rng.random() > 0.5)
+    if not jitter:
+        return Augmentation(flip=flip)
+    order = tuple(int(i) for i in rng.permutation(4))
+    b, c, s = rng.uniform(0.8, 1.2, size=3)
+    h = rng.uniform(-0.1, 0.1)
+    return Augmentation(flip, True, order, float(b), float(c), float(s), float(h))
+
+
+def _adjust_hue(image, hue: float):
+    from PIL import Image
+
+    h, s, v = image.convert("HSV").split()
+    # torchvision adds np.uint8(hue * 255) with uint8 wrap-around; the float -> uint8 cast
+    # truncates toward zero and wraps negatives (what C does on x86), written out explicitly.
+    shift = int(hue * 255) % 256
+    h = Image.fromarray(((np.asarray(h, np.uint16) + shift) % 256).astype(np.uint8), "L")
+    return Image.merge("HSV", (h, s, v)).convert("RGB")
+
+
+def color_jitter(image: np.ndarray, aug: Augmentation) -> np.ndarray:
+    """Applies `aug`'s colour jitter to a uint8 (H,W,3) RGB image; identity when not jittering."""
+    if not aug.jitter:
+        return image
+    from PIL import Image, ImageEnhance
+
+    pil = Image.fromarray(image)
+    for op in aug.order:
+        name = JITTER_OPS[op]
+        if name == "brightness":
+            pil = ImageEnhance.Brightness(pil).enhance(aug.brightness)
+        elif name == "contrast":
+            pil = ImageEnhance.Contrast(pil).enhance(aug.contrast)
+        elif name == "saturation":
+            pil = ImageEnhance.Color(pil).enhance(aug.saturation)
+        else:
+            pil = _adjust_hue(pil, aug.hue)
+    return np.asarray(pil)
+
+
+def lanczos_half(image: np.ndarray) -> np.ndarray:
+    """Halves a uint8 (H,W,3) image with PIL LANCZOS (Monodepth2's scale chain step)."""
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    return np.asarray(Image.fromarray(image).resize((w // 2, h // 2), Image.Resampling.LANCZOS))
+
+
+def intrinsics_per_scale(K_norm: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """(4,4,4) K and inv_K for scales 0..3 from a normalised K (Monodepth2's per-scale K)."""
+    Ks, inv_Ks = [], []
+    for s in range(NUM_SCALES):
+        K = np.array(K_norm, dtype=np.float32, copy=True)
+        K[0, :] *= width // 2**s
+        K[1, :] *= height // 2**s
+        Ks.append(K)
+        inv_Ks.append(np.linalg.pinv(K))  # float32 in, float32 out, as in Monodepth2
+    return np.stack(Ks), np.stack(inv_Ks).astype(np.float32)
+
+
+def make_example(record: dict[str, Any], aug: Augmentation, teacher_logits=None) -> dict:
+    """One training example (the batch contract without the batch axis) from a stored record."""
+    frames = [np.asarray(record[k]) for k in IMAGE_KEYS]
+    if aug.flip:
+        frames = [np.ascontiguousarray(f[:, ::-1]) for f in frames]
+    height, width = frames[0].shape[:2]
+    out = {
+        "color": np.stack(frames),
+        "color_aug": np.stack([color_jitter(f, aug) for f in frames]),
+    }
+    scaled = frames
+    for s in range(1, NUM_SCALES):
+        scaled = [lanczos_half(f) for f in scaled]
+        out[f"color_s{s}"] = np.stack(scaled)
+    out["K"], out["inv_K"] = intrinsics_per_scale(record["K"], height, width)
+    out["index"] = np.int32(record["index"])
+    if teacher_logits is not None:
+        logits = np.asarray(teacher_logits, np.float16)
+        out["teacher"] = np.ascontiguousarray(logits[:, ::-1]) if aug.flip else logits
+    return out
+
+
+# ------------------------------------------------------------------------------- sources
+
+
+def _as_str(value) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+class TripletSource:
+    """Random access to stored triplets joined with an optional teacher logits store.
+
+    `source` is a prepared split (`tfds_builder.open_split`): record i is split line i.
+    `teacher` is any object with `__len__` and `__getitem__(i) -> (id, logits (h,w,G))`
+    whose record i belongs to split line i; `self[i]` checks the ids agree and raises a
+    ValueError naming the first mismatch it meets.
+    """
+
+    def __init__(self, source, teacher=None):
+        self.source = source
+        self.teacher = teacher
+        if teacher is not None and len(teacher) != len(source):
+            raise ValueError(
+                f"teacher store has {len(teacher)} records but the triplet split has "
+                f"{len(source)} examples; it was computed for another split"
+            )
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int) -> tuple[dict[str, Any], Any]:
+        record = self.source[i]
+        if self.teacher is None:
+            return record, None
+        teacher_id, logits = self.teacher[int(record["index"])]
+        example_id = _as_str(record["id"])
+        if _as_str(teacher_id) != example_id:
+            raise ValueError(
+                f"teacher store record {int(record['index'])} has id {_as_str(teacher_id)!r} "
+                f"but triplet example {int(record['index'])} is {example_id!r}: the store "
+                "belongs to another split or order"
+            )
+        return record, logits
+
+
+def _host_slice(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    p = jax.process_index() if process_index is None else int(process_index)
+    n = jax.process_count() if process_count is None else int(process_count)
+    if not 0 <= p < n:
+        raise ValueError(f"process_index {p} is not in [0, {n})")
+    return p, n
+
+
+def _per_host_batch(global_batch_size: int, process_count: int) -> int:
+    if global_batch_size < 1 or global_batch_size % process_count:
+        raise ValueError(
+            f"global_batch_size {global_batch_size} must be a positive multiple of the "
+            f"{process_count} processes"
+        )
+    return global_batch_size // process_count
+
+
+# -------------------------------------------------------------------------------- training
+
+
+def make_train_dataset(
+    source,
+    *,
+    global_batch_size: int,
+    seed: int,
+    teacher=None,
+    augment: bool = True,
+    num_epochs: int | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+):
+    """grain `MapDataset` of host-local training batches.
+
+    Each host takes every `process_count`-th example (after dropping the remainder, so all
+    hosts run the same number of steps), shuffles its share with a new permutation per epoch,
+    augments, and batches `global_batch_size / process_count` examples, dropping the last
+    partial batch of each epoch (Monodepth2's drop_last). `num_epochs=None` repeats forever.
+    """
+    import grain
+
+    p, n_proc = _host_slice(process_index, process_count)
+    batch = _per_host_batch(global_batch_size, n_proc)
+    triplets = TripletSource(source, teacher)
+    per_host = len(triplets) // n_proc
+    if per_host < batch:
+        raise ValueError(
+            f"split has {len(triplets)} examples: fewer than one batch of {batch} per host "
+            f"on {n_proc} hosts"
+        )
+    shuffle_seed = int(np.random.SeedSequence([int(seed), _SHUFFLE_TAG]).generate_state(1)[0])
+
+    def transform(position: int, item) -> dict:
+        record, logits = item
+        epoch = position // per_host  # grain passes epoch * per_host + index in epoch
+        if augment:
+            aug = sample_augmentation(example_rng(seed, epoch, int(record["index"])))
+        else:
+            aug = Augmentation()
+        return make_example(record, aug, logits)
+
+    ds = grain.MapDataset.source(triplets)[p : per_host * n_proc : n_proc]
+    ds = ds.shuffle(seed=shuffle_seed)  # grain re-permutes each epoch (seed + epoch)
+    ds = ds.map_with_index(transform)
+    ds = ds.batch(batch, drop_remainder=True)
+    return ds.repeat(num_epochs)
+
+
+def make_train_iterator(
+    source,
+    *,
+    global_batch_size: int,
+    seed: int,
+    teacher=None,
+    augment: bool = True,
+    num_epochs: int | None = None,
+    num_threads: int = 2,
+    num_workers: int = 0,
+    process_index: int | None = None,
+    process_count: int | None = None,
+):
+    """Checkpointable iterator of host-local numpy batches.
+
+    `it.get_state()` is a small JSON-able dict; `it.set_state(state)` on a fresh iterator of
+    the same pipeline resumes with exactly the batches an unbroken iterator would give.
+    `num_threads` batches are prepared concurrently in this process (PIL releases the GIL
+    while decoding and resizing); `num_workers > 0` adds grain worker processes.
+    """
+    import grain
+
+    ds = make_train_dataset(
+        source,
+        global_batch_size=global_batch_size,
+        seed=seed,
+        teacher=teacher,
+        augment=augment,
+        num_epochs=num_epochs,
+        process_index=process_index,
+        process_count=process_count,
+    )
+    read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(1, 2 * num_threads))
+    iter_ds = ds.to_iter_dataset(read)
+    if num_workers > 0:
+        iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return iter(iter_ds)
+
+
+def steps_per_epoch(num_examples: int, global_batch_size: int, process_count: int = 1) -> int:
+    """Training steps in one epoch of `make_train_dataset` (all hosts run the same number)."""
+    per_host = num_examples // process_count
+    return per_host // _per_host_batch(global_batch_size, process_count)
+
+
+# ------------------------------------------------------------------------------ evaluation
+
+
+class _EvalSource:
+    """Host-local positions of the padded, in-order evaluation stream (see make_eval_dataset)."""
+
+    def __init__(self, triplets: TripletSource, batch: int, p: int, n_proc: int):
+        self.triplets, self.batch, self.p, self.n_proc = triplets, batch, p, n_proc
+        global_batch = batch * n_proc
+        self.num_batches = -(-len(triplets) // global_batch)
+
+    def __len__(self) -> int:
+        return self.num_batches * self.batch
+
+    def __getitem__(self, j: int) -> dict:
+        b, k = divmod(j, self.batch)
+        # Global batch b holds examples [b*GB, (b+1)*GB); host p holds its p-th slice, so the
+        # global array assembled from the hosts' slices lists the examples in split order.
+        i = (b * self.n_proc + self.p) * self.batch + k
+        valid = i < len(self.triplets)
+        record, logits = self.triplets[i if valid else 0]
+        example = make_example(record, Augmentation(), logits)
+        if not valid:
+            example = {key: np.zeros_like(v) for key, v in example.items()}
+            example["index"] = np.int32(-1)
+        example["mask"] = np.bool_(valid)
+        return example
+
+
+def make_eval_dataset(
+    source,
+    *,
+    global_batch_size: int,
+    teacher=None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+):
+    """grain `MapDataset` of host-local eval batches: every example exactly once, in order.
+
+    No augmentation. The last global batch is padded with zero examples whose `mask` is False
+    and `index` is -1 (big_vision's make_for_inference), so metrics count each example once.
+    """
+    import grain
+
+    p, n_proc = _host_slice(process_index, process_count)
+    batch = _per_host_batch(global_batch_size, n_proc)
+    return grain.MapDataset.source(
+        _EvalSource(TripletSource(source, teacher), batch, p, n_proc)
+    ).batch(batch, drop_remainder=True)
+
+
+def make_eval_iterator(source, *, global_batch_size: int, teacher=None, num_threads: int = 2,
+                       process_index: int | None = None, process_count: int | None = None):
+    """Iterator over `make_eval_dataset`'s batches (one pass)."""
+    import grain
+
+    ds = make_eval_dataset(source, global_batch_size=global_batch_size, teacher=teacher,
+                           process_index=process_index, process_count=process_count)
+    read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(1, 2 * num_threads))
+    return iter(ds.to_iter_dataset(read))
+
+
+# ----------------------------------------------------------------------- device placement
+
+
+def to_global_arrays(batch: dict[str, np.ndarray], mesh, axis: str = "data") -> dict[str, jax.Array]:
+    """Host-local numpy batch -> global `jax.Array`s sharded on `axis` of `mesh` (dim 0).
+
+    Each process passes its own slice; the global batch is the processes' slices in process
+    order (`jax.make_array_from_process_local_data`).
+    """
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    sharding = NamedSharding(mesh, P(axis))
+    local_devices = sum(1 for d in mesh.devices.flat if d.process_index == jax.process_index())
+    out = {}
+    for key, value in batch.items():
+        if value.shape[0] % max(local_devices, 1):
+            raise ValueError(
+                f"batch[{key!r}] has {value.shape[0]} examples on this host, not divisible by "
+                f"its {local_devices} devices of mesh axis {axis!r}"
+            )
+        out[key] = jax.make_array_from_process_local_data(sharding, value)
+    return out
+
+
+class DevicePrefetchIterator:
+    """Places host batches on the mesh `size` batches ahead, keeping the iterator checkpointable.
+
+    `get_state()` is the host iterator's state *before* the next batch this iterator will
+    return (not before the ones already prefetched), so saving it and calling `set_state`
+    later resumes at exactly the next batch.
+    """
+
+    def __init__(self, host_iterator, mesh, size: int = 2, axis: str = "data"):
+        self._it, self._mesh, self._size, self._axis = host_iterator, mesh, size, axis
+        self._queue: collections.deque = collections.deque()
+
+    def __iter__(self) -> Iterator[dict[str, jax.Array]]:
+        return self
+
+    def _fill(self) -> None:
+        while len(self._queue) < self._size:
+            state = copy.deepcopy(self._it.get_state())
+            try:
+                batch = next(self._it)
+            except StopIteration:
+                return
+            self._queue.append((state, to_global_arrays(batch, self._mesh, self._axis)))
+
+    def __next__(self) -> dict[str, jax.Array]:
+        self._fill()
+        if not self._queue:
+            raise StopIteration
+        _, batch = self._queue.popleft()
+        self._fill()  # start the transfers of the next batches before the caller computes
+        return batch
+
+    def get_state(self) -> dict:
+        if self._queue:
+            return copy.deepcopy(self._queue[0][0])
+        return copy.deepcopy(self._it.get_state())
+
+    def set_state(self, state: dict) -> None:
+        self._queue.clear()
+        self._it.set_state(copy.deepcopy(state))
+
+
+def stack_examples(examples: Sequence[dict]) -> dict[str, np.ndarray]:
+    """Stacks examples into a batch (what grain's batch does), for tools and tests."""
+    return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
