@@ -1,0 +1,142 @@
+"""Geometry against Monodepth2's own numbers (tests/data/monodepth2_ref.npz, NCHW as monodepth2
+holds it) and against cases worked out by hand."""
+
+import pathlib
+
+import numpy as np
+import pytest
+import jax
+import jax.numpy as jnp
+
+from xdistill_jax import geometry as G
+
+DATA_DIR = pathlib.Path(__file__).parent / "data"
+H, W = 24, 40
+
+
+def nhwc(a):
+    return np.transpose(a, (0, 2, 3, 1))
+
+
+@pytest.fixture(scope="session")
+def ref():
+    with np.load(DATA_DIR / "monodepth2_ref.npz") as z:
+        return {k: z[k] for k in z.files}
+
+
+@pytest.fixture(scope="session")
+def pose(ref):
+    return ref["warp_axisangle"][:, 0], ref["warp_translation"][:, 0]
+
+
+def test_disp_to_depth(ref):
+    scaled, depth = G.disp_to_depth(nhwc(ref["d2d_disp"]), 0.1, 100.0)
+    np.testing.assert_allclose(scaled, nhwc(ref["d2d_scaled_disp"]), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(depth, nhwc(ref["d2d_depth"]), rtol=1e-6)
+    # the ends of the sigmoid range map to max / min depth
+    assert np.isclose(depth[0, 0, 0, 0], 100.0) and np.isclose(depth[0, 0, 1, 0], 0.1)
+
+
+def test_rotation_translation_and_pose(ref, pose):
+    aa, t = pose
+    np.testing.assert_allclose(G.rot_from_axisangle(aa), ref["warp_rot"], atol=1e-6)
+    np.testing.assert_allclose(G.translation_matrix(t), ref["warp_transl_mat"], atol=0)
+    fwd = G.pose_from_axisangle(aa, t)
+    inv = G.pose_from_axisangle(aa, t, invert=True)
+    np.testing.assert_allclose(fwd, ref["warp_T_fwd"], atol=1e-6)
+    np.testing.assert_allclose(inv, ref["warp_T_inv"], atol=1e-6)
+    np.testing.assert_allclose(np.asarray(fwd) @ np.asarray(inv), np.broadcast_to(np.eye(4), (2, 4, 4)), atol=1e-6)
+
+
+def test_rotation_by_hand_and_gradient_at_zero():
+    quarter_turn_z = np.array([[0.0, 0.0, np.pi / 2]], np.float32)
+    r = np.asarray(G.rot_from_axisangle(quarter_turn_z))[0]
+    np.testing.assert_allclose(r[:3, :3], [[0, -1, 0], [1, 0, 0], [0, 0, 1]], atol=1e-6)
+    assert r[3, 3] == 1 and not r[3, :3].any() and not r[:3, 3].any()
+    # the zero rotation (what a freshly initialised pose net predicts) must have a finite gradient
+    g = jax.grad(lambda v: jnp.sum(G.pose_from_axisangle(v, jnp.zeros((1, 3))) ** 2))(jnp.zeros((1, 3)))
+    assert np.all(np.isfinite(g))
+
+
+def test_backproject_and_project(ref):
+    cam = G.backproject(nhwc(ref["warp_depth"]), ref["warp_inv_K"])
+    assert cam.shape == (2, H, W, 4)
+    # monodepth2 stores (B,4,H*W) with column y*W + x
+    np.testing.assert_allclose(np.asarray(cam).reshape(2, H * W, 4).transpose(0, 2, 1), ref["warp_cam_points"],
+                               rtol=1e-6, atol=1e-5)
+    for name in ("fwd", "inv"):
+        T = ref[f"warp_T_{name}"]
+        pix = G.project(cam, ref["warp_K"], T)
+        grid = G.pixels_to_grid(pix, H, W)
+        np.testing.assert_allclose(grid, ref[f"warp_pix_{name}"], atol=1e-5)
+        fused = G.pixel_coords(nhwc(ref["warp_depth"]), ref["warp_K"], ref["warp_inv_K"], T)
+        np.testing.assert_allclose(G.pixels_to_grid(fused, H, W), ref[f"warp_pix_{name}"], atol=1e-5)
+        np.testing.assert_allclose(G.grid_to_pixels(grid, H, W), pix, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["fwd", "inv"])
+def test_bilinear_sample_on_reference_grid(ref, name):
+    src = nhwc(ref["warp_src"])
+    pix = G.grid_to_pixels(ref[f"warp_pix_{name}"], H, W)
+    np.testing.assert_allclose(G.bilinear_sample(src, pix, align_corners=True),
+                               nhwc(ref[f"warp_out_{name}_aligncorners_true"]), atol=1e-6)
+    # the torch default path un-normalises the same grid differently: ~4e-6 from float32 rounding
+    np.testing.assert_allclose(G.bilinear_sample(src, pix, align_corners=False),
+                               nhwc(ref[f"warp_out_{name}"]), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["fwd", "inv"])
+def test_warp_matches_monodepth2(ref, name):
+    args = (nhwc(ref["warp_src"]), nhwc(ref["warp_depth"]), ref["warp_K"], ref["warp_inv_K"], ref[f"warp_T_{name}"])
+    # src is U[0,1) noise (intensity slope up to ~1 per pixel), so float32 rounding of the sample
+    # position (~1e-5 px) shows as ~1e-5 here; an exact float64 warp differs from torch by 7e-6 too.
+    np.testing.assert_allclose(G.warp(*args), nhwc(ref[f"warp_out_{name}_aligncorners_true"]), atol=3e-5)
+    np.testing.assert_allclose(G.warp(*args, align_corners=False), nhwc(ref[f"warp_out_{name}"]), atol=3e-5)
+
+
+def test_warp_by_hand():
+    """Identity pose reproduces the image; a sideways camera shift of 1 at depth 5 with fx = 10 moves
+    the sample 2 px; align_corners=False reads x*W/(W-1) - 0.5."""
+    b, h, w = 1, 4, 6
+    ramp = np.broadcast_to(np.arange(w, dtype=np.float32)[None, None, :, None], (b, h, w, 1))
+    K = np.array([[[10.0, 0, 3, 0], [0, 10, 2, 0], [0, 0, 1, 0], [0, 0, 0, 1]]], np.float32)
+    inv_K = np.linalg.inv(K).astype(np.float32)
+    depth = np.full((b, h, w, 1), 5.0, np.float32)
+    eye = np.eye(4, dtype=np.float32)[None]
+    np.testing.assert_allclose(G.warp(ramp, depth, K, inv_K, eye), ramp, atol=1e-5)
+    shift = eye.copy()
+    shift[0, 0, 3] = 1.0
+    expect = np.minimum(np.arange(w) + 2.0, w - 1)
+    np.testing.assert_allclose(np.asarray(G.warp(ramp, depth, K, inv_K, shift))[0, :, :, 0],
+                               np.broadcast_to(expect, (h, w)), atol=1e-5)
+    torch_default = np.clip(np.arange(w) * w / (w - 1) - 0.5, 0, w - 1)
+    np.testing.assert_allclose(np.asarray(G.warp(ramp, depth, K, inv_K, eye, align_corners=False))[0, :, :, 0],
+                               np.broadcast_to(torch_default, (h, w)), atol=1e-5)
+
+
+def test_border_padding_by_hand():
+    img = np.arange(6, dtype=np.float32).reshape(1, 2, 3, 1)  # [[0,1,2],[3,4,5]]
+    pix = np.array([[[[-5.0, -5.0], [9.0, 0.5], [0.5, 0.5], [2.0, 1.0]]]], np.float32)  # (1,1,4,2)
+    out = np.asarray(G.bilinear_sample(img, pix))[0, 0, :, 0]
+    np.testing.assert_allclose(out, [0.0, 3.5, 2.0, 5.0], atol=1e-6)
+
+
+def test_upsample_bilinear(ref):
+    np.testing.assert_allclose(G.upsample_bilinear(np.array([0.0, 1.0]).reshape(1, 1, 2, 1), (1, 4))[0, 0, :, 0],
+                               [0.0, 0.25, 0.75, 1.0], atol=1e-7)
+    for s in range(4):
+        up = G.upsample_bilinear(nhwc(ref[f"full_in_disp_s{s}"]), (64, 192))
+        np.testing.assert_allclose(up, nhwc(ref[f"full_mid_disp_up_s{s}"]), atol=1e-6)
+
+
+def test_bad_inputs_name_the_argument(ref):
+    depth = nhwc(ref["warp_depth"])
+    src = nhwc(ref["warp_src"])
+    with pytest.raises(ValueError, match=r"inv_K: expected shape \(2,4,4\).*got \(2, 3, 3\)"):
+        G.backproject(depth, ref["warp_inv_K"][:, :3, :3])
+    with pytest.raises(ValueError, match=r"depth: expected shape \(B,H,W,1\).*NCHW"):
+        G.warp(src, ref["warp_depth"], ref["warp_K"], ref["warp_inv_K"], ref["warp_T_fwd"])
+    with pytest.raises(ValueError, match=r"K: expected shape \(2,4,4\)"):
+        G.warp(src, depth, ref["warp_K"][:1], ref["warp_inv_K"], ref["warp_T_fwd"])
+    with pytest.raises(ValueError, match=r"axisangle: expected shape \(\?,3\)"):
+        G.pose_from_axisangle(ref["warp_axisangle"], ref["warp_translation"][:, 0])

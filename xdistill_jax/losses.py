@@ -1,0 +1,278 @@
+"""Monodepth2 photometric losses in JAX: SSIM, reprojection, edge-aware smoothness, the full loss.
+
+All images are NHWC float in [0,1]; every loss is computed in float32 even if inputs are bf16.
+The full loss (`monodepth2_loss`) reproduces Monodepth2's `generate_images_pred` + `compute_losses`
+(reference §5): per-pixel minimum over the warped sources and (auto-masking) the un-warped sources,
+mean over all pixels, plus mean-normalised edge-aware smoothness / 2^s, averaged over scales.
+
+Work that does not depend on the scale is done once: the target's SSIM statistics (shared by every
+comparison with the target), the identity reprojection losses (identical at every scale unless
+v1_multiscale; only the tie-break noise differs per scale) and the per-pixel rays of the projection.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+
+from xdistill_jax import geometry
+
+SSIM_C1 = 0.01**2
+SSIM_C2 = 0.03**2
+SSIM_WEIGHT = 0.85  # reprojection = 0.85 * SSIM + 0.15 * L1
+TIEBREAK_STD = 1e-5
+SOURCE_FRAMES = (-1, 1)
+
+
+def _f32(x):
+    return jnp.asarray(x, dtype=jnp.float32)
+
+
+def _check_image(name: str, x, channels: int | None = None, hw: tuple | None = None, batch: int | None = None):
+    """Shape check for an NHWC map; the message names the argument and expected vs actual shape."""
+    shape = tuple(np.shape(x))
+    expected = (
+        batch if batch is not None else "B",
+        hw[0] if hw else "H",
+        hw[1] if hw else "W",
+        channels if channels is not None else "C",
+    )
+    exp_str = "(" + ",".join(str(e) for e in expected) + ")"
+    bad = len(shape) != 4
+    if not bad:
+        for e, s in zip(expected, shape):
+            if isinstance(e, int) and e != s:
+                bad = True
+    if bad:
+        hint = ""
+        if len(shape) == 4 and channels is not None and shape[1] == channels and shape[-1] != channels:
+            hint = " (looks like NCHW; pass NHWC)"
+        raise ValueError(f"{name}: expected shape {exp_str} NHWC, got {shape}{hint}")
+    if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+        raise ValueError(f"{name}: expected a floating dtype (images in [0,1]), got {jnp.result_type(x)}")
+
+
+def _box3(x):
+    """3x3 mean (stride 1) of x (B,H+2,W+2,C) -> (B,H,W,C), as two separable 3-tap sums."""
+    h, w = x.shape[1] - 2, x.shape[2] - 2
+    rows = x[:, 0:h] + x[:, 1 : h + 1] + x[:, 2 : h + 2]
+    return (rows[:, :, 0:w] + rows[:, :, 1 : w + 1] + rows[:, :, 2 : w + 2]) * (1.0 / 9.0)
+
+
+def _reflect_pad1(x):
+    return jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+
+
+def _target_stats(y):
+    """Local mean and mean of squares of the target (B,H,W,C), shared by all its comparisons."""
+    yp = _reflect_pad1(y)
+    return y, _box3(yp), _box3(yp * yp)
+
+
+def _ssim_with_stats(x, stats):
+    y, mu_y, e_yy = stats
+    xp = _reflect_pad1(x)
+    yp = _reflect_pad1(y)
+    mu_x = _box3(xp)
+    sigma_x = _box3(xp * xp) - mu_x * mu_x
+    sigma_y = e_yy - mu_y * mu_y
+    sigma_xy = _box3(xp * yp) - mu_x * mu_y
+    num = (2.0 * mu_x * mu_y + SSIM_C1) * (2.0 * sigma_xy + SSIM_C2)
+    den = (mu_x * mu_x + mu_y * mu_y + SSIM_C1) * (sigma_x + sigma_y + SSIM_C2)
+    return jnp.clip((1.0 - num / den) / 2.0, 0.0, 1.0)
+
+
+def ssim(x, y):
+    """Per-pixel, per-channel SSIM dissimilarity clip((1 - SSIM)/2, 0, 1): (B,H,W,C) x2 -> (B,H,W,C).
+
+    Reflection padding of 1, 3x3 box means (Monodepth2 layers.SSIM); float32.
+    """
+    _check_image("x", x)
+    _check_image("y", y, channels=np.shape(x)[-1], hw=np.shape(x)[1:3], batch=np.shape(x)[0])
+    return _ssim_with_stats(_f32(x), _target_stats(_f32(y)))
+
+
+def _reprojection_with_stats(pred, stats, no_ssim: bool):
+    target = stats[0]
+    l1 = jnp.mean(jnp.abs(target - pred), axis=-1, keepdims=True)
+    if no_ssim:
+        return l1
+    s = jnp.mean(_ssim_with_stats(pred, stats), axis=-1, keepdims=True)
+    return SSIM_WEIGHT * s + (1.0 - SSIM_WEIGHT) * l1
+
+
+def reprojection_loss(pred, target, no_ssim: bool = False):
+    """Photometric error (B,H,W,C) x2 -> (B,H,W,1): 0.85 mean_c SSIM + 0.15 mean_c |target - pred|.
+
+    With no_ssim=True only the L1 term (unweighted) is returned.
+    """
+    _check_image("pred", pred)
+    _check_image("target", target, channels=np.shape(pred)[-1], hw=np.shape(pred)[1:3], batch=np.shape(pred)[0])
+    return _reprojection_with_stats(_f32(pred), _target_stats(_f32(target)), no_ssim)
+
+
+def smoothness_loss(disp, image):
+    """Edge-aware first-order smoothness: disp (B,H,W,1), image (B,H,W,C) -> scalar.
+
+    mean(|dx d| exp(-mean_c |dx I|)) + mean(|dy d| exp(-mean_c |dy I|)) (two separate means).
+    Monodepth2 applies it to disparity divided by its per-image mean (done in monodepth2_loss).
+    """
+    _check_image("disp", disp, channels=1)
+    _check_image("image", image, hw=np.shape(disp)[1:3], batch=np.shape(disp)[0])
+    d, img = _f32(disp), _f32(image)
+    dx = jnp.abs(d[:, :, :-1] - d[:, :, 1:])
+    dy = jnp.abs(d[:, :-1] - d[:, 1:])
+    ix = jnp.mean(jnp.abs(img[:, :, :-1] - img[:, :, 1:]), axis=-1, keepdims=True)
+    iy = jnp.mean(jnp.abs(img[:, :-1] - img[:, 1:]), axis=-1, keepdims=True)
+    return jnp.mean(dx * jnp.exp(-ix)) + jnp.mean(dy * jnp.exp(-iy))
+
+
+def _lookup(mapping, key, name: str, what: str):
+    if not isinstance(mapping, Mapping):
+        raise ValueError(f"{name}: expected a dict keyed by {what}, got {type(mapping).__name__}")
+    if key not in mapping:
+        raise ValueError(f"{name}: missing {what} {key!r} (have {sorted(mapping.keys())})")
+    return mapping[key]
+
+
+def _color(colors, frame, scale):
+    return _lookup(_lookup(colors, frame, "colors", "frame"), scale, f"colors[{frame}]", "scale")
+
+
+def monodepth2_loss(
+    colors,
+    disps,
+    cam_T_cam,
+    Ks,
+    inv_Ks,
+    *,
+    tiebreak_noise=None,
+    rng=None,
+    automask: bool = True,
+    avg_reprojection: bool = False,
+    v1_multiscale: bool = False,
+    no_ssim: bool = False,
+    smoothness_weight: float = 1e-3,
+    min_depth: float = 0.1,
+    max_depth: float = 100.0,
+    align_corners: bool = True,
+):
+    """Monodepth2's self-supervised loss. Returns (loss scalar float32, aux dict).
+
+    Args:
+      colors: colors[frame][scale] (B,H/2^s,W/2^s,3) un-augmented images in [0,1], frames 0, -1, 1.
+      disps: disps[scale] (B,H/2^s,W/2^s,1) sigmoid disparities; its keys are the loss scales.
+      cam_T_cam: cam_T_cam[frame] (B,4,4) for frames -1, 1: target camera -> source camera.
+      Ks, inv_Ks: Ks[scale] (B,4,4) intrinsics in pixels at each scale (only scale 0 is read
+        unless v1_multiscale).
+      tiebreak_noise: optional tiebreak_noise[scale] (B,h,w,2) added to the identity losses of
+        frames (-1, +1) (h,w = loss resolution: full unless v1_multiscale). With avg_reprojection
+        only one identity channel exists: (B,h,w,1), or channel 0 of a (B,h,w,2) array is used.
+      rng: alternatively a PRNG key; noise = 1e-5 * normal(fold_in(rng, scale)). Neither: no noise.
+      automask: include the identity (un-warped source) losses in the per-pixel minimum.
+      avg_reprojection: average over source frames instead of the per-pixel minimum.
+      v1_multiscale: compute each scale's photometric loss at that scale (K_s, colors[f][s])
+        instead of upsampling the disparity to full resolution.
+      no_ssim: L1-only photometric error.
+      smoothness_weight, min_depth, max_depth: as Monodepth2's options.
+      align_corners: exact-pixel sampling (True, default) or current torch's grid_sample default.
+
+    aux: "loss/{s}" per-scale loss (photometric + smoothness term); "identity_selection/{s}"
+      (B,h,w) float32, 1 where a warped source won the minimum (pixel kept), 0 where auto-masked
+      (all ones without automask); "color_pred/{f}/{s}" the warped sources (B,h,w,3);
+      "depth/{s}" the depth used for warping (B,h,w,1).
+    """
+    if tiebreak_noise is not None and rng is not None:
+        raise ValueError("tiebreak_noise and rng: give at most one of them")
+    if not isinstance(disps, Mapping) or not disps:
+        raise ValueError("disps: expected a non-empty dict {scale: (B,h,w,1) disparity}")
+    scales = sorted(disps.keys())
+    target0 = _color(colors, 0, 0)
+    _check_image("colors[0][0]", target0, channels=3)
+    b, h, w, _ = np.shape(target0)
+    for s in scales:
+        if not isinstance(s, (int, np.integer)) or s < 0:
+            raise ValueError(f"disps: scale keys must be non-negative ints, got {s!r}")
+        hs, ws = h // 2**s, w // 2**s
+        _check_image(f"disps[{s}]", disps[s], channels=1, hw=(hs, ws), batch=b)
+        _check_image(f"colors[0][{s}]", _color(colors, 0, s), channels=3, hw=(hs, ws), batch=b)
+    for f in SOURCE_FRAMES:
+        _lookup(cam_T_cam, f, "cam_T_cam", "frame")
+        geometry._check_matrices(f"cam_T_cam[{f}]", cam_T_cam[f], b)
+    loss_scales = scales if v1_multiscale else [0]
+    for s in loss_scales:
+        hs, ws = h // 2**s, w // 2**s
+        geometry._check_matrices(f"Ks[{s}]", _lookup(Ks, s, "Ks", "scale"), b)
+        geometry._check_matrices(f"inv_Ks[{s}]", _lookup(inv_Ks, s, "inv_Ks", "scale"), b)
+        for f in SOURCE_FRAMES:
+            _check_image(f"colors[{f}][{s}]", _color(colors, f, s), channels=3, hw=(hs, ws), batch=b)
+    n_identity = 1 if avg_reprojection else 2
+    if tiebreak_noise is not None and automask:
+        for s in scales:
+            hs, ws = (h // 2**s, w // 2**s) if v1_multiscale else (h, w)
+            noise = _lookup(tiebreak_noise, s, "tiebreak_noise", "scale")
+            shape = tuple(np.shape(noise))
+            if len(shape) != 4 or shape[:3] != (b, hs, ws) or shape[3] not in (n_identity, 2):
+                raise ValueError(
+                    f"tiebreak_noise[{s}]: expected shape ({b},{hs},{ws},{n_identity}) NHWC "
+                    f"(frames -1, +1), got {shape}"
+                )
+
+    T = {f: _f32(cam_T_cam[f]) for f in SOURCE_FRAMES}
+
+    def combine(per_frame):
+        stacked = jnp.concatenate(per_frame, axis=-1)  # (B,h,w,2): frames -1, +1
+        return jnp.mean(stacked, axis=-1, keepdims=True) if avg_reprojection else stacked
+
+    def photometric_inputs(s):
+        """Resolution index, target stats and identity losses for the scale's loss resolution."""
+        t = _f32(_color(colors, 0, s))
+        stats = _target_stats(t)
+        identity = None
+        if automask:
+            identity = combine(
+                [_reprojection_with_stats(_f32(_color(colors, f, s)), stats, no_ssim) for f in SOURCE_FRAMES]
+            )
+        return stats, identity
+
+    shared = None if v1_multiscale else photometric_inputs(0)
+    aux = {}
+    per_scale = []
+    for s in scales:
+        disp_s = _f32(disps[s])
+        res = s if v1_multiscale else 0
+        stats, identity = photometric_inputs(s) if v1_multiscale else shared
+        disp_res = disp_s if v1_multiscale else geometry.upsample_bilinear(disp_s, (h, w))
+        _, depth = geometry.disp_to_depth(disp_res, min_depth, max_depth)
+        preds = {}
+        for f in SOURCE_FRAMES:
+            preds[f] = geometry.warp(
+                _color(colors, f, res), depth, Ks[res], inv_Ks[res], T[f], align_corners=align_corners
+            )
+            aux[f"color_pred/{f}/{s}"] = preds[f]
+        aux[f"depth/{s}"] = depth
+        reproj = combine([_reprojection_with_stats(preds[f], stats, no_ssim) for f in SOURCE_FRAMES])
+        if automask:
+            noise = None
+            if tiebreak_noise is not None:
+                noise = _f32(tiebreak_noise[s])[..., :n_identity]
+            elif rng is not None:
+                noise = TIEBREAK_STD * jax.random.normal(jax.random.fold_in(rng, s), identity.shape, jnp.float32)
+            ident = identity if noise is None else identity + noise
+            combined = jnp.concatenate([ident, reproj], axis=-1)
+            selection = (jnp.argmin(combined, axis=-1) >= n_identity).astype(jnp.float32)
+        else:
+            combined = reproj
+            selection = jnp.ones(combined.shape[:3], jnp.float32)
+        photometric = jnp.mean(jnp.min(combined, axis=-1))
+        norm_disp = disp_s / (jnp.mean(disp_s, axis=(1, 2), keepdims=True) + 1e-7)
+        smooth = smoothness_loss(norm_disp, _color(colors, 0, s))
+        loss_s = photometric + smoothness_weight * smooth / (2**s)
+        aux[f"loss/{s}"] = loss_s
+        aux[f"identity_selection/{s}"] = selection
+        per_scale.append(loss_s)
+    loss = sum(per_scale) / len(per_scale)
+    return loss, aux
