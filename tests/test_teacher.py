@@ -91,3 +91,166 @@ def test_store_rejects_non_finite_logits(tmp_path):
     with pytest.raises(ValueError, match="example '.* 0000000001 l' are not finite"):
         store.write_store(tmp_path / "s", 3, inf_in_example_1, grouping="geometric",
                           group_names=GROUPS7, height=3, width=5, progress=False)
+
+
+# ----------------------------------------------------------------------------- backends
+
+from data_pipelines.teacher import backends, precompute  # noqa: E402
+
+H, W = 8, 12
+
+
+def _source(n, h=H, w=W, seed=0):
+    """A stand-in for a prepared split: source[i] -> {"id", "index", image frames, K}."""
+    rng = np.random.default_rng(seed)
+    ids = _ids(n)
+    recs = []
+    for i in range(n):
+        frames = {k: rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+                  for k in ("image_m1", "image_0", "image_p1")}
+        recs.append({"id": ids[i].encode(), "index": np.int64(i), "K": np.eye(4, dtype=np.float32),
+                     **frames})
+    return recs
+
+
+def _grouped_numpy(class_logits, class_to_group):
+    """Group logits = log(sum of exp of member logits), straight from the definition."""
+    class_to_group = np.asarray(class_to_group)
+    return np.stack([np.log(np.exp(class_logits[..., class_to_group == g].astype(np.float64)).sum(-1))
+                     for g in range(class_to_group.max() + 1)], axis=-1)
+
+
+def _onnx_1x1_conv(path, weight, bias):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    k = weight.shape[0]
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w", "b"], ["logits"], kernel_shape=[1, 1])],
+        "tiny_seg",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, H, W])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", k, H, W])],
+        [numpy_helper.from_array(weight.reshape(k, 3, 1, 1), "w"), numpy_helper.from_array(bias, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+def test_onnx_backend_matches_numpy(tmp_path):
+    pytest.importorskip("onnxruntime")
+    rng = np.random.default_rng(1)
+    weight = rng.normal(size=(19, 3)).astype(np.float32)
+    bias = rng.normal(size=(19,)).astype(np.float32)
+    _onnx_1x1_conv(tmp_path / "seg.onnx", weight, bias)
+    src = _source(5)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    backend = backends.make_backend(f"onnx:{tmp_path / 'seg.onnx'}", mean=mean, std=std)
+    assert backend.input_size == (H, W)  # read from the model's static input shape
+    precompute.precompute(backend, src, tmp_path / "store", grouping="geometric", stride=1,
+                          batch_size=2, shard_size=3, progress=False)
+    st = store.TeacherLogitsSource(tmp_path / "store")
+    from xdistill_jax.semantics import GEOMETRIC
+    for i in range(5):
+        x = (src[i]["image_0"].astype(np.float64) / 255 - mean) / std
+        expected = _grouped_numpy(x @ weight.T.astype(np.float64) + bias, GEOMETRIC.class_to_group)
+        eid, logits = st[i]
+        assert eid == _ids(5)[i]
+        np.testing.assert_allclose(logits.astype(np.float64), expected, rtol=2e-3, atol=2e-3)
+
+
+def test_onnx_class_order_and_class_count_errors(tmp_path):
+    pytest.importorskip("onnxruntime")
+    rng = np.random.default_rng(2)
+    weight = rng.normal(size=(21, 3)).astype(np.float32)
+    bias = rng.normal(size=(21,)).astype(np.float32)
+    _onnx_1x1_conv(tmp_path / "seg21.onnx", weight, bias)
+    spec = f"onnx:{tmp_path / 'seg21.onnx'}"
+    with pytest.raises(ValueError, match="outputs 21 classes but the grouping expects 19"):
+        backends.make_backend(spec)
+    # channel 0 is a background to drop, channels 1..19 are trainIds 18..0, channel 20 = car again
+    order = [-1] + list(range(18, -1, -1)) + [13]
+    b = backends.make_backend(spec, class_order=order, mean=(0, 0, 0), std=(1, 1, 1))
+    img = _source(1)[0]["image_0"][None]
+    out = b.class_logits(img, _ids(1))
+    raw = img[0].astype(np.float64) / 255 @ weight.T.astype(np.float64) + bias
+    np.testing.assert_allclose(out[0, ..., 0], raw[..., 19], rtol=1e-5, atol=1e-5)  # road
+    np.testing.assert_allclose(out[0, ..., 13], np.logaddexp(raw[..., 6], raw[..., 20]),
+                               rtol=1e-5, atol=1e-5)  # car: channels 6 and 20 merged
+    with pytest.raises(ValueError, match=r"maps no model channel to teacher classes \[0\]"):
+        backends.make_backend(spec, class_order=[-1, -1] + list(range(18, 0, -1)) + [13])
+    with pytest.raises(ValueError, match="teacher has 19 classes but grouping"):
+        precompute.precompute(b, _source(1), tmp_path / "x",
+                              grouping=__import__("xdistill_jax.semantics").semantics.Grouping(
+                                  "mine", ("a", "b"), (0,) * 19 + (1,), tuple("abcdefghijklmnopqrst")))
+
+
+def _write_label_pngs(root, ids, labels, template="{folder}/{camera}/{frame:010d}"):
+    from PIL import Image
+
+    for eid, lab in zip(ids, labels):
+        path = root / (template.format(**backends.parse_example_id(eid)) + ".png")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(lab.astype(np.uint8), mode="L").save(path)
+
+
+def _loader_view(src, teacher, i, flip):
+    from xdistill_jax import input_pipeline
+
+    record, logits = input_pipeline.TripletSource(src, teacher)[i]
+    return input_pipeline.make_example(record, input_pipeline.Augmentation(flip=flip), logits)
+
+
+def test_labels_backend_round_trip_through_store_and_loader(tmp_path):
+    src = _source(4)
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 19, (4, 2 * H, 2 * W))  # labels at twice the image size
+    labels[:, 2, :7] = 255  # sampled by the nearest resize below (row 2 -> stored row 0)
+    _write_label_pngs(tmp_path / "labels", _ids(4), labels)
+    backend = backends.make_backend(f"labels:{tmp_path / 'labels'}")
+    precompute.precompute(backend, src, tmp_path / "store", grouping="geometric", stride=2,
+                          batch_size=3, progress=False)
+    st = store.TeacherLogitsSource(tmp_path / "store")
+    assert (st.height, st.width, st.num_groups) == (H // 2, W // 2, 7)
+    from xdistill_jax.semantics import group_labels
+    for i in range(4):
+        # nearest from (2H,2W) to (H/2,W/2): pixel centres 4r+2, 4c+2
+        want = group_labels(labels[i][2::4, 2::4].astype(np.uint8), "geometric")
+        got = st[i][1]
+        valid = want != 255
+        assert (~valid).sum() == 2  # stored row 0, columns 0 and 1 (label columns 2 and 6)
+        np.testing.assert_array_equal(got.argmax(-1)[valid], want[valid])
+        assert (got[~valid] == 0).all()
+    # loader: teacher logits come with the images, flipped together with them
+    for flip in (False, True):
+        ex = _loader_view(src, st, 2, flip)
+        expect = st[2][1][:, ::-1] if flip else st[2][1]
+        np.testing.assert_array_equal(ex["teacher"], expect)
+        img = src[2]["image_0"][:, ::-1] if flip else src[2]["image_0"]
+        np.testing.assert_array_equal(ex["color"][1], img)
+
+
+def test_labels_backend_npy_logits_and_bad_files(tmp_path):
+    root = tmp_path / "labels"
+    ids = _ids(2)
+    rng = np.random.default_rng(4)
+    logits = rng.normal(size=(H, W, 19)).astype(np.float32)
+    p0 = root / (backends.parse_example_id(ids[0])["folder"]) / "image_02"
+    p0.mkdir(parents=True)
+    np.save(p0 / f"{0:010d}.npy", logits)
+    b = backends.make_backend(f"labels:{root}")
+    np.testing.assert_array_equal(b.load(ids[0], (H, W)), logits)
+    with pytest.raises(ValueError, match=r"no teacher label file for example id '.* 0000000001 l'.*"
+                                         r"image_02/0000000001.npy or .*0000000001.png"):
+        b.load(ids[1], (H, W))
+    _write_label_pngs(root, [ids[1]], [np.zeros((H, 2 * W))])  # wrong aspect ratio
+    with pytest.raises(ValueError, match=r"0000000001.png is 8x24 \(HxW\), which does not have the "
+                                         r"aspect ratio of the 8x12 image"):
+        b.load(ids[1], (H, W))
+    strict = backends.make_backend(f"labels:{root}", expected_size=(H, W))
+    with pytest.raises(ValueError, match=r"0000000001.png is 8x24 \(HxW\), expected 8x12"):
+        strict.load(ids[1], (H, W))
+    np.save(p0 / f"{0:010d}.npy", logits[..., :7])
+    with pytest.raises(ValueError, match="0000000000.npy has 7 classes, the grouping expects 19"):
+        b.load(ids[0], (H, W))
+    with pytest.raises(ValueError, match="unknown teacher backend kind 'torch'"):
+        backends.make_backend("torch:/x")

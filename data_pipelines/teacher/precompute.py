@@ -1,0 +1,122 @@
+"""Run a teacher backend over the target frames of a prepared triplet split into a logits store.
+
+For each example i of the split (read with `tfds.data_source`, via
+`data_pipelines.kitti.tfds_builder.open_split`): the backend gives per-class logits of
+``image_0``; a jitted function groups them (`semantics.group_logits`, log-sum-exp of member
+logits), resizes them to the store resolution (bilinear with antialiasing -- an area average --
+for network logits, nearest for label files) and marks "no opinion" pixels (NaN from ignored
+labels) as all-zero logits; the store writer keeps them as float16. Default store resolution:
+a quarter of the image size in each dimension (stride 4, a segmentation net's native output).
+
+Resumable: rerunning the same command continues after the last complete shard (see store.py).
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from data_pipelines.teacher import store
+from xdistill_jax import distillation, semantics
+
+
+@functools.partial(jax.jit, static_argnames=("grouping", "height", "width", "method"))
+def group_and_resize(class_logits, *, grouping, height: int, width: int, method: str):
+    """(N,h0,w0,C) class logits -> (N,height,width,G) float32 group logits; NaN pixels -> 0."""
+    g = semantics.group_logits(class_logits, grouping)
+    if method == "nearest":
+        g = distillation.resize_nearest(g, height, width)
+    elif g.shape[1:3] != (height, width):
+        g = jax.image.resize(g, (g.shape[0], height, width, g.shape[-1]), "linear", antialias=True)
+    no_opinion = jnp.any(jnp.isnan(g), axis=-1, keepdims=True)
+    return jnp.where(no_opinion, 0.0, g)
+
+
+def _as_str(x) -> str:
+    return x.decode("utf-8") if isinstance(x, (bytes, np.bytes_)) else str(x)
+
+
+def precompute(backend, source, out_dir, *, grouping: str = "geometric", stride: int = 4,
+               height: int | None = None, width: int | None = None, batch_size: int = 8,
+               shard_size: int = 1000, fingerprint: str = "", extra_metadata: dict | None = None,
+               progress: bool = True) -> Path:
+    """Writes the grouped teacher logits of every example of `source` into a store at `out_dir`.
+
+    Args:
+      backend: a `backends` object (``class_logits(images uint8 (N,H,W,3), ids) -> (N,h,w,C)``,
+        ``num_classes``, ``resize_method``, ``describe()``).
+      source: random access to the split's examples: ``source[i]`` is a dict with ``id`` (str or
+        bytes) and ``image_0`` (uint8 (H,W,3)); e.g. `tfds_builder.open_split(...)`.
+      out_dir: the store directory.
+      grouping: `semantics` grouping name.
+      stride: store resolution = image size // stride, unless `height` and `width` are given.
+    """
+    g = semantics.get_grouping(grouping)
+    if backend.num_classes != g.num_classes:
+        raise ValueError(f"teacher has {backend.num_classes} classes but grouping {g.name!r} expects "
+                         f"{g.num_classes} teacher classes")
+    n = len(source)
+    if n == 0:
+        raise ValueError("the triplet split has no examples")
+    first = np.asarray(source[0]["image_0"])
+    img_h, img_w = first.shape[:2]
+    if (height is None) != (width is None):
+        raise ValueError("give both height and width of the stored logits, or neither (use stride)")
+    if height is None:
+        if stride < 1 or img_h % stride or img_w % stride:
+            raise ValueError(f"stride {stride} does not divide the {img_h}x{img_w} images")
+        height, width = img_h // stride, img_w // stride
+
+    def batch_fn(indices: np.ndarray):
+        examples = [source[int(i)] for i in indices]
+        ids = [_as_str(e["id"]) for e in examples]
+        images = np.stack([np.asarray(e["image_0"], np.uint8) for e in examples])
+        if images.shape[1:3] != (img_h, img_w):
+            raise ValueError(f"example {ids[0]!r}: image_0 is {images.shape[1:3]}, split images "
+                             f"are {img_h}x{img_w}")
+        logits = backend.class_logits(images, ids)
+        if logits.ndim != 4 or logits.shape[0] != len(ids) or logits.shape[-1] != g.num_classes:
+            raise ValueError(f"teacher backend returned logits {logits.shape} for {len(ids)} "
+                             f"examples; expected (N,h,w,{g.num_classes})")
+        out = group_and_resize(logits, grouping=g, height=height, width=width,
+                               method=backend.resize_method)
+        return ids, np.asarray(out)
+
+    meta = {"teacher": backend.describe(), **(extra_metadata or {})}
+    return store.write_store(out_dir, n, batch_fn, grouping=g.name, group_names=g.group_names,
+                             height=height, width=width, shard_size=shard_size,
+                             batch_size=batch_size, fingerprint=fingerprint,
+                             extra_metadata=meta, progress=progress)
+
+
+def precompute_split(backend_spec: str, dataset_dir, split: str, out_dir, *,
+                     backend_options: dict[str, Any] | None = None, **kwargs) -> Path:
+    """`precompute` over a split prepared by `xdistill prepare` (the CLI's entry point)."""
+    from data_pipelines.kitti import tfds_builder
+    from data_pipelines.teacher.backends import make_backend
+
+    g = semantics.get_grouping(kwargs.get("grouping", "geometric"))
+    source = tfds_builder.open_split(dataset_dir, split)
+    try:
+        fingerprint = tfds_builder.read_metadata(dataset_dir, split).get("split_sha256", "")
+    except (OSError, ValueError):
+        fingerprint = ""
+    backend = make_backend(backend_spec, num_classes=g.num_classes, **(backend_options or {}))
+    extra = {"dataset_dir": str(Path(dataset_dir).absolute()), "split": split}
+    return precompute(backend, source, out_dir, fingerprint=fingerprint, extra_metadata=extra, **kwargs)
+
+
+def parse_floats(text: str, name: str, count: int | None = None) -> Sequence[float]:
+    """'0.485,0.456,0.406' -> floats, errors naming the option."""
+    try:
+        vals = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{name}: expected comma-separated numbers, got {text!r}") from None
+    if count is not None and len(vals) != count:
+        raise ValueError(f"{name}: expected {count} values, got {len(vals)} ({text!r})")
+    return vals
