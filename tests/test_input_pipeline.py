@@ -1,0 +1,247 @@
+"""The grain loader over prepared triplets: batch contract, Monodepth2 augmentation (shared by
+the frames, flip with the teacher logits), K per scale, determinism, exact resume, per-host
+sharding, the padded in-order eval stream, and global arrays on a 2-device mesh."""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import kitti_tiny
+from data_pipelines.kitti import prepare, tfds_builder, triplets
+from xdistill_jax import input_pipeline as ip
+
+H, W = 16, 48
+DATA = pathlib.Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="session")
+def source(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loader")
+    raw, split = kitti_tiny.make_tree(root)
+    prepare.prepare_split(raw, split, root / "tfds", "train", H, W)
+    return tfds_builder.open_split(root / "tfds", "train")
+
+
+class FakeTeacher:
+    """The teacher store interface; logits (H/2, W/2, 2) derived from frame 0 of each example,
+    so whether a batch's logits were flipped with its images can be checked."""
+
+    def __init__(self, source, bad_at: int | None = None):
+        self.source, self.bad_at = source, bad_at
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, i):
+        record = self.source[i]
+        example_id = record["id"].decode()
+        if i == self.bad_at:
+            example_id += " (other)"
+        return example_id, teacher_logits_of(record["image_0"])
+
+
+def teacher_logits_of(image0: np.ndarray) -> np.ndarray:
+    return (image0[::2, ::2, :2].astype(np.float16) - 128) / 16
+
+
+def all_batches(it, n=None):
+    out = []
+    for b in it:
+        out.append(b)
+        if n is not None and len(out) == n:
+            break
+    return out
+
+
+# ------------------------------------------------------------------------ augmentation ops
+
+
+def test_jitter_ops_follow_torchvision_pil_definitions():
+    rng = np.random.default_rng(1)
+    img = rng.integers(0, 256, (6, 10, 3), dtype=np.uint8)
+    x = img.astype(np.float64)
+    grey = np.asarray(Image.fromarray(img).convert("L")).astype(np.float64)[..., None]
+
+    def only(op, **factor):
+        return ip.color_jitter(img, ip.Augmentation(jitter=True, order=(op,), **factor)).astype(np.float64)
+
+    # brightness: blend with black; contrast: with the rounded mean grey; saturation: with grey.
+    assert np.abs(only(0, brightness=1.13) - np.clip(1.13 * x, 0, 255)).max() <= 1
+    mean = int(grey.mean() + 0.5)
+    assert np.abs(only(1, contrast=0.85) - np.clip(mean + 0.85 * (x - mean), 0, 255)).max() <= 1
+    assert np.abs(only(2, saturation=1.2) - np.clip(grey + 1.2 * (x - grey), 0, 255)).max() <= 1
+    # hue: the PIL HSV hue channel moves by uint8(hue * 255) = 25 (mod 256); -0.1 -> -25.
+    red = np.zeros((2, 2, 3), np.uint8)
+    red[..., 0] = 200
+    for hue, want in ((0.1, 25), (-0.1, 256 - 25)):
+        out = ip.color_jitter(red, ip.Augmentation(jitter=True, order=(3,), hue=hue))
+        got = int(np.asarray(Image.fromarray(out).convert("HSV"))[0, 0, 0])
+        assert min((got - want) % 256, (want - got) % 256) <= 1  # +-1: back through RGB uint8
+    # order matters (quantisation between ops), so it is part of the parameters
+    a = ip.Augmentation(jitter=True, order=(0, 1, 2, 3), brightness=1.19, contrast=0.81, saturation=1.1, hue=0.07)
+    b = ip.Augmentation(jitter=True, order=(3, 2, 1, 0), brightness=1.19, contrast=0.81, saturation=1.1, hue=0.07)
+    assert not np.array_equal(ip.color_jitter(img, a), ip.color_jitter(img, b))
+
+
+def test_sampled_parameters_in_monodepth2_ranges():
+    augs = [ip.sample_augmentation(ip.example_rng(0, 0, i)) for i in range(400)]
+    jit = [a for a in augs if a.jitter]
+    assert 150 < len(jit) < 250 and 150 < sum(a.flip for a in augs) < 250
+    for a in jit:
+        assert sorted(a.order) == [0, 1, 2, 3]
+        assert all(0.8 <= v <= 1.2 for v in (a.brightness, a.contrast, a.saturation))
+        assert -0.1 <= a.hue <= 0.1
+    assert len({a.order for a in jit}) > 10
+
+
+def test_K_per_scale_matches_monodepth2_fixture():
+    ref = np.load(DATA / "monodepth2_K_64x192.npz")
+    K, inv_K = ip.intrinsics_per_scale(triplets.MONODEPTH2_K, 64, 192)
+    assert K.dtype == inv_K.dtype == np.float32 and K.shape == (4, 4, 4)
+    for s in range(4):
+        np.testing.assert_allclose(K[s], ref[f"full_in_K_s{s}"], rtol=1e-7)
+        np.testing.assert_allclose(inv_K[s], ref[f"full_in_inv_K_s{s}"], rtol=1e-6, atol=1e-7)
+    K, _ = ip.intrinsics_per_scale(triplets.MONODEPTH2_K, 192, 640)
+    # the reference's worked example: fx 371.2, fy 368.64, cx 320, cy 96 at 640x192
+    np.testing.assert_allclose(K[0][[0, 1, 0, 1], [0, 1, 2, 2]], [371.2, 368.64, 320, 96], rtol=1e-6)
+    np.testing.assert_allclose(K[3][[0, 1, 0, 1], [0, 1, 2, 2]], [46.4, 46.08, 40, 12], rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------- the loader
+
+
+def test_batches_follow_the_contract_and_augmentation_is_shared(source):
+    teacher = FakeTeacher(source)
+    ds = ip.make_train_dataset(source, global_batch_size=2, seed=7, teacher=teacher, num_epochs=4)
+    assert len(ds) == 4 * 3
+    static_ids = {i for i in range(len(source)) if kitti_tiny.DRIVES["static"] in source[i]["id"].decode()}
+    seen_flip = seen_jitter = 0
+    for step in range(len(ds)):
+        batch = ds[step]
+        want = {"color": ((2, 3, H, W, 3), np.uint8), "color_aug": ((2, 3, H, W, 3), np.uint8),
+                "K": ((2, 4, 4, 4), np.float32), "inv_K": ((2, 4, 4, 4), np.float32),
+                "index": ((2,), np.int32), "teacher": ((2, H // 2, W // 2, 2), np.float16)}
+        want.update({f"color_s{s}": ((2, 3, H >> s, W >> s, 3), np.uint8) for s in (1, 2, 3)})
+        assert {k: (v.shape, v.dtype) for k, v in batch.items()} == want
+        for j, idx in enumerate(batch["index"]):
+            record = source[int(idx)]
+            stored = np.stack([record[k] for k in ip.IMAGE_KEYS])
+            color = batch["color"][j]
+            flipped = np.array_equal(color, stored[:, :, ::-1])
+            assert flipped or np.array_equal(color, stored)  # all three frames, same choice
+            # the teacher logits went with the images
+            logits = teacher_logits_of(record["image_0"])
+            np.testing.assert_array_equal(batch["teacher"][j], logits[:, ::-1] if flipped else logits)
+            aug = ip.sample_augmentation(ip.example_rng(7, step // 3, int(idx)))
+            assert flipped == aug.flip
+            for f in range(3):  # one set of parameters and order for all frames
+                np.testing.assert_array_equal(batch["color_aug"][j, f], ip.color_jitter(color[f], aug))
+            if int(idx) in static_ids:  # equal frames stay equal after augmentation
+                assert (batch["color_aug"][j] == batch["color_aug"][j, :1]).all()
+            assert aug.jitter == (not np.array_equal(batch["color_aug"][j], color))
+            seen_flip += aug.flip
+            seen_jitter += aug.jitter
+            # the LANCZOS chain, each scale from the previous one, never augmented
+            prev = color
+            for s in (1, 2, 3):
+                chain = np.stack([np.asarray(Image.fromarray(p).resize((p.shape[1] // 2, p.shape[0] // 2), Image.LANCZOS)) for p in prev])
+                np.testing.assert_array_equal(batch[f"color_s{s}"][j], chain)
+                prev = chain
+            np.testing.assert_allclose(batch["K"][j, 0, 0, 0], 0.58 * W, rtol=1e-6)  # K unchanged on flip
+    assert 0 < seen_flip < 24 and 0 < seen_jitter < 24
+
+
+def test_epochs_are_reshuffled_permutations_and_hosts_are_disjoint(source):
+    n = len(source)
+    ds = ip.make_train_dataset(source, global_batch_size=3, seed=1, num_epochs=3, augment=False)
+    epochs = [np.concatenate([ds[e * 2 + k]["index"] for k in range(2)]) for e in range(3)]
+    for order in epochs:
+        assert sorted(order) == list(range(n))
+    assert len({tuple(o) for o in epochs}) > 1
+    hosts = [
+        ip.make_train_dataset(source, global_batch_size=2, seed=1, num_epochs=1, augment=False,
+                              process_index=p, process_count=2)
+        for p in range(2)
+    ]
+    shares = [set(np.concatenate([h[i]["index"] for i in range(len(h))]).tolist()) for h in hosts]
+    assert shares[0].isdisjoint(shares[1]) and shares[0] | shares[1] == set(range(n))
+    assert len(hosts[0]) == len(hosts[1]) == ip.steps_per_epoch(n, 2, process_count=2) == 3
+
+
+def test_determinism_and_exact_resume(source):
+    def run(seed, n=None):
+        return all_batches(ip.make_train_iterator(source, global_batch_size=2, seed=seed, num_epochs=3), n)
+
+    a, b, c = run(5), run(5), run(6)
+    assert len(a) == 9
+    assert all(np.array_equal(x[k], y[k]) for x, y in zip(a, b) for k in x)
+    assert any(not np.array_equal(x["color_aug"], y["color_aug"]) for x, y in zip(a, c))
+
+    it = ip.make_train_iterator(source, global_batch_size=2, seed=5, num_epochs=3)
+    head = all_batches(it, 4)  # crosses into epoch 2
+    state = it.get_state()
+    import json
+
+    state = json.loads(json.dumps(state))  # what a checkpoint stores
+    resumed = ip.make_train_iterator(source, global_batch_size=2, seed=5, num_epochs=3, num_threads=0)
+    resumed.set_state(state)
+    tail = all_batches(resumed)
+    assert len(head) + len(tail) == len(a)
+    for x, y in zip(head + tail, a):
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+
+
+def test_teacher_id_mismatch_names_the_record(source):
+    ds = ip.make_train_dataset(source, global_batch_size=6, seed=0, num_epochs=1,
+                               teacher=FakeTeacher(source, bad_at=3))
+    with pytest.raises(ValueError, match="teacher store record 3 has id .*triplet example 3 is"):
+        ds[0]
+    with pytest.raises(ValueError, match="teacher store has 5 records"):
+        ip.TripletSource(source, type("T", (), {"__len__": lambda self: 5})())
+
+
+def test_eval_visits_each_example_once_in_order_with_padding(source):
+    n = len(source)
+    batches = all_batches(ip.make_eval_iterator(source, global_batch_size=4))
+    index = np.concatenate([b["index"] for b in batches])
+    mask = np.concatenate([b["mask"] for b in batches])
+    assert index.tolist() == list(range(n)) + [-1, -1] and mask.tolist() == [True] * n + [False] * 2
+    assert (batches[-1]["color"][2:] == 0).all()
+    for i in range(n):  # no augmentation
+        b, j = divmod(i, 4)
+        np.testing.assert_array_equal(batches[b]["color_aug"][j], batches[b]["color"][j])
+        np.testing.assert_array_equal(batches[b]["color"][j, 1], source[i]["image_0"])
+    # two hosts: concatenating their slices of each global batch gives the same order
+    per_host = [all_batches(ip.make_eval_iterator(source, global_batch_size=4, process_index=p, process_count=2))
+                for p in range(2)]
+    glued = np.concatenate([np.concatenate([h0["index"], h1["index"]]) for h0, h1 in zip(*per_host)])
+    assert glued.tolist() == index.tolist()
+
+
+def test_global_arrays_on_two_devices_and_prefetch_resume(source):
+    import jax
+    from jax.sharding import Mesh, PartitionSpec as P
+
+    mesh = Mesh(np.array(jax.devices()[:2]), ("data",))
+    host = ip.make_train_iterator(source, global_batch_size=2, seed=3, num_epochs=2)
+    reference = all_batches(ip.make_train_iterator(source, global_batch_size=2, seed=3, num_epochs=2))
+    it = ip.DevicePrefetchIterator(host, mesh, size=2)
+    first = next(it)
+    for key, value in first.items():
+        assert isinstance(value, jax.Array) and value.sharding.spec == P("data")
+        assert len(value.addressable_shards) == 2
+        assert [s.data.shape[0] for s in value.addressable_shards] == [1, 1]
+        np.testing.assert_array_equal(np.asarray(value), reference[0][key])
+    next(it)
+    state = it.get_state()  # two more batches are already prefetched at this point
+    rest = [np.asarray(b["index"]) for b in it]
+    again = ip.DevicePrefetchIterator(
+        ip.make_train_iterator(source, global_batch_size=2, seed=3, num_epochs=2), mesh)
+    again.set_state(state)
+    assert [np.asarray(b["index"]).tolist() for b in again] == [r.tolist() for r in rest]
+    assert [r.tolist() for r in rest] == [b["index"].tolist() for b in reference[2:]]

@@ -1,0 +1,169 @@
+"""`prepare_split` / `xdistill prepare`: KITTI raw tree -> TFDS array_record triplets, read back
+with `tfds.data_source` (no TensorFlow), idempotent re-runs, and bad input that fails naming
+the file or split line without leaving a complete-looking dataset."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+
+import numpy as np
+import pytest
+
+import kitti_tiny
+from data_pipelines.kitti import prepare, tfds_builder, triplets
+
+H, W = 16, 48
+
+
+@pytest.fixture(scope="session")
+def tree(tmp_path_factory):
+    return kitti_tiny.make_tree(tmp_path_factory.mktemp("kitti"))
+
+
+@pytest.fixture(scope="session")
+def prepared(tree, tmp_path_factory):
+    raw, split = tree
+    out = tmp_path_factory.mktemp("tfds")
+    path = prepare.prepare_split(raw, split, out, "train", H, W)
+    return out, path
+
+
+def _assert_nothing_complete(out, split="train"):
+    target = tfds_builder.dataset_dir(out, split)
+    assert not target.exists()
+    assert not list(out.rglob("dataset_info.json"))
+    assert not list(out.rglob("*.array_record*")), "shard files left behind"
+
+
+def test_records_equal_resized_source_in_split_order(tree, prepared):
+    raw, split = tree
+    out, path = prepared
+    assert path == out / "kitti_triplets" / "train" / "1.0.0"
+    import tensorflow_datasets as tfds
+
+    source = tfds.data_source("kitti_triplets/train", split="train", data_dir=str(out))
+    lines = kitti_tiny.split_lines(split)
+    assert len(source) == len(lines) == 6
+    for i, line in enumerate(lines):
+        record = source[i]
+        assert record["id"].decode() == line
+        assert int(record["index"]) == i
+        assert record["K"].dtype == np.float32
+        np.testing.assert_array_equal(record["K"], triplets.MONODEPTH2_K)
+        for key, offset in zip(("image_m1", "image_0", "image_p1"), (-1, 0, 1)):
+            assert record[key].shape == (H, W, 3) and record[key].dtype == np.uint8
+            np.testing.assert_array_equal(
+                record[key], kitti_tiny.resized_source(raw, line, offset, H, W), err_msg=f"{line} {key}"
+            )
+    assert "tensorflow" not in sys.modules
+
+
+def test_rerun_is_idempotent_and_other_settings_are_refused(tree, prepared, tmp_path):
+    raw, split = tree
+    out, path = prepared
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in path.iterdir()}
+    assert prepare.prepare_split(raw, split, out, "train", H, W) == path
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in path.iterdir()} == before
+    with pytest.raises(ValueError, match="exists with settings"):
+        prepare.prepare_split(raw, split, out, "train", H, W, image_format="jpeg")
+    other = tmp_path / "other_split.txt"
+    other.write_text(kitti_tiny.split_lines(split)[0] + "\n")
+    with pytest.raises(ValueError, match="different split file"):
+        prepare.prepare_split(raw, other, out, "train", H, W)
+
+
+def test_jpeg_calib_intrinsics_and_worker_pool(tree, tmp_path):
+    raw, split = tree
+    path = prepare.prepare_split(
+        raw, split, tmp_path, "val", H, W, image_format="jpeg", jpeg_quality=95,
+        intrinsics="calib", num_workers=2,
+    )
+    source = tfds_builder.open_split(tmp_path, "val")
+    lines = kitti_tiny.split_lines(split)
+    assert [source[i]["id"].decode() for i in range(len(source))] == lines
+    for i, line in enumerate(lines):
+        record = source[i]
+        cam = 2 if line.endswith(" l") else 3
+        # P_rect_0X intrinsics divided by the native 100x30 image size, worked out by hand.
+        fx, cx, fy, cy = 721.5377 / 100, 609.5593 / 100, 721.5377 / 30, 172.854 / 30
+        want = np.array([[fx, 0, cx, 0], [0, fy, cy, 0], [0, 0, 1, 0], [0, 0, 0, 1]], np.float32)
+        np.testing.assert_allclose(record["K"], want, rtol=1e-6)
+        ref = kitti_tiny.resized_source(raw, line, 0, H, W).astype(np.float64)
+        err = np.abs(record["image_0"].astype(np.float64) - ref).mean()
+        assert 0 < err < 6, (line, cam, err)  # lossy but close
+    assert (path / "metadata.json").is_file()
+    assert tfds_builder.read_metadata(tmp_path, "val")["settings"]["image_format"] == "jpeg"
+
+
+def test_cli_prepare(tree, tmp_path, capsys):
+    from xdistill_jax import cli
+
+    raw, split = tree
+    args = ["prepare", "--raw", str(raw), "--split-file", str(split), "--out", str(tmp_path),
+            "--split", "train", "--height", str(H), "--width", str(W)]
+    assert cli.main(args) == 0
+    assert str(tfds_builder.dataset_dir(tmp_path, "train")) in capsys.readouterr().out
+    assert cli.main(args[:-4] + ["--height", "12", "--width", str(W)]) == 1
+    assert "multiples of 8" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ bad input
+
+
+@pytest.fixture
+def bad_tree(tree, tmp_path):
+    """A private copy of the tree that a test may damage."""
+    raw, split = tree
+    shutil.copytree(raw, tmp_path / "raw")
+    shutil.copy(split, tmp_path / "train_files.txt")
+    return tmp_path / "raw", tmp_path / "train_files.txt", tmp_path / "out"
+
+
+def test_malformed_split_line(bad_tree):
+    raw, split, out = bad_tree
+    lines = split.read_text().splitlines()
+    lines[2] = lines[2].rsplit(" ", 1)[0]  # drop the side
+    split.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=f"{split}:3"):
+        prepare.prepare_split(raw, split, out, "train", H, W)
+    _assert_nothing_complete(out)
+
+
+def test_missing_neighbour_frame(bad_tree):
+    raw, split, out = bad_tree
+    lines = kitti_tiny.split_lines(split)
+    (kitti_tiny.source_image(raw, lines[4], -1)).unlink()
+    # A blank line first: the message must still give the line's real number in the file.
+    split.write_text("\n" + "\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=rf"{split}:6 .*neighbour frame -1.*{1:010d}\.png"):
+        prepare.prepare_split(raw, split, out, "train", H, W)
+    _assert_nothing_complete(out)
+
+
+def test_corrupt_image_found_while_building(bad_tree):
+    raw, split, out = bad_tree
+    lines = kitti_tiny.split_lines(split)
+    bad = kitti_tiny.source_image(raw, lines[3], +1)
+    bad.write_bytes(bad.read_bytes()[:60])  # a truncated PNG: the header is fine, data is not
+    with pytest.raises(ValueError, match=rf"{split}:4 .*cannot decode image {bad}"):
+        prepare.prepare_split(raw, split, out, "train", H, W)
+    _assert_nothing_complete(out)
+
+
+def test_missing_calibration_file(bad_tree):
+    raw, split, out = bad_tree
+    calib = raw / kitti_tiny.DATE / "calib_cam_to_cam.txt"
+    calib.unlink()
+    with pytest.raises(ValueError, match=rf"{split}:1 .*missing calibration file {calib}"):
+        prepare.prepare_split(raw, split, out, "train", H, W, intrinsics="calib")
+    _assert_nothing_complete(out)
+
+
+def test_missing_calibration_key(bad_tree):
+    raw, split, out = bad_tree
+    calib = raw / kitti_tiny.DATE / "calib_cam_to_cam.txt"
+    calib.write_text(kitti_tiny.calib_text(cameras=(2,)))  # no P_rect_03 (side "r")
+    with pytest.raises(ValueError, match=rf"{split}:1 .*{calib}.*P_rect_03"):
+        prepare.prepare_split(raw, split, out, "train", H, W, intrinsics="calib")
+    _assert_nothing_complete(out)
