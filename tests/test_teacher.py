@@ -254,3 +254,73 @@ def test_labels_backend_npy_logits_and_bad_files(tmp_path):
         b.load(ids[0], (H, W))
     with pytest.raises(ValueError, match="unknown teacher backend kind 'torch'"):
         backends.make_backend("torch:/x")
+
+
+# ----------------------------------------------------------------------------- flax teacher
+
+def _cityscapes_dir(root, n=3, h=32, w=64):
+    from PIL import Image
+
+    rng = np.random.default_rng(5)
+    for i in range(n):
+        city = "aachen" if i < 2 else "bremen"
+        stem = f"{city}_000000_{i:06d}"
+        img_dir = root / "leftImg8bit" / "train" / city
+        lab_dir = root / "gtFine" / "train" / city
+        img_dir.mkdir(parents=True, exist_ok=True)
+        lab_dir.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
+            img_dir / f"{stem}_leftImg8bit.png")
+        lab = rng.integers(0, 19, (h, w)).astype(np.uint8)
+        lab[:4] = 255
+        Image.fromarray(lab, mode="L").save(lab_dir / f"{stem}_gtFine_labelTrainIds.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def flax_teacher(tmp_path_factory):
+    from data_pipelines.teacher import train_teacher as tt
+
+    root = tmp_path_factory.mktemp("teacher")
+    data = _cityscapes_dir(root / "cityscapes")
+    cfg = tt.TeacherTrainConfig(data_dir=str(data), layout="cityscapes", variant="resnet18_tiny",
+                                height=32, width=64, batch_size=2, steps=2, save_every=1)
+    metrics = tt.train_teacher(cfg, root / "work", log_every=1)
+    return root / "work", metrics, cfg
+
+
+def test_flax_teacher_trains_saves_and_resumes(flax_teacher):
+    from data_pipelines.teacher import train_teacher as tt
+
+    work, metrics, cfg = flax_teacher
+    assert np.isfinite(metrics["loss"]) and metrics["steps_run"] == 2
+    # rerunning the same command resumes from the last checkpoint: nothing left to train
+    assert tt.train_teacher(cfg, work)["steps_run"] == 0
+    assert json.loads((work / "config.json").read_text())["variant"] == "resnet18_tiny"
+    assert sorted(p.name for p in (work / "checkpoints").iterdir() if p.name.isdigit()) == ["1", "2"]
+    model, variables, cfg = tt.load_teacher(work)
+    assert cfg.steps == 2 and "encoder" in variables["params"]
+
+
+def test_flax_backend_round_trip_through_store_and_loader(flax_teacher, tmp_path):
+    from xdistill_jax import semantics
+
+    work = flax_teacher[0]
+    src = _source(3, h=32, w=64)
+    backend = backends.make_backend(f"flax:{work}")
+    precompute.precompute(backend, src, tmp_path / "store", grouping="cityscapes_categories",
+                          stride=4, batch_size=2, progress=False)
+    st = store.TeacherLogitsSource(tmp_path / "store")
+    assert (len(st), st.height, st.width, st.num_groups, st.grouping) == (
+        3, 8, 16, 7, "cityscapes_categories")
+    model, variables = backend.model, backend.variables
+    images = np.stack([s["image_0"] for s in src]).astype(np.float32) / 255
+    direct = model.apply(variables, images, train=False)  # stride 4: (3, 8, 16, 19)
+    expected = np.asarray(semantics.group_logits(direct, "cityscapes_categories"))
+    for i in range(3):
+        np.testing.assert_allclose(st[i][1].astype(np.float32), expected[i], rtol=1e-2, atol=1e-2)
+    ex = _loader_view(src, st, 1, True)
+    np.testing.assert_array_equal(ex["teacher"], st[1][1][:, ::-1])
+    # a flax teacher with the wrong class count for the grouping is named
+    with pytest.raises(ValueError, match="flax teacher .* has 19 classes but the grouping expects 20"):
+        backends.make_backend(f"flax:{work}", num_classes=20)
