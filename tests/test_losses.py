@@ -181,7 +181,8 @@ def test_jit_equals_eager_and_rng_noise(full):
     args = (full["colors"], full["disps"], full["cam_T_cam"], full["Ks"], full["inv_Ks"])
     eager, eager_aux = L.monodepth2_loss(*args, tiebreak_noise=full["noise"])
     jitted, jit_aux = run(full, noise="noise")
-    np.testing.assert_allclose(jitted, eager, rtol=1e-6)
+    # fused float32 arithmetic moves warped values by ~1e-6, the loss by ~2e-6 relative
+    np.testing.assert_allclose(jitted, eager, rtol=LOSS_RTOL)
     # XLA fusion reorders float32 sums, which may flip a handful of exact near-ties in the selection
     assert (np.asarray(jit_aux["identity_selection/0"]) != np.asarray(eager_aux["identity_selection/0"])).sum() <= 5
     np.testing.assert_allclose(jit_aux["color_pred/-1/0"], eager_aux["color_pred/-1/0"], atol=1e-5)

@@ -36,7 +36,8 @@ def _check_shape(name: str, x, expected: tuple, what: str):
         raise ValueError(f"{name}: expected shape {exp} {what}, got {shape}")
 
 
-def _check_matrices(name: str, m, batch: int | None = None):
+def check_matrices(name: str, m, batch: int | None = None):
+    """Raise ValueError naming `name` unless m is (batch,4,4) (any batch when None)."""
     _check_shape(name, m, (batch, 4, 4), "(batch of 4x4 matrices)")
 
 
@@ -125,7 +126,7 @@ def backproject(depth, inv_K):
     _check_depth("depth", depth)
     depth = _f32(depth)
     b, h, w, _ = depth.shape
-    _check_matrices("inv_K", inv_K, b)
+    check_matrices("inv_K", inv_K, b)
     inv_k = _f32(inv_K)[:, None, None, :3, :3]
     grid = pixel_grid(h, w)
     pix = jnp.concatenate([grid, jnp.ones((h, w, 1), jnp.float32)], axis=-1)
@@ -135,8 +136,8 @@ def backproject(depth, inv_K):
 
 def projection_matrix(K, T):
     """(K @ T)[:, :3, :]: the (B,3,4) matrix taking target camera points to source pixels."""
-    _check_matrices("K", K)
-    _check_matrices("T", T, np.shape(K)[0])
+    check_matrices("K", K)
+    check_matrices("T", T, np.shape(K)[0])
     return jnp.matmul(_f32(K), _f32(T), precision=_HIGHEST)[:, :3, :]
 
 
@@ -165,9 +166,9 @@ def pixel_coords(depth, K, inv_K, T, eps: float = 1e-7):
     _check_depth("depth", depth)
     depth = _f32(depth)
     b, h, w, _ = depth.shape
-    _check_matrices("K", K, b)
-    _check_matrices("inv_K", inv_K, b)
-    _check_matrices("T", T, b)
+    check_matrices("K", K, b)
+    check_matrices("inv_K", inv_K, b)
+    check_matrices("T", T, b)
     P = projection_matrix(K, T)
     A = jnp.matmul(P[:, :, :3], _f32(inv_K)[:, :3, :3], precision=_HIGHEST)  # (B,3,3)
     xs = jnp.arange(w, dtype=jnp.float32)[None, None, :, None]

@@ -201,12 +201,12 @@ def monodepth2_loss(
         _check_image(f"colors[0][{s}]", _color(colors, 0, s), channels=3, hw=(hs, ws), batch=b)
     for f in SOURCE_FRAMES:
         _lookup(cam_T_cam, f, "cam_T_cam", "frame")
-        geometry._check_matrices(f"cam_T_cam[{f}]", cam_T_cam[f], b)
+        geometry.check_matrices(f"cam_T_cam[{f}]", cam_T_cam[f], b)
     loss_scales = scales if v1_multiscale else [0]
     for s in loss_scales:
         hs, ws = h // 2**s, w // 2**s
-        geometry._check_matrices(f"Ks[{s}]", _lookup(Ks, s, "Ks", "scale"), b)
-        geometry._check_matrices(f"inv_Ks[{s}]", _lookup(inv_Ks, s, "inv_Ks", "scale"), b)
+        geometry.check_matrices(f"Ks[{s}]", _lookup(Ks, s, "Ks", "scale"), b)
+        geometry.check_matrices(f"inv_Ks[{s}]", _lookup(inv_Ks, s, "inv_Ks", "scale"), b)
         for f in SOURCE_FRAMES:
             _check_image(f"colors[{f}][{s}]", _color(colors, f, s), channels=3, hw=(hs, ws), batch=b)
     n_identity = 1 if avg_reprojection else 2
@@ -227,52 +227,75 @@ def monodepth2_loss(
         stacked = jnp.concatenate(per_frame, axis=-1)  # (B,h,w,2): frames -1, +1
         return jnp.mean(stacked, axis=-1, keepdims=True) if avg_reprojection else stacked
 
-    def photometric_inputs(s):
-        """Resolution index, target stats and identity losses for the scale's loss resolution."""
-        t = _f32(_color(colors, 0, s))
-        stats = _target_stats(t)
+    def target_terms(res):
+        """Target statistics and identity losses at resolution index `res` (None without automask)."""
+        stats = _target_stats(_f32(_color(colors, 0, res)))
         identity = None
         if automask:
             identity = combine(
-                [_reprojection_with_stats(_f32(_color(colors, f, s)), stats, no_ssim) for f in SOURCE_FRAMES]
+                [_reprojection_with_stats(_f32(_color(colors, f, res)), stats, no_ssim) for f in SOURCE_FRAMES]
             )
         return stats, identity
 
-    shared = None if v1_multiscale else photometric_inputs(0)
-    aux = {}
-    per_scale = []
-    for s in scales:
-        disp_s = _f32(disps[s])
-        res = s if v1_multiscale else 0
-        stats, identity = photometric_inputs(s) if v1_multiscale else shared
-        disp_res = disp_s if v1_multiscale else geometry.upsample_bilinear(disp_s, (h, w))
-        _, depth = geometry.disp_to_depth(disp_res, min_depth, max_depth)
-        preds = {}
-        for f in SOURCE_FRAMES:
-            preds[f] = geometry.warp(
-                _color(colors, f, res), depth, Ks[res], inv_Ks[res], T[f], align_corners=align_corners
-            )
-            aux[f"color_pred/{f}/{s}"] = preds[f]
-        aux[f"depth/{s}"] = depth
+    def noise_for(s, shape):
+        if tiebreak_noise is not None:
+            return _f32(tiebreak_noise[s])[..., :n_identity]
+        if rng is not None:
+            return TIEBREAK_STD * jax.random.normal(jax.random.fold_in(rng, s), shape, jnp.float32)
+        return jnp.zeros(shape, jnp.float32)
+
+    def photometric(depth, noise, res, stats, identity):
+        """Warp both sources with `depth` (B,h,w,1) at resolution index `res`; returns
+        (mean of the per-pixel minimum, identity selection (B,h,w), {frame: warped source})."""
+        preds = {
+            f: geometry.warp(_color(colors, f, res), depth, Ks[res], inv_Ks[res], T[f], align_corners=align_corners)
+            for f in SOURCE_FRAMES
+        }
         reproj = combine([_reprojection_with_stats(preds[f], stats, no_ssim) for f in SOURCE_FRAMES])
         if automask:
-            noise = None
-            if tiebreak_noise is not None:
-                noise = _f32(tiebreak_noise[s])[..., :n_identity]
-            elif rng is not None:
-                noise = TIEBREAK_STD * jax.random.normal(jax.random.fold_in(rng, s), identity.shape, jnp.float32)
-            ident = identity if noise is None else identity + noise
-            combined = jnp.concatenate([ident, reproj], axis=-1)
+            combined = jnp.concatenate([identity + noise, reproj], axis=-1)
             selection = (jnp.argmin(combined, axis=-1) >= n_identity).astype(jnp.float32)
         else:
             combined = reproj
             selection = jnp.ones(combined.shape[:3], jnp.float32)
-        photometric = jnp.mean(jnp.min(combined, axis=-1))
+        return jnp.mean(jnp.min(combined, axis=-1)), selection, preds
+
+    aux = {}
+    if v1_multiscale:  # each scale at its own resolution: shapes differ, so a loop
+        photo = {}
+        for s in scales:
+            _, depth = geometry.disp_to_depth(_f32(disps[s]), min_depth, max_depth)
+            stats, identity = target_terms(s)
+            noise = noise_for(s, (b, h // 2**s, w // 2**s, n_identity))
+            photo[s], aux[f"identity_selection/{s}"], preds = photometric(depth, noise, s, stats, identity)
+            aux[f"depth/{s}"] = depth
+            for f in SOURCE_FRAMES:
+                aux[f"color_pred/{f}/{s}"] = preds[f]
+    else:
+        # Every scale warps at full resolution with scale-0 K and images, so the scales are one
+        # batched computation (vmap over a leading scale axis): fewer, larger kernels. The target
+        # statistics and the identity losses are computed once and shared by all scales.
+        stats, identity = target_terms(0)
+        disp_full = jnp.stack([geometry.upsample_bilinear(disps[s], (h, w)) for s in scales])
+        _, depth = geometry.disp_to_depth(disp_full, min_depth, max_depth)  # (S,B,H,W,1)
+        noise = jnp.stack([noise_for(s, (b, h, w, n_identity)) for s in scales])
+        batched = jax.vmap(lambda d, n: photometric(d, n, 0, stats, identity))
+        photo_all, selection, preds = batched(depth, noise)
+        photo = {}
+        for i, s in enumerate(scales):
+            photo[s] = photo_all[i]
+            aux[f"identity_selection/{s}"] = selection[i]
+            aux[f"depth/{s}"] = depth[i]
+            for f in SOURCE_FRAMES:
+                aux[f"color_pred/{f}/{s}"] = preds[f][i]
+
+    per_scale = []
+    for s in scales:
+        # edge-aware smoothness of the mean-normalised native-resolution disparity, / 2^s
+        disp_s = _f32(disps[s])
         norm_disp = disp_s / (jnp.mean(disp_s, axis=(1, 2), keepdims=True) + 1e-7)
         smooth = smoothness_loss(norm_disp, _color(colors, 0, s))
-        loss_s = photometric + smoothness_weight * smooth / (2**s)
-        aux[f"loss/{s}"] = loss_s
-        aux[f"identity_selection/{s}"] = selection
-        per_scale.append(loss_s)
+        aux[f"loss/{s}"] = photo[s] + smoothness_weight * smooth / (2**s)
+        per_scale.append(aux[f"loss/{s}"])
     loss = sum(per_scale) / len(per_scale)
     return loss, aux
