@@ -21,6 +21,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.teacher_dir = ""          # `xdistill teacher precompute` store for train_split
     c.data.val_teacher_dir = ""      # same for val_split ("" = no distillation loss at validation)
     c.data.val_gt_depth = ""         # gt_depths.npz for val_split ("" = losses only at validation)
+    c.data.val_gt_crop = "garg"      # "garg" (KITTI Eigen) | "" (no crop, e.g. the synthetic world)
     c.data.augment = True            # colour jitter + horizontal flip (Monodepth2, p=0.5 each)
     c.data.num_workers = 0           # grain worker processes (0 = in the main process)
     c.data.val_batches = 8           # validation batches per validation (-1 = whole split)

@@ -246,3 +246,10 @@ def global_batch(batch: dict, mesh: Mesh) -> dict:
     """
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir, **kwargs) -> int:
+    """The training loop; see `xdistill_jax.training_loop.train_and_evaluate`."""
+    from xdistill_jax import training_loop
+
+    return training_loop.train_and_evaluate(config, workdir, **kwargs)

@@ -1,0 +1,44 @@
+"""`xdistill train --config configs/X.py[:arg] --workdir W [--config.a.b=value ...]`.
+
+Trains (or resumes) the run in W. Without --config, the workdir's saved config.json is used
+(resume). Exit status: 0 finished, 3 non-finite loss (last good checkpoint kept), 75 stopped by
+SIGTERM/SIGINT after saving a checkpoint (rerun to continue), 2 bad config or workdir.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+ACCEPTS_EXTRA_ARGS = True
+
+
+def add_arguments(parser):
+    parser.add_argument("--config", default=None,
+                        help="config file (configs/*.py, optionally path.py:arg); default: WORKDIR/config.json")
+    parser.add_argument("--workdir", required=True, help="run directory (checkpoints, metrics, config.json)")
+    parser.epilog = ("Override any config field with --config.FIELD=VALUE, e.g. --config.distill.weight=0 "
+                     "(baseline Monodepth2) or --config.optim.batch_size=8.")
+
+
+def run(args) -> int:
+    from xdistill_jax import config_utils
+    from xdistill_jax.checkpoints import CheckpointError
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.config:
+            config = config_utils.apply_overrides(config_utils.load_config_file(args.config), args.extra_args)
+        else:
+            config = config_utils.apply_overrides(config_utils.load_config(args.workdir), args.extra_args)
+        config_utils.validate(config)
+    except config_utils.ConfigError as e:
+        print(f"xdistill train: {e}", file=sys.stderr)
+        return 2
+    from xdistill_jax import train
+
+    try:
+        return train.train_and_evaluate(config, args.workdir)
+    except (CheckpointError, config_utils.ConfigError) as e:
+        print(f"xdistill train: {e}", file=sys.stderr)
+        return 2

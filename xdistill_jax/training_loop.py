@@ -1,0 +1,358 @@
+"""`train_and_evaluate(config, workdir)`: the training loop around the jitted step.
+
+Init order: the workdir's latest checkpoint > `config.model.init` (ImageNet encoder msgpack)
+> scratch. Per step: next host-local batch -> global sharded arrays -> step. Device values are
+fetched only on log, checkpoint and validation steps. Process 0 alone writes metrics, images
+and config.json; every process takes part in checkpoint saves (orbax coordinates them).
+
+Exit statuses (returned, and used by `xdistill train`):
+  EXIT_OK (0)         finished: final checkpoint at the last step.
+  EXIT_NONFINITE (3)  a non-finite loss: stopped naming the step range; no checkpoint written
+                      after the last finite check, so the last good checkpoint stays the latest.
+  EXIT_PREEMPTED (75) SIGTERM (or SIGINT) received: a checkpoint at the current step was saved;
+                      rerun the same command to continue (75 = EX_TEMPFAIL, "try again").
+
+Workdir: config.json, checkpoints/<step>/, metrics.jsonl, tensorboard/, images/*.png.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pathlib
+import signal
+import sys
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from xdistill_jax import config_utils, train
+from xdistill_jax.checkpoints import Checkpointer, CheckpointError
+from xdistill_jax.metric_writer import MetricWriter, colormap, label_image
+from xdistill_jax.objective import Networks
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_NONFINITE = 3
+EXIT_PREEMPTED = 75
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+@dataclasses.dataclass
+class TrainingData:
+    """Where batches come from. Iterators yield host-local numpy batches (contracts.md).
+
+    make_train_iterator(): a fresh, infinite, checkpointable iterator (`get_state()` a JSON-able
+      dict, `set_state(state)`).
+    make_val_iterator(): one pass over the validation split with a `mask` entry (padding), or None.
+    num_examples: training examples in the split (for steps per epoch).
+    """
+
+    make_train_iterator: Callable[[], Any]
+    make_val_iterator: Callable[[], Iterator[dict]] | None
+    num_examples: int
+
+
+def tfds_training_data(config: ml_collections.ConfigDict) -> TrainingData:
+    """TrainingData over the TFDS splits in `config.data.dataset_dir` (+ teacher stores)."""
+    from data_pipelines.kitti.tfds_builder import open_split
+    from xdistill_jax import input_pipeline
+
+    d = config.data
+    if not d.dataset_dir:
+        raise config_utils.ConfigError("config.data.dataset_dir: not set (a directory written by "
+                                       "`xdistill prepare`)")
+    use_teacher = config.distill.weight > 0
+
+    def teacher(path, key):
+        if not use_teacher:
+            return None
+        if not path:
+            raise config_utils.ConfigError(f"config.{key}: distill.weight > 0 needs a teacher store "
+                                           "(or set --config.distill.weight=0)")
+        from data_pipelines.teacher.store import TeacherLogitsSource
+        return TeacherLogitsSource(path)
+
+    train_source = open_split(d.dataset_dir, d.train_split)
+    train_teacher = teacher(d.teacher_dir, "data.teacher_dir")
+
+    def make_train_iterator():
+        return input_pipeline.make_train_iterator(
+            train_source, global_batch_size=config.optim.batch_size, seed=config.run.seed,
+            teacher=train_teacher, augment=d.augment, num_workers=d.num_workers)
+
+    make_val = None
+    if d.val_split:
+        val_source = open_split(d.dataset_dir, d.val_split)
+        val_teacher = teacher(d.val_teacher_dir, "data.val_teacher_dir") if d.val_teacher_dir else None
+
+        def make_val():
+            return input_pipeline.make_eval_iterator(
+                val_source, global_batch_size=config.optim.batch_size, teacher=val_teacher)
+
+    return TrainingData(make_train_iterator, make_val, len(train_source))
+
+
+def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
+    """jax.distributed.initialize from config.distributed (before any device is touched)."""
+    d = config.distributed
+    if not d.enabled:
+        return
+    kwargs = {}
+    if d.coordinator_address:
+        kwargs["coordinator_address"] = d.coordinator_address
+    if d.num_processes > 0:
+        kwargs["num_processes"] = d.num_processes
+    if d.process_id >= 0:
+        kwargs["process_id"] = d.process_id
+    if not jax.distributed.is_initialized():
+        jax.distributed.initialize(**kwargs)
+
+
+def check_workdir_config(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+    """A workdir's saved config.json must describe the same networks as `config`."""
+    if not (workdir / config_utils.CONFIG_JSON).is_file():
+        return
+    saved = config_utils.load_config(workdir)
+    diffs = config_utils.structural_differences(saved, config)
+    if diffs:
+        raise CheckpointError(
+            f"workdir {workdir} holds a run of an incompatible config ({'; '.join(diffs)}); "
+            "use a new --workdir, or the same model settings to resume")
+    other = list(config_utils.differences(saved, config))
+    if other:
+        log.warning("resuming %s with changed settings: %s", workdir, "; ".join(other))
+
+
+class _StopSignal:
+    """Records SIGTERM/SIGINT; the loop checks it between steps."""
+
+    def __init__(self):
+        self.received = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. under some test runners)
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _any_process(flag: bool) -> bool:
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+    return bool(np.any(multihost_utils.process_allgather(np.asarray([flag]))))
+
+
+def _progress_line(step, total, t_start, step_start, batch_size, scalars):
+    elapsed = time.time() - t_start
+    done = step - step_start
+    ips = done * batch_size / max(elapsed, 1e-9)
+    eta = (total - step) * elapsed / max(done, 1)
+    keys = [k for k in ("loss", "photometric_loss", "distill_loss") if k in scalars]
+    vals = " ".join(f"{k}={scalars[k]:.4f}" for k in keys)
+    return (f"step {step}/{total} ({100.0 * step / total:.1f}%) {vals} | {ips:.1f} images/s "
+            f"| ETA {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}")
+
+
+def _load_val_gt(path: str):
+    """gt_depths.npz from `xdistill export-gt`: `data` (N,H,W) or per-image keys; no pickle."""
+    with np.load(path, allow_pickle=False) as f:
+        if "data" in f.files:
+            data = f["data"]
+            return [data[i] for i in range(len(data))]
+        keys = sorted(f.files)
+        return [f[k] for k in keys]
+
+
+def _to_host(x) -> np.ndarray:
+    """A (possibly multi-host) global array, or a host-local numpy slice, as the full numpy array."""
+    if jax.process_count() == 1:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+    if isinstance(x, jax.Array) and x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def validate(config, nets, mesh, state, make_val_iterator, writer, step, rng, gt=None) -> dict:
+    """Eval-mode losses and sample images over `config.data.val_batches` batches; depth metrics
+    where `gt` (per-example depth maps, by split index) is given.
+
+    Loss means are over full batches only (a padded last batch would count its zero padding);
+    depth metrics use every real example (`mask`) of the batches seen. Without a teacher store
+    for the val split, the val loss is the photometric loss.
+    """
+    from xdistill_jax import evaluation, geometry
+
+    eval_step = train.make_eval_step(config, nets, mesh)
+    sums, count, per_image, first = {}, 0, [], None
+    for i, batch in enumerate(make_val_iterator()):
+        if config.data.val_batches > 0 and i >= config.data.val_batches:
+            break
+        mask = np.asarray(batch.pop("mask", np.ones(len(batch["index"]), bool)))
+        metrics = eval_step(state.params, state.batch_stats, train.global_batch(batch, mesh), rng)
+        if not _any_process(not mask.all()):  # a full batch on every host
+            for k, v in metrics.items():
+                if jnp.ndim(v) == 0:
+                    sums[k] = sums.get(k, 0.0) + float(v)
+            count += 1
+        if gt is not None or first is None:  # every process joins the gathers
+            disp = _to_host(metrics["disp"])[..., 0]
+            if first is None:
+                logits = metrics.get("translator_logits")
+                first = (disp[0], None if logits is None else np.argmax(_to_host(logits)[0], -1))
+            if gt is not None:
+                scaled, _ = geometry.disp_to_depth(disp, config.loss.min_depth, config.loss.max_depth)
+                scaled = np.asarray(scaled)
+                mask, index = _to_host(mask), _to_host(np.asarray(batch["index"]))
+                for j, idx in enumerate(index):
+                    if not mask[j]:
+                        continue
+                    per_image.append(evaluation.eval_eigen_image(gt[int(idx)], scaled[j],
+                                                                 crop=config.data.val_gt_crop or None))
+    out = {k: v / max(count, 1) for k, v in sums.items()}
+    if per_image:
+        out.update({k: v for k, v in evaluation.aggregate(per_image).items() if k != "num_images"})
+        out["num_images"] = len(per_image)
+    writer.write_scalars(step, out, split="val")
+    if first is not None and config.run.image_every > 0 and step % config.run.image_every == 0:
+        writer.write_image(step, "val_disp", colormap(first[0]))
+        if first[1] is not None:
+            from xdistill_jax import semantics
+            g = semantics.get_grouping(config.distill.grouping).num_groups
+            writer.write_image(step, "val_translator", label_image(first[1], g))
+    return out
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, data=None) -> int:
+    """Train `config` in `workdir` (resuming from its checkpoint); returns an EXIT_* status.
+
+    data: optional `TrainingData` replacing the TFDS splits named by config.data (tests,
+    benchmarks); by default `tfds_training_data(config)`.
+    """
+    maybe_initialize_distributed(config)
+    workdir = pathlib.Path(workdir)
+    mesh = train.make_mesh(config)
+    config_utils.validate(config, num_devices=mesh.size)
+    check_workdir_config(config, workdir)
+    is_main = jax.process_index() == 0
+    if is_main:
+        workdir.mkdir(parents=True, exist_ok=True)
+        config_utils.save_config(config, workdir)
+
+    if data is None:
+        data = tfds_training_data(config)
+    num_examples = data.num_examples
+    steps_per_epoch = (config.optim.steps_per_epoch if config.optim.steps_per_epoch > 0
+                       else num_examples // config.optim.batch_size)
+    if steps_per_epoch <= 0:
+        raise ValueError(f"config.optim.batch_size={config.optim.batch_size} exceeds the "
+                         f"{num_examples} training examples")
+    num_steps = train.total_steps(config, steps_per_epoch)
+
+    nets = Networks.from_config(config)
+    tx = train.make_optimizer(config, steps_per_epoch)
+    abstract_state, _ = train.abstract_train_state(nets, tx, mesh)
+    ckpt = Checkpointer(workdir / "checkpoints", keep=config.run.keep, async_save=config.run.async_checkpoints)
+    base_rng = jax.random.key(config.run.seed)
+    init_rng, step_rng, val_rng = jax.random.split(base_rng, 3)
+
+    state, data_state, step = ckpt.restore(abstract_state)
+    if state is None:
+        state = train.create_train_state(nets, tx, mesh, init_rng, train.load_pretrained_encoders(config))
+        data_state, step = {}, 0
+        log.info("starting from %s", config.model.init)
+    else:
+        log.info("resuming from %s at step %d", ckpt.directory / str(step), step)
+    from xdistill_jax.input_pipeline import DevicePrefetchIterator
+
+    host_iter = data.make_train_iterator()
+    if data_state.get("loader") is not None:
+        host_iter.set_state(data_state["loader"])
+    train_iter = DevicePrefetchIterator(host_iter, mesh)
+    skipped = int(data_state.get("skipped", 0))
+
+    writer = MetricWriter(workdir, enabled=is_main)
+    writer.truncate_after(step)
+    gt = _load_val_gt(config.data.val_gt_depth) if config.data.val_gt_depth else None
+    train_step = train.make_train_step(config, nets, tx, mesh)
+    step_rng = jax.device_put(step_rng, train.replicated(mesh))
+
+    def save(at_step):
+        ckpt.save(at_step, state, {"loader": train_iter.get_state(), "skipped": skipped})
+
+    pending, checked_step = [], step
+    t_start, step_start = time.time(), step
+    status = EXIT_OK
+    with _StopSignal() as stop:
+        try:
+            while step < num_steps:
+                state, metrics = train_step(state, next(train_iter), step_rng)
+                step += 1
+                pending.append(metrics)
+                boundary = step == num_steps
+                do_ckpt = step % config.run.ckpt_every == 0 or boundary
+                do_val = step % config.run.val_every == 0 or boundary
+                stop_now = _any_process(stop.received is not None) if (
+                    jax.process_count() == 1 or step % config.run.log_every == 0) else False
+                if step % config.run.log_every == 0 or do_ckpt or do_val or stop_now or boundary:
+                    # one fetch of the scalars accumulated since the last check
+                    fetched = jax.device_get(pending)
+                    pending = []
+                    losses = np.asarray([m["loss"] for m in fetched])
+                    if config.run.on_nonfinite == "skip":
+                        skipped += int(sum(m["skipped"] for m in fetched))
+                    elif not np.all(np.isfinite(losses)):
+                        bad = checked_step + 1 + int(np.argmin(np.isfinite(losses)))
+                        raise NonFiniteLossError(
+                            f"non-finite loss at step {bad} (in steps {checked_step + 1}..{step}); "
+                            f"stopping. The last good checkpoint is {ckpt.latest_step()}")
+                    checked_step = step
+                    if step % config.run.log_every == 0 or boundary:
+                        scalars = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
+                        scalars["lr"] = float(train.lr_schedule(config, steps_per_epoch)(step - 1))
+                        scalars["images_per_s"] = (step - step_start) * config.optim.batch_size / max(
+                            time.time() - t_start, 1e-9)
+                        if skipped:
+                            scalars["skipped_steps"] = skipped
+                        writer.write_scalars(step, scalars)
+                        if is_main:
+                            print(_progress_line(step, num_steps, t_start, step_start,
+                                                 config.optim.batch_size, scalars), flush=True)
+                if do_ckpt or stop_now:
+                    save(step)
+                if stop_now:
+                    log.warning("%s received: saved checkpoint at step %d; exiting", stop.received, step)
+                    if is_main:
+                        print(f"{stop.received}: checkpoint saved at step {step}; rerun the same "
+                              f"command to continue", flush=True)
+                    status = EXIT_PREEMPTED
+                    break
+                if do_val and data.make_val_iterator is not None:
+                    validate(config, nets, mesh, state, data.make_val_iterator, writer, step, val_rng, gt)
+        except NonFiniteLossError as e:
+            print(str(e), file=sys.stderr, flush=True)
+            status = EXIT_NONFINITE
+        finally:
+            ckpt.close()
+            writer.close()
+    return status
