@@ -245,3 +245,16 @@ def test_global_arrays_on_two_devices_and_prefetch_resume(source):
     again.set_state(state)
     assert [np.asarray(b["index"]).tolist() for b in again] == [r.tolist() for r in rest]
     assert [r.tolist() for r in rest] == [b["index"].tolist() for b in reference[2:]]
+
+
+def test_worker_processes_give_the_same_batches(source):
+    serial = all_batches(ip.make_train_iterator(source, global_batch_size=2, seed=4, num_epochs=1))
+    it = ip.make_train_iterator(source, global_batch_size=2, seed=4, num_epochs=1, num_workers=2)
+    try:
+        parallel = all_batches(it)
+    finally:
+        it.close()
+    assert len(parallel) == len(serial) == 3
+    for x, y in zip(parallel, serial):
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])

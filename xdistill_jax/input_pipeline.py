@@ -296,6 +296,12 @@ def make_train_iterator(
     read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(1, 2 * num_threads))
     iter_ds = ds.to_iter_dataset(read)
     if num_workers > 0:
+        from absl import flags
+
+        # grain's worker processes read absl flags (defaults are fine); outside an absl app
+        # nothing has parsed them, and reading them would raise UnparsedFlagAccessError.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
         iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
     return iter(iter_ds)
 
