@@ -1,0 +1,189 @@
+"""Flax networks: parameter counts pinned to the PyTorch originals, scratch init, jitted forward of
+DepthNet and PoseNet at 64x192 (fp32 and bf16), BatchNorm statistics in train mode, bad input."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from xdistill_jax.models.depth import DepthNet
+from xdistill_jax.models.pose import PoseNet
+from xdistill_jax.models.resnet import ResNetEncoder, encoder_channels
+
+H, W, B = 64, 192, 2
+
+# PyTorch counts (reference §3; torchvision resnet34/50 totals minus their 513,000 / 2,049,000 fc params)
+PINNED = {
+    "resnet18": 11_176_512,
+    "resnet18_pose": 11_185_920,
+    "resnet34": 21_284_672,
+    "resnet50": 23_508_032,
+    "depth_decoder": 3_152_724,
+    "pose_decoder": 1_314_572,
+}
+
+
+def _count(tree) -> int:
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+
+
+def _abstract(model, channels):
+    return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, channels)))
+
+
+def _images(seed, channels=3):
+    return jax.random.uniform(jax.random.key(seed), (B, H, W, channels), jnp.float32)
+
+
+@pytest.fixture(scope="module")
+def depth_vars():
+    return jax.jit(DepthNet().init)(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+
+
+@pytest.fixture(scope="module")
+def pose_vars():
+    return jax.jit(PoseNet().init)(jax.random.key(1), jnp.zeros((1, 64, 64, 6)))
+
+
+@pytest.fixture(scope="module")
+def depth_fp32(depth_vars):
+    return jax.jit(DepthNet().apply)(depth_vars, _images(5))
+
+
+def test_param_counts_pinned():
+    depth = _abstract(DepthNet(), 3)["params"]
+    pose = _abstract(PoseNet(), 6)["params"]
+    got = {
+        "resnet18": _count(depth["encoder"]),
+        "resnet18_pose": _count(pose["encoder"]),
+        "resnet34": _count(_abstract(ResNetEncoder(34), 3)["params"]),
+        "resnet50": _count(_abstract(ResNetEncoder(50), 3)["params"]),
+        "depth_decoder": _count(depth["decoder"]),
+        "pose_decoder": _count(pose["decoder"]),
+    }
+    assert got == PINNED
+    # ResNet-50 depth net: decoder widths follow the 4x wider encoder features
+    assert encoder_channels(50) == (64, 256, 512, 1024, 2048)
+    assert _count(_abstract(DepthNet(50), 3)["params"]["decoder"]) > PINNED["depth_decoder"]
+
+
+def test_param_counts_equal_torch_modules():
+    torch = pytest.importorskip("torch")
+    import torch_nets
+
+    def n_params(module, skip="fc."):
+        return sum(p.numel() for k, p in module.named_parameters() if not k.startswith(skip))
+
+    assert n_params(torch_nets.ResNet(18)) == PINNED["resnet18"]
+    assert n_params(torch_nets.ResNet(18, in_channels=6)) == PINNED["resnet18_pose"]
+    assert n_params(torch_nets.ResNet(34)) == PINNED["resnet34"]
+    r50 = torch_nets.ResNet(50)
+    assert n_params(r50) == PINNED["resnet50"]
+    assert n_params(r50, skip="-") == 25_557_032  # torchvision resnet50 with its fc
+    assert n_params(torch_nets.DepthDecoder()) == PINNED["depth_decoder"]
+    assert n_params(torch_nets.PoseDecoder()) == PINNED["pose_decoder"]
+    del torch
+
+
+def test_scratch_init_is_torchvision_and_torch_default(depth_vars):
+    p = depth_vars["params"]
+    # ResNet convs: kaiming normal, fan_out, relu gain: std sqrt(2 / (9 * 256)) for a 3x3 256->256 conv
+    k = np.asarray(p["encoder"]["layer3_1"]["conv1"]["kernel"])
+    assert k.shape == (3, 3, 256, 256)
+    assert abs(k.std() / math.sqrt(2 / (9 * 256)) - 1) < 0.02
+    assert np.abs(k).max() > 3.5 * k.std()  # untruncated (a 2-sigma truncation would cap it)
+    assert "bias" not in p["encoder"]["layer3_1"]["conv1"]
+    bn = p["encoder"]["layer3_1"]["bn1"]
+    np.testing.assert_array_equal(bn["scale"], 1.0)
+    np.testing.assert_array_equal(bn["bias"], 0.0)
+    stats = depth_vars["batch_stats"]["encoder"]["layer3_1"]["bn1"]
+    np.testing.assert_array_equal(stats["mean"], 0.0)
+    np.testing.assert_array_equal(stats["var"], 1.0)
+    # decoder convs: U(+-1/sqrt(fan_in)) for weight and bias, fan_in = 9 * 512 for upconv_4_0
+    conv = p["decoder"]["upconv_4_0"]
+    bound = 1 / math.sqrt(9 * 512)
+    for leaf in (conv["kernel"], conv["bias"]):
+        leaf = np.asarray(leaf)
+        assert np.abs(leaf).max() <= bound and np.abs(leaf).max() > 0.9 * bound
+    assert abs(np.asarray(conv["kernel"]).std() / (bound / math.sqrt(3)) - 1) < 0.02
+
+
+def test_depthnet_forward(depth_fp32):
+    assert sorted(depth_fp32) == [0, 1, 2, 3]
+    for s, d in depth_fp32.items():
+        assert d.shape == (B, H // 2**s, W // 2**s, 1)
+        assert d.dtype == jnp.float32
+        d = np.asarray(d)
+        assert np.all(d > 0) and np.all(d < 1)
+        assert d.std() > 0  # depends on the pixels
+
+
+def test_depthnet_bf16_close_to_fp32(depth_vars, depth_fp32):
+    model = DepthNet(dtype=jnp.bfloat16)
+    # bf16 compute keeps fp32 params
+    abstract = _abstract(model, 3)
+    assert {x.dtype for x in jax.tree.leaves(abstract)} == {jnp.dtype(jnp.float32)}
+    out = jax.jit(model.apply)(depth_vars, _images(5))
+    for s in range(4):
+        assert out[s].dtype == jnp.float32
+        diff = np.abs(np.asarray(out[s]) - np.asarray(depth_fp32[s]))
+        assert diff.max() < 2e-2, (s, diff.max())
+        assert diff.mean() < 3e-3, (s, diff.mean())
+
+
+def test_train_mode_updates_batch_stats(depth_vars):
+    x = _images(6)
+    out, updates = jax.jit(lambda v, x: DepthNet().apply(v, x, train=True, mutable=["batch_stats"]))(depth_vars, x)
+    assert set(updates) == {"batch_stats"}
+    old, new = depth_vars["batch_stats"]["encoder"], updates["batch_stats"]["encoder"]
+    assert jax.tree.structure(old) == jax.tree.structure(new)
+    for leaf_old, leaf_new in zip(jax.tree.leaves(old), jax.tree.leaves(new)):
+        assert not np.allclose(leaf_old, leaf_new)
+    for s in range(4):  # batch statistics, so outputs differ from eval mode but stay valid
+        assert np.all((np.asarray(out[s]) > 0) & (np.asarray(out[s]) < 1))
+
+
+def test_batchnorm_update_is_torchs(depth_vars):
+    """bn1's running stats after one train step, by hand: 0.9 * old + 0.1 * batch statistic, with
+    torch's unbiased variance (x n/(n-1)). A tiny input keeps n = 2*4*4 small so the factor shows."""
+    enc_vars = {c: depth_vars[c]["encoder"] for c in ("params", "batch_stats")}
+    x = jax.random.uniform(jax.random.key(8), (2, 8, 8, 3))
+    _, updates = jax.jit(lambda v, x: ResNetEncoder(18).apply(v, x, train=True, mutable=["batch_stats"]))(enc_vars, x)
+    k = enc_vars["params"]["conv1"]["kernel"]
+    y = jax.lax.conv_general_dilated((x - 0.45) / 0.225, k, (2, 2), ((3, 3), (3, 3)),
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y = np.asarray(y, np.float64)
+    n = y.size // y.shape[-1]
+    assert n == 32
+    new = updates["batch_stats"]["bn1"]
+    np.testing.assert_allclose(new["mean"], 0.1 * y.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(new["var"], 0.9 + 0.1 * y.var(axis=(0, 1, 2)) * n / (n - 1), rtol=1e-4)
+
+
+def test_posenet_forward(pose_vars):
+    apply = jax.jit(PoseNet().apply)
+    pair = _images(7, channels=6)
+    axisangle, translation = apply(pose_vars, pair)
+    assert axisangle.shape == translation.shape == (B, 3)
+    assert axisangle.dtype == translation.dtype == jnp.float32
+    assert np.all(np.isfinite(axisangle)) and np.all(np.isfinite(translation))
+    swapped = jnp.concatenate([pair[..., 3:], pair[..., :3]], axis=-1)  # frame order matters
+    assert not np.allclose(apply(pose_vars, swapped)[1], translation)
+    a16, t16 = jax.jit(PoseNet(dtype=jnp.bfloat16).apply)(pose_vars, pair)
+    assert a16.dtype == jnp.float32
+    scale = float(np.abs(translation).max())
+    np.testing.assert_allclose(t16, translation, atol=0.05 * scale)
+    np.testing.assert_allclose(a16, axisangle, atol=0.05 * float(np.abs(axisangle).max()))
+
+
+def test_bad_input_is_named(depth_vars):
+    with pytest.raises(ValueError, match="divisible by 32"):
+        DepthNet().apply(depth_vars, jnp.zeros((1, 48, 80, 3)))
+    with pytest.raises(ValueError, match=r"expects images of shape \(B,H,W,6\)"):
+        ResNetEncoder(18, num_input_images=2).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    with pytest.raises(ValueError, match="num_layers=101"):
+        ResNetEncoder(101).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    with pytest.raises(ValueError, match="scales"):
+        jax.eval_shape(DepthNet(scales=(0, 4)).init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
