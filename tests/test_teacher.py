@@ -184,7 +184,7 @@ def test_onnx_class_order_and_class_count_errors(tmp_path):
                                   "mine", ("a", "b"), (0,) * 19 + (1,), tuple("abcdefghijklmnopqrst")))
 
 
-def _write_label_pngs(root, ids, labels, template="{folder}/{camera}/{frame:010d}"):
+def _write_label_pngs(root, ids, labels, template=backends.DEFAULT_TEMPLATE):
     from PIL import Image
 
     for eid, lab in zip(ids, labels):
@@ -234,13 +234,13 @@ def test_labels_backend_npy_logits_and_bad_files(tmp_path):
     ids = _ids(2)
     rng = np.random.default_rng(4)
     logits = rng.normal(size=(H, W, 19)).astype(np.float32)
-    p0 = root / (backends.parse_example_id(ids[0])["folder"]) / "image_02"
+    p0 = root / (backends.parse_example_id(ids[0])["folder"]) / "semantic_02" / "data"
     p0.mkdir(parents=True)
     np.save(p0 / f"{0:010d}.npy", logits)
     b = backends.make_backend(f"labels:{root}")
     np.testing.assert_array_equal(b.load(ids[0], (H, W)), logits)
     with pytest.raises(ValueError, match=r"no teacher label file for example id '.* 0000000001 l'.*"
-                                         r"image_02/0000000001.npy or .*0000000001.png"):
+                                         r"semantic_02/data/0000000001.npy or .*0000000001.png"):
         b.load(ids[1], (H, W))
     _write_label_pngs(root, [ids[1]], [np.zeros((H, 2 * W))])  # wrong aspect ratio
     with pytest.raises(ValueError, match=r"0000000001.png is 8x24 \(HxW\), which does not have the "
@@ -324,3 +324,45 @@ def test_flax_backend_round_trip_through_store_and_loader(flax_teacher, tmp_path
     # a flax teacher with the wrong class count for the grouping is named
     with pytest.raises(ValueError, match="flax teacher .* has 19 classes but the grouping expects 20"):
         backends.make_backend(f"flax:{work}", num_classes=20)
+
+
+# ----------------------------------------------------------------------------- synthetic world
+
+def test_synthetic_world_labels_through_prepare_precompute_cli_and_loader(tmp_path, capsys):
+    import synth_world_tiny
+    from data_pipelines.kitti import prepare, tfds_builder
+    from data_pipelines.teacher import train_teacher as tt
+    from xdistill_jax import cli
+    from xdistill_jax.semantics import group_labels
+
+    world = synth_world_tiny.tiny_world()
+    prepare.prepare_split(world, world / "splits" / "train_files.txt", tmp_path / "tfds", "train",
+                          32, 96)
+    rc = cli.main(["teacher", "precompute", "--backend", f"labels:{world}", "--dataset",
+                   str(tmp_path / "tfds"), "--split", "train", "--grouping", "geometric",
+                   "--out", str(tmp_path / "store"), "--stride", "4", "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    st = store.TeacherLogitsSource(tmp_path / "store")
+    src = tfds_builder.open_split(tmp_path / "tfds", "train")
+    pairs = tt.synthetic_pairs(world, "train")  # (image, label) paths in split order
+    assert len(st) == len(src) == len(pairs) > 0
+    from PIL import Image
+    for i in range(len(st)):
+        label = np.asarray(Image.open(pairs[i][1]))  # native 64x192 -> stored 8x24: centres 8r+4
+        want = group_labels(label[4::8, 4::8], "geometric")
+        eid, logits = st[i]
+        assert eid == src[i]["id"].decode()
+        valid = want != 255
+        np.testing.assert_array_equal(logits.argmax(-1)[valid], want[valid])
+        assert (logits[~valid] == 0).all()
+    for flip in (False, True):
+        ex = _loader_view(src, st, 1, flip)
+        np.testing.assert_array_equal(ex["teacher"], st[1][1][:, ::-1] if flip else st[1][1])
+    # the teacher trainer reads the same frames (synthetic layout)
+    image, label = tt.load_pair(*pairs[0], 32, 64)
+    assert image.shape == (32, 64, 3) and label.shape == (32, 64)
+    # a store made for another split is refused by the loader, naming the mismatch
+    from xdistill_jax import input_pipeline
+    shuffled = [st[i] for i in range(len(st))][::-1]
+    with pytest.raises(ValueError, match="teacher store record 0 has id"):
+        input_pipeline.TripletSource(src, shuffled)[0]

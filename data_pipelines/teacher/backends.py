@@ -14,8 +14,9 @@ A backend is chosen by a spec string ``KIND:PATH``:
 - ``labels:DIR``    files written by any external tool, one per example id. Naming rule: the id
   is a split line ``FOLDER FRAME SIDE`` (``2011_09_26/2011_09_26_drive_0001_sync 5 l``) and the
   file is ``DIR/`` + ``template`` + ``.npy`` or ``.png`` (``.npy`` preferred), with the default
-  template ``"{folder}/{camera}/{frame:010d}"`` (``camera`` = image_02 for l, image_03 for r;
-  also available: ``side``, ``cam`` "02"/"03", ``date``, ``drive``). ``.png``: trainId labels
+  template ``"{folder}/semantic_{cam}/data/{frame:010d}"`` (``cam`` = 02 for l, 03 for r): the
+  synthetic world's own label folders, so ``labels:WORLD_DIR`` works on it directly. Other
+  fields: ``side`` (l/r), ``camera`` (image_02/image_03), ``date``, ``drive``. ``.png``: trainId labels
   (uint8, 255 = ignore) -> logits ``label_logit`` (10) for the labelled class, 0 elsewhere
   (softmax 0.9992 on the label). ``.npy``: float (h,w,C) class logits, or integer (h,w) trainIds.
   Label files must have the image's aspect ratio (within 2%: raw KITTI-size labels of a resized
@@ -35,6 +36,7 @@ from typing import Sequence
 
 import numpy as np
 
+DEFAULT_TEMPLATE = "{folder}/semantic_{cam}/data/{frame:010d}"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -145,7 +147,7 @@ class LabelsBackend:
 
     resize_method = "nearest"
 
-    def __init__(self, root, *, num_classes: int = 19, template: str = "{folder}/{camera}/{frame:010d}",
+    def __init__(self, root, *, num_classes: int = 19, template: str = DEFAULT_TEMPLATE,
                  expected_size: Sequence[int] | None = None, label_logit: float = 10.0):
         self.root = Path(root)
         if not self.root.is_dir():

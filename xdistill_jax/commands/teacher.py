@@ -7,8 +7,9 @@
         --grouping geometric --out data/teacher/train
     xdistill teacher precompute --backend onnx:seg.onnx --input-size 512,1024 \\
         --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225 --class-order 0,1,...,18 ...
+    xdistill teacher precompute --backend labels:synth/ ...     (the synthetic world's labels)
     xdistill teacher precompute --backend labels:DIR --labels-template \\
-        "{folder}/semantic_{cam}/data/{frame:010d}" ...
+        "{folder}/segformer_{cam}/{frame:010d}" ...                 (files from another tool)
 
 `--dataset` is the TFDS data directory `xdistill prepare --out` wrote. Re-running an interrupted
 precompute with the same arguments resumes after the last complete shard.
