@@ -73,12 +73,13 @@ def test_rerun_is_idempotent_and_other_settings_are_refused(tree, prepared, tmp_
         prepare.prepare_split(raw, other, out, "train", H, W)
 
 
-def test_jpeg_calib_intrinsics_and_worker_pool(tree, tmp_path):
+def test_jpeg_calib_intrinsics_worker_pool_and_shards(tree, tmp_path):
     raw, split = tree
     path = prepare.prepare_split(
         raw, split, tmp_path, "val", H, W, image_format="jpeg", jpeg_quality=95,
-        intrinsics="calib", num_workers=2,
+        intrinsics="calib", num_workers=2, num_shards=3,
     )
+    assert len(list(path.glob("*.array_record-*-of-00003"))) == 3
     source = tfds_builder.open_split(tmp_path, "val")
     lines = kitti_tiny.split_lines(split)
     assert [source[i]["id"].decode() for i in range(len(source))] == lines
@@ -96,14 +97,18 @@ def test_jpeg_calib_intrinsics_and_worker_pool(tree, tmp_path):
     assert tfds_builder.read_metadata(tmp_path, "val")["settings"]["image_format"] == "jpeg"
 
 
-def test_cli_prepare(tree, tmp_path, capsys):
+def test_cli_prepare_removes_what_a_killed_run_left(tree, tmp_path, capsys):
     from xdistill_jax import cli
 
     raw, split = tree
+    stale = tfds_builder.dataset_dir(tmp_path, "train").parent / "incomplete.X1Y2Z3_1.0.0"
+    stale.mkdir(parents=True)  # what a killed run leaves
+    (stale / "kitti_triplets-train.array_record-00000-of-00001").write_bytes(b"partial")
     args = ["prepare", "--raw", str(raw), "--split-file", str(split), "--out", str(tmp_path),
             "--split", "train", "--height", str(H), "--width", str(W)]
     assert cli.main(args) == 0
     assert str(tfds_builder.dataset_dir(tmp_path, "train")) in capsys.readouterr().out
+    assert not stale.exists()
     assert cli.main(args[:-4] + ["--height", "12", "--width", str(W)]) == 1
     assert "multiples of 8" in capsys.readouterr().err
 

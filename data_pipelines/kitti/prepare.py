@@ -44,6 +44,7 @@ def prepare_split(
     jpeg_quality: int = 92,
     intrinsics: str = "monodepth2",
     num_workers: int = 1,
+    num_shards: int | None = None,
 ) -> pathlib.Path:
     """Builds (or finds complete) the triplet dataset of one split; returns its directory.
 
@@ -57,6 +58,8 @@ def prepare_split(
       intrinsics: "monodepth2" (its fixed normalised KITTI K) or "calib" (per drive, from
         DATE/calib_cam_to_cam.txt P_rect_02 / P_rect_03 normalised by the native image size).
       num_workers: processes that read, resize and encode images (1 = in this process).
+      num_shards: array_record files to write; None lets TFDS size them (64 MiB..1 GiB).
+        Record order is the split order whatever the number of shards.
 
     Raises:
       ValueError naming the file (and split line) for a malformed split line, a missing or
@@ -92,6 +95,12 @@ def prepare_split(
         log.info("%s is complete; leaving it alone", target)
         return target
 
+    # A run killed before TFDS renamed its temporary directory leaves it behind; it can never
+    # be completed, only waste space (a whole KITTI split).
+    for stale in target.parent.glob(f"incomplete.*_{target.name}"):
+        log.warning("removing %s left by an interrupted run", stale)
+        shutil.rmtree(stale, ignore_errors=True)
+
     lines = raw.read_split_file(split_file)  # errors name the file and line
     if not lines:
         raise ValueError(f"split file {split_file} has no lines")
@@ -112,7 +121,7 @@ def prepare_split(
     with tempfile.TemporaryDirectory(prefix="xdistill-prepare-") as scratch:
         builder.download_and_prepare(
             download_dir=scratch,
-            download_config=_download_config(),
+            download_config=_download_config(num_shards),
         )
     n = builder.info.splits[split_name].num_examples
     if n != len(lines):  # a builder that dropped lines must not pass as complete
@@ -145,10 +154,11 @@ def _check_files_exist(raw_dir, lines, split_file, settings) -> None:
                 raise ValueError(f"{where}: missing calibration file {calib}")
 
 
-def _download_config():
+def _download_config(num_shards: int | None):
     import tensorflow_datasets as tfds
 
     return tfds.download.DownloadConfig(
+        num_shards=num_shards,
         # One writer in this process: the examples come from our own (optional) worker pool.
         beam_runner=None,
     )

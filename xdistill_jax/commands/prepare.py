@@ -30,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="monodepth2: its fixed normalised KITTI K; calib: per drive from calib_cam_to_cam.txt",
     )
     parser.add_argument("--workers", type=int, default=1, help="image encoding processes")
+    parser.add_argument("--shards", type=int, default=None, help="array_record files (default: by size)")
 
 
 def run(args) -> int:
@@ -48,6 +49,7 @@ def run(args) -> int:
             jpeg_quality=args.jpeg_quality,
             intrinsics=args.intrinsics,
             num_workers=args.workers,
+            num_shards=args.shards,
         )
     except ValueError as e:
         print(f"xdistill prepare: error: {e}", file=sys.stderr)
