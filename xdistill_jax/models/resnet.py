@@ -46,6 +46,8 @@ class TorchBatchNorm(nn.Module):
     Flax's `nn.BatchNorm` updates the running variance with the biased batch variance; torch
     uses the unbiased one (x n/(n-1)). Normalisation itself uses the biased variance in both.
     Variables are named like Flax's (params ``scale``/``bias``, batch_stats ``mean``/``var``).
+    `use_fast_variance` (as in Flax) takes E[x^2]-E[x]^2 in float32 in one pass; set it false for
+    the two-pass form when activations have a mean much larger than their spread.
     Statistics and the affine transform are computed in float32; the result is cast to `dtype`.
 
     Under `jit` with the batch sharded over devices, the means are over the global batch.
@@ -54,6 +56,7 @@ class TorchBatchNorm(nn.Module):
     use_running_average: bool = False
     momentum: float = 0.9  # weight of the old running value: torch momentum 0.1
     epsilon: float = 1e-5
+    use_fast_variance: bool = True
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     scale_init: Callable = nn.initializers.ones
@@ -73,7 +76,11 @@ class TorchBatchNorm(nn.Module):
         else:
             axes = tuple(range(x.ndim - 1))
             mean = jnp.mean(xf, axis=axes)
-            var = jnp.mean(jnp.square(xf - mean), axis=axes)
+            if self.use_fast_variance:
+                # E[x^2] - E[x]^2: one pass over the activation (both sums fuse into one reduction)
+                var = jnp.maximum(jnp.mean(jnp.square(xf), axis=axes) - jnp.square(mean), 0.0)
+            else:
+                var = jnp.mean(jnp.square(xf - mean), axis=axes)
             if not self.is_initializing():
                 n = x.size // features
                 unbiased = var * (n / max(n - 1, 1))
