@@ -258,3 +258,32 @@ def test_worker_processes_give_the_same_batches(source):
     for x, y in zip(parallel, serial):
         for k in x:
             np.testing.assert_array_equal(x[k], y[k])
+
+
+def test_synthetic_world_through_prepare_and_the_loader(tmp_path):
+    import synth_world_tiny
+    from data_pipelines.kitti import raw
+
+    world = synth_world_tiny.tiny_world()
+    split = world / "splits" / "train_files.txt"
+    prepare.prepare_split(world, split, tmp_path, "train", 32, 96, intrinsics="calib")
+    src = tfds_builder.open_split(tmp_path, "train")
+    lines = raw.read_split_file(split)
+    assert len(src) == len(lines) >= 3
+    batches = all_batches(ip.make_train_iterator(src, global_batch_size=3, seed=0, num_epochs=1))
+    assert len(batches) == len(lines) // 3
+    for batch in batches:
+        for j, idx in enumerate(batch["index"]):
+            line = lines[int(idx)]
+            calib = raw.read_calib_file(world / line.folder.split("/")[0] / "calib_cam_to_cam.txt")
+            P = calib[f"P_rect_0{line.camera}"].reshape(3, 4)
+            fx, cx = P[0, 0] / synth_world_tiny.WIDTH, P[0, 2] / synth_world_tiny.WIDTH
+            fy, cy = P[1, 1] / synth_world_tiny.HEIGHT, P[1, 2] / synth_world_tiny.HEIGHT
+            np.testing.assert_allclose(batch["K"][j, 0, [0, 1, 0, 1], [0, 1, 2, 2]],
+                                       [fx * 96, fy * 32, cx * 96, cy * 32], rtol=1e-5)
+            aug = ip.sample_augmentation(ip.example_rng(0, 0, int(idx)))
+            for f, offset in enumerate((-1, 0, 1)):
+                with Image.open(raw.image_path(world, line, offset)) as im:
+                    want = np.asarray(im.convert("RGB").resize((96, 32), Image.LANCZOS))
+                np.testing.assert_array_equal(batch["color"][j, f], want[:, ::-1] if aug.flip else want)
+                np.testing.assert_array_equal(batch["color_aug"][j, f], ip.color_jitter(batch["color"][j, f], aug))
