@@ -1,0 +1,48 @@
+"""Make3D reader on the synthetic Test134 copy and on a hand-made real-layout folder."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.io
+from PIL import Image
+
+from data_pipelines.make3d import reader
+from synth_world_tiny import tiny_world
+
+
+def test_synthetic_make3d_layout_and_grid():
+    root = tiny_world() / "make3d"
+    items, images, depths = reader.load_test_set(root)
+    assert len(items) == 2
+    assert [f"img-{i.name}.jpg" for i in items] == (root / "make3d_test_files.txt").read_text().split()
+    for item, image, depth in zip(items, images, depths):
+        assert image.shape == (96, 72, 3)  # portrait like the real 2272 x 1704 (rows x cols)
+        assert depth.shape == (55, 305) and depth.dtype == np.float32
+        assert 0 < depth.min() and depth.max() <= 81.92 + 1e-6
+        grid = scipy.io.loadmat(item.depth_path)["Position3DGrid"]
+        assert grid.shape == (55, 305, 4)
+        # channel 3 is the range along the ray: |(X, Y, Z)| of channels 1, 0, 2
+        np.testing.assert_allclose(np.linalg.norm(grid[:, :, :3], axis=-1), grid[:, :, 3], rtol=1e-9)
+        # up is positive in channel 0: the top rows see higher points than the bottom rows
+        assert grid[0, :, 0].mean() > grid[-1, :, 0].mean()
+        assert (depth < 81.0).mean() > 0.3  # much of the view is geometry, not out-of-range sky
+
+
+def test_real_layout_without_list_file_and_missing_depth(tmp_path):
+    (tmp_path / "Test134").mkdir()
+    (tmp_path / "Gridlaserdata").mkdir()
+    for name in ("b-p-2t0", "a-p-1t0"):
+        Image.fromarray(np.full((8, 6, 3), 100, np.uint8)).save(tmp_path / "Test134" / f"img-{name}.jpg")
+    grid = np.zeros((55, 305, 4))
+    grid[:, :, 3] = np.arange(305)[None, :]
+    scipy.io.savemat(tmp_path / "Gridlaserdata" / "depth_sph_corr-a-p-1t0.mat", {"Position3DGrid": grid})
+    with pytest.raises(FileNotFoundError, match="img-b-p-2t0.jpg.*depth_sph_corr-b-p-2t0.mat"):
+        reader.list_test_set(tmp_path)
+    scipy.io.savemat(tmp_path / "Gridlaserdata" / "depth_sph_corr-b-p-2t0.mat", {"Position3DGrid": grid * 2})
+    items = reader.list_test_set(tmp_path)
+    assert [i.name for i in items] == ["a-p-1t0", "b-p-2t0"]  # sorted when no list file
+    np.testing.assert_array_equal(reader.load_depth(items[1].depth_path)[0, :3], [0, 2, 4])
+    scipy.io.savemat(tmp_path / "Gridlaserdata" / "depth_sph_corr-a-p-1t0.mat", {"Other": grid})
+    with pytest.raises(ValueError, match="depth_sph_corr-a-p-1t0.mat.*Position3DGrid"):
+        reader.load_depth(items[0].depth_path)
