@@ -307,6 +307,29 @@ def load_monodepth2(folder, num_layers: int | None = None) -> dict:
     return {"depth": depth, "pose": pose, "num_layers": num_layers, "height": height, "width": width}
 
 
+def insert_encoder(variables: Mapping, encoder_variables: Mapping, source: str = "encoder variables") -> dict:
+    """DepthNet/PoseNet variables with the "encoder" subtrees replaced by `encoder_variables`.
+
+    `encoder_variables` is {"params": ..., "batch_stats": ...} as `load_torchvision_resnet`
+    returns (e.g. ImageNet weights to start training from). Names and shapes must match the
+    network's encoder exactly; every difference is listed in one ValueError.
+    """
+    lines = []
+    new = {c: dict(t) for c, t in variables.items()}
+    for collection in ("params", "batch_stats"):
+        want = dict(_leaves(variables[collection]["encoder"]))
+        got = dict(_leaves(encoder_variables.get(collection, {})))
+        name = lambda p: f"{collection}/" + "/".join(p)  # noqa: E731
+        lines += [f"{source}: missing {name(p)}" for p in want if p not in got]
+        lines += [f"{source}: unexpected {name(p)}" for p in got if p not in want]
+        lines += [f"{source}: shape mismatch for {name(p)}: {tuple(np.shape(got[p]))}, expected "
+                  f"{tuple(np.shape(want[p]))}" for p in want if p in got and np.shape(got[p]) != np.shape(want[p])]
+        new[collection]["encoder"] = encoder_variables.get(collection, {})
+    if lines:
+        raise ValueError("encoder variables do not fit the network:\n  " + "\n  ".join(lines))
+    return new
+
+
 def save_variables(path, variables) -> None:
     """Write a variables tree (nested dict of arrays) as flax msgpack, atomically (temp file + rename)."""
     path = Path(path)
