@@ -19,24 +19,28 @@ from .make3d_writer import write_make3d
 from .scene import DriveScene
 
 DATE = "2021_01_01"
-DEMO = dict(drives=3, frames=100, width=416, height=128, make3d_images=20)
+DEMO = dict(drives=3, frames=100, width=416, height=128, make3d_images=20, velodyne="test")
 KITTI_NATIVE = dict(width=1242, height=375)
 
 
 def _drive_job(args):
-    root, date, drive, seed, frames, lidar_azimuths = args
-    write_drive(Path(root), date, drive, seed, frames, lidar_azimuths)
+    root, date, drive, seed, frames, lidar_azimuths, velodyne = args
+    write_drive(Path(root), date, drive, seed, frames, lidar_azimuths, velodyne)
     return drive
 
 
 def generate_world(out, seed: int = 0, drives: int = DEMO["drives"], frames: int = DEMO["frames"],
                    width: int = KITTI_NATIVE["width"], height: int = KITTI_NATIVE["height"],
                    make3d_images: int = DEMO["make3d_images"], make3d_size: tuple[int, int] = (568, 426),
-                   lidar_azimuths: int = 1024, workers: int | None = None, overwrite: bool = False) -> dict:
+                   lidar_azimuths: int = 1024, velodyne: str = "all", workers: int | None = None,
+                   overwrite: bool = False) -> dict:
     """Write the world to `out`; returns a summary dict (also saved as `out/world.json`).
 
     make3d_size is (rows, cols) of the Make3D images (the real ones are 2272 x 1704).
+    velodyne: "all" drives get scans (as real KITTI), or only the held-out "test" drive.
     """
+    if velodyne not in ("all", "test"):
+        raise ValueError(f"--velodyne must be 'all' or 'test', got {velodyne!r}")
     out = Path(out)
     for name, value, low in (("drives", drives, 2), ("frames", frames, 3), ("width", width, 16),
                              ("height", height, 8), ("make3d_images", make3d_images, 0),
@@ -53,7 +57,9 @@ def generate_world(out, seed: int = 0, drives: int = DEMO["drives"], frames: int
     tmp.mkdir(parents=True)
     write_calibration(tmp / DATE, width, height)
     drive_ids = list(range(1, drives + 1))
-    jobs = [(str(tmp), DATE, d, seed, frames, lidar_azimuths) for d in drive_ids]
+    jobs = [(str(tmp), DATE, d, seed, frames, lidar_azimuths, velodyne == "all" or d == drive_ids[-1])
+            for d in drive_ids]
+    jobs.reverse()  # the test drive (with scans, the longest job) first, for a balanced pool
     workers = default_workers(drives) if workers is None else max(1, int(workers))
     if workers > 1:
         # spawn: the parent may hold threads (e.g. jax), which fork would copy in a broken state.
@@ -72,7 +78,7 @@ def generate_world(out, seed: int = 0, drives: int = DEMO["drives"], frames: int
         "seed": int(seed), "date": DATE, "drives": drives, "frames": frames, "width": width,
         "height": height, "test_drive": f"{DATE}/{DATE}_drive_{drive_ids[-1]:04d}_sync",
         "split_sizes": {k: len(v) for k, v in splits.items()}, "make3d_images": make3d_images,
-        "make3d_size": list(make3d_size), "lidar_azimuths": lidar_azimuths,
+        "make3d_size": list(make3d_size), "lidar_azimuths": lidar_azimuths, "velodyne": velodyne,
     }
     (tmp / "world.json").write_text(json.dumps(summary, indent=2) + "\n")
     if out.exists():

@@ -52,8 +52,12 @@ def drive_rng(seed: int, drive: int) -> np.random.Generator:
 
 
 def write_drive(root: Path, date: str, drive: int, seed: int, num_frames: int,
-                lidar_azimuths: int = 1024) -> DriveScene:
-    """Render and write one drive; returns its scene (for callers that need the layout)."""
+                lidar_azimuths: int = 1024, velodyne: bool = True) -> DriveScene:
+    """Render and write one drive; returns its scene (for callers that need the layout).
+
+    `velodyne=False` skips the scans (and their timestamps) of a drive, e.g. training drives of
+    the demo world, where nothing reads them and they would be most of the bytes on disk.
+    """
     rig = rig_mod.Rig(root / date)
     scene = DriveScene(drive_rng(seed, drive), num_frames, fps=FPS)
     folder = root / date / f"{date}_drive_{drive:04d}_sync"
@@ -75,6 +79,8 @@ def write_drive(root: Path, date: str, drive: int, seed: int, num_frames: int,
             _save_png(folder / f"depth_0{cam}" / "data" / name, depth)
             _save_png(folder / f"semantic_0{cam}" / "data" / name, view["semantic"])
             _save_png(folder / f"moving_0{cam}" / "data" / name, view["moving"].astype(np.uint8))
+        if not velodyne:
+            continue
         velo_pose = vehicle @ rig.vehicle_from_velo
         grid = spherical_grid(velo_pose, LIDAR_ELEVATIONS, lidar_azimuths, t_max=LIDAR_RANGE)
         scan = render_view(grid, prims, scene.road, math.radians(360.0 / lidar_azimuths), shade=False)
@@ -94,9 +100,10 @@ def write_drive(root: Path, date: str, drive: int, seed: int, num_frames: int,
     (folder / "oxts" / "timestamps.txt").write_text(_timestamps(num_frames))
     for cam in (2, 3):
         (folder / f"image_0{cam}" / "timestamps.txt").write_text(_timestamps(num_frames))
-    (folder / "velodyne_points" / "timestamps.txt").write_text(_timestamps(num_frames))
-    (folder / "velodyne_points" / "timestamps_start.txt").write_text(_timestamps(num_frames, -0.05))
-    (folder / "velodyne_points" / "timestamps_end.txt").write_text(_timestamps(num_frames, 0.05))
+    if velodyne:
+        (folder / "velodyne_points" / "timestamps.txt").write_text(_timestamps(num_frames))
+        (folder / "velodyne_points" / "timestamps_start.txt").write_text(_timestamps(num_frames, -0.05))
+        (folder / "velodyne_points" / "timestamps_end.txt").write_text(_timestamps(num_frames, 0.05))
     return scene
 
 

@@ -43,7 +43,7 @@ def _ground_albedo(p, fp, road: S.RoadPath):
     m = cls == S.ROAD
     if m.any():
         f, o, sm = fp[m], off[m], s[m]
-        base = np.array([0.33, 0.33, 0.35], np.float32) * (1.0 + 0.28 * n[m])[:, None]
+        base = np.array([0.33, 0.33, 0.35], np.float32) * (1.0 + 0.55 * n[m])[:, None]
         centre = band(o, -0.07, 0.07, f) * periodic_band(sm, 9.0, 0.0, 3.0, f)
         edge = band(np.abs(o), 3.38, 3.52, f)
         stop = band(np.abs(o), 5.3, 5.5, f) * 0.5  # gutter: darker strip at the curb
@@ -53,7 +53,7 @@ def _ground_albedo(p, fp, road: S.RoadPath):
     m = cls == S.SIDEWALK
     if m.any():
         f, o, sm = fp[m], np.abs(off[m]), s[m]
-        base = np.array([0.62, 0.6, 0.57], np.float32) * (1.0 + 0.18 * n[m])[:, None]
+        base = np.array([0.62, 0.6, 0.57], np.float32) * (1.0 + 0.4 * n[m])[:, None]
         joints = np.maximum(periodic_band(sm, 0.6, 0.0, 0.03, f), periodic_band(o, 0.6, 0.0, 0.03, f))
         curb = band(o, 5.5, 5.75, f)
         col = base * (1.0 - 0.45 * joints)[:, None]
@@ -63,7 +63,7 @@ def _ground_albedo(p, fp, road: S.RoadPath):
         n2 = fbm(p[m] * np.array([1.0, 1.0, 0.0]) + 31.0, fp[m], GROUND_SEED + 5, coarsest=10.0, finest=0.01)
         col = mix(np.array([0.3, 0.42, 0.16], np.float32), np.array([0.45, 0.38, 0.24], np.float32),
                   np.clip(0.5 + 0.8 * n2, 0, 1))
-        alb[m] = col * (1.0 + 0.3 * n[m])[:, None]
+        alb[m] = col * (1.0 + 0.5 * n[m])[:, None]
     return alb, cls
 
 
@@ -80,7 +80,7 @@ def _object_albedo(material, q, p, normal_local, fp, color, seed):
         win = win * soft_step(z - 2.6, fp)
         frame = periodic_band(u, 3.2, 0.9, 2.5, fp) * periodic_band(z, 3.0, 0.8, 2.4, fp) * soft_step(z - 2.6, fp)
         brick = periodic_band(z, 0.25, 0.0, 0.02, fp) * 0.25
-        out = col * (1.0 + 0.2 * n - brick)[:, None]
+        out = col * (1.0 + 0.45 * n - brick)[:, None]
         out = mix(out, np.array([0.9, 0.88, 0.85], np.float32), np.clip(frame - win, 0, 1))
         glass = np.array([0.16, 0.2, 0.26], np.float32) * (1.0 + 0.5 * n)[:, None]
         out = mix(out, glass, win)
@@ -88,11 +88,11 @@ def _object_albedo(material, q, p, normal_local, fp, color, seed):
     if material == S.M_WALL:
         u = np.where(np.abs(normal_local[:, 0]) > 0.5, q[:, 1], q[:, 0])
         panels = periodic_band(u, 2.0, 0.0, 0.04, fp)
-        return col * (1.0 + 0.25 * n - 0.35 * panels)[:, None]
+        return col * (1.0 + 0.45 * n - 0.35 * panels)[:, None]
     if material == S.M_FENCE:
         u = np.where(np.abs(normal_local[:, 0]) > 0.5, q[:, 1], q[:, 0])
         slats = periodic_band(u, 0.16, 0.0, 0.04, fp)
-        return col * (1.0 + 0.25 * n - 0.5 * slats)[:, None]
+        return col * (1.0 + 0.4 * n - 0.5 * slats)[:, None]
     if material == S.M_SIGN:
         face = np.abs(normal_local[:, 0]) > 0.5
         r = np.hypot(q[:, 1], q[:, 2])
@@ -117,7 +117,7 @@ def _object_albedo(material, q, p, normal_local, fp, color, seed):
     if material == S.M_CARBODY:
         wheel = band(q[:, 2], -1.0, -0.2, fp) * (np.abs(normal_local[:, 1]) > 0.5) * \
             np.maximum(band(q[:, 0], 0.9, 1.6, fp), band(q[:, 0], -1.6, -0.9, fp))
-        out = col * (1.0 + 0.08 * n)[:, None]
+        out = col * (1.0 + 0.2 * n)[:, None]
         lights = band(q[:, 2], 0.05, 0.22, fp) * (np.abs(normal_local[:, 0]) > 0.5) * band(np.abs(q[:, 1]), 0.55, 0.8, fp)
         out = mix(out, np.array([0.9, 0.85, 0.7], np.float32), lights)
         return mix(out, np.array([0.06, 0.06, 0.06], np.float32), wheel)
@@ -128,11 +128,11 @@ def _object_albedo(material, q, p, normal_local, fp, color, seed):
         glass = mix(glass, col, pillar)
         return np.where(roof[:, None], col * (1.0 + 0.08 * n)[:, None], glass)
     if material == S.M_CLOTH:
-        return col * (1.0 + 0.3 * n)[:, None]
+        return col * (1.0 + 0.5 * n)[:, None]
     if material == S.M_SKIN:
         hair = soft_step(q[:, 2] - 0.04, fp)
         return mix(col * (1.0 + 0.1 * n)[:, None], np.array([0.15, 0.1, 0.07], np.float32), hair)
-    return col * (1.0 + 0.2 * n)[:, None]  # M_METAL and anything plain
+    return col * (1.0 + 0.4 * n)[:, None]  # M_METAL and anything plain
 
 
 def sky_color(d: np.ndarray, pixel_angle: float) -> np.ndarray:

@@ -42,7 +42,7 @@ def value_noise(p: np.ndarray, seed: int) -> np.ndarray:
 
 
 def fbm(p: np.ndarray, footprint: np.ndarray, seed: int, coarsest: float = 8.0,
-        finest: float = 0.01, gain: float = 0.6) -> np.ndarray:
+        finest: float = 0.01, gain: float = 0.72) -> np.ndarray:
     """Band-limited fractal noise, zero mean, roughly in [-1, 1].
 
     p (N,3) metres; footprint (N,) metres per pixel. Octaves from wavelength `coarsest` halving

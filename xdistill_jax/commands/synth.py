@@ -28,21 +28,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--make3d-size", type=_size, default=(568, 426),
                         help="Make3D image ROWSxCOLS (real: 2272x1704; default a quarter of that)")
     parser.add_argument("--lidar-azimuths", type=int, default=1024, help="lidar columns per 360 degrees")
+    parser.add_argument("--velodyne", choices=("all", "test"), default=None,
+                        help="scans for all drives (as KITTI; default) or only the held-out test drive "
+                             "(the --demo default: scans are most of the bytes)")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: min(drives, CPUs))")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing world at --out")
     parser.add_argument("--demo", action="store_true",
-                        help="the default demo world: 3 drives x 100 frames at 416x128 (overrides sizes)")
+                        help="the demo world: 3 drives x 100 frames at 416x128, scans for the test drive only "
+                             "(overrides --drives/--frames/--width/--height)")
 
 
 def run(args) -> int:
     from data_pipelines.synthetic_world.generate import DEMO, generate_world
 
     width, height, drives, frames = args.width, args.height, args.drives, args.frames
+    velodyne = args.velodyne or "all"
     if args.demo:
         width, height, drives, frames = DEMO["width"], DEMO["height"], DEMO["drives"], DEMO["frames"]
+        velodyne = args.velodyne or DEMO["velodyne"]
     summary = generate_world(
         args.out, seed=args.seed, drives=drives, frames=frames, width=width, height=height,
         make3d_images=args.make3d_images, make3d_size=args.make3d_size,
-        lidar_azimuths=args.lidar_azimuths, workers=args.workers, overwrite=args.overwrite)
+        lidar_azimuths=args.lidar_azimuths, velodyne=velodyne, workers=args.workers, overwrite=args.overwrite)
     print(json.dumps(summary, indent=2))
     return 0
