@@ -196,3 +196,18 @@ def test_generate_world_refuses_bad_arguments_and_existing_output(tmp_path):
     with pytest.raises(ValueError, match="not empty"):
         generate_world(tmp_path / "full", drives=2, frames=3, width=32, height=16)
     assert (tmp_path / "full" / "x").read_text() == "keep"
+
+
+def test_synth_command_writes_a_world(tmp_path, capsys):
+    from xdistill_jax import cli
+
+    out = tmp_path / "w"
+    assert cli.main(["synth", "--out", str(out), "--seed", "5", "--drives", "2", "--frames", "3",
+                     "--width", "48", "--height", "16", "--make3d-images", "1", "--make3d-size", "16x12",
+                     "--lidar-azimuths", "64", "--velodyne", "test", "--workers", "1"]) == 0
+    assert '"test_drive"' in capsys.readouterr().out
+    assert not (tmp_path / "w.partial").exists()
+    assert _png(out / drive_folder(1) / "image_03" / "data" / "0000000002.png").shape == (16, 48, 3)
+    assert not (out / drive_folder(1) / "velodyne_points").exists()  # --velodyne test
+    assert (out / drive_folder(2) / "velodyne_points" / "data" / "0000000002.bin").is_file()
+    assert (out / "make3d" / "Gridlaserdata" / "depth_sph_corr-synth5-p-000t000.mat").is_file()
