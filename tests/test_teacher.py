@@ -277,29 +277,51 @@ def _cityscapes_dir(root, n=3, h=32, w=64):
     return root
 
 
+def test_cityscapes_layout_pairs_and_missing_label(tmp_path):
+    from data_pipelines.teacher import train_teacher as tt
+
+    root = _cityscapes_dir(tmp_path / "cs")
+    pairs = tt.cityscapes_pairs(root, "train")
+    assert [p[0].name for p in pairs] == [f"{c}_000000_{i:06d}_leftImg8bit.png"
+                                          for i, c in enumerate(("aachen", "aachen", "bremen"))]
+    image, label = tt.load_pair(*pairs[2], 16, 32)
+    assert image.shape == (16, 32, 3) and (label[:2] == 255).all() and label[2:].max() < 19
+    pairs[1][1].unlink()
+    with pytest.raises(ValueError, match=r"label .*aachen_000000_000001_gtFine_labelTrainIds.png "
+                                         r"missing for image"):
+        tt.cityscapes_pairs(root, "train")
+    with pytest.raises(ValueError, match="no images matching"):
+        tt.cityscapes_pairs(root, "val")
+
+
 @pytest.fixture(scope="session")
 def flax_teacher(tmp_path_factory):
+    """A tiny teacher trained for 2 steps by `xdistill teacher train` on the synthetic world."""
+    import synth_world_tiny
+    from xdistill_jax import cli
+
+    work = tmp_path_factory.mktemp("teacher") / "work"
+    argv = ["teacher", "train", "--data", str(synth_world_tiny.tiny_world()), "--layout", "synthetic",
+            "--workdir", str(work), "--variant", "resnet18_tiny", "--height", "32", "--width", "64",
+            "--batch-size", "2", "--steps", "2", "--save-every", "1"]
+    assert cli.main(argv) == 0
+    return work, argv
+
+
+def test_flax_teacher_trains_saves_and_resumes(flax_teacher, capsys):
     from data_pipelines.teacher import train_teacher as tt
+    from xdistill_jax import cli
 
-    root = tmp_path_factory.mktemp("teacher")
-    data = _cityscapes_dir(root / "cityscapes")
-    cfg = tt.TeacherTrainConfig(data_dir=str(data), layout="cityscapes", variant="resnet18_tiny",
-                                height=32, width=64, batch_size=2, steps=2, save_every=1)
-    metrics = tt.train_teacher(cfg, root / "work", log_every=1)
-    return root / "work", metrics, cfg
-
-
-def test_flax_teacher_trains_saves_and_resumes(flax_teacher):
-    from data_pipelines.teacher import train_teacher as tt
-
-    work, metrics, cfg = flax_teacher
-    assert np.isfinite(metrics["loss"]) and metrics["steps_run"] == 2
-    # rerunning the same command resumes from the last checkpoint: nothing left to train
-    assert tt.train_teacher(cfg, work)["steps_run"] == 0
-    assert json.loads((work / "config.json").read_text())["variant"] == "resnet18_tiny"
+    work, argv = flax_teacher
+    cfg = tt.read_teacher_config(work)
+    assert (cfg.variant, cfg.layout, cfg.steps) == ("resnet18_tiny", "synthetic", 2)
     assert sorted(p.name for p in (work / "checkpoints").iterdir() if p.name.isdigit()) == ["1", "2"]
-    model, variables, cfg = tt.load_teacher(work)
-    assert cfg.steps == 2 and "encoder" in variables["params"]
+    # rerunning the same command resumes from the last checkpoint: nothing left to train
+    capsys.readouterr()
+    assert cli.main(argv) == 0
+    assert "'steps_run': 0" in capsys.readouterr().out
+    model, variables, _ = tt.load_teacher(work)
+    assert "encoder" in variables["params"] and "encoder" in variables["batch_stats"]
 
 
 def test_flax_backend_round_trip_through_store_and_loader(flax_teacher, tmp_path):

@@ -96,8 +96,11 @@ def run(args) -> int:
         if args.teacher_verb == "train":
             from data_pipelines.teacher.train_teacher import TeacherTrainConfig, train_teacher
 
-            cfg = TeacherTrainConfig(**{f.name: getattr(args, f.name if f.name != "data_dir" else "data")
-                                        for f in dataclasses.fields(TeacherTrainConfig)})
+            # every config field has a flag of the same name (data_dir: --data), num_classes
+            # excepted: the teacher predicts the 19 Cityscapes trainIds the groupings are made of
+            fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(TeacherTrainConfig)
+                      if hasattr(args, f.name)}
+            cfg = TeacherTrainConfig(**fields, data_dir=args.data)
             metrics = train_teacher(cfg, args.workdir)
             print(f"teacher trained: {metrics}")
             return 0
