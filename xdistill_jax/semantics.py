@@ -175,8 +175,8 @@ def group_logits_np(logits: np.ndarray, grouping: str | Grouping = "geometric") 
 def group_labels(labels, grouping: str | Grouping = "geometric"):
     """Maps trainId labels (any integer shape) to group ids; 255 stays 255 (ignore).
 
-    A label outside 0..C-1 that is not 255 is an error (it would silently become a class).
-    numpy in -> numpy uint8 out; jax in -> jax int32 out.
+    numpy in -> numpy uint8 out, and a label outside 0..C-1 that is not 255 is a ValueError.
+    jax in -> jax int32 out; inside jit nothing can raise, so such labels map to 255 (ignored).
     """
     g = get_grouping(grouping)
     table = g.label_lookup()
