@@ -96,6 +96,7 @@ def test_store_rejects_non_finite_logits(tmp_path):
 # ----------------------------------------------------------------------------- backends
 
 from data_pipelines.teacher import backends, precompute  # noqa: E402
+from xdistill_jax import semantics  # noqa: E402
 
 H, W = 8, 12
 
@@ -149,10 +150,10 @@ def test_onnx_backend_matches_numpy(tmp_path):
     precompute.precompute(backend, src, tmp_path / "store", grouping="geometric", stride=1,
                           batch_size=2, shard_size=3, progress=False)
     st = store.TeacherLogitsSource(tmp_path / "store")
-    from xdistill_jax.semantics import GEOMETRIC
     for i in range(5):
         x = (src[i]["image_0"].astype(np.float64) / 255 - mean) / std
-        expected = _grouped_numpy(x @ weight.T.astype(np.float64) + bias, GEOMETRIC.class_to_group)
+        expected = _grouped_numpy(x @ weight.T.astype(np.float64) + bias,
+                                  semantics.GEOMETRIC.class_to_group)
         eid, logits = st[i]
         assert eid == _ids(5)[i]
         np.testing.assert_allclose(logits.astype(np.float64), expected, rtol=2e-3, atol=2e-3)
@@ -178,10 +179,9 @@ def test_onnx_class_order_and_class_count_errors(tmp_path):
                                rtol=1e-5, atol=1e-5)  # car: channels 6 and 20 merged
     with pytest.raises(ValueError, match=r"maps no model channel to teacher classes \[0\]"):
         backends.make_backend(spec, class_order=[-1, -1] + list(range(18, 0, -1)) + [13])
-    with pytest.raises(ValueError, match="teacher has 19 classes but grouping"):
-        precompute.precompute(b, _source(1), tmp_path / "x",
-                              grouping=__import__("xdistill_jax.semantics").semantics.Grouping(
-                                  "mine", ("a", "b"), (0,) * 19 + (1,), tuple("abcdefghijklmnopqrst")))
+    twenty = semantics.Grouping("twenty", ("a", "b"), (0,) * 19 + (1,), tuple("abcdefghijklmnopqrst"))
+    with pytest.raises(ValueError, match="teacher has 19 classes but grouping 'twenty' expects 20"):
+        precompute.precompute(b, _source(1), tmp_path / "x", grouping=twenty)
 
 
 def _write_label_pngs(root, ids, labels, template=backends.DEFAULT_TEMPLATE):
@@ -325,8 +325,6 @@ def test_flax_teacher_trains_saves_and_resumes(flax_teacher, capsys):
 
 
 def test_flax_backend_round_trip_through_store_and_loader(flax_teacher, tmp_path):
-    from xdistill_jax import semantics
-
     work = flax_teacher[0]
     src = _source(3, h=32, w=64)
     backend = backends.make_backend(f"flax:{work}")

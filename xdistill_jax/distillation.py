@@ -50,7 +50,7 @@ def resize_bilinear(x, height: int, width: int):
     return jax.image.resize(x, (x.shape[0], height, width, x.shape[3]), "linear", antialias=False)
 
 
-def _teacher_is_labels(student, teacher) -> bool:
+def _teacher_is_labels(teacher) -> bool:
     if jnp.issubdtype(teacher.dtype, jnp.integer):
         return True
     if jnp.issubdtype(teacher.dtype, jnp.floating):
@@ -74,7 +74,7 @@ def distillation_loss(translator_logits, teacher, *, mode: str = "hard", tempera
     if translator_logits.ndim != 4:
         raise ValueError(f"translator_logits must be (B,h,w,G), got shape {translator_logits.shape}")
     b, h, w, g = translator_logits.shape
-    is_labels = _teacher_is_labels(translator_logits, teacher)
+    is_labels = _teacher_is_labels(teacher)
     if is_labels and teacher.ndim == 4 and teacher.shape[-1] == 1:
         teacher = teacher[..., 0]
     if is_labels and teacher.ndim != 3:
