@@ -1,0 +1,285 @@
+"""Train-step benchmark: the full X-Distill step on synthetic device-resident batches.
+
+    config = config_utils.config_from_args("configs/kitti_resnet18_640x192.py")
+    results = run_matrix(config, variants(("bfloat16", "float32"), (True, False)), steps=50)
+    print(markdown_table(results))
+
+What one measurement (`benchmark_step`) does, timed separately:
+  init     `create_train_state` (eval_shape + one jitted init, outputs replicated on the mesh),
+           until the state is on the device;
+  compile  `make_train_step(...).lower(state, batch, rng).compile()` (the persistent compilation
+           cache, when enabled, turns this into a read);
+  steps    `warmup` steps, then `steps` steps each timed to completion (`block_until_ready`)
+           under `jax.transfer_guard("disallow")`: an implicit host<->device transfer inside the
+           loop raises instead of silently costing a sync.
+No data loading: the batch (the loader's contract, random uint8 frames, Monodepth2's K per
+scale, float16 teacher logits at half resolution) is placed on the mesh once.
+
+Reported per variant: median and mean images/s, median step time, init and compile seconds,
+FLOPs per step from XLA's cost analysis of the compiled step (per-device program x devices),
+the fraction of the device's peak FLOP/s (table `PEAK_FLOPS`, bf16 dense; n/a where unknown,
+e.g. CPU), the device's peak memory in use (`device.memory_stats()`, n/a on CPU) and XLA's
+own memory estimate of the step (arguments + outputs - aliased + temporaries).
+
+Imports only jax, flax, optax, numpy and ml_collections: runs on accelerator images without
+TFDS or grain.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import pathlib
+import statistics
+import time
+from typing import Any, Iterable, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+
+# Peak dense bf16 FLOP/s by device kind substring (vendor data sheets; SXM parts). The fraction of
+# peak is always against the bf16 tensor-core peak, also for fp32 runs (which use TF32/fp32 units).
+PEAK_FLOPS = {
+    "H100 PCIe": 756e12,
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+}
+
+# Monodepth2's fixed normalised intrinsics (KITTI), as the loader uses by default.
+MONODEPTH2_K = np.array([[0.58, 0, 0.5, 0], [0, 1.92, 0.5, 0], [0, 0, 1, 0], [0, 0, 0, 1]], np.float32)
+
+COLUMNS = ("variant", "batch", "HxW", "images/s (median)", "step ms (median)", "init s", "compile s",
+           "GFLOP/step", "% of peak", "peak mem GB", "XLA mem GB")
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    dtype: str          # "float32" | "bfloat16": config.model.dtype
+    distill: bool       # distillation on (translator + teacher logits) or off (Monodepth2)
+
+    @property
+    def name(self) -> str:
+        return f"{'bf16' if self.dtype == 'bfloat16' else 'fp32'} distill={'on' if self.distill else 'off'}"
+
+
+def variants(dtypes: Iterable[str] = ("bfloat16", "float32"), distill: Iterable[bool] = (True, False)):
+    return [Variant(d, x) for d in dtypes for x in distill]
+
+
+def peak_flops(device) -> float | None:
+    """Peak dense bf16 FLOP/s of `device` from PEAK_FLOPS (None: unknown, e.g. CPU)."""
+    if device.platform == "cpu":
+        return None
+    kind = device.device_kind
+    for key, value in PEAK_FLOPS.items():
+        if key in kind:
+            return value
+    return None
+
+
+def device_description(device=None) -> str:
+    device = device or jax.devices()[0]
+    n = jax.device_count()
+    desc = f"{n} x {device.device_kind} ({device.platform})"
+    if device.platform == "cpu":
+        desc += f", {os.cpu_count()} host CPU cores"
+    return desc
+
+
+def synthetic_batch(batch_size: int, height: int, width: int, *, num_groups: int | None = None,
+                    teacher_stride: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
+    """A host-local batch with the loader's contract (random frames), numpy.
+
+    `teacher` (B, H/teacher_stride, W/teacher_stride, num_groups) float16 only when num_groups.
+    """
+    from xdistill_jax.input_pipeline import intrinsics_per_scale
+
+    rng = np.random.default_rng(seed)
+    frames = lambda h, w: rng.integers(0, 256, (batch_size, 3, h, w, 3), dtype=np.uint8)  # noqa: E731
+    batch = {"color": frames(height, width), "color_aug": frames(height, width)}
+    for s in (1, 2, 3):
+        batch[f"color_s{s}"] = frames(height // 2**s, width // 2**s)
+    K, inv_K = intrinsics_per_scale(MONODEPTH2_K, height, width)
+    batch["K"] = np.broadcast_to(K, (batch_size, 4, 4, 4)).copy()
+    batch["inv_K"] = np.broadcast_to(inv_K, (batch_size, 4, 4, 4)).copy()
+    batch["index"] = np.arange(batch_size, dtype=np.int32)
+    if num_groups:
+        shape = (batch_size, height // teacher_stride, width // teacher_stride, num_groups)
+        batch["teacher"] = rng.normal(0.0, 3.0, shape).astype(np.float16)
+    return batch
+
+
+def variant_config(config: ml_collections.ConfigDict, variant: Variant) -> ml_collections.ConfigDict:
+    """`config` with the variant's compute dtype and distillation switch (weight 0.1 if it was 0)."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.model.dtype = variant.dtype
+    if not variant.distill:
+        config.distill.weight = 0.0
+    elif config.distill.weight <= 0:
+        config.distill.weight = 0.1
+    return config
+
+
+def _block(tree) -> None:
+    jax.block_until_ready(tree)
+
+
+def _cost_flops(compiled) -> float | None:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older jax: one dict per program
+        cost = cost[0] if cost else None
+    if not cost or "flops" not in cost:
+        return None
+    return float(cost["flops"])
+
+
+def _xla_memory_bytes(compiled) -> int | None:
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # not every backend implements it
+        return None
+    if m is None:
+        return None
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+               + m.temp_size_in_bytes)
+
+
+def _peak_memory_bytes(mesh) -> int | None:
+    peaks = []
+    for d in mesh.devices.flat:
+        stats = d.memory_stats()
+        if not stats or "peak_bytes_in_use" not in stats:
+            return None
+        peaks.append(int(stats["peak_bytes_in_use"]))
+    return max(peaks)
+
+
+def benchmark_step(config: ml_collections.ConfigDict, *, steps: int = 50, warmup: int = 5,
+                   seed: int = 0, teacher_stride: int = 2) -> dict[str, Any]:
+    """Measures one config's train step (see the module docstring); returns a JSON-able dict."""
+    from xdistill_jax import semantics, train
+    from xdistill_jax.objective import Networks
+
+    if steps < 1 or warmup < 0:
+        raise ValueError(f"steps must be >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
+    mesh = train.make_mesh(config)
+    from xdistill_jax import config_utils
+
+    config_utils.validate(config, num_devices=mesh.size)
+    b, h, w = config.optim.batch_size, config.data.height, config.data.width
+    distill = config.distill.weight > 0
+    groups = semantics.get_grouping(config.distill.grouping).num_groups if distill else None
+    host_batch = synthetic_batch(b, h, w, num_groups=groups, teacher_stride=teacher_stride, seed=seed)
+
+    t0 = time.perf_counter()
+    nets = Networks.from_config(config)
+    tx = train.make_optimizer(config, steps_per_epoch=1000)
+    state = train.create_train_state(nets, tx, mesh, jax.random.key(seed))
+    _block(state)
+    init_s = time.perf_counter() - t0
+
+    batch = train.global_batch(host_batch, mesh)
+    rng = jax.device_put(jax.random.key(seed + 1), train.replicated(mesh))
+    _block((batch, rng))
+
+    t0 = time.perf_counter()
+    step_fn = train.make_train_step(config, nets, tx, mesh)
+    compiled = step_fn.lower(state, batch, rng).compile()
+    compile_s = time.perf_counter() - t0
+    flops_device = _cost_flops(compiled)
+    flops = None if flops_device is None else flops_device * mesh.size
+
+    t0 = time.perf_counter()
+    state, metrics = compiled(state, batch, rng)
+    _block(metrics)
+    first_step_s = time.perf_counter() - t0
+    for _ in range(warmup):
+        state, metrics = compiled(state, batch, rng)
+    _block((state, metrics))
+
+    times = []
+    with jax.transfer_guard("disallow"):
+        loop_start = time.perf_counter()
+        for _ in range(steps):
+            t = time.perf_counter()
+            state, metrics = compiled(state, batch, rng)
+            _block(metrics)
+            times.append(time.perf_counter() - t)
+        _block(state)
+        loop_s = time.perf_counter() - loop_start
+    loss = float(jax.device_get(metrics["loss"]))
+    if not np.isfinite(loss):
+        raise FloatingPointError(f"benchmark step produced a non-finite loss {loss}")
+
+    median = statistics.median(times)
+    device = mesh.devices.flat[0]
+    peak = peak_flops(device)
+    achieved = None if flops is None else flops / median
+    return {
+        "variant": Variant(config.model.dtype, distill).name,
+        "dtype": config.model.dtype,
+        "distill": distill,
+        "batch": b, "height": h, "width": w,
+        "num_layers": config.model.num_layers,
+        "devices": mesh.size,
+        "steps": steps, "warmup": warmup,
+        "images_per_s_median": b / median,
+        "images_per_s_mean": b * steps / loop_s,
+        "step_ms_median": 1e3 * median,
+        "step_ms_min": 1e3 * min(times),
+        "step_ms_max": 1e3 * max(times),
+        "init_s": init_s,
+        "compile_s": compile_s,
+        "cold_start_s": init_s + compile_s,
+        "first_step_s": first_step_s,
+        "flops_per_step": flops,
+        "achieved_flops_per_s": achieved,
+        "peak_flops_per_s": peak,
+        "fraction_of_peak": None if (peak is None or achieved is None) else achieved / peak,
+        "peak_memory_bytes": _peak_memory_bytes(mesh),
+        "xla_memory_bytes": _xla_memory_bytes(compiled),
+        "final_loss": loss,
+    }
+
+
+def run_matrix(config: ml_collections.ConfigDict, variant_list: Sequence[Variant], **kwargs) -> list[dict]:
+    """benchmark_step for each variant of `config` (same process: peak memory is the process's
+    peak so far; run one variant per process for per-variant peaks)."""
+    return [benchmark_step(variant_config(config, v), **kwargs) for v in variant_list]
+
+
+def _fmt(value, spec: str, scale: float = 1.0) -> str:
+    return "n/a" if value is None else format(value * scale, spec)
+
+
+def markdown_table(results: Sequence[dict], device: str | None = None) -> str:
+    """The results as a markdown table, headed by the device they ran on."""
+    device = device or device_description()
+    lines = [f"Train step benchmark on {device}", "",
+             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in results:
+        cells = [r["variant"], str(r["batch"]), f"{r['height']}x{r['width']}",
+                 _fmt(r["images_per_s_median"], ".1f"), _fmt(r["step_ms_median"], ".1f"),
+                 _fmt(r["init_s"], ".2f"), _fmt(r["compile_s"], ".2f"),
+                 _fmt(r["flops_per_step"], ".1f", 1e-9), _fmt(r["fraction_of_peak"], ".2f", 100.0),
+                 _fmt(r["peak_memory_bytes"], ".2f", 1e-9), _fmt(r["xla_memory_bytes"], ".2f", 1e-9)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_json(path: str | os.PathLike, results: Sequence[dict], **meta) -> pathlib.Path:
+    """Write {"device", "jax_version", "date", ..., "results"} atomically (temp name, rename)."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"device": device_description(), "device_kind": jax.devices()[0].device_kind,
+           "platform": jax.devices()[0].platform, "jax_version": jax.__version__,
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           **meta, "results": list(results)}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,113 @@
+"""`xdistill bench`: benchmark the train step (default) or the loader (`--loader`).
+
+  xdistill bench --config configs/kitti_resnet18_640x192.py --json bench.json
+  xdistill bench --config configs/synthetic_demo.py --steps 10 --warmup 2 --dtypes float32 \
+      --distill on,off --config.optim.batch_size=2
+  xdistill bench --loader --loader-format jpeg --loader-examples 48
+
+Train step: prints a markdown table (device named) of median images/s over --steps steps after
+--warmup, init and compile seconds, GFLOP per step (XLA cost analysis), % of the device's peak,
+peak and XLA-estimated memory, for each dtype x distillation variant; --json writes the figures.
+Loader: examples/s per core through prepared TFDS shards + grain + augmentation + teacher join.
+"""
+
+from __future__ import annotations
+
+import sys
+
+ACCEPTS_EXTRA_ARGS = True
+
+_ON_OFF = {"on": True, "off": False}
+
+
+def add_arguments(parser):
+    parser.add_argument("--config", default=None,
+                        help="config file (configs/*.py[:arg]); default: the paper config's fields")
+    parser.add_argument("--steps", type=int, default=50, help="timed steps (median over them)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps after the first")
+    parser.add_argument("--dtypes", default="bfloat16,float32", help="comma list of float32,bfloat16")
+    parser.add_argument("--distill", default="on,off", help="comma list of on,off")
+    parser.add_argument("--teacher-stride", type=int, default=2,
+                        help="synthetic teacher logits at (H/stride, W/stride)")
+    parser.add_argument("--json", default=None, help="write the results here (JSON)")
+    parser.add_argument("--compilation-cache", default=None,
+                        help="persistent compile cache dir ('off' to disable); default "
+                             "$XDISTILL_COMPILATION_CACHE or ~/.cache/xdistill_jax/jax_cache")
+    g = parser.add_argument_group("loader benchmark (--loader)")
+    g.add_argument("--loader", action="store_true", help="benchmark the input pipeline instead")
+    g.add_argument("--loader-examples", type=int, default=48)
+    g.add_argument("--loader-epochs", type=int, default=2)
+    g.add_argument("--loader-threads", type=int, default=0, help="0 = calling thread (per-core figure)")
+    g.add_argument("--loader-format", choices=("png", "jpeg"), default="png")
+    g.add_argument("--loader-no-teacher", action="store_true")
+    g.add_argument("--loader-workdir", default=None, help="keep the prepared data here")
+    parser.epilog = "Override config fields with --config.FIELD=VALUE (e.g. --config.optim.batch_size=12)."
+
+
+def _parse_list(text: str, allowed, flag: str):
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in items if t not in allowed]
+    if not items or bad:
+        raise ValueError(f"{flag}: expected a comma list of {', '.join(allowed)}, got {text!r}")
+    return items
+
+
+def _run_loader(args) -> int:
+    from xdistill_jax import loader_benchmark
+
+    if args.extra_args:
+        print(f"xdistill bench --loader: config overrides are not used: {' '.join(args.extra_args)}",
+              file=sys.stderr)
+        return 2
+    result = loader_benchmark.run(
+        examples=args.loader_examples, epochs=args.loader_epochs, threads=args.loader_threads,
+        image_format=args.loader_format, teacher=not args.loader_no_teacher, workdir=args.loader_workdir)
+    if args.json:
+        from xdistill_jax.benchmark import write_json
+        write_json(args.json, [result], kind="loader")
+    return 0
+
+
+def run(args) -> int:
+    from xdistill_jax import config_utils
+    from xdistill_jax.compilation_cache import enable_compilation_cache
+
+    try:
+        enable_compilation_cache(args.compilation_cache)
+    except ValueError as e:
+        print(f"xdistill bench: {e}", file=sys.stderr)
+        return 2
+    if args.loader:
+        return _run_loader(args)
+    try:
+        dtypes = _parse_list(args.dtypes, ("float32", "bfloat16"), "--dtypes")
+        distill = [_ON_OFF[x] for x in _parse_list(args.distill, tuple(_ON_OFF), "--distill")]
+        if args.steps < 1 or args.warmup < 0:
+            raise ValueError(f"--steps must be >= 1 and --warmup >= 0, got {args.steps}, {args.warmup}")
+        if args.config:
+            config = config_utils.load_config_file(args.config)
+        else:
+            from xdistill_jax.config_defaults import base_config
+            config = base_config()
+        config = config_utils.apply_overrides(config, args.extra_args)
+        config_utils.validate(config)
+    except ValueError as e:  # ConfigError is a ValueError
+        print(f"xdistill bench: {e}", file=sys.stderr)
+        return 2
+
+    from xdistill_jax import benchmark
+
+    results = []
+    for v in benchmark.variants(dtypes, distill):
+        r = benchmark.benchmark_step(benchmark.variant_config(config, v), steps=args.steps,
+                                     warmup=args.warmup, teacher_stride=args.teacher_stride)
+        results.append(r)
+        print(f"{r['variant']}: {r['images_per_s_median']:.1f} images/s (median of {args.steps}), "
+              f"init {r['init_s']:.2f} s, compile {r['compile_s']:.2f} s", flush=True)
+    print()
+    print(benchmark.markdown_table(results))
+    if args.json:
+        path = benchmark.write_json(args.json, results, kind="train_step", config=args.config,
+                                    overrides=list(args.extra_args), command=" ".join(sys.argv))
+        print(f"\nwrote {path}")
+    return 0

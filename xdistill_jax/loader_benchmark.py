@@ -1,0 +1,106 @@
+"""Loader throughput: TFDS array_record shards -> grain -> Monodepth2 augmentation -> batches.
+
+`run()` builds a KITTI-layout tree of textured native-size (1242x375) frames in a scratch
+directory, prepares it with `prepare_split` (PNG or JPEG at the training size), writes a teacher
+logits store of random float16 logits with `data_pipelines.teacher.store.write_store` (unless
+teacher=False), then times `make_train_iterator` over whole epochs: decode 3 images, flip,
+colour jitter, the LANCZOS scale chain, K per scale, the teacher join and batching. With
+threads=0 everything runs in the calling thread, so the figure is examples/s per core; with N
+threads it is the throughput of one process (PIL releases the GIL while decoding and resizing).
+
+Used by `benchmarks/loader_benchmark.py` and `xdistill bench --loader`. Needs TFDS, grain and
+PIL (imported here, not by the train-step benchmark).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import tempfile
+import time
+
+import numpy as np
+
+
+def write_raw_tree(root: pathlib.Path, num_examples: int, height: int, width: int) -> pathlib.Path:
+    """One drive of num_examples + 2 textured frames (image_02); returns the split file."""
+    from PIL import Image
+
+    date = "2011_09_26"
+    drive = f"{date}/{date}_drive_0001_sync"
+    folder = root / drive / "image_02" / "data"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = np.stack([np.sin(x / 13) * np.cos(y / 7), np.cos(x / 29 + y / 17), np.sin((x + y) / 41)], -1)
+    for f in range(num_examples + 2):
+        # Smooth structure moving with the frame plus pixel noise: PNG sizes like real frames.
+        img = 128 + 90 * np.roll(base, 4 * f, axis=1) + rng.normal(0, 8, base.shape)
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(folder / f"{f:010d}.png")
+    split = root / "bench_files.txt"
+    split.write_text("".join(f"{drive} {f} l\n" for f in range(1, num_examples + 1)))
+    return split
+
+
+def run(*, examples: int = 48, height: int = 192, width: int = 640, batch: int = 12, epochs: int = 2,
+        threads: int = 0, teacher_height: int = 96, teacher_width: int = 320, groups: int = 7,
+        image_format: str = "png", teacher: bool = True, workdir: str | None = None,
+        verbose: bool = True) -> dict:
+    """Prepare (or reuse, in `workdir`) the benchmark data and time the loader; returns figures."""
+    from data_pipelines.kitti import prepare, tfds_builder
+    from xdistill_jax import input_pipeline
+
+    say = print if verbose else (lambda *a, **k: None)
+    with tempfile.TemporaryDirectory(prefix="loader-bench-") as tmp:
+        root = pathlib.Path(workdir or tmp)
+        raw = root / "raw"
+        split = raw / "bench_files.txt"
+        t0 = time.perf_counter()
+        if not split.is_file():
+            split = write_raw_tree(raw, examples, 375, 1242)
+        data_dir = root / f"tfds_{image_format}_{width}x{height}"
+        prepare.prepare_split(raw, split, data_dir, "train", height, width,
+                              image_format=image_format, num_workers=min(2, os.cpu_count() or 1))
+        source = tfds_builder.open_split(data_dir, "train")
+        say(f"prepared {len(source)} {image_format} triplets at {width}x{height} "
+            f"in {time.perf_counter() - t0:.1f} s")
+
+        store_obj = None
+        if teacher:
+            from data_pipelines.teacher import store
+
+            shape = (teacher_height, teacher_width, groups)
+            path = root / f"teacher_{teacher_width}x{teacher_height}x{groups}"
+            if not (path / "teacher.json").is_file():
+                ids = [source[i]["id"].decode() for i in range(len(source))]
+                rng = np.random.default_rng(1)
+                store.write_store(
+                    path, len(ids),
+                    lambda idx: ([ids[i] for i in idx], rng.normal(0, 3, (len(idx),) + shape)),
+                    grouping="benchmark", group_names=[f"g{i}" for i in range(groups)],
+                    height=shape[0], width=shape[1], progress=False,
+                )
+            store_obj = store.TeacherLogitsSource(path)
+            say(f"teacher store: {len(store_obj)} records of {shape} float16")
+
+        it = input_pipeline.make_train_iterator(
+            source, global_batch_size=batch, seed=0, teacher=store_obj,
+            num_epochs=epochs + 1, num_threads=threads, process_index=0, process_count=1,
+        )
+        next(it)  # warm-up: opens shards, first decode
+        steps = input_pipeline.steps_per_epoch(len(source), batch) * epochs - 1
+        start = time.perf_counter()
+        cpu_start = time.process_time()
+        for _ in range(steps):
+            out = next(it)
+        wall = time.perf_counter() - start
+        cpu = time.process_time() - cpu_start
+        n = steps * batch
+        mb = sum(v.nbytes for v in out.values()) / 2**20
+        say(f"batch {batch}: {', '.join(f'{k} {v.shape}' for k, v in out.items())} ({mb:.1f} MiB)")
+        say(f"{n} examples in {wall:.2f} s wall, {cpu:.2f} s CPU, threads={threads}, "
+            f"{os.cpu_count()} CPU cores on this machine")
+        say(f"throughput: {n / wall:.1f} examples/s; per core (examples per CPU-second): {n / cpu:.1f} examples/s")
+        return {"format": image_format, "height": height, "width": width, "batch": batch,
+                "threads": threads, "teacher": teacher, "examples_timed": n, "wall_s": wall, "cpu_s": cpu,
+                "examples_per_s": n / wall, "examples_per_cpu_s": n / cpu}
