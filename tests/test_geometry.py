@@ -124,6 +124,14 @@ def test_border_padding_by_hand():
 def test_upsample_bilinear(ref):
     np.testing.assert_allclose(G.upsample_bilinear(np.array([0.0, 1.0]).reshape(1, 1, 2, 1), (1, 4))[0, 0, :, 0],
                                [0.0, 0.25, 0.75, 1.0], atol=1e-7)
+    # non-integer and down-scaling ratios take the general path: src = (i + 0.5) * in/out - 0.5
+    row = np.arange(3.0).reshape(1, 1, 3, 1)
+    np.testing.assert_allclose(G.upsample_bilinear(row, (1, 5))[0, 0, :, 0], [0.0, 0.4, 1.0, 1.6, 2.0], atol=1e-6)
+    np.testing.assert_allclose(G.upsample_bilinear(np.arange(4.0).reshape(1, 4, 1, 1), (2, 1))[0, :, 0, 0],
+                               [0.5, 2.5], atol=1e-6)
+    # gradient of the 2x path (slices, no scatter) spreads each output back onto its two taps
+    g = jax.grad(lambda x: jnp.sum(G.upsample_bilinear(x, (2, 4))))(jnp.ones((1, 1, 2, 1)))
+    np.testing.assert_allclose(g[0, 0, :, 0], [4.0, 4.0], atol=1e-6)
     for s in range(4):
         up = G.upsample_bilinear(nhwc(ref[f"full_in_disp_s{s}"]), (64, 192))
         np.testing.assert_allclose(up, nhwc(ref[f"full_mid_disp_up_s{s}"]), atol=1e-6)

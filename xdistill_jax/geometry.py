@@ -253,14 +253,43 @@ def warp(src, depth, K, inv_K, T, align_corners: bool = True):
 
 def _interp_taps(out_size: int, in_size: int):
     """Source taps and weights of torch bilinear interpolation with align_corners=False."""
-    scale = in_size / out_size
-    src = (np.arange(out_size, dtype=np.float64) + 0.5) * scale - 0.5
-    src = np.maximum(src, 0.0).astype(np.float32)
-    i0 = np.floor(src).astype(np.int32)
-    i0 = np.minimum(i0, in_size - 1)
+    scale = np.float32(in_size / out_size)
+    src = (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5)
+    src = np.maximum(src, np.float32(0.0))
+    i0 = np.minimum(np.floor(src).astype(np.int32), in_size - 1)
     i1 = np.minimum(i0 + 1, in_size - 1)
     w1 = (src - i0).astype(np.float32)
-    return i0, i1, (1.0 - w1).astype(np.float32), w1
+    return i0, i1, (np.float32(1.0) - w1).astype(np.float32), w1
+
+
+def _resize_axis(x, axis: int, out_size: int):
+    """Linear resize of one axis (torch align_corners=False rule)."""
+    in_size = x.shape[axis]
+    if out_size == in_size:
+        return x
+    i0, i1, w0, w1 = _interp_taps(out_size, in_size)
+    bshape = [1] * x.ndim
+    bshape[axis] = out_size
+    w0, w1 = w0.reshape(bshape), w1.reshape(bshape)
+    if out_size % in_size:
+        return w0 * jnp.take(x, i0, axis=axis) + w1 * jnp.take(x, i1, axis=axis)
+    # Integer factor f (the 2^s disparity upsampling): output k*f + p reads the same two taps
+    # relative to k for every k, so each phase p is two shifted slices of the edge-padded input and
+    # the phases interleave by a reshape. Unlike a gather, its gradient needs no scatter-add.
+    f = out_size // in_size
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (1, 1)
+    xp = jnp.pad(x, pad, mode="edge")  # xp[j] = x[clip(j - 1, 0, n - 1)]
+    phases = []
+    for p in range(f):
+        offset = np.float32((p + 0.5) / f - 0.5)  # source position of output k*f + p, minus k
+        lo = 0 if offset < 0 else 1  # taps (k-1, k) or (k, k+1), in padded coordinates
+        frac = offset % np.float32(1.0)
+        a = jax.lax.slice_in_dim(xp, lo, lo + in_size, axis=axis)
+        b = jax.lax.slice_in_dim(xp, lo + 1, lo + 1 + in_size, axis=axis)
+        phases.append((np.float32(1.0) - frac) * a + frac * b)
+    out = jnp.stack(phases, axis=axis + 1)
+    return out.reshape(x.shape[:axis] + (out_size,) + x.shape[axis + 1 :])
 
 
 def upsample_bilinear(x, size):
@@ -273,10 +302,4 @@ def upsample_bilinear(x, size):
     if x.ndim != 4:
         raise ValueError(f"x: expected shape (B,h,w,C) NHWC, got {tuple(x.shape)}")
     out_h, out_w = int(size[0]), int(size[1])
-    _, h, w, _ = x.shape
-    if (h, w) == (out_h, out_w):
-        return x
-    c0, c1, cw0, cw1 = _interp_taps(out_w, w)
-    r0, r1, rw0, rw1 = _interp_taps(out_h, h)
-    cols = cw0[:, None] * jnp.take(x, c0, axis=2) + cw1[:, None] * jnp.take(x, c1, axis=2)
-    return rw0[:, None, None] * jnp.take(cols, r0, axis=1) + rw1[:, None, None] * jnp.take(cols, r1, axis=1)
+    return _resize_axis(_resize_axis(x, 2, out_w), 1, out_h)

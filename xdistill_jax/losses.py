@@ -56,10 +56,11 @@ def _check_image(name: str, x, channels: int | None = None, hw: tuple | None = N
 
 
 def _box3(x):
-    """3x3 mean (stride 1) of x (B,H+2,W+2,C) -> (B,H,W,C), as two separable 3-tap sums."""
-    h, w = x.shape[1] - 2, x.shape[2] - 2
-    rows = x[:, 0:h] + x[:, 1 : h + 1] + x[:, 2 : h + 2]
-    return (rows[:, :, 0:w] + rows[:, :, 1 : w + 1] + rows[:, :, 2 : w + 2]) * (1.0 / 9.0)
+    """3x3 mean (stride 1, no padding) of x (B,H+2,W+2,C) -> (B,H,W,C), as two separable 3-tap
+    window sums (reduce_window: its gradient is again a window sum, unlike a sum of shifted slices,
+    whose transpose materialises three zero-padded copies; ~3x faster forward+backward on CPU)."""
+    x = jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, 3, 1, 1), (1, 1, 1, 1), "VALID")
+    return jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, 1, 3, 1), (1, 1, 1, 1), "VALID") * (1.0 / 9.0)
 
 
 def _reflect_pad1(x):
