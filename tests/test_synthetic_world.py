@@ -211,3 +211,14 @@ def test_synth_command_writes_a_world(tmp_path, capsys):
     assert not (out / drive_folder(1) / "velodyne_points").exists()  # --velodyne test
     assert (out / drive_folder(2) / "velodyne_points" / "data" / "0000000002.bin").is_file()
     assert (out / "make3d" / "Gridlaserdata" / "depth_sph_corr-synth5-p-000t000.mat").is_file()
+
+
+def test_worker_processes_do_not_change_the_world(tmp_path):
+    def world_bytes(out, workers):
+        generate_world(out, seed=9, drives=2, frames=3, width=32, height=16, make3d_images=2,
+                       make3d_size=(16, 12), lidar_azimuths=32, workers=workers)
+        return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+    one = world_bytes(tmp_path / "one", 1)
+    two = world_bytes(tmp_path / "two", 2)
+    assert one == two and len(one) > 50

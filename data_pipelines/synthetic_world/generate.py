@@ -14,24 +14,38 @@ import shutil
 import time
 from pathlib import Path
 
-from .kitti_writer import default_workers, write_calibration, write_drive, write_splits
-from .make3d_writer import write_make3d
+from .kitti_writer import (FPS, default_workers, drive_rng, write_calibration, write_drive,
+                           write_drive_metadata, write_splits)
+from .make3d_writer import write_make3d, write_make3d_list
 from .scene import DriveScene
 
 DATE = "2021_01_01"
-DEMO = dict(drives=3, frames=100, width=416, height=128, make3d_images=20, velodyne="test")
+DEMO = dict(drives=3, frames=100, width=416, height=128, make3d_images=20, make3d_size=(284, 213),
+            velodyne="test")
+MAKE3D_SIZE = (568, 426)  # rows x cols: a quarter of the real 2272 x 1704
 KITTI_NATIVE = dict(width=1242, height=375)
 
 
-def _drive_job(args):
-    root, date, drive, seed, frames, lidar_azimuths, velodyne = args
-    write_drive(Path(root), date, drive, seed, frames, lidar_azimuths, velodyne)
-    return drive
+FRAMES_PER_JOB = 20
+IMAGES_PER_JOB = 5
+
+
+def _job(args):
+    """One unit of work for the pool: a chunk of a drive's frames or of the Make3D images."""
+    kind, root, seed, frames = args[:4]
+    if kind == "frames":
+        drive, lidar_azimuths, velodyne, chunk = args[4:]
+        write_drive(Path(root), DATE, drive, seed, frames, lidar_azimuths, velodyne, frames=chunk)
+    else:
+        drive, num_images, size, chunk = args[4:]
+        scene = DriveScene(drive_rng(seed, drive), frames, fps=FPS)
+        write_make3d(Path(root) / "make3d", scene, seed, num_images, frames, *size, indices=chunk)
+    return args[0]
 
 
 def generate_world(out, seed: int = 0, drives: int = DEMO["drives"], frames: int = DEMO["frames"],
                    width: int = KITTI_NATIVE["width"], height: int = KITTI_NATIVE["height"],
-                   make3d_images: int = DEMO["make3d_images"], make3d_size: tuple[int, int] = (568, 426),
+                   make3d_images: int = DEMO["make3d_images"], make3d_size: tuple[int, int] = MAKE3D_SIZE,
                    lidar_azimuths: int = 1024, velodyne: str = "all", workers: int | None = None,
                    overwrite: bool = False) -> dict:
     """Write the world to `out`; returns a summary dict (also saved as `out/world.json`).
@@ -57,23 +71,32 @@ def generate_world(out, seed: int = 0, drives: int = DEMO["drives"], frames: int
     tmp.mkdir(parents=True)
     write_calibration(tmp / DATE, width, height)
     drive_ids = list(range(1, drives + 1))
-    jobs = [(str(tmp), DATE, d, seed, frames, lidar_azimuths, velodyne == "all" or d == drive_ids[-1])
-            for d in drive_ids]
-    jobs.reverse()  # the test drive (with scans, the longest job) first, for a balanced pool
-    workers = default_workers(drives) if workers is None else max(1, int(workers))
+    test_drive = drive_ids[-1]
+    # Work split in chunks that any process can do in any order (every frame and image is a
+    # fixed function of the seed); heavy chunks (the test drive's scans, Make3D) go first.
+    jobs = []
+    for d in [test_drive] + drive_ids[:-1]:
+        scans = velodyne == "all" or d == test_drive
+        for a in range(0, frames, FRAMES_PER_JOB):
+            jobs.append(("frames", str(tmp), seed, frames, d, lidar_azimuths, scans,
+                         range(a, min(a + FRAMES_PER_JOB, frames))))
+        if d == test_drive:
+            for a in range(0, make3d_images, IMAGES_PER_JOB):
+                jobs.append(("make3d", str(tmp), seed, frames, d, make3d_images, tuple(make3d_size),
+                             range(a, min(a + IMAGES_PER_JOB, make3d_images))))
+    workers = default_workers(len(jobs)) if workers is None else max(1, int(workers))
     if workers > 1:
         # spawn: the parent may hold threads (e.g. jax), which fork would copy in a broken state.
         with multiprocessing.get_context("spawn").Pool(workers) as pool:
-            list(pool.imap_unordered(_drive_job, jobs))
+            list(pool.imap_unordered(_job, jobs))
     else:
         for job in jobs:
-            _drive_job(job)
-    splits = write_splits(tmp, DATE, drive_ids, frames, seed)
+            _job(job)
+    for d in drive_ids:
+        write_drive_metadata(tmp, DATE, d, seed, frames, velodyne == "all" or d == test_drive)
     if make3d_images:
-        from .kitti_writer import FPS, drive_rng
-
-        test_scene = DriveScene(drive_rng(seed, drive_ids[-1]), frames, fps=FPS)
-        write_make3d(tmp / "make3d", test_scene, seed, make3d_images, frames, *make3d_size)
+        write_make3d_list(tmp / "make3d", seed, make3d_images)
+    splits = write_splits(tmp, DATE, drive_ids, frames, seed)
     summary = {
         "seed": int(seed), "date": DATE, "drives": drives, "frames": frames, "width": width,
         "height": height, "test_drive": f"{DATE}/{DATE}_drive_{drive_ids[-1]:04d}_sync",

@@ -52,22 +52,22 @@ def drive_rng(seed: int, drive: int) -> np.random.Generator:
 
 
 def write_drive(root: Path, date: str, drive: int, seed: int, num_frames: int,
-                lidar_azimuths: int = 1024, velodyne: bool = True) -> DriveScene:
+                lidar_azimuths: int = 1024, velodyne: bool = True, frames=None) -> DriveScene:
     """Render and write one drive; returns its scene (for callers that need the layout).
 
-    `velodyne=False` skips the scans (and their timestamps) of a drive, e.g. training drives of
-    the demo world, where nothing reads them and they would be most of the bytes on disk.
+    `frames` (an iterable of frame indices) renders only those frames and skips the per-drive
+    metadata, so a drive can be split across processes; by default all frames and the metadata
+    (`write_drive_metadata`) are written. `velodyne=False` skips the scans, e.g. for training
+    drives of the demo world, where nothing reads them and they would be most of the bytes.
     """
     rig = rig_mod.Rig(root / date)
     scene = DriveScene(drive_rng(seed, drive), num_frames, fps=FPS)
     folder = root / date / f"{date}_drive_{drive:04d}_sync"
     pixel_angle = 1.0 / rig.fx
-    imu_poses = []
-    for frame in range(num_frames):
+    for frame in range(num_frames) if frames is None else frames:
         t = frame / FPS
         vehicle = scene.vehicle_pose(t)
         prims = scene.primitives_at(t)
-        imu_poses.append(vehicle @ rig.vehicle_from_imu)
         for cam in (2, 3):
             grid = pinhole_grid(vehicle @ rig.vehicle_from_cam[cam], rig.fx, rig.fy, rig.cx, rig.cy,
                                 rig.width, rig.height)
@@ -91,20 +91,32 @@ def write_drive(root: Path, date: str, drive: int, seed: int, num_frames: int,
         velo_file = folder / "velodyne_points" / "data" / f"{frame:010d}.bin"
         velo_file.parent.mkdir(parents=True, exist_ok=True)
         points.tofile(velo_file)
+    if frames is None:
+        write_drive_metadata(root, date, drive, seed, num_frames, velodyne, scene)
+    return scene
 
+
+def write_drive_metadata(root: Path, date: str, drive: int, seed: int, num_frames: int,
+                         velodyne: bool = True, scene: DriveScene | None = None):
+    """oxts packets (from the true IMU poses) and the KITTI timestamps files of one drive."""
+    rig = rig_mod.Rig(root / date)
+    scene = scene or DriveScene(drive_rng(seed, drive), num_frames, fps=FPS)
+    folder = root / date / f"{date}_drive_{drive:04d}_sync"
+    imu_poses = np.stack([scene.vehicle_pose(i / FPS) @ rig.vehicle_from_imu for i in range(num_frames)])
     oxts_dir = folder / "oxts" / "data"
     oxts_dir.mkdir(parents=True, exist_ok=True)
-    for frame, line in enumerate(rig_mod.oxts_lines(np.stack(imu_poses), FPS)):
+    for frame, line in enumerate(rig_mod.oxts_lines(imu_poses, FPS)):
         (oxts_dir / f"{frame:010d}.txt").write_text(line + "\n")
     (folder / "oxts" / "dataformat.txt").write_text(rig_mod.OXTS_DATAFORMAT)
     (folder / "oxts" / "timestamps.txt").write_text(_timestamps(num_frames))
     for cam in (2, 3):
+        (folder / f"image_0{cam}").mkdir(parents=True, exist_ok=True)
         (folder / f"image_0{cam}" / "timestamps.txt").write_text(_timestamps(num_frames))
     if velodyne:
+        (folder / "velodyne_points").mkdir(parents=True, exist_ok=True)
         (folder / "velodyne_points" / "timestamps.txt").write_text(_timestamps(num_frames))
         (folder / "velodyne_points" / "timestamps_start.txt").write_text(_timestamps(num_frames, -0.05))
         (folder / "velodyne_points" / "timestamps_end.txt").write_text(_timestamps(num_frames, 0.05))
-    return scene
 
 
 def write_calibration(date_dir: Path, width: int, height: int):

@@ -45,24 +45,54 @@ def _camera_pose(scene: DriveScene, rng: np.random.Generator, num_frames: int) -
     return pose
 
 
-def write_make3d(out: Path, scene: DriveScene, seed: int, num_images: int, num_frames: int,
-                 rows: int = 568, cols: int = 426) -> list[str]:
-    """Render `num_images` Make3D-style images + laser grids; returns the image file names."""
+def _save_mat(path: Path, variables: dict):
+    """scipy.io.savemat with the header's creation time fixed, so the bytes depend on the seed only."""
+    import io
+
     import scipy.io
+
+    buf = io.BytesIO()
+    scipy.io.savemat(buf, variables)
+    data = bytearray(buf.getvalue())
+    at = data.find(b"Created on: ", 0, 116)
+    if at >= 0:  # the MAT 5 header is 116 bytes of text; time.asctime() is 24 characters
+        data[at + 12:at + 36] = b"Fri Jan  1 12:00:00 2021"
+    path.write_bytes(bytes(data))
+
+
+def image_name(seed: int, index: int) -> str:
+    return f"synth{int(seed)}-p-{index:03d}t000"
+
+
+def write_make3d_list(out: Path, seed: int, num_images: int) -> list[str]:
+    """`make3d_test_files.txt` (one `img-NAME.jpg` per line); returns the names."""
+    names = [f"img-{image_name(seed, i)}.jpg" for i in range(num_images)]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "make3d_test_files.txt").write_text("\n".join(names) + "\n")
+    return names
+
+
+def write_make3d(out: Path, scene: DriveScene, seed: int, num_images: int, num_frames: int,
+                 rows: int = 568, cols: int = 426, indices=None) -> list[str]:
+    """Render Make3D-style images + laser grids; returns the image file names.
+
+    Image i is a fixed function of (seed, i) (its own generator), so `indices` can split the
+    set across processes; by default all `num_images` are rendered and the list file written.
+    """
     from PIL import Image
 
-    rng = np.random.default_rng([int(seed), 0x3D3D])
     (out / "Test134").mkdir(parents=True, exist_ok=True)
     (out / "Gridlaserdata").mkdir(parents=True, exist_ok=True)
     f = 0.9 * cols  # ~58 degrees across the columns, ~73 across the rows
     cx, cy = 0.5 * (cols - 1), 0.5 * (rows - 1)
     names = []
-    for i in range(num_images):
+    for i in range(num_images) if indices is None else indices:
+        rng = np.random.default_rng([int(seed), 0x3D3D, i])
         t = rng.uniform(0, num_frames / scene.fps)
         prims = scene.primitives_at(float(t))
         pose = _camera_pose(scene, rng, num_frames)
         view = render_view(pinhole_grid(pose, f, f, cx, cy, cols, rows), prims, scene.road, 1.0 / f)
-        name = f"synth{int(seed)}-p-{i:03d}t000"
+        name = image_name(seed, i)
         Image.fromarray(view["rgb"]).save(out / "Test134" / f"img-{name}.jpg", quality=95)
 
         # Laser grid: rays through a 55 x 305 lattice spanning the same field of view.
@@ -81,7 +111,8 @@ def write_make3d(out: Path, scene: DriveScene, seed: int, num_images: int, num_f
         dist = np.where(far, LASER_MAX, dist)
         z = dist / ray_len
         grid3d = np.stack([-d_cam[..., 1] * z, d_cam[..., 0] * z, z, dist], -1).astype(np.float64)
-        scipy.io.savemat(out / "Gridlaserdata" / f"depth_sph_corr-{name}.mat", {"Position3DGrid": grid3d})
+        _save_mat(out / "Gridlaserdata" / f"depth_sph_corr-{name}.mat", {"Position3DGrid": grid3d})
         names.append(f"img-{name}.jpg")
-    (out / "make3d_test_files.txt").write_text("\n".join(names) + "\n")
+    if indices is None:
+        write_make3d_list(out, seed, num_images)
     return names

@@ -25,8 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--height", type=int, default=375, help="image height (KITTI-native 375)")
     parser.add_argument("--make3d-images", type=int, default=DEMO["make3d_images"],
                         help="Make3D-layout test images (the real Test134 has 134)")
-    parser.add_argument("--make3d-size", type=_size, default=(568, 426),
-                        help="Make3D image ROWSxCOLS (real: 2272x1704; default a quarter of that)")
+    parser.add_argument("--make3d-size", type=_size, default=None,
+                        help="Make3D image ROWSxCOLS (real: 2272x1704; default a quarter of that, "
+                             "an eighth with --demo)")
     parser.add_argument("--lidar-azimuths", type=int, default=1024, help="lidar columns per 360 degrees")
     parser.add_argument("--velodyne", choices=("all", "test"), default=None,
                         help="scans for all drives (as KITTI; default) or only the held-out test drive "
@@ -39,16 +40,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from data_pipelines.synthetic_world.generate import DEMO, generate_world
+    from data_pipelines.synthetic_world.generate import DEMO, MAKE3D_SIZE, generate_world
 
     width, height, drives, frames = args.width, args.height, args.drives, args.frames
     velodyne = args.velodyne or "all"
+    make3d_size = args.make3d_size or MAKE3D_SIZE
     if args.demo:
+        make3d_size = args.make3d_size or DEMO["make3d_size"]
         width, height, drives, frames = DEMO["width"], DEMO["height"], DEMO["drives"], DEMO["frames"]
         velodyne = args.velodyne or DEMO["velodyne"]
     summary = generate_world(
         args.out, seed=args.seed, drives=drives, frames=frames, width=width, height=height,
-        make3d_images=args.make3d_images, make3d_size=args.make3d_size,
+        make3d_images=args.make3d_images, make3d_size=make3d_size,
         lidar_azimuths=args.lidar_azimuths, velodyne=velodyne, workers=args.workers, overwrite=args.overwrite)
     print(json.dumps(summary, indent=2))
     return 0
