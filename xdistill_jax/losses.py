@@ -143,6 +143,45 @@ def _color(colors, frame, scale):
     return _lookup(_lookup(colors, frame, "colors", "frame"), scale, f"colors[{frame}]", "scale")
 
 
+def _validate_loss_inputs(colors, disps, cam_T_cam, Ks, inv_Ks, tiebreak_noise, v1_multiscale, n_identity):
+    """Check every array monodepth2_loss will read; returns (sorted scales, (B, H, W)).
+
+    Errors name the argument (e.g. "colors[-1][0]", "Ks[0]", "tiebreak_noise[3]") and give the
+    expected and actual shapes; missing frames / scales are named too.
+    """
+    if not isinstance(disps, Mapping) or not disps:
+        raise ValueError("disps: expected a non-empty dict {scale: (B,h,w,1) disparity}")
+    scales = sorted(disps.keys())
+    target0 = _color(colors, 0, 0)
+    _check_image("colors[0][0]", target0, channels=3)
+    b, h, w, _ = np.shape(target0)
+    for s in scales:
+        if not isinstance(s, (int, np.integer)) or s < 0:
+            raise ValueError(f"disps: scale keys must be non-negative ints, got {s!r}")
+        hs, ws = h // 2**s, w // 2**s
+        _check_image(f"disps[{s}]", disps[s], channels=1, hw=(hs, ws), batch=b)
+        _check_image(f"colors[0][{s}]", _color(colors, 0, s), channels=3, hw=(hs, ws), batch=b)
+    for f in SOURCE_FRAMES:
+        _lookup(cam_T_cam, f, "cam_T_cam", "frame")
+        geometry.check_matrices(f"cam_T_cam[{f}]", cam_T_cam[f], b)
+    for s in scales if v1_multiscale else [0]:
+        hs, ws = h // 2**s, w // 2**s
+        geometry.check_matrices(f"Ks[{s}]", _lookup(Ks, s, "Ks", "scale"), b)
+        geometry.check_matrices(f"inv_Ks[{s}]", _lookup(inv_Ks, s, "inv_Ks", "scale"), b)
+        for f in SOURCE_FRAMES:
+            _check_image(f"colors[{f}][{s}]", _color(colors, f, s), channels=3, hw=(hs, ws), batch=b)
+    if tiebreak_noise is not None:
+        for s in scales:
+            hs, ws = (h // 2**s, w // 2**s) if v1_multiscale else (h, w)
+            shape = tuple(np.shape(_lookup(tiebreak_noise, s, "tiebreak_noise", "scale")))
+            if len(shape) != 4 or shape[:3] != (b, hs, ws) or shape[3] not in (n_identity, 2):
+                raise ValueError(
+                    f"tiebreak_noise[{s}]: expected shape ({b},{hs},{ws},{n_identity}) NHWC "
+                    f"(frames -1, +1), got {shape}"
+                )
+    return scales, (b, h, w)
+
+
 def monodepth2_loss(
     colors,
     disps,
@@ -173,6 +212,7 @@ def monodepth2_loss(
         frames (-1, +1) (h,w = loss resolution: full unless v1_multiscale). With avg_reprojection
         only one identity channel exists: (B,h,w,1), or channel 0 of a (B,h,w,2) array is used.
       rng: alternatively a PRNG key; noise = 1e-5 * normal(fold_in(rng, scale)). Neither: no noise.
+        Noise only matters (and is only checked) with automask.
       automask: include the identity (un-warped source) losses in the per-pixel minimum.
       avg_reprojection: average over source frames instead of the per-pixel minimum.
       v1_multiscale: compute each scale's photometric loss at that scale (K_s, colors[f][s])
@@ -188,39 +228,10 @@ def monodepth2_loss(
     """
     if tiebreak_noise is not None and rng is not None:
         raise ValueError("tiebreak_noise and rng: give at most one of them")
-    if not isinstance(disps, Mapping) or not disps:
-        raise ValueError("disps: expected a non-empty dict {scale: (B,h,w,1) disparity}")
-    scales = sorted(disps.keys())
-    target0 = _color(colors, 0, 0)
-    _check_image("colors[0][0]", target0, channels=3)
-    b, h, w, _ = np.shape(target0)
-    for s in scales:
-        if not isinstance(s, (int, np.integer)) or s < 0:
-            raise ValueError(f"disps: scale keys must be non-negative ints, got {s!r}")
-        hs, ws = h // 2**s, w // 2**s
-        _check_image(f"disps[{s}]", disps[s], channels=1, hw=(hs, ws), batch=b)
-        _check_image(f"colors[0][{s}]", _color(colors, 0, s), channels=3, hw=(hs, ws), batch=b)
-    for f in SOURCE_FRAMES:
-        _lookup(cam_T_cam, f, "cam_T_cam", "frame")
-        geometry.check_matrices(f"cam_T_cam[{f}]", cam_T_cam[f], b)
-    loss_scales = scales if v1_multiscale else [0]
-    for s in loss_scales:
-        hs, ws = h // 2**s, w // 2**s
-        geometry.check_matrices(f"Ks[{s}]", _lookup(Ks, s, "Ks", "scale"), b)
-        geometry.check_matrices(f"inv_Ks[{s}]", _lookup(inv_Ks, s, "inv_Ks", "scale"), b)
-        for f in SOURCE_FRAMES:
-            _check_image(f"colors[{f}][{s}]", _color(colors, f, s), channels=3, hw=(hs, ws), batch=b)
     n_identity = 1 if avg_reprojection else 2
-    if tiebreak_noise is not None and automask:
-        for s in scales:
-            hs, ws = (h // 2**s, w // 2**s) if v1_multiscale else (h, w)
-            noise = _lookup(tiebreak_noise, s, "tiebreak_noise", "scale")
-            shape = tuple(np.shape(noise))
-            if len(shape) != 4 or shape[:3] != (b, hs, ws) or shape[3] not in (n_identity, 2):
-                raise ValueError(
-                    f"tiebreak_noise[{s}]: expected shape ({b},{hs},{ws},{n_identity}) NHWC "
-                    f"(frames -1, +1), got {shape}"
-                )
+    scales, (b, h, w) = _validate_loss_inputs(
+        colors, disps, cam_T_cam, Ks, inv_Ks, tiebreak_noise if automask else None, v1_multiscale, n_identity
+    )
 
     T = {f: _f32(cam_T_cam[f]) for f in SOURCE_FRAMES}
 
