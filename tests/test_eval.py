@@ -1,0 +1,283 @@
+"""`xdistill eval`: metrics by hand and vs Monodepth2's numbers, the padded jitted pipeline, Make3D
+(synthetic world and a fake real-layout folder), pose ATE, checkpoints vs training-time validation,
+and the bad-input messages."""
+
+import json
+import pathlib
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from eval_workdir import TEST_DRIVE, trained
+from xdistill_jax import cli, eval_depth, eval_pose, evaluation, inference
+
+DATA_DIR = pathlib.Path(__file__).parent / "data"
+DATE = "2011_09_26"
+FOLDER = f"{DATE}/{DATE}_drive_0001_sync"
+
+
+class FixedDisparity(nn.Module):
+    """A stand-in depth net: returns its (H,W) parameter as the sigmoid disparity of every image."""
+
+    height: int
+    width: int
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        disp = self.param("disp", nn.initializers.zeros, (self.height, self.width))
+        return {0: jnp.broadcast_to(disp[None, :, :, None], x.shape[:3] + (1,))}
+
+
+def fixed_model(scaled_disp: np.ndarray, min_depth=0.1, max_depth=100.0) -> inference.DepthModel:
+    """A DepthModel whose scaled disparity (disp_to_depth(., min, max)[0]) is `scaled_disp`."""
+    h, w = scaled_disp.shape
+    sigmoid = (scaled_disp - 1.0 / max_depth) / (1.0 / min_depth - 1.0 / max_depth)
+    return inference.DepthModel(FixedDisparity(h, w), {"params": {"disp": np.float32(sigmoid)}}, None, None,
+                                h, w, min_depth, max_depth, None, "fixed")
+
+
+@pytest.fixture(scope="module")
+def ref():
+    with np.load(DATA_DIR / "monodepth2_ref.npz") as z:
+        return {k: z[k] for k in z.files if k.startswith(("err_", "evalpipe_"))}
+
+
+def write_kitti_like(root: pathlib.Path, n: int, h: int, w: int, gt: np.ndarray):
+    """n split lines of one drive with h x w PNGs and an export-gt style GT file; returns (split, gt)."""
+    from PIL import Image
+
+    folder = root / FOLDER / "image_02" / "data"
+    folder.mkdir(parents=True)
+    lines = []
+    for i in range(n):
+        Image.fromarray(np.full((h, w, 3), 40 * i, np.uint8)).save(folder / f"{i:010d}.png")
+        lines.append(f"{FOLDER} {i} l")
+    split = root / "split.txt"
+    split.write_text("\n".join(lines) + "\n")
+    arrays = {f"depth_{i:05d}": gt for i in range(n)}
+    np.savez_compressed(root / "gt.npz", files=np.array(lines), **arrays)
+    return split, root / "gt.npz"
+
+
+# --------------------------------------------------------------------------- metrics by hand
+
+
+def test_constant_prediction_by_hand():
+    gt = np.array([2.0, 4.0, 8.0])
+    e = evaluation.compute_depth_errors(gt, np.full(3, 4.0))
+    np.testing.assert_allclose([e["abs_rel"], e["sq_rel"], e["rmse"]], [0.5, 4.0 / 3.0, np.sqrt(20.0 / 3.0)])
+    np.testing.assert_allclose(e["rmse_log"], np.log(2.0) * np.sqrt(2.0 / 3.0))
+    assert (e["a1"], e["a2"], e["a3"]) == pytest.approx((1 / 3, 1 / 3, 1 / 3))
+    # a constant disparity, median-scaled, becomes the median GT everywhere
+    gt_map = np.zeros((4, 6))
+    gt_map[1:3, 1:4] = [[2.0, 4.0, 8.0], [4.0, 2.0, 8.0]]
+    e, ratio = eval_depth.score_kitti_image(gt_map, np.full((2, 3), 0.5), "eigen", crop=None)
+    assert ratio == pytest.approx(4.0 / 2.0)  # median gt 4, predicted depth 1 / 0.5
+    assert e["abs_rel"] == pytest.approx(0.5)
+
+
+def test_benchmark_protocol_by_hand():
+    """eigen_benchmark: every gt > 0 counts (85 m too), the prediction is clamped to 80 m."""
+    gt = np.array([[0.0, 10.0, 85.0], [20.0, 0.0, 40.0]])
+    e, ratio = eval_depth.score_kitti_image(gt, 3.0 / (gt + (gt == 0)), "eigen_benchmark")
+    assert ratio == pytest.approx(3.0)  # depth = gt / 3, median-scaled back exactly ...
+    expected_pred = np.array([10.0, 80.0, 20.0, 40.0])  # ... then 85 clamped to 80
+    want = evaluation.compute_depth_errors(np.array([10.0, 85.0, 20.0, 40.0]), expected_pred)
+    assert e == pytest.approx(want)
+    e, ratio = eval_depth.score_kitti_image(gt, np.full((2, 3), 0.5), "eigen_benchmark", stereo=True)
+    assert ratio is None and e["rmse"] == pytest.approx(np.sqrt(np.mean((np.array([10, 85, 20, 40]) - 10.8) ** 2)))
+
+
+def test_make3d_scoring_by_hand():
+    gt = np.linspace(5.0, 60.0, 55 * 305).reshape(55, 305)
+    gt[20, :10] = 81.92  # scanner saturation: beyond the 70 m cap, not counted
+    crop = eval_depth.make3d_gt_crop(gt)
+    assert crop.shape == (21, 305) and crop[0, 0] == gt[17, 0] and crop[-1, -1] == gt[37, -1]
+    e, ratio = eval_depth.score_make3d_image(crop, 3.0 / crop)  # depth = crop / 3 everywhere
+    assert ratio == pytest.approx(3.0, rel=1e-6)
+    assert e["abs_rel"] < 1e-9 and e["log10"] < 1e-9 and e["a1"] == 1.0
+    e, _ = eval_depth.score_make3d_image(crop, np.full((7, 50), 0.2))
+    valid = crop[crop < 70]
+    np.testing.assert_allclose(e["log10"], np.mean(np.abs(np.log10(valid) - np.log10(np.median(valid)))))
+    assert eval_depth.make3d_crop_rows(2272, 1704) == (710, 1562)  # 852 central rows: 2:1
+
+
+def test_pipeline_matches_monodepth2_fixture(ref, tmp_path):
+    """The whole padded, jitted pipeline on a model that predicts the fixture's disparity."""
+    gt, disp = ref["evalpipe_gt_depth"], ref["evalpipe_pred_disp"]
+    split, gt_file = write_kitti_like(tmp_path, 3, *gt.shape, gt)
+    model = fixed_model(disp.astype(np.float64))
+    for stereo, key in ((False, "evalpipe_errors"), (True, "evalpipe_errors_stereo")):
+        res = eval_depth.evaluate_kitti(model, tmp_path, split, gt_file, stereo=stereo, batch_size=2,
+                                        show_progress=False)  # 3 images: one full batch, one padded
+        assert res.summary["num_images"] == 3 and [r["index"] for r in res.rows] == [0, 1, 2]
+        np.testing.assert_allclose(evaluation.errors_as_array(res.summary), ref[key], rtol=1e-5)
+    res = eval_depth.evaluate_kitti(model, tmp_path, split, gt_file, batch_size=4, show_progress=False)
+    np.testing.assert_allclose(res.summary["ratio_median"], ref["evalpipe_ratio"], rtol=1e-5)
+    e = evaluation.compute_depth_errors(ref["err_gt"], ref["err_pred"])
+    np.testing.assert_allclose(evaluation.errors_as_array(e), ref["err_out"], rtol=1e-12)
+
+
+def test_fake_real_make3d_layout(tmp_path):
+    """Real sizes (2272 x 1704 JPEGs, 55 x 305 x 4 grids): a constant prediction scores as worked out."""
+    import scipy.io
+    from PIL import Image
+
+    (tmp_path / "Test134").mkdir()
+    (tmp_path / "Gridlaserdata").mkdir()
+    rng = np.random.default_rng(0)
+    crops = []
+    for name in ("op1-p-108t000", "op2-p-169t000"):
+        Image.fromarray(np.zeros((2272, 1704, 3), np.uint8)).save(tmp_path / "Test134" / f"img-{name}.jpg")
+        grid = rng.uniform(2.0, 90.0, (55, 305, 4))
+        scipy.io.savemat(tmp_path / "Gridlaserdata" / f"depth_sph_corr-{name}.mat", {"Position3DGrid": grid})
+        crops.append(grid[17:38, :, 3])
+    res = eval_depth.evaluate_make3d(fixed_model(np.full((64, 128), 0.25)), tmp_path, batch_size=4,
+                                     show_progress=False)
+    assert res.summary["num_images"] == 2 and set(res.metric_keys) >= {"abs_rel", "sq_rel", "rmse", "log10"}
+    per = []
+    for c in crops:
+        g = c[(c > 0) & (c < 70)]
+        per.append(np.mean(np.abs(g - np.median(g)) / g))
+    np.testing.assert_allclose(res.summary["abs_rel"], np.mean(per), rtol=1e-6)  # GT read as float32
+
+
+# ------------------------------------------------------------------------------------ pose
+
+
+def test_ate_by_hand():
+    gt = np.array([[0.0, 0, 0], [1.0, 0, 0]])
+    assert eval_pose.compute_ate(gt, np.array([[5.0, 5, 5], [5.0, 6, 5]])) == pytest.approx(0.5)  # scale 0
+    assert eval_pose.compute_ate(gt, np.array([[0.0, 0, 0], [3.0, 0, 0]])) == pytest.approx(0.0)  # scale 1/3
+    track = np.cumsum(np.random.default_rng(0).normal(size=(7, 3)), 0)
+    poses = np.tile(np.eye(4), (7, 1, 1))
+    poses[:, :3, 3] = track
+    rel = eval_pose.relative_transforms(poses)
+    # frame i -> frame i+1 maps the origin of frame i to minus the motion
+    np.testing.assert_allclose(rel[0][:3, 3], track[0] - track[1])
+    scaled = rel.copy()
+    scaled[:, :3, 3] *= 2.5  # monocular scale ambiguity: aligned away
+    ates = eval_pose.snippet_ates(rel, scaled)
+    assert len(ates) == 6 and np.max(ates) < 1e-12
+    wrong = rel.copy()
+    wrong[:, :3, 3] = 0.0
+    ates = eval_pose.snippet_ates(rel, wrong)  # zero motion: scale 0, the error is the GT track
+    pos = eval_pose.chain_positions(rel[:4])
+    assert ates[0] == pytest.approx(np.sqrt(np.sum(pos**2)) / 5)
+
+
+def test_pose_gt_from_synthetic_oxts_and_odometry_layout(tmp_path):
+    """Camera poses from oxts + calibration move ~0.7-1 m forward per frame (the world drives 7-10 m/s at
+    10 Hz); the same frames in the KITTI odometry layout evaluate to the same ATE as from the raw layout."""
+    t = trained()
+    seq = eval_pose.raw_sequence(t.world, t.splits / "test_files.txt")
+    rel = eval_pose.relative_transforms(seq.poses)
+    step = rel[:, :3, 3]
+    assert np.all((np.linalg.norm(step, axis=1) > 0.6) & (np.linalg.norm(step, axis=1) < 1.1))
+    assert np.all(step[:, 2] < -0.9 * np.linalg.norm(step, axis=1))  # a static point comes closer (z)
+    model = inference.load_workdir_model(t.workdir)
+    raw_res = eval_pose.evaluate_pose(model, seq, batch_size=3, show_progress=False)
+    assert raw_res["num_snippets"] == 7 and raw_res["ate_mean"] > 0
+
+    import shutil
+    (tmp_path / "sequences" / "09" / "image_2").mkdir(parents=True)
+    (tmp_path / "poses").mkdir()
+    lines = []
+    for i, p in enumerate(seq.images):
+        shutil.copy(p, tmp_path / "sequences" / "09" / "image_2" / f"{i:06d}.png")
+        if i < len(seq.images) - 1:
+            lines.append(f"9 {i} l")
+    (tmp_path / "poses" / "09.txt").write_text(
+        "\n".join(" ".join(f"{v:.12e}" for v in p[:3].ravel()) for p in seq.poses) + "\n")
+    (tmp_path / "test_files_09.txt").write_text("\n".join(lines) + "\n")
+    odom = eval_pose.odometry_sequence(tmp_path, "odom_09", tmp_path / "test_files_09.txt")
+    res = eval_pose.evaluate_pose(model, odom, batch_size=3, show_progress=False)
+    np.testing.assert_allclose([res["ate_mean"], res["ate_std"]], [raw_res["ate_mean"], raw_res["ate_std"]],
+                               rtol=1e-6)
+
+
+# ------------------------------------------------------------------------- from checkpoints
+
+
+def test_checkpoint_eval_equals_training_validation():
+    t = trained()
+    val = [json.loads(s) for s in (t.workdir / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in val if r["split"] == "val" and r["step"] == 2]
+    assert len(val) == 1 and "abs_rel" in val[0]
+    model = inference.load_workdir_model(t.workdir, step=2)
+    assert (model.step, model.height, model.width) == (2, 32, 96)
+    res = eval_depth.evaluate_kitti(model, t.world, t.splits / "val_files.txt", t.gt_val, batch_size=4,
+                                    show_progress=False)
+    assert res.summary["num_images"] == val[0]["num_images"]
+    for k in evaluation.METRIC_KEYS + ("ratio_median",):
+        np.testing.assert_allclose(res.summary[k], val[0][k], rtol=1e-5, err_msg=k)
+
+
+def test_cli_eval_kitti_make3d_and_pose(capsys):
+    t = trained()
+    test_split = t.splits / "test_files.txt"
+    assert cli.main(["eval", "--workdir", str(t.workdir), "--split", "eigen", "--data", str(t.world),
+                     "--split-file", str(test_split), "--gt", str(t.gt_test), "--batch-size", "3",
+                     "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "Scaling ratios | med:" in out and "abs_rel" in out and "(8 images)" in out
+    summary = json.loads((t.workdir / "eval" / "eigen-test_files-step2.json").read_text())
+    assert set(evaluation.METRIC_KEYS) | {"num_images"} <= set(summary) and summary["num_images"] == 8
+    rows = (t.workdir / "eval" / "eigen-test_files-step2.csv").read_text().splitlines()
+    ids = [r.split(",")[1] for r in rows[1:]]
+    assert rows[0].startswith("index,id,abs_rel") and len(ids) == 8 == len(set(ids))  # each image once
+    np.testing.assert_allclose(np.mean([float(r.split(",")[2]) for r in rows[1:]]), summary["abs_rel"])
+
+    assert cli.main(["eval", "--workdir", str(t.workdir), "--split", "make3d", "--data", str(t.world / "make3d"),
+                     "--no-progress"]) == 0
+    summary = json.loads((t.workdir / "eval" / "make3d-step2.json").read_text())
+    assert summary["num_images"] == 2 and summary["log10"] > 0 and "log10" in capsys.readouterr().out.splitlines()[2]
+
+    assert cli.main(["eval", "--workdir", str(t.workdir), "--pose", "--data", str(t.world), "--split-file",
+                     str(test_split), "--batch-size", "3", "--no-progress"]) == 0
+    summary = json.loads((t.workdir / "eval" / "pose-test_files-step2.json").read_text())
+    assert summary["num_snippets"] == 7 and summary["ate_mean"] > 0
+
+
+# ----------------------------------------------------------------------------------- bad input
+
+
+def test_bad_checkpoint_steps_and_workdirs(tmp_path, capsys):
+    t = trained()
+    with pytest.raises(inference.ModelLoadError, match=r"no checkpoint at step 7; available steps: 1, 2"):
+        inference.load_workdir_model(t.workdir, step=7)
+    assert cli.main(["eval", "--workdir", str(t.workdir), "--step", "7", "--data", str(t.world), "--gt",
+                     str(t.gt_test)]) == 2
+    assert "available steps: 1, 2" in capsys.readouterr().err
+    empty = tmp_path / "run"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="config.json does not exist"):
+        inference.load_workdir_model(empty)
+    (empty / "config.json").write_text((t.workdir / "config.json").read_text())
+    with pytest.raises(inference.ModelLoadError, match="has no checkpoints"):
+        inference.load_workdir_model(empty)
+    assert not (empty / "checkpoints").exists()  # looking did not create anything
+
+
+def test_gt_not_matching_split_and_unreadable_image(tmp_path):
+    gt = np.ones((6, 8), np.float32)
+    split, gt_file = write_kitti_like(tmp_path, 3, 6, 8, gt)
+    lines = split.read_text().splitlines()
+    swapped = tmp_path / "swapped.txt"
+    swapped.write_text("\n".join([lines[0], lines[2], lines[1]]) + "\n")
+    model = fixed_model(np.full((6, 8), 0.1))
+    with pytest.raises(ValueError, match=rf"entry 1 is '{FOLDER} 1 l' but split line 2 is '{FOLDER} 2 l'"):
+        eval_depth.evaluate_kitti(model, tmp_path, swapped, gt_file, show_progress=False)
+    longer = tmp_path / "longer.txt"
+    longer.write_text(split.read_text() + f"{FOLDER} 9 l\n")
+    with pytest.raises(ValueError, match=rf"3 depth maps for a split of 4 lines; first unmatched split line 4"):
+        eval_depth.evaluate_kitti(model, tmp_path, longer, gt_file, show_progress=False)
+    bad = tmp_path / FOLDER / "image_02" / "data" / "0000000001.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="0000000001.png"):
+        eval_depth.evaluate_kitti(model, tmp_path, split, gt_file, show_progress=False)
+    bad.unlink()
+    with pytest.raises(ValueError, match=r"image of split line .* 1 l' not found"):
+        eval_depth.evaluate_kitti(model, tmp_path, split, gt_file, show_progress=False)
