@@ -52,7 +52,7 @@ def _save_mat(path: Path, variables: dict):
     import scipy.io
 
     buf = io.BytesIO()
-    scipy.io.savemat(buf, variables)
+    scipy.io.savemat(buf, variables, do_compression=True)
     data = bytearray(buf.getvalue())
     at = data.find(b"Created on: ", 0, 116)
     if at >= 0:  # the MAT 5 header is 116 bytes of text; time.asctime() is 24 characters

@@ -25,6 +25,7 @@ GROUND_SEED = 77
 
 
 def _local_coords(p, center, yaw):
+    """Points p (N,3) in the frame of a box at center (N,3) or (3,) with yaw (N,) or scalar."""
     c, s = np.cos(yaw), np.sin(yaw)
     rel = p - center
     return np.stack([c * rel[:, 0] + s * rel[:, 1], -s * rel[:, 0] + c * rel[:, 1], rel[:, 2]], -1)
@@ -68,8 +69,9 @@ def _ground_albedo(p, fp, road: S.RoadPath):
 
 
 def _object_albedo(material, q, p, normal_local, fp, color, seed):
-    """Albedo (N,3) of object points of one material; q local box coords, p world points."""
-    n = fbm(q, fp, int(seed), coarsest=4.0, finest=0.01)
+    """Albedo (N,3) of object points of one material: q local object coords, p world points,
+    normal_local (N,3), fp (N,) footprints, color (N,3) base albedo, seed (N,) texture seeds."""
+    n = fbm(q, fp, seed, coarsest=4.0, finest=0.01)
     col = np.broadcast_to(color, (len(q), 3)).astype(np.float32)
     if material == S.M_FACADE:
         side = np.abs(normal_local[:, 0]) > 0.5  # face normal along x: texture runs along y
@@ -112,7 +114,7 @@ def _object_albedo(material, q, p, normal_local, fp, color, seed):
         stripes = periodic_band(q[:, 2] + 0.3 * n, 0.12, 0.0, 0.04, fp)
         return col * (1.0 + 0.3 * n - 0.3 * stripes)[:, None]
     if material == S.M_LEAVES:
-        n2 = fbm(q * 3.0, fp * 3.0, int(seed) + 3, coarsest=2.0, finest=0.02)
+        n2 = fbm(q * 3.0, fp * 3.0, seed + 3, coarsest=2.0, finest=0.02)
         return col * np.clip(1.0 + 0.45 * n + 0.35 * n2, 0.2, 2.0)[:, None]
     if material == S.M_CARBODY:
         wheel = band(q[:, 2], -1.0, -0.2, fp) * (np.abs(normal_local[:, 1]) > 0.5) * \
@@ -171,42 +173,35 @@ def render_view(grid, prims: S.Primitives, road: S.RoadPath, pixel_angle: float,
     fp_g = dist[g] * pixel_angle / np.maximum(np.abs(dn[g, 2]), 0.05)
     if g.any():
         albedo[g], semantic[idx[g]] = _ground_albedo(p[g], fp_g, road) if shade else (0.3, S.ROAD)
-    # Objects, grouped by primitive (texture frame and material are per primitive).
-    obj = ~g
-    order = idx[obj]
-    pid = prim_flat[order]
-    pos = np.nonzero(obj)[0]
-    sort = np.argsort(pid, kind="stable")
-    pid, pos = pid[sort], pos[sort]
-    bounds = np.flatnonzero(np.diff(pid)) + 1
-    for group in np.split(np.arange(len(pid)), bounds):
-        if not len(group):
-            continue
-        i = int(pid[group[0]])
-        rows_i = pos[group]
-        pi = p[rows_i]
-        center, yaw = prims.center[i], float(prims.yaw[i])
-        if prims.kind[i] == 0:
-            q = _local_coords(pi, center, yaw)
-            axis = face_flat[idx[rows_i]].astype(int)
-            sign = np.sign(q[np.arange(len(q)), axis])
-            nl = np.zeros((len(q), 3))
-            nl[np.arange(len(q)), axis] = sign
-            c, s = math.cos(yaw), math.sin(yaw)
-            nw = np.stack([c * nl[:, 0] - s * nl[:, 1], s * nl[:, 0] + c * nl[:, 1], nl[:, 2]], -1)
-        else:
-            q = pi - center
-            nl = q / np.linalg.norm(q, axis=-1, keepdims=True)
-            nw = nl
-        normals[rows_i] = nw
-        cosang = np.maximum(np.abs(np.einsum("ij,ij->i", nw, dn[rows_i])), 0.1)
-        fp = dist[rows_i] * pixel_angle / cosang
+    # Objects: local frames per pixel (spheres have yaw 0, so theirs is p - centre), then one
+    # texture call per material over all its pixels.
+    obj = np.nonzero(~g)[0]
+    if len(obj):
+        pid = prim_flat[idx[obj]]
+        po = p[obj]
+        yaw = prims.yaw[pid]
+        q = _local_coords(po, prims.center[pid], yaw)
+        box = prims.kind[pid] == 0
+        nl = q / np.linalg.norm(q, axis=-1, keepdims=True)
+        axis = np.clip(face_flat[idx[obj]].astype(np.int64), 0, 2)
+        rows_b = np.nonzero(box)[0]
+        nl[rows_b] = 0.0
+        nl[rows_b, axis[rows_b]] = np.sign(q[rows_b, axis[rows_b]])
+        c, s = np.cos(yaw), np.sin(yaw)
+        nw = np.stack([c * nl[:, 0] - s * nl[:, 1], s * nl[:, 0] + c * nl[:, 1], nl[:, 2]], -1)
+        normals[obj] = nw
+        cosang = np.maximum(np.abs(np.einsum("ij,ij->i", nw, dn[obj])), 0.1)
+        fp = dist[obj] * pixel_angle / cosang
+        material = prims.material[pid]
         if shade:
-            albedo[rows_i] = _object_albedo(int(prims.material[i]), q, pi, nl, fp, prims.color[i], prims.seed[i])
+            for m in np.unique(material):
+                sel = np.nonzero(material == m)[0]
+                albedo[obj[sel]] = _object_albedo(int(m), q[sel], po[sel], nl[sel], fp[sel],
+                                                  prims.color[pid[sel]], prims.seed[pid[sel]])
         else:
-            albedo[rows_i] = prims.color[i]
-        semantic[idx[rows_i]] = prims.cls[i]
-        moving[idx[rows_i]] = prims.moving[i]
+            albedo[obj] = prims.color[pid]
+        semantic[idx[obj]] = prims.cls[pid]
+        moving[idx[obj]] = prims.moving[pid]
 
     albedo = np.clip(albedo, 0.0, 1.0)
     lambert = 0.45 + 0.55 * np.clip(normals @ SUN, 0.0, 1.0)

@@ -14,17 +14,22 @@ import numpy as np
 _PRIME = np.array([0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D], dtype=np.uint32)
 
 
-def _hash3(ix, iy, iz, seed: int) -> np.ndarray:
+def _salt(seed) -> np.ndarray:
+    """Seed (int or (N,) int array) -> uint32 salt mixed into the lattice hash."""
+    return (np.asarray(seed, np.int64) * 0x27D4EB2F & 0xFFFFFFFF).astype(np.uint32)
+
+
+def _hash3(ix, iy, iz, seed) -> np.ndarray:
     """Integer lattice (int64 arrays) -> float32 in [0, 1), a fixed function of (ix, iy, iz, seed)."""
     h = (ix.astype(np.uint32) * _PRIME[0]) ^ (iy.astype(np.uint32) * _PRIME[1])
-    h ^= iz.astype(np.uint32) * _PRIME[2] + np.uint32(seed * 0x27D4EB2F & 0xFFFFFFFF)
+    h ^= iz.astype(np.uint32) * _PRIME[2] + _salt(seed)
     h ^= h >> np.uint32(13)
     h *= np.uint32(0x2C1B3C6D)
     h ^= h >> np.uint32(16)
     return (h >> np.uint32(8)).astype(np.float32) * np.float32(1.0 / (1 << 24))
 
 
-def value_noise(p: np.ndarray, seed: int) -> np.ndarray:
+def value_noise(p: np.ndarray, seed) -> np.ndarray:
     """Smooth value noise in [0,1) at points p (N,3) with unit lattice spacing (trilinear, smoothstep).
 
     Lattice values are `_hash3` of the corner; the per-axis products are computed once per
@@ -34,7 +39,7 @@ def value_noise(p: np.ndarray, seed: int) -> np.ndarray:
     f = (p - fl).astype(np.float32)
     i = fl.astype(np.int64)
     w = f * f * (3.0 - 2.0 * f)
-    salt = np.uint32(seed * 0x27D4EB2F & 0xFFFFFFFF)
+    salt = _salt(seed)
     hx = [(i[:, 0] + d).astype(np.uint32) * _PRIME[0] for d in (0, 1)]
     hy = [(i[:, 1] + d).astype(np.uint32) * _PRIME[1] for d in (0, 1)]
     hz = [(i[:, 2] + d).astype(np.uint32) * _PRIME[2] + salt for d in (0, 1)]
@@ -58,11 +63,11 @@ def value_noise(p: np.ndarray, seed: int) -> np.ndarray:
     return y0 + wz * (y1 - y0)
 
 
-def fbm(p: np.ndarray, footprint: np.ndarray, seed: int, coarsest: float = 8.0,
+def fbm(p: np.ndarray, footprint: np.ndarray, seed, coarsest: float = 8.0,
         finest: float = 0.01, gain: float = 0.72) -> np.ndarray:
     """Band-limited fractal noise, zero mean, roughly in [-1, 1].
 
-    p (N,3) metres; footprint (N,) metres per pixel. Octaves from wavelength `coarsest` halving
+    p (N,3) metres; footprint (N,) metres per pixel; seed an int or one per point (N,). Octaves from wavelength `coarsest` halving
     down to `finest`; an octave fades out linearly as its wavelength goes from 4 to 2 footprints.
     """
     out = np.zeros(p.shape[0], np.float32)
@@ -71,7 +76,8 @@ def fbm(p: np.ndarray, footprint: np.ndarray, seed: int, coarsest: float = 8.0,
         fade = np.clip(wavelength / np.maximum(footprint, 1e-6) * 0.5 - 1.0, 0.0, 1.0)
         live = np.nonzero(fade > 0)[0]  # only points where this octave is resolved
         if len(live):
-            n = value_noise(p[live] / wavelength, seed + 101 * octave) * 2.0 - 1.0
+            sd = seed[live] if np.ndim(seed) else seed
+            n = value_noise(p[live] / wavelength, sd + 101 * octave) * 2.0 - 1.0
             out[live] += (amp * fade[live] * n).astype(np.float32)
         total += amp
         amp *= gain
