@@ -1,0 +1,87 @@
+"""`xdistill predict`: magma table, test_simple-style resizing, depth units, outputs and bad input."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from eval_workdir import TEST_DRIVE, trained
+from xdistill_jax import cli, inference, predict
+
+
+def test_magma_table():
+    # matplotlib's magma at 0, 0.5 and 1 (its 256-entry table: entries 0, 128 and 255)
+    np.testing.assert_allclose(predict.magma(0.0), [0.001462, 0.000466, 0.013866])
+    np.testing.assert_allclose(predict.magma(128 / 255), [0.716387, 0.214982, 0.475290])
+    np.testing.assert_allclose(predict.magma(2.0), [0.987053, 0.991438, 0.749504])  # clipped
+    # between the stored samples: entry 100 of the full table is (0.537755, 0.156894, 0.506551)
+    np.testing.assert_allclose(predict.magma(100 / 255), [0.537755, 0.156894, 0.506551], atol=2e-3)
+    lum = predict.magma(np.linspace(0, 1, 64)) @ np.array([0.2126, 0.7152, 0.0722])
+    assert np.all(np.diff(lum) > 0)  # perceptually ordered: brighter for nearer
+
+
+def test_colorize_normalises_to_min_and_95th_percentile():
+    disp = np.linspace(1.0, 2.0, 200).reshape(10, 20)
+    rgb = predict.colorize_disparity(disp)
+    assert rgb.shape == (10, 20, 3) and rgb.dtype == np.uint8
+    np.testing.assert_array_equal(rgb[0, 0], np.round(predict.magma(0.0) * 255))  # the minimum
+    top = disp >= np.percentile(disp, 95)
+    assert top.sum() == 10 and np.all(rgb[top] == np.round(predict.magma(1.0) * 255))  # saturated
+    assert np.all(predict.colorize_disparity(np.ones((3, 4))) == rgb[0, 0])  # flat map: no division by 0
+
+
+def test_depth_at_size_units():
+    disp = np.full((4, 6), 0.25)
+    d, depth = predict.depth_at_size(disp, 8, 12)
+    assert d.shape == depth.shape == (8, 12) and depth.dtype == np.float32
+    np.testing.assert_allclose(depth, 4.0)  # relative depth = 1 / scaled disparity
+    np.testing.assert_allclose(predict.depth_at_size(disp, 8, 12, scale=5.4)[1], 21.6, rtol=1e-6)
+
+
+def test_predict_from_checkpoint(tmp_path, capsys):
+    t = trained()
+    frames = t.world / TEST_DRIVE / "image_02" / "data"
+    odd = tmp_path / "in" / "odd size.jpg"  # not the training size, not the world's size
+    odd.parent.mkdir()
+    Image.open(frames / "0000000003.png").resize((70, 50)).save(odd)
+    out = tmp_path / "out"
+    assert cli.main(["predict", "--workdir", str(t.workdir), "--out", str(out), "--batch-size", "3",
+                     "--no-progress", str(frames), str(odd)]) == 0
+    assert "wrote 9 depth maps" in capsys.readouterr().out
+    rel = np.load(out / "0000000003_depth.npy")
+    assert rel.shape == (64, 192) and rel.dtype == np.float32 and np.all(rel > 0)
+    png = np.asarray(Image.open(out / "0000000003_disp.png"))
+    assert png.shape == (64, 192, 3)
+    assert np.load(out / "odd size_depth.npy").shape == (50, 70)
+    assert Image.open(out / "odd size_disp.png").size == (70, 50)
+
+    # the same, in metres: scale / disparity = scale x relative depth; the PNG does not change
+    model = inference.load_workdir_model(t.workdir)
+    written = predict.predict_paths(model, [frames / "0000000003.png"], tmp_path / "metric", scale=5.4,
+                                    show_progress=False)
+    np.testing.assert_allclose(np.load(written[0]), 5.4 * rel, rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "metric" / "0000000003_disp.png")), png)
+    # and what the network sees: the frame resized with LANCZOS, its disparity resized back
+    image, size = inference.load_resized(frames / "0000000003.png", 32, 96)
+    scaled = inference.DepthPredictor(model, 1).predict(image[None])[0]
+    np.testing.assert_allclose(rel, 1.0 / predict.evaluation.resize_linear(scaled, *size), rtol=1e-5)
+
+
+def test_bad_inputs_are_named(tmp_path, capsys):
+    good = tmp_path / "a.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(good)
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    model = inference.DepthModel(None, {}, None, None, 32, 96, 0.1, 100.0, None, "unused")
+    with pytest.raises(ValueError, match="broken.png"):
+        predict.predict_paths(model, [good, bad], tmp_path / "out", show_progress=False)
+    assert not (tmp_path / "out").exists()  # nothing computed or written before the check
+    with pytest.raises(ValueError, match="input not found: .*missing.png"):
+        predict.collect_inputs([tmp_path / "missing.png"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no images"):
+        predict.collect_inputs([tmp_path / "empty"])
+    with pytest.raises(ValueError, match="would both write 'a_depth.npy'"):
+        predict.collect_inputs([good, good])
+    t = trained()
+    assert cli.main(["predict", "--workdir", str(t.workdir), "--out", str(tmp_path / "o"), str(bad)]) == 2
+    assert "broken.png" in capsys.readouterr().err
