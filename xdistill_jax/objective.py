@@ -83,6 +83,27 @@ def _to_unit(x):
     return x.astype(jnp.float32)
 
 
+def sharding_invariant_key(rng):
+    """A threefry key derived from `rng` (any PRNG impl) for per-pixel random draws.
+
+    The "rbg" PRNG (cheap on CPU/TPU) draws different numbers for the same key when the output
+    is sharded differently, which would make the tie-break noise - and through the auto-mask
+    minimum, the gradients - depend on the device count. Threefry draws are invariant to
+    sharding (`jax_threefry_partitionable`, the default since jax 0.5).
+    """
+    if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        impl = jax.random.key_impl(rng)
+        if "threefry" in str(impl):
+            return rng
+        data = jax.random.key_data(rng).reshape(-1)
+    else:  # a raw uint32 key array
+        data = jnp.asarray(rng).reshape(-1)
+    key = jax.random.key(0, impl="threefry2x32")
+    for i in range(data.shape[0]):
+        key = jax.random.fold_in(key, data[i])
+    return key
+
+
 def _apply_bn(module, params, batch_stats, x, train: bool):
     """Apply a BatchNorm-carrying module; returns (output, new batch_stats)."""
     variables = {"params": params, "batch_stats": batch_stats}
@@ -119,7 +140,8 @@ def loss_fn(nets: Networks, config: ml_collections.ConfigDict, params, batch_sta
       params / batch_stats: see the module docstring.
       batch: the loader's dict (contracts.md): `color`, `color_aug` (B,3,H,W,3) uint8,
         `color_s1..3`, `K`, `inv_K` (B,4,4,4), and `teacher` (B,h,w,G) when distill.weight > 0.
-      rng: key for the tie-break noise of the auto-mask minimum.
+      rng: key for the tie-break noise of the auto-mask minimum (drawn with a threefry key
+        derived from it, see `sharding_invariant_key`).
       train: BatchNorm in training mode (batch statistics, running stats updated).
     Returns:
       (loss, (new_batch_stats, metrics)): float32 scalar; metrics is a dict of float32 scalars
@@ -146,7 +168,7 @@ def loss_fn(nets: Networks, config: ml_collections.ConfigDict, params, batch_sta
     inv_Ks = {s: inv_K[:, s] for s in SCALES}
 
     photometric, aux = losses.monodepth2_loss(
-        colors, disps, cam_T_cam, Ks, inv_Ks, rng=rng, automask=lo.automask,
+        colors, disps, cam_T_cam, Ks, inv_Ks, rng=sharding_invariant_key(rng), automask=lo.automask,
         avg_reprojection=lo.avg_reprojection, v1_multiscale=lo.v1_multiscale, no_ssim=lo.no_ssim,
         smoothness_weight=lo.smoothness_weight, min_depth=lo.min_depth, max_depth=lo.max_depth,
         align_corners=lo.align_corners)

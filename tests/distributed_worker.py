@@ -1,0 +1,48 @@
+"""One process of the two-process lockstep test (tests/test_train_loop.py); not a test itself.
+
+usage: python distributed_worker.py OUT.npz PROCESS_ID NUM_PROCESSES PORT
+Each process has one CPU device, joins `jax.distributed`, feeds ITS half of the same global
+batches with `make_array_from_process_local_data`, runs 3 train steps and saves the replicated
+parameters and losses. NUM_PROCESSES=1 with 2 local devices gives the single-process reference.
+"""
+
+import os
+import sys
+
+out, pid, nproc, port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ["JAX_DEFAULT_PRNG_IMPL"] = "rbg"
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={2 if nproc == 1 else 1}"
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+if nproc > 1:
+    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=nproc,
+                               process_id=pid, initialization_timeout=120)
+
+sys.path.insert(0, os.path.dirname(__file__))
+from train_fixtures import make_batch, tiny_config  # noqa: E402
+from xdistill_jax import train  # noqa: E402
+from xdistill_jax.objective import Networks  # noqa: E402
+
+config = tiny_config(distill_weight=0.1, **{"optim.eps": 1e-6})  # as in test_train_step.py
+nets = Networks.from_config(config)
+tx = train.make_optimizer(config, steps_per_epoch=100)
+mesh = train.make_mesh(config)
+assert mesh.size == 2, mesh
+state = train.create_train_state(nets, tx, mesh, jax.random.key(0))
+step = train.make_train_step(config, nets, tx, mesh)
+rng = jax.random.key(1)
+losses = []
+per_process = 4 // nproc
+for i in range(3):
+    full = make_batch(4, 32, 96, seed=i)
+    local = {k: v[pid * per_process:(pid + 1) * per_process] for k, v in full.items()}
+    state, metrics = step(state, train.global_batch(local, mesh), rng)
+    losses.append(float(metrics["loss"]))
+flat = {jax.tree_util.keystr(p): np.asarray(x.addressable_data(0))
+        for p, x in jax.tree_util.tree_flatten_with_path(state.params)[0]}
+if pid == 0:
+    np.savez(out, losses=np.asarray(losses), **flat)
+print("done", pid, losses, flush=True)
