@@ -100,8 +100,7 @@ def write_make3d(out: Path, scene: DriveScene, seed: int, num_images: int, num_f
         gu = (np.arange(GRID_COLS) + 0.5) * cols / GRID_COLS - 0.5
         uu, vv = np.meshgrid(gu, gv)
         d_cam = np.stack([(uu - cx) / f, (vv - cy) / f, np.ones_like(uu)], -1)
-        grid = pinhole_grid(pose, f, f, cx, cy, cols, rows)
-        grid = RayGrid(origin=grid.origin, dirs=d_cam @ pose[:3, :3].T,
+        grid = RayGrid(origin=pose[:3, 3], dirs=d_cam @ pose[:3, :3].T,
                        cover=lambda *a: [(0, GRID_ROWS, 0, GRID_COLS)], t_max=200.0)
         z, prim, _ = cast(grid, prims)
         z = np.where(prim == NOTHING, np.inf, z)
