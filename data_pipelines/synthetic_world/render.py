@@ -11,7 +11,6 @@ up to resampling. The sky is a function of the ray direction only (at infinity).
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 
