@@ -81,9 +81,10 @@ def peak_flops(device) -> float | None:
     return None
 
 
-def device_description(device=None) -> str:
+def device_description(device=None, num_devices: int | None = None) -> str:
+    """"N x <device kind> (<platform>)" (N: num_devices, default all devices), + CPU cores on CPU."""
     device = device or jax.devices()[0]
-    n = jax.device_count()
+    n = jax.device_count() if num_devices is None else num_devices
     desc = f"{n} x {device.device_kind} ({device.platform})"
     if device.platform == "cpu":
         desc += f", {os.cpu_count()} host CPU cores"
@@ -258,7 +259,9 @@ def _fmt(value, spec: str, scale: float = 1.0) -> str:
 
 def markdown_table(results: Sequence[dict], device: str | None = None) -> str:
     """The results as a markdown table, headed by the device they ran on."""
-    device = device or device_description()
+    if device is None:
+        counts = {r["devices"] for r in results}
+        device = device_description(num_devices=counts.pop() if len(counts) == 1 else None)
     lines = [f"Train step benchmark on {device}", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in results:
@@ -275,7 +278,9 @@ def write_json(path: str | os.PathLike, results: Sequence[dict], **meta) -> path
     """Write {"device", "jax_version", "date", ..., "results"} atomically (temp name, rename)."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"device": device_description(), "device_kind": jax.devices()[0].device_kind,
+    counts = {r.get("devices") for r in results}
+    n = counts.pop() if len(counts) == 1 and None not in counts else None
+    doc = {"device": device_description(num_devices=n), "device_kind": jax.devices()[0].device_kind,
            "platform": jax.devices()[0].platform, "jax_version": jax.__version__,
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            **meta, "results": list(results)}

@@ -1,0 +1,139 @@
+"""`xdistill bench`: a 3-step run at a tiny size (table + JSON), helpers, and the import contract
+(the train step and the benchmark import on an accelerator image without TFDS or grain)."""
+
+import json
+import pathlib
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from xdistill_jax import benchmark, cli, compilation_cache
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def bench_run(tmp_path_factory):
+    """One CLI run: fp32 X-Distill step (translator + teacher), 32x64, batch 2, 3 timed steps."""
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    import io
+    from contextlib import redirect_stdout
+
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        status = cli.main([
+            "bench", "--config", str(ROOT / "configs" / "synthetic_demo.py") + ":smoke",
+            "--steps", "3", "--warmup", "0", "--dtypes", "float32", "--distill", "on",
+            "--json", str(out), "--config.mesh.num_devices=1", "--config.data.height=32",
+            "--config.data.width=64", "--config.optim.batch_size=2",
+        ])
+    return status, buf.getvalue(), out
+
+
+def test_bench_prints_table_and_writes_json(bench_run):
+    status, stdout, path = bench_run
+    assert status == 0, stdout
+    lines = stdout.splitlines()
+    header = next(i for i, l in enumerate(lines) if l.startswith("| variant"))
+    assert "Train step benchmark on 1 x cpu (cpu)" in lines[header - 2]
+    assert [c.strip() for c in lines[header].strip("|").split("|")] == list(benchmark.COLUMNS)
+    row = [c.strip() for c in lines[header + 2].strip("|").split("|")]
+    assert row[:3] == ["fp32 distill=on", "2", "32x64"]
+    assert row[8] == "n/a" and row[9] == "n/a"  # no peak FLOP/s or memory_stats on CPU
+
+    doc = json.loads(path.read_text())
+    assert doc["platform"] == "cpu" and doc["kind"] == "train_step"
+    (r,) = doc["results"]
+    assert (r["dtype"], r["distill"], r["batch"], r["height"], r["width"]) == ("float32", True, 2, 32, 64)
+    assert r["steps"] == 3 and r["devices"] == 1
+    # the table shows the JSON's figures
+    assert row[3] == f"{r['images_per_s_median']:.1f}"
+    assert row[7] == f"{r['flops_per_step'] * 1e-9:.1f}"
+    assert r["step_ms_min"] <= r["step_ms_median"] <= r["step_ms_max"]
+    assert r["images_per_s_median"] == pytest.approx(2 / (r["step_ms_median"] / 1e3))
+    assert r["init_s"] > 0 and r["compile_s"] > 0 and r["cold_start_s"] == pytest.approx(r["init_s"] + r["compile_s"])
+    # Two ResNet-18s forward+backward at 32x64 x2 images: far more than 1e8, far less than 1e11 FLOPs.
+    assert 1e8 < r["flops_per_step"] < 1e11
+    assert r["fraction_of_peak"] is None and r["peak_memory_bytes"] is None
+    assert r["xla_memory_bytes"] > 4 * 4 * 20e6  # params + grads + 2 Adam moments of ~27M fp32
+    assert np.isfinite(r["final_loss"])
+
+
+def test_bench_rejects_bad_lists(capsys):
+    assert cli.main(["bench", "--dtypes", "float16"]) == 2
+    assert "--dtypes" in capsys.readouterr().err
+    assert cli.main(["bench", "--config.optim.nope=1"]) == 2
+    assert "optim.nope" in capsys.readouterr().err
+
+
+def test_synthetic_batch_follows_the_loader_contract():
+    b = benchmark.synthetic_batch(2, 64, 96, num_groups=7, teacher_stride=2)
+    assert b["color"].shape == b["color_aug"].shape == (2, 3, 64, 96, 3) and b["color"].dtype == np.uint8
+    for s in (1, 2, 3):
+        assert b[f"color_s{s}"].shape == (2, 3, 64 >> s, 96 >> s, 3)
+    assert b["K"].shape == b["inv_K"].shape == (2, 4, 4, 4) and b["K"].dtype == np.float32
+    # K at scale 1: fx = 0.58 * 48, cy = 0.5 * 32; inv_K its inverse
+    assert b["K"][0, 1, 0, 0] == pytest.approx(0.58 * 48) and b["K"][0, 1, 1, 2] == pytest.approx(16.0)
+    np.testing.assert_allclose(b["K"][1, 2] @ b["inv_K"][1, 2], np.eye(4), atol=1e-5)
+    assert b["teacher"].shape == (2, 32, 48, 7) and b["teacher"].dtype == np.float16
+    assert "teacher" not in benchmark.synthetic_batch(2, 64, 96)
+
+
+def test_peak_flops_table():
+    dev = lambda kind, platform="gpu": types.SimpleNamespace(device_kind=kind, platform=platform)  # noqa: E731
+    assert benchmark.peak_flops(dev("NVIDIA H100 80GB HBM3")) == 989e12
+    assert benchmark.peak_flops(dev("NVIDIA H100 PCIe")) == 756e12
+    assert benchmark.peak_flops(dev("NVIDIA H200")) == 989e12
+    assert benchmark.peak_flops(dev("cpu", "cpu")) is None
+    assert benchmark.peak_flops(dev("Some Future Chip")) is None
+
+
+def test_variant_config():
+    from xdistill_jax.config_defaults import base_config
+
+    c = base_config()
+    off = benchmark.variant_config(c, benchmark.Variant("bfloat16", False))
+    assert off.model.dtype == "bfloat16" and off.distill.weight == 0.0 and c.distill.weight == 0.1
+    c.distill.weight = 0.0
+    assert benchmark.variant_config(c, benchmark.Variant("float32", True)).distill.weight == 0.1
+    assert [v.name for v in benchmark.variants()] == [
+        "bf16 distill=on", "bf16 distill=off", "fp32 distill=on", "fp32 distill=off"]
+
+
+def test_compilation_cache_dir_precedence(monkeypatch, tmp_path):
+    monkeypatch.delenv(compilation_cache.ENV_VAR, raising=False)
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    assert compilation_cache.cache_dir() == compilation_cache.DEFAULT_DIR
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax"))
+    assert compilation_cache.cache_dir() == tmp_path / "jax"
+    monkeypatch.setenv(compilation_cache.ENV_VAR, "off")
+    assert compilation_cache.cache_dir() is None
+    assert compilation_cache.cache_dir(tmp_path / "flag") == tmp_path / "flag"
+
+
+_BLOCKER = """
+import importlib.abc, sys
+BLOCKED = {"tensorflow_datasets", "grain", "array_record", "tensorflow", "PIL", "scipy", "torch"}
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError("blocked for this test: " + name)
+sys.meta_path.insert(0, Block())
+import xdistill_jax.train, xdistill_jax.objective, xdistill_jax.benchmark, xdistill_jax.commands.bench
+import xdistill_jax.training_loop
+b = xdistill_jax.benchmark.synthetic_batch(1, 32, 32, num_groups=7)
+try:
+    import grain
+except ImportError:
+    print("core imports without TFDS and grain")
+"""
+
+
+def test_core_imports_without_tfds_and_grain():
+    proc = subprocess.run([sys.executable, "-c", _BLOCKER], capture_output=True, text=True, timeout=120,
+                          cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert "core imports without TFDS and grain" in proc.stdout
