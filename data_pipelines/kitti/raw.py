@@ -27,7 +27,11 @@ SIDE_TO_CAMERA = {"l": 2, "r": 3}
 
 @dataclasses.dataclass(frozen=True)
 class SplitLine:
-    """One line of a Monodepth2 split file: `folder frame_index side`."""
+    """One line of a Monodepth2 split file: `folder frame_index side`.
+
+    `str(line)` is the normalised text `FOLDER FRAME SIDE` with the frame unpadded (the Eigen
+    list's `0000000069` becomes `69`); example ids and GT `files` use this form.
+    """
 
     folder: str
     frame_index: int
