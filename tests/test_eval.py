@@ -281,3 +281,36 @@ def test_gt_not_matching_split_and_unreadable_image(tmp_path):
     bad.unlink()
     with pytest.raises(ValueError, match=r"image of split line .* 1 l' not found"):
         eval_depth.evaluate_kitti(model, tmp_path, split, gt_file, show_progress=False)
+
+
+def test_monodepth2_weights_match_torch_evaluation(tmp_path):
+    """`eval --monodepth2`: converted weights give the numbers of the torch model on the same inputs."""
+    torch = pytest.importorskip("torch")
+    import torch_nets
+
+    t = trained()
+    torch.manual_seed(0)
+    enc, dec = torch_nets.Encoder(18), torch_nets.DepthDecoder()
+    torch_nets.randomise_batchnorm(enc, torch.rand(2, 3, 64, 192), torch.Generator().manual_seed(1))
+    enc.eval(), dec.eval()
+    folder = tmp_path / "mono_192x64"  # torch cannot reflect-pad the 1-row bottleneck of 32-row inputs
+    folder.mkdir()
+    torch.save(dict(enc.state_dict(), height=64, width=192, use_stereo=False), folder / "encoder.pth")
+    torch.save(dec.state_dict(), folder / "depth.pth")
+    split = t.splits / "test_files.txt"
+    assert cli.main(["eval", "--monodepth2", str(folder), "--split", "eigen", "--data", str(t.world), "--split-file",
+                     str(split), "--gt", str(t.gt_test), "--out", str(tmp_path / "res"), "--no-progress"]) == 0
+    got = json.loads((tmp_path / "res" / "eigen-test_files-monodepth2.json").read_text())
+
+    from data_pipelines.kitti import raw
+    from data_pipelines.kitti.export_gt import load_gt_depths
+    images = np.stack([inference.load_resized(raw.image_path(t.world, line), 64, 192)[0]
+                       for line in raw.read_split_file(split)])
+    with torch.no_grad():
+        disp = dec(enc(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0))[0][:, 0].numpy()
+    scaled = 0.01 + (10.0 - 0.01) * disp.astype(np.float64)  # disp_to_depth(., 0.1, 100)
+    gts, _ = load_gt_depths(t.gt_test)
+    want = evaluation.aggregate(evaluation.eval_eigen_image(g, d) for g, d in zip(gts, scaled))
+    assert got["num_images"] == 8 and want["abs_rel"] > 0
+    for k in evaluation.METRIC_KEYS:
+        np.testing.assert_allclose(got[k], want[k], rtol=2e-4, err_msg=k)
