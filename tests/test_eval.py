@@ -120,6 +120,22 @@ def test_pipeline_matches_monodepth2_fixture(ref, tmp_path):
     np.testing.assert_allclose(evaluation.errors_as_array(e), ref["err_out"], rtol=1e-12)
 
 
+
+def test_post_process_in_the_pipeline(tmp_path):
+    """--post-process runs the mirrored image too and blends the two as Monodepth2 does. The stand-in
+    net ignores its input, so its "mirrored" prediction is the same map, flipped back by the blend."""
+    gt = np.zeros((20, 40), np.float32)
+    gt[10:19, 2:38] = np.linspace(3.0, 70.0, 9 * 36).reshape(9, 36)
+    split, gt_file = write_kitti_like(tmp_path, 2, 20, 40, gt)
+    disp = np.tile(np.linspace(0.05, 0.5, 40), (20, 1))  # asymmetric left-right
+    model = fixed_model(disp)
+    res = eval_depth.evaluate_kitti(model, tmp_path, split, gt_file, post_process=True, show_progress=False)
+    blended = evaluation.post_process_disparity(disp, disp)
+    assert not np.allclose(blended, disp)
+    want, _ = evaluation.eval_eigen_image(gt, blended)
+    np.testing.assert_allclose(evaluation.errors_as_array(res.summary), evaluation.errors_as_array(want), rtol=1e-5)
+
+
 def test_fake_real_make3d_layout(tmp_path):
     """Real sizes (2272 x 1704 JPEGs, 55 x 305 x 4 grids): a constant prediction scores as worked out."""
     import scipy.io
