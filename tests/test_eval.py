@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eval_workdir import TEST_DRIVE, trained
+from eval_workdir import trained
 from xdistill_jax import cli, eval_depth, eval_pose, evaluation, inference
 
 DATA_DIR = pathlib.Path(__file__).parent / "data"
