@@ -104,6 +104,16 @@ def test_make3d_scoring_by_hand():
     assert eval_depth.make3d_crop_rows(2272, 1704) == (710, 1562)  # 852 central rows: 2:1
 
 
+
+def test_shipped_test_lists():
+    from data_pipelines.kitti import raw
+
+    assert len(raw.read_split_file(eval_depth.shipped_split_file("eigen"))) == 697
+    assert len(raw.read_split_file(eval_depth.shipped_split_file("eigen_benchmark"))) == 652
+    with pytest.raises(FileNotFoundError, match="poses/09.txt"):  # the odom_09 list parses up to the poses
+        eval_pose.odometry_sequence(pathlib.Path("/nonexistent"), "odom_09")
+
+
 def test_pipeline_matches_monodepth2_fixture(ref, tmp_path):
     """The whole padded, jitted pipeline on a model that predicts the fixture's disparity."""
     gt, disp = ref["evalpipe_gt_depth"], ref["evalpipe_pred_disp"]

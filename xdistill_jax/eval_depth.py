@@ -36,7 +36,6 @@ import numpy as np
 from xdistill_jax import evaluation
 from xdistill_jax.inference import DepthModel, DepthPredictor, batched, load_resized
 
-SPLITS_DIR = pathlib.Path(__file__).resolve().parent.parent / "data_pipelines" / "kitti" / "splits"
 KITTI_PROTOCOLS = ("eigen", "eigen_benchmark")
 MAKE3D_MAX_DEPTH = 70.0
 MAKE3D_GT_ROWS = 21
@@ -52,11 +51,18 @@ class EvalResult:
     metric_keys: tuple[str, ...]
 
 
+def splits_dir() -> pathlib.Path:
+    """`data_pipelines/kitti/splits`, the split lists shipped as package data."""
+    import data_pipelines.kitti
+
+    return pathlib.Path(data_pipelines.kitti.__file__).resolve().parent / "splits"
+
+
 def shipped_split_file(split: str) -> pathlib.Path:
     """The Eigen / Eigen benchmark test list shipped with the package."""
     if split not in KITTI_PROTOCOLS:
         raise ValueError(f"--split: no shipped list for {split!r}; expected one of {KITTI_PROTOCOLS}")
-    return SPLITS_DIR / split / "test_files.txt"
+    return splits_dir() / split / "test_files.txt"
 
 
 def load_matching_gt(gt_path, lines: Sequence, allow_pickle: bool = False) -> list[np.ndarray]:

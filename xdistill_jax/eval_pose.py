@@ -104,12 +104,12 @@ def read_odometry_poses(path) -> np.ndarray:
 
 def odometry_sequence(data_dir, split: str, split_file=None) -> PoseSequence:
     """Frames and GT of KITTI odometry sequence 09 or 10 (see the module docstring)."""
-    from xdistill_jax.eval_depth import SPLITS_DIR
+    from xdistill_jax.eval_depth import splits_dir
 
     if split not in ODOM_SEQUENCES:
         raise ValueError(f"--split: expected one of {sorted(ODOM_SEQUENCES)}, got {split!r}")
     seq = ODOM_SEQUENCES[split]
-    split_file = pathlib.Path(split_file or SPLITS_DIR / "odom" / f"test_files_{seq:02d}.txt")
+    split_file = pathlib.Path(split_file or splits_dir() / "odom" / f"test_files_{seq:02d}.txt")
     frames = []
     for lineno, text in enumerate(split_file.read_text().splitlines(), 1):
         parts = text.split()
