@@ -26,7 +26,7 @@ def main() -> None:
     parser.add_argument("--format", choices=("png", "jpeg"), default="png", help="stored encoding")
     parser.add_argument("--no-teacher", action="store_true")
     parser.add_argument("--workdir", default=None, help="keep the data here instead of a temp dir")
-    parser.add_argument("--profile", default=None, help="write a cProfile of the timed loop here")
+    parser.add_argument("--profile", default=None, help="write a cProfile of the timed loop (only) here")
     args = parser.parse_args()
 
     from xdistill_jax import loader_benchmark
@@ -34,14 +34,8 @@ def main() -> None:
     kwargs = dict(examples=args.examples, height=args.height, width=args.width, batch=args.batch,
                   epochs=args.epochs, threads=args.threads, teacher_height=args.teacher_height,
                   teacher_width=args.teacher_width, groups=args.groups, image_format=args.format,
-                  teacher=not args.no_teacher, workdir=args.workdir)
-    if args.profile:
-        import cProfile
-
-        cProfile.runctx("loader_benchmark.run(**kwargs)", globals(), {"loader_benchmark": loader_benchmark,
-                                                                      "kwargs": kwargs}, args.profile)
-    else:
-        loader_benchmark.run(**kwargs)
+                  teacher=not args.no_teacher, workdir=args.workdir, profile=args.profile)
+    loader_benchmark.run(**kwargs)
 
 
 if __name__ == "__main__":

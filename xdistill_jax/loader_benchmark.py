@@ -45,8 +45,11 @@ def write_raw_tree(root: pathlib.Path, num_examples: int, height: int, width: in
 def run(*, examples: int = 48, height: int = 192, width: int = 640, batch: int = 12, epochs: int = 2,
         threads: int = 0, teacher_height: int = 96, teacher_width: int = 320, groups: int = 7,
         image_format: str = "png", teacher: bool = True, workdir: str | None = None,
-        verbose: bool = True) -> dict:
-    """Prepare (or reuse, in `workdir`) the benchmark data and time the loader; returns figures."""
+        verbose: bool = True, profile: str | None = None) -> dict:
+    """Prepare (or reuse, in `workdir`) the benchmark data and time the loader; returns figures.
+
+    profile: write a cProfile of the timed loop (only) to this path.
+    """
     from data_pipelines.kitti import prepare, tfds_builder
     from xdistill_jax import input_pipeline
 
@@ -89,12 +92,20 @@ def run(*, examples: int = 48, height: int = 192, width: int = 640, batch: int =
         )
         next(it)  # warm-up: opens shards, first decode
         steps = input_pipeline.steps_per_epoch(len(source), batch) * epochs - 1
+        profiler = None
+        if profile:
+            import cProfile
+            profiler = cProfile.Profile()
+            profiler.enable()
         start = time.perf_counter()
         cpu_start = time.process_time()
         for _ in range(steps):
             out = next(it)
         wall = time.perf_counter() - start
         cpu = time.process_time() - cpu_start
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(profile)
         n = steps * batch
         mb = sum(v.nbytes for v in out.values()) / 2**20
         say(f"batch {batch}: {', '.join(f'{k} {v.shape}' for k, v in out.items())} ({mb:.1f} MiB)")

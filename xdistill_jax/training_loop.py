@@ -306,7 +306,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, data=None)
     with _StopSignal() as stop:
         try:
             while step < num_steps:
-                state, metrics = train_step(state, next(train_iter), step_rng)
+                # The hot path: batches arrive by explicit device_put (prefetched); an implicit
+                # host<->device transfer here would be a hidden sync, so it raises instead.
+                with jax.transfer_guard("disallow"):
+                    state, metrics = train_step(state, next(train_iter), step_rng)
                 step += 1
                 pending.append(metrics)
                 boundary = step == num_steps

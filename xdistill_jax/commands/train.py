@@ -17,6 +17,9 @@ def add_arguments(parser):
     parser.add_argument("--config", default=None,
                         help="config file (configs/*.py, optionally path.py:arg); default: WORKDIR/config.json")
     parser.add_argument("--workdir", required=True, help="run directory (checkpoints, metrics, config.json)")
+    parser.add_argument("--compilation-cache", default=None,
+                        help="persistent XLA compile cache dir ('off' to disable); default "
+                             "$XDISTILL_COMPILATION_CACHE, $JAX_COMPILATION_CACHE_DIR or ~/.cache/xdistill_jax/jax_cache")
     parser.epilog = ("Override any config field with --config.FIELD=VALUE, e.g. --config.distill.weight=0 "
                      "(baseline Monodepth2) or --config.optim.batch_size=8.")
 
@@ -36,7 +39,13 @@ def run(args) -> int:
         print(f"xdistill train: {e}", file=sys.stderr)
         return 2
     from xdistill_jax import train
+    from xdistill_jax.compilation_cache import enable_compilation_cache
 
+    try:
+        enable_compilation_cache(getattr(args, "compilation_cache", None))
+    except ValueError as e:
+        print(f"xdistill train: {e}", file=sys.stderr)
+        return 2
     try:
         return train.train_and_evaluate(config, args.workdir)
     except (CheckpointError, config_utils.ConfigError) as e:

@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# The train-step benchmark matrix on one GPU, in about 5 minutes (issue #8).
+#
+#   ResNet-18, 640x192, batch 12 (configs/kitti_resnet18_640x192.py), full X-Distill step
+#   (depth net + 2 pose passes + warping + losses [+ translator + distillation] + Adam):
+#     1. bf16, distillation on  -- cold start: empty compilation cache
+#     2. bf16, distillation on  -- warm start: the cache written by run 1
+#     3. bf16, distillation off -- cold
+#     4. fp32, distillation on  -- cold
+#     5. fp32, distillation off -- cold
+#   Each run is its own process, so "peak mem GB" (device.memory_stats peak_bytes_in_use) is that
+#   variant's peak, and "init s" / "compile s" are what a fresh `xdistill train` would pay.
+#   Median images/s over 50 steps after 5 warm-up steps, on device-resident synthetic batches.
+#
+# Run from the repository root:   bash benchmarks/gpu.sh [OUTDIR]
+# (OUTDIR defaults to $OUT, else ./gpu_bench). It writes OUTDIR/*.json, OUTDIR/*.log and
+# OUTDIR/summary.md (the markdown tables, device named). Copy the figures into
+# benchmarks/RESULTS.md with the date and this command.
+#
+# What the GPU image needs: jax[cuda] (0.10/0.11), flax, optax, orbax-checkpoint, numpy. NOT
+# tensorflow-datasets or grain (the train step and the bench never import them). ml_collections
+# (pure Python; its dependencies absl-py and PyYAML come with orbax and flax) travels as a wheel:
+#   on a machine with network access, from the repository root:
+#     pip download ml_collections --no-deps --only-binary=:all: -d .whl/
+#   this script then installs it with no network:
+#     pip install --no-index --no-deps --target .pydeps .whl/ml_collections-*.whl
+# The project itself is not installed: PYTHONPATH=.:.pydeps and `python -m xdistill_jax bench`.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+OUTDIR="${1:-${OUT:-gpu_bench}}"
+mkdir -p "$OUTDIR"
+PY="${PYTHON:-python3}"
+
+if ! "$PY" -c "import ml_collections" 2>/dev/null; then
+  if ls .whl/ml_collections-*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install --quiet --no-index --no-deps --target .pydeps .whl/ml_collections-*.whl
+  else
+    echo "ml_collections is not installed and no .whl/ml_collections-*.whl was found (see the header)" >&2
+    exit 2
+  fi
+fi
+export PYTHONPATH=".:.pydeps${PYTHONPATH:+:$PYTHONPATH}"
+
+# A fresh, private compilation cache: run 1 is a true cold start, run 2 reads what run 1 wrote.
+CACHE="$(mktemp -d "${TMPDIR:-/tmp}/xdistill-gpu-cache.XXXXXX")"
+trap 'rm -rf "$CACHE"' EXIT
+export XDISTILL_COMPILATION_CACHE="$CACHE"
+
+{
+  date -u +"date: %Y-%m-%dT%H:%M:%SZ"
+  echo "host: $(hostname)"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
+  "$PY" -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__); print(jax.devices())"
+} | tee "$OUTDIR/environment.txt"
+
+CONFIG=configs/kitti_resnet18_640x192.py
+COMMON=(--config "$CONFIG" --steps 50 --warmup 5 --config.optim.batch_size=12 --config.mesh.num_devices=1)
+# BENCH_ARGS: extra arguments appended to every run (later ones win), e.g. a CPU dry run:
+#   BENCH_ARGS="--steps 2 --warmup 0 --config.data.height=32 --config.data.width=64" bash benchmarks/gpu.sh /tmp/dry
+read -r -a EXTRA <<<"${BENCH_ARGS:-}"
+
+run() {  # name dtype distill [time limit s]
+  local name=$1 dtype=$2 distill=$3 limit=${4:-150}
+  echo "=== $name: dtype=$dtype distill=$distill (limit ${limit}s)"
+  local start=$SECONDS
+  if timeout "$limit" "$PY" -m xdistill_jax bench "${COMMON[@]}" --dtypes "$dtype" --distill "$distill" \
+      "${EXTRA[@]}" --json "$OUTDIR/$name.json" >"$OUTDIR/$name.log" 2>&1; then
+    echo "    process wall time $((SECONDS - start)) s (imports + init + compile + 56 steps)"
+    sed -n '/^| variant/,$p' "$OUTDIR/$name.log" | tee -a "$OUTDIR/summary.md"
+    echo "" >>"$OUTDIR/summary.md"
+  else
+    echo "    FAILED or timed out after $((SECONDS - start)) s; last lines of $OUTDIR/$name.log:"
+    tail -n 20 "$OUTDIR/$name.log"
+  fi
+}
+
+echo "# GPU train-step benchmark ($(date -u +%F), $("$PY" -c 'import jax; print(jax.devices()[0].device_kind)'))" >"$OUTDIR/summary.md"
+echo "" >>"$OUTDIR/summary.md"
+run bf16_distill_cold bfloat16 on 150
+run bf16_distill_warm bfloat16 on 60
+run bf16_nodistill_cold bfloat16 off 100
+run fp32_distill_cold float32 on 100
+run fp32_nodistill_cold float32 off 100
+echo "cache entries written: $(ls "$CACHE" | wc -l)" | tee -a "$OUTDIR/summary.md"
+echo "done; results in $OUTDIR"
