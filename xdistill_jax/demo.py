@@ -1,0 +1,264 @@
+"""`xdistill demo`: the whole pipeline on a small synthetic world, X-Distill vs Monodepth2.
+
+    run_demo("runs/demo")               # default: <= 15 min on a 2-core CPU
+    run_demo("runs/demo", quick=True)   # <= 3 min
+
+Stages (each prints a banner with the elapsed time, and is skipped when its output is complete,
+so re-running the same command resumes; every output is written under a temporary name or by a
+library that resumes by itself, so a killed stage restarts cleanly):
+
+  1 world       `generate_world` -> W/world (KITTI raw layout + Make3D copy; renamed when done)
+  2 prepare     `prepare_split` train -> W/tfds (TFDS array_record triplets at the training size)
+  3 teacher     `train_teacher` (resnet18_tiny on the world's trainId labels) -> W/teacher
+  4 logits      `precompute_split` (flax teacher, grouped, stride 4) -> W/teacher_logits/train
+  5 gt          `export_gt_depths` (velodyne, Eigen style) of the test split -> W/gt/test_gt.npz
+  6 baseline    `train_and_evaluate` with distill.weight=0 -> W/runs/baseline
+  7 xdistill    `train_and_evaluate` (same seed, same steps) -> W/runs/xdistill
+  8 eval        both runs and a constant-depth predictor: Eigen protocol on the test split and
+                the Make3D protocol on W/world/make3d -> W/runs/<run>/eval/*.json, W/eval/*.json
+  9 report      W/report.md, W/figures/*.png, the side-by-side table (printed too)
+
+The training settings are `configs/demo.py` (variant "quick" for --quick), so both runs can be
+repeated with `xdistill train`; the world, teacher and evaluation sizes are `SIZES` below.
+A workdir remembers its size (W/demo.json): a quick workdir cannot be resumed as a default one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import time
+from typing import Callable
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+DEMO_CONFIG = REPO_ROOT / "configs" / "demo.py"
+RUNS = ("baseline", "xdistill")
+RUN_TITLES = {"constant": "constant depth (median-scaled)", "baseline": "Monodepth2 (baseline)",
+              "xdistill": "X-Distill"}
+EIGEN_SPLIT = "synthetic_eigen"
+MAKE3D_SPLIT = "make3d"
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoSize:
+    """Everything the demo's size decides except the training runs (those are configs/demo.py).
+
+    World: `drives` x `frames` at world_width x world_height (the last drive is the test split,
+    every frame of it), `lidar_azimuths` lidar columns, `make3d_images` Make3D-layout images of
+    make3d_size (rows, cols). Teacher: resnet18_tiny trained `teacher_steps` steps of
+    `teacher_batch` images at the training resolution.
+    """
+
+    name: str
+    config_variant: str
+    drives: int
+    frames: int
+    world_width: int
+    world_height: int
+    lidar_azimuths: int
+    make3d_images: int
+    make3d_size: tuple[int, int]
+    teacher_steps: int
+    teacher_batch: int
+    teacher_variant: str = "resnet18_tiny"
+    grouping: str = "geometric"
+    seed: int = 0
+
+
+SIZES = {
+    "default": DemoSize("default", "", drives=3, frames=60, world_width=416, world_height=128,
+                        lidar_azimuths=1024, make3d_images=12, make3d_size=(256, 192),
+                        teacher_steps=300, teacher_batch=8),
+    "quick": DemoSize("quick", "quick", drives=2, frames=30, world_width=192, world_height=64,
+                      lidar_azimuths=512, make3d_images=6, make3d_size=(128, 96),
+                      teacher_steps=100, teacher_batch=8),
+}
+
+
+class Stages:
+    """Prints stage banners with the elapsed wall time; records each stage's seconds."""
+
+    def __init__(self, total: int, printer: Callable[[str], None] = print):
+        self.t0 = time.time()
+        self.total = total
+        self.index = 0
+        self.print = printer
+        self.seconds: dict[str, float] = {}
+        self.skipped: list[str] = []
+
+    def elapsed(self) -> str:
+        s = int(time.time() - self.t0)
+        return f"{s // 60:02d}:{s % 60:02d}"
+
+    def run(self, name: str, what: str, done: Callable[[], bool], fn: Callable[[], object]):
+        self.index += 1
+        head = f"[demo {self.elapsed()}] stage {self.index}/{self.total} {name}"
+        if done():
+            self.print(f"{head}: already complete, skipped ({what})")
+            self.skipped.append(name)
+            return None
+        self.print(f"{head}: {what}")
+        t = time.time()
+        out = fn()
+        self.seconds[name] = time.time() - t
+        self.print(f"[demo {self.elapsed()}] stage {name} done in {self.seconds[name]:.1f} s")
+        return out
+
+
+def write_json_atomic(path: pathlib.Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def demo_config(size: DemoSize, workdir: pathlib.Path, run: str):
+    """The resolved training config of one demo run (`run` in RUNS)."""
+    from xdistill_jax import config_utils
+
+    overrides = [f"--config.data.dataset_dir={workdir / 'tfds'}", f"--config.distill.grouping={size.grouping}"]
+    if run == "baseline":
+        overrides.append("--config.distill.weight=0")
+    else:
+        overrides.append(f"--config.data.teacher_dir={workdir / 'teacher_logits' / 'train'}")
+    spec = f"{DEMO_CONFIG}:{size.config_variant}" if size.config_variant else str(DEMO_CONFIG)
+    return config_utils.config_from_args(spec, overrides)
+
+
+def _check_workdir(workdir: pathlib.Path, size: DemoSize) -> None:
+    marker = workdir / "demo.json"
+    want = dataclasses.asdict(size)
+    want["make3d_size"] = list(size.make3d_size)
+    if marker.is_file():
+        have = json.loads(marker.read_text())
+        if have != want:
+            diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+            raise ValueError(f"{marker}: this workdir holds a demo of another size ({', '.join(diff)} "
+                             f"differ, e.g. name {have.get('name')!r} vs {size.name!r}); use another --workdir")
+    else:
+        write_json_atomic(marker, want)
+
+
+def _latest_step(run_dir: pathlib.Path) -> int | None:
+    from xdistill_jax.checkpoints import Checkpointer
+
+    if not (run_dir / "checkpoints").is_dir():
+        return None
+    ckpt = Checkpointer(run_dir / "checkpoints", keep=1, async_save=False)
+    try:
+        return ckpt.latest_step()
+    finally:
+        ckpt.close()
+
+
+def run_demo(workdir, *, quick: bool = False, printer: Callable[[str], None] = print) -> dict:
+    """Runs (or resumes) the demo in `workdir`; returns {"table": str, "results": {...}, ...}."""
+    from xdistill_jax import demo_eval, demo_report
+
+    size = SIZES["quick" if quick else "default"]
+    workdir = pathlib.Path(workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    _check_workdir(workdir, size)
+    configs = {run: demo_config(size, workdir, run) for run in RUNS}
+    steps = configs["baseline"].optim.num_steps
+    if configs["xdistill"].optim.num_steps != steps or configs["xdistill"].run.seed != configs["baseline"].run.seed:
+        raise AssertionError("the demo's two runs must share seed and number of steps")
+    height, width = configs["baseline"].data.height, configs["baseline"].data.width
+    world = workdir / "world"
+    tfds_dir = workdir / "tfds"
+    teacher_dir = workdir / "teacher"
+    logits_dir = workdir / "teacher_logits" / "train"
+    gt_path = workdir / "gt" / "test_gt.npz"
+    stages = Stages(total=9, printer=printer)
+    printer(f"xdistill demo ({size.name}) in {workdir}: {size.drives} drives x {size.frames} frames, "
+            f"training {height}x{width}, {steps} steps x batch {configs['baseline'].optim.batch_size} per run")
+
+    def make_world():
+        from data_pipelines.synthetic_world.generate import generate_world
+
+        summary = generate_world(world, seed=size.seed, drives=size.drives, frames=size.frames,
+                                 width=size.world_width, height=size.world_height,
+                                 make3d_images=size.make3d_images, make3d_size=size.make3d_size,
+                                 lidar_azimuths=size.lidar_azimuths, velodyne="test",
+                                 overwrite=True)
+        printer(f"  splits: {summary['split_sizes']}")
+
+    stages.run("world", f"render {size.drives} drives x {size.frames} frames at "
+               f"{size.world_width}x{size.world_height} + {size.make3d_images} Make3D images",
+               lambda: (world / "world.json").is_file(), make_world)
+
+    def prepare():
+        from data_pipelines.kitti.prepare import prepare_split
+
+        prepare_split(world, world / "splits" / "train_files.txt", tfds_dir, "train", height, width)
+
+    def prepared():
+        from data_pipelines.kitti.tfds_builder import dataset_dir
+
+        return dataset_dir(tfds_dir, "train").is_dir()  # built under a temporary name, renamed
+
+    stages.run("prepare", f"train split -> TFDS triplets at {height}x{width}", prepared, prepare)
+
+    def train_teacher():
+        from data_pipelines.teacher.train_teacher import TeacherTrainConfig, train_teacher
+
+        cfg = TeacherTrainConfig(data_dir=str(world), layout="synthetic", split="train",
+                                 variant=size.teacher_variant, height=height, width=width,
+                                 batch_size=size.teacher_batch, steps=size.teacher_steps,
+                                 seed=size.seed, save_every=max(size.teacher_steps // 2, 1))
+        train_teacher(cfg, teacher_dir, log_every=max(size.teacher_steps // 5, 1))
+
+    stages.run("teacher", f"segmentation teacher {size.teacher_variant}, {size.teacher_steps} steps "
+               f"on the world's labels", lambda: _latest_step(teacher_dir) == size.teacher_steps,
+               train_teacher)
+
+    def logits():
+        from data_pipelines.teacher.precompute import precompute_split
+
+        precompute_split(f"flax:{teacher_dir}", tfds_dir, "train", logits_dir, grouping=size.grouping,
+                         stride=4, batch_size=8, progress=False)
+
+    def logits_done():
+        meta = logits_dir / "teacher.json"
+        return meta.is_file() and bool(json.loads(meta.read_text()).get("complete"))
+
+    stages.run("logits", f"teacher logits, {size.grouping} grouping -> store", logits_done, logits)
+
+    def export_gt():
+        from data_pipelines.kitti.export_gt import export_gt_depths
+
+        n = export_gt_depths(world, world / "splits" / "test_files.txt", gt_path, split="eigen")
+        printer(f"  {n} velodyne depth maps")
+
+    stages.run("gt", "velodyne ground truth of the test split (export-gt)", gt_path.is_file, export_gt)
+
+    for run in RUNS:
+        run_dir = workdir / "runs" / run
+
+        def train_run(run=run, run_dir=run_dir):
+            from xdistill_jax import training_loop
+
+            status = training_loop.train_and_evaluate(configs[run], run_dir)
+            if status != training_loop.EXIT_OK:
+                raise RuntimeError(f"training {run} in {run_dir} stopped with exit status {status}")
+
+        stages.run(run, f"train {RUN_TITLES[run]}, {steps} steps",
+                   lambda run_dir=run_dir: _latest_step(run_dir) == steps, train_run)
+
+    eval_paths = demo_eval.result_paths(workdir, steps)
+    stages.run("eval", "Eigen protocol on the test split, Make3D protocol; constant-depth sanity row",
+               lambda: all(p.is_file() for p in eval_paths.values()),
+               lambda: demo_eval.evaluate_all(workdir, configs, gt_path, world, printer=printer))
+    results = demo_eval.load_results(eval_paths)
+    table = demo_report.results_table(results)
+    report = workdir / "report.md"
+    stages.run("report", "report.md and figures", lambda: report.is_file() and (
+        workdir / "figures" / "curves.png").is_file(),
+        lambda: demo_report.write_report(workdir, size, configs, results, table, stages))
+    printer("")
+    printer(table)
+    printer(f"\n[demo {stages.elapsed()}] finished; report: {report}")
+    return {"table": table, "results": results, "seconds": stages.seconds, "skipped": stages.skipped,
+            "report": str(report)}
