@@ -28,9 +28,26 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot be restored into the current config's state; the message says why."""
 
 
+def _key_name(entry) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)
+
+
 def _describe_tree(tree) -> dict[str, tuple]:
+    """{"params/depth/encoder/...": shape} for the params and batch_stats leaves.
+
+    Paths are spelled the same whether the tree is the TrainState dataclass or orbax's
+    metadata (nested dicts); the optimiser state mirrors params and is left to orbax.
+    """
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {jax.tree_util.keystr(p): tuple(getattr(x, "shape", ())) for p, x in leaves}
+    out = {}
+    for path, x in leaves:
+        name = "/".join(_key_name(e) for e in path)
+        if name.startswith(("params/", "batch_stats/")):
+            out[name] = tuple(getattr(x, "shape", ()))
+    return out
 
 
 class Checkpointer:
@@ -42,7 +59,9 @@ class Checkpointer:
             max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
             # we decide when to save (every N steps, at the end, on SIGTERM)
             save_interval_steps=1)
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options,
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()})
 
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -63,6 +82,10 @@ class Checkpointer:
     def close(self):
         self.manager.wait_until_finished()
         self.manager.close()
+
+    def read_data_state(self, step: int) -> dict:
+        """The JSON data state (loader position, bookkeeping) saved at `step`, without the arrays."""
+        return dict(self.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"] or {})
 
     def _restore_step(self, step: int, abstract_state):
         restored = self.manager.restore(step, args=ocp.args.Composite(
@@ -117,7 +140,7 @@ class Checkpointer:
             try:
                 state, data_state = self._restore_step(s, abstract_state)
             except Exception as e:  # noqa: BLE001 - orbax raises many kinds for a damaged directory
-                if saved is None and not failures and len(steps) == 1:
+                if "do not match" in str(e) or (saved is None and len(steps) == 1):
                     raise CheckpointError(self._mismatch_message(s, abstract_state, e)) from e
                 failures.append((s, e))
                 log.warning("checkpoint %s is unreadable (%s: %s); trying an older one",

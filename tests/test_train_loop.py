@@ -1,0 +1,152 @@
+"""train_and_evaluate end to end on a tiny in-memory split through the real grain loader:
+checkpoint + resume, SIGTERM, non-finite loss, incompatible workdirs."""
+
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from train_fixtures import FakeTeacher, records, tiny_config
+from xdistill_jax import config_utils, input_pipeline, training_loop
+from xdistill_jax.checkpoints import CheckpointError
+
+H, W = 32, 96
+RECS = records(8, H, W)
+
+
+class _Wrapped:
+    """A checkpointable iterator that calls `hook(batch_number, batch)` on each batch it yields."""
+
+    def __init__(self, it, hook):
+        self.it, self.hook, self.n = it, hook, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self.it)
+        self.n += 1
+        return self.hook(self.n, batch)
+
+    def get_state(self):
+        return self.it.get_state()
+
+    def set_state(self, state):
+        self.it.set_state(state)
+
+
+def make_data(hook=None):
+    teacher = FakeTeacher(RECS, H, W)
+
+    def train_iter():
+        it = input_pipeline.make_train_iterator(RECS, global_batch_size=4, seed=0, teacher=teacher)
+        return _Wrapped(it, hook) if hook else it
+
+    def val_iter():
+        return input_pipeline.make_eval_iterator(RECS[:4], global_batch_size=4, teacher=FakeTeacher(RECS[:4], H, W))
+
+    return training_loop.TrainingData(train_iter, val_iter, len(RECS))
+
+
+def read_metrics(workdir, split="train"):
+    lines = [json.loads(s) for s in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [m for m in lines if m["split"] == split]
+
+
+def ckpt_steps(workdir):
+    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+@pytest.fixture(scope="module")
+def resumed_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("run")
+    config = tiny_config(distill_weight=0.1)
+    first = training_loop.train_and_evaluate(config, workdir, data=make_data())
+    after_first = ckpt_steps(workdir)
+    config.optim.num_steps = 4
+    second = training_loop.train_and_evaluate(config, workdir, data=make_data())
+    return workdir, first, after_first, second
+
+
+def test_smoke_run_checkpoints_and_resumes(resumed_run):
+    workdir, first, after_first, second = resumed_run
+    assert (first, second) == (training_loop.EXIT_OK, training_loop.EXIT_OK)
+    assert after_first == [1, 2]
+    assert ckpt_steps(workdir) == [2, 3, 4]  # keep=3
+    train_steps = [m["step"] for m in read_metrics(workdir)]
+    assert train_steps == [1, 2, 3, 4]  # continuous across the restart, no duplicates
+    assert [m["step"] for m in read_metrics(workdir, "val")] == [1, 2, 3, 4]
+    m = read_metrics(workdir)[-1]
+    assert np.isfinite(m["loss"]) and m["loss"] == pytest.approx(m["photometric_loss"] + 0.1 * m["distill_loss"], rel=1e-5)
+    saved = config_utils.load_config(workdir)
+    assert saved.optim.num_steps == 4 and saved.distill.weight == 0.1
+    assert (workdir / "images" / "val_disp_step4.png").is_file()
+    assert (workdir / "images" / "val_translator_step4.png").is_file()
+    assert any(p.name.startswith("events.out.tfevents") for p in (workdir / "tensorboard").iterdir())
+
+
+def test_resume_continues_the_data_order(resumed_run):
+    """The loader state saved at step 2 resumes at the third batch of an unbroken iterator."""
+    from xdistill_jax.checkpoints import Checkpointer
+
+    workdir = resumed_run[0]
+    it = input_pipeline.make_train_iterator(RECS, global_batch_size=4, seed=0, teacher=FakeTeacher(RECS, H, W))
+    unbroken = [next(it)["index"] for _ in range(4)]
+    data_state = Checkpointer(workdir / "checkpoints").read_data_state(2)
+    it2 = input_pipeline.make_train_iterator(RECS, global_batch_size=4, seed=0, teacher=FakeTeacher(RECS, H, W))
+    it2.set_state(data_state["loader"])
+    np.testing.assert_array_equal(next(it2)["index"], unbroken[2])
+
+
+def test_incompatible_workdir_is_named(resumed_run):
+    workdir = resumed_run[0]
+    config = tiny_config(distill_weight=0.1, **{"model.num_layers": 34})
+    with pytest.raises(CheckpointError, match=r"incompatible config.*model\.num_layers: 18 -> 34"):
+        training_loop.train_and_evaluate(config, workdir, data=make_data())
+    # without config.json the checkpoint itself is compared with the state the config builds
+    (workdir / "config.json").rename(workdir / "config.json.bak")
+    try:
+        config = tiny_config(distill_weight=0.0)
+        with pytest.raises(CheckpointError, match=r"does not match.*unexpected parameters.*params/translator"):
+            training_loop.train_and_evaluate(config, workdir, data=make_data())
+    finally:
+        (workdir / "config.json.bak").rename(workdir / "config.json")
+
+
+def test_batch_not_divisible_by_devices_fails_before_compiling(tmp_path):
+    config = tiny_config(**{"optim.batch_size": 6})
+    with pytest.raises(config_utils.ConfigError, match=r"optim\.batch_size.*4 devices"):
+        training_loop.train_and_evaluate(config, tmp_path, data=make_data())
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_sigterm_saves_and_exits_then_resumes(tmp_path):
+    def hook(n, batch):
+        if n == 2:  # delivered while the loop prefetches batch 2, i.e. during step 1
+            os.kill(os.getpid(), signal.SIGTERM)
+        return batch
+
+    config = tiny_config(distill_weight=0.1, **{"optim.num_steps": 3, "run.ckpt_every": 100,
+                                                 "run.val_every": 100})
+    status = training_loop.train_and_evaluate(config, tmp_path, data=make_data(hook))
+    assert status == training_loop.EXIT_PREEMPTED
+    stopped = ckpt_steps(tmp_path)
+    assert len(stopped) == 1 and 1 <= stopped[0] < 3
+    assert training_loop.train_and_evaluate(config, tmp_path, data=make_data()) == training_loop.EXIT_OK
+    assert [m["step"] for m in read_metrics(tmp_path)] == [1, 2, 3]
+    assert ckpt_steps(tmp_path)[-1] == 3
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
+    def hook(n, batch):
+        if n == 3:
+            batch = dict(batch, K=np.full_like(batch["K"], np.nan))
+        return batch
+
+    config = tiny_config(distill_weight=0.1, **{"optim.num_steps": 4, "run.val_every": 100})
+    status = training_loop.train_and_evaluate(config, tmp_path, data=make_data(hook))
+    assert status == training_loop.EXIT_NONFINITE
+    assert "non-finite loss at step 3" in capsys.readouterr().err
+    assert ckpt_steps(tmp_path) == [1, 2]
