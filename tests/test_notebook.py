@@ -2,7 +2,8 @@
 
 The code cells run in-process, in order, in one namespace (nbformat/nbclient are not needed: the
 notebook is JSON and uses no magics). After the `parameters` cell, the sizes are replaced by the
-shared test workdir's (tests/eval_workdir.py), so the training compile comes from the cache.
+shared test workdir's (tests/eval_workdir.py); unlike that baseline run, the notebook trains with
+distillation (teacher logits precomputed from the world's labels), so both paths are exercised.
 """
 
 import json
@@ -25,7 +26,8 @@ def test_colab_notebook_runs(tmp_path):
                        "--make3d-size": "x".join(map(str, WORLD["make3d_size"])),
                        "--lidar-azimuths": WORLD["lidar_azimuths"], "--workers": 1},
         "HEIGHT": TRAIN_OVERRIDES["data.height"], "WIDTH": TRAIN_OVERRIDES["data.width"],
-        "TRAIN_OVERRIDES": dict(TRAIN_OVERRIDES), "BATCH_SIZE": 4,
+        "TRAIN_OVERRIDES": {k: v for k, v in TRAIN_OVERRIDES.items() if k != "distill.weight"},
+        "DISTILL_WEIGHT": 0.1, "BATCH_SIZE": 4,
     }
     namespace = {"__name__": "__notebook__"}
     for i, cell in enumerate(cells):
@@ -41,5 +43,7 @@ def test_colab_notebook_runs(tmp_path):
     assert set(results) == {"eigen-test_files-step2", "make3d-step2", "pose-test_files-step2"}
     assert results["eigen-test_files-step2"]["num_images"] == WORLD["frames"]
     assert results["make3d-step2"]["num_images"] == WORLD["make3d_images"]
+    metrics = [json.loads(s) for s in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any("distill_loss" in m for m in metrics if m["split"] == "train")  # X-Distill, not the baseline
     assert len(list((tmp_path / "predictions").glob("*_depth.npy"))) == WORLD["frames"]
     assert namespace["canvas"].size == (WORLD["width"], 2 * WORLD["height"])
