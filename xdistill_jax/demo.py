@@ -71,7 +71,7 @@ SIZES = {
     "default": DemoSize("default", "", drives=3, frames=60, world_width=416, world_height=128,
                         lidar_azimuths=1024, make3d_images=12, make3d_size=(256, 192),
                         teacher_steps=300, teacher_batch=8),
-    "quick": DemoSize("quick", "quick", drives=2, frames=30, world_width=192, world_height=64,
+    "quick": DemoSize("quick", "quick", drives=2, frames=40, world_width=192, world_height=64,
                       lidar_azimuths=512, make3d_images=6, make3d_size=(128, 96),
                       teacher_steps=100, teacher_batch=8),
 }

@@ -1,0 +1,128 @@
+"""`xdistill demo --quick` end to end: the suite's single biggest test (one run per session).
+
+The demo runs as a subprocess on ONE CPU device (the CLI a user types), sharing the suite's
+persistent compilation cache. Checked: both trained models beat a constant-depth, median-scaled
+predictor by a wide margin; the report, figures and evaluation JSONs exist and hold what they
+should; both runs trained the same number of steps with the same seed; a second invocation
+skips every stage and changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from xdistill_jax.evaluation import METRIC_KEYS
+
+STAGES = ("world", "prepare", "teacher", "logits", "gt", "baseline", "xdistill", "eval", "report")
+
+
+def _demo(workdir: pathlib.Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    # one CPU device, as a user's laptop: drop the suite's 4 fake devices
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                                if "xla_force_host_platform_device_count" not in f)
+    proc = subprocess.run([sys.executable, "-m", "xdistill_jax", "demo", "--quick", "--workdir", str(workdir)],
+                          capture_output=True, text=True, env=env, timeout=1800)
+    if proc.returncode != 0:
+        raise AssertionError(f"xdistill demo --quick failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
+                             f"{proc.stderr[-4000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def quick_demo(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("demo") / "quick"
+    first = _demo(workdir)
+    return workdir, first.stdout
+
+
+def _results(workdir: pathlib.Path) -> dict:
+    steps = json.loads((workdir / "runs" / "baseline" / "config.json").read_text())["optim"]["num_steps"]
+    out = {}
+    for split in ("synthetic_eigen", "make3d"):
+        out[("constant", split)] = workdir / "eval" / f"constant-{split}.json"
+        for run in ("baseline", "xdistill"):
+            out[(run, split)] = workdir / "runs" / run / "eval" / f"{split}-step{steps}.json"
+    return {k: json.loads(p.read_text()) for k, p in out.items()}
+
+
+def test_both_models_beat_constant_depth(quick_demo):
+    workdir, _ = quick_demo
+    res = _results(workdir)
+    const = res[("constant", "synthetic_eigen")]["abs_rel"]
+    assert 0.2 < const < 2.0  # a median-scaled constant on a street scene is far from right
+    for run in ("baseline", "xdistill"):
+        abs_rel = res[(run, "synthetic_eigen")]["abs_rel"]
+        assert abs_rel < 0.8 * const, f"{run}: abs_rel {abs_rel:.4f} vs constant {const:.4f}"
+        assert res[(run, "synthetic_eigen")]["a1"] > res[("constant", "synthetic_eigen")]["a1"]
+
+
+def test_eval_jsons_have_the_metrics(quick_demo):
+    workdir, _ = quick_demo
+    world = json.loads((workdir / "world" / "world.json").read_text())
+    for (run, split), m in _results(workdir).items():
+        keys = set(METRIC_KEYS) | {"num_images"} | ({"log10"} if split == "make3d" else set())
+        assert keys <= set(m), f"{run} {split}: missing {keys - set(m)}"
+        if split == "make3d":
+            assert m["num_images"] == world["make3d_images"]
+        else:
+            assert m["num_images"] == world["split_sizes"]["test"]
+        for k in METRIC_KEYS:
+            assert m[k] == m[k] and m[k] >= 0, (run, split, k, m[k])  # finite, not NaN
+        assert 0 <= m["a1"] <= m["a2"] <= m["a3"] <= 1
+
+
+def test_runs_trained_the_same_steps_and_seed(quick_demo):
+    workdir, _ = quick_demo
+    cfgs = {run: json.loads((workdir / "runs" / run / "config.json").read_text()) for run in ("baseline", "xdistill")}
+    assert cfgs["baseline"]["distill"]["weight"] == 0 and cfgs["xdistill"]["distill"]["weight"] > 0
+    assert cfgs["baseline"]["optim"]["num_steps"] == cfgs["xdistill"]["optim"]["num_steps"] > 0
+    assert cfgs["baseline"]["run"]["seed"] == cfgs["xdistill"]["run"]["seed"]
+    last = {}
+    for run in cfgs:
+        recs = [json.loads(line) for line in (workdir / "runs" / run / "metrics.jsonl").read_text().splitlines()]
+        last[run] = max(r["step"] for r in recs if r["split"] == "train")
+        assert sorted(int(p.name) for p in (workdir / "runs" / run / "checkpoints").iterdir()
+                      if p.name.isdigit())[-1] == cfgs[run]["optim"]["num_steps"]
+    assert last["baseline"] == last["xdistill"] == cfgs["baseline"]["optim"]["num_steps"]
+    recs = [json.loads(line) for line in (workdir / "runs" / "xdistill" / "metrics.jsonl").read_text().splitlines()]
+    assert all("distill_loss" in r for r in recs if r["split"] == "train")
+
+
+def test_report_and_figures(quick_demo):
+    from PIL import Image
+
+    workdir, stdout = quick_demo
+    report = (workdir / "report.md").read_text()
+    for title in ("constant depth (median-scaled)", "Monodepth2 (baseline)", "X-Distill"):
+        assert title in report and title in stdout
+    for name, min_size in (("curves", (400, 400)), ("predictions", (4 * 96, 4 * 32)),
+                           ("segmentation", (3 * 96, 4 * 32))):
+        path = workdir / "figures" / f"{name}.png"
+        assert f"figures/{name}.png" in report
+        with Image.open(path) as im:
+            assert im.size[0] >= min_size[0] and im.size[1] >= min_size[1], (name, im.size)
+            arr = __import__("numpy").asarray(im.convert("RGB"))
+        assert arr.std() > 10, f"{name}.png is (nearly) blank"
+    for stage in STAGES:
+        assert f" {stage}:" in stdout or f" {stage} done" in stdout, stage
+
+
+def test_second_invocation_skips_every_stage(quick_demo):
+    workdir, _ = quick_demo
+    watched = [workdir / "report.md", workdir / "world" / "world.json",
+               *sorted((workdir / "runs").glob("*/eval/*.json")), *sorted((workdir / "eval").glob("*.json"))]
+    before = {p: p.stat().st_mtime_ns for p in watched}
+    second = _demo(workdir)
+    skipped = [line for line in second.stdout.splitlines() if "already complete, skipped" in line]
+    assert len(skipped) == len(STAGES), second.stdout
+    for stage in STAGES:
+        assert any(f" {stage}: already complete" in line for line in skipped), stage
+    assert {p: p.stat().st_mtime_ns for p in watched} == before
+    assert "X-Distill" in second.stdout  # the table is printed again
