@@ -26,7 +26,7 @@ from train_fixtures import make_batch, tiny_config  # noqa: E402
 from xdistill_jax import train  # noqa: E402
 from xdistill_jax.objective import Networks  # noqa: E402
 
-config = tiny_config(distill_weight=0.1, **{"optim.eps": 1e-6})  # as in test_train_step.py
+config = tiny_config(distill_weight=0.1)
 nets = Networks.from_config(config)
 tx = train.make_optimizer(config, steps_per_epoch=100)
 mesh = train.make_mesh(config)

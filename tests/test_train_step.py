@@ -19,19 +19,12 @@ def _flat(tree):
 
 @pytest.fixture(scope="module")
 def runs_by_device_count():
-    """3 train steps (distillation on) on meshes of 1, 2 and 4 devices, same global batches.
-
-    Adam eps is 1e-6 here, not the paper's 1e-8: Adam's first steps move each weight by about
-    lr * g / (|g| + eps), so a gradient that is rounding noise around zero (|g| ~ 1e-10 here,
-    summed in another order on another device count, sign flipped) moves its weight by up to
-    ~lr in opposite directions. With eps=1e-8 the losses agree to 1e-5 but a few such weights
-    differ by ~2e-5 after 3 steps; with eps=1e-6 that noise is damped below 1e-7.
-    (The tie-break noise is drawn with a sharding-invariant threefry key; with the rbg key
-    drawn directly, the auto-mask choices differed and weights differed by ~1e-4.)
-    """
+    """3 train steps (distillation on, the paper's Adam) on meshes of 1, 2 and 4 devices, same
+    global batches. The tie-break noise is drawn with a sharding-invariant threefry key (with
+    the rbg key drawn directly, auto-mask choices differed and weights by ~1e-4)."""
     out = {}
     for n in (1, 2, 4):
-        config = tiny_config(distill_weight=0.1, **{"mesh.num_devices": n, "optim.eps": 1e-6})
+        config = tiny_config(distill_weight=0.1, **{"mesh.num_devices": n})
         nets = Networks.from_config(config)
         tx = train.make_optimizer(config, steps_per_epoch=100)
         mesh = train.make_mesh(config)
@@ -48,6 +41,14 @@ def runs_by_device_count():
     return out
 
 
+# Weights may differ by more than the losses: the per-pixel minimum of the auto-mask is not
+# smooth (a reduction order change can flip a near-tie pixel) and Adam's first steps move each
+# weight by about +-lr whatever the gradient's size, so a gradient within rounding of zero can
+# move a weight either way. Measured on this CPU: losses and BN statistics agree to < 1e-5,
+# a few weights differ by up to 2e-5 (lr = 1e-4) after 3 steps.
+PARAM_ATOL = 5e-5
+
+
 def test_same_result_on_1_2_4_devices(runs_by_device_count):
     ref = runs_by_device_count[1]
     assert ref["step"] == 3
@@ -57,10 +58,10 @@ def test_same_result_on_1_2_4_devices(runs_by_device_count):
         np.testing.assert_allclose(run["losses"], ref["losses"], rtol=0, atol=1e-5)
         assert run["params"].keys() == ref["params"].keys()
         worst = max((float(np.max(np.abs(run["params"][k] - ref["params"][k]))), k) for k in ref["params"])
-        assert worst[0] <= 1e-5, (n, worst)
+        assert worst[0] <= PARAM_ATOL, (n, worst)
         worst_bn = max(float(np.max(np.abs(run["batch_stats"][k] - ref["batch_stats"][k])))
                        for k in ref["batch_stats"])
-        assert worst_bn <= 1e-5, (n, worst_bn)
+        assert worst_bn <= PARAM_ATOL, (n, worst_bn)
         assert run["sharding"].is_fully_replicated
 
 
@@ -185,4 +186,34 @@ def test_two_processes_train_in_lockstep_like_one(runs_by_device_count, tmp_path
     got = np.load(out)
     np.testing.assert_allclose(got["losses"], ref["losses"], rtol=0, atol=1e-5)
     worst = max(float(np.max(np.abs(got[k] - ref["params"][k]))) for k in ref["params"])
-    assert worst <= 1e-5, worst
+    assert worst <= PARAM_ATOL, worst
+
+
+def test_pretrained_encoder_init(tmp_path):
+    """config.model.init: the msgpack encoder goes into the depth encoder as is and into the
+    two-image pose encoder with conv1 repeated over both images and halved (Monodepth2)."""
+    from xdistill_jax.convert import save_variables
+    from xdistill_jax.models.resnet import ResNetEncoder
+
+    enc = ResNetEncoder(18, 1).init(jax.random.key(5), jnp.zeros((1, 64, 64, 3)), train=False)
+    enc = jax.tree.map(lambda x: np.asarray(x) + 0.5, enc)  # distinct from any scratch init
+    path = tmp_path / "resnet18.msgpack"
+    save_variables(path, enc)
+    config = tiny_config(distill_weight=0.0, **{"model.init": str(path)})
+    nets = Networks.from_config(config)
+    tx = train.make_optimizer(config, steps_per_epoch=100)
+    mesh = train.make_mesh(config)
+    state = train.create_train_state(nets, tx, mesh, jax.random.key(0), train.load_pretrained_encoders(config))
+    got = _flat(state.params["depth"]["encoder"])
+    want = _flat(enc["params"])
+    assert got.keys() == want.keys()
+    assert all(np.array_equal(got[k], want[k]) for k in want)
+    np.testing.assert_array_equal(state.batch_stats["depth"]["encoder"]["bn1"]["var"], enc["batch_stats"]["bn1"]["var"])
+    pose_conv1 = np.asarray(state.params["pose"]["encoder"]["conv1"]["kernel"])
+    np.testing.assert_allclose(pose_conv1, np.concatenate([enc["params"]["conv1"]["kernel"]] * 2, axis=2) / 2)
+    np.testing.assert_array_equal(state.params["pose"]["encoder"]["layer4_1"]["conv2"]["kernel"],
+                                  enc["params"]["layer4_1"]["conv2"]["kernel"])
+    bad = tiny_config(distill_weight=0.0, **{"model.init": str(path), "model.num_layers": 34})
+    with pytest.raises(ValueError, match="pretrained depth encoder"):
+        train.create_train_state(Networks.from_config(bad), tx, mesh, jax.random.key(0),
+                                 train.load_pretrained_encoders(bad))

@@ -207,7 +207,7 @@ def make_train_step(config: ml_collections.ConfigDict, nets: Networks, tx, mesh:
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         out = {k: v for k, v in metrics.items() if jnp.ndim(v) == 0}
-        out["grad_norm"] = optax.global_norm(grads)
+        out["grad_norm"] = optax.tree_utils.tree_l2_norm(grads)
         new = TrainState(params=params, batch_stats=batch_stats, opt_state=opt_state, step=state.step + 1)
         if skip_nonfinite:
             ok = jnp.isfinite(total) & jnp.isfinite(out["grad_norm"])
