@@ -16,7 +16,8 @@ No data loading: the batch (the loader's contract, random uint8 frames, Monodept
 scale, float16 teacher logits at half resolution) is placed on the mesh once.
 
 Reported per variant: median and mean images/s, median step time, init and compile seconds,
-FLOPs per step from XLA's cost analysis of the compiled step (per-device program x devices),
+FLOPs (and bytes accessed) per step from XLA's cost analysis of the compiled step (per-device
+program x devices),
 the fraction of the device's peak FLOP/s (table `PEAK_FLOPS`, bf16 dense; n/a where unknown,
 e.g. CPU), the device's peak memory in use (`device.memory_stats()`, n/a on CPU) and XLA's
 own memory estimate of the step (arguments + outputs - aliased + temporaries).
@@ -53,7 +54,7 @@ PEAK_FLOPS = {
 MONODEPTH2_K = np.array([[0.58, 0, 0.5, 0], [0, 1.92, 0.5, 0], [0, 0, 1, 0], [0, 0, 0, 1]], np.float32)
 
 COLUMNS = ("variant", "batch", "HxW", "images/s (median)", "step ms (median)", "init s", "compile s",
-           "GFLOP/step", "% of peak", "peak mem GB", "XLA mem GB")
+           "GFLOP/step", "% of peak", "peak mem GB", "XLA mem GB", "GB accessed/step")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,13 +130,14 @@ def _block(tree) -> None:
     jax.block_until_ready(tree)
 
 
-def _cost_flops(compiled) -> float | None:
+def _cost(compiled) -> tuple[float | None, float | None]:
+    """(FLOPs, bytes accessed) of one device's program from XLA's cost analysis (None: unknown)."""
     cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):  # older jax: one dict per program
         cost = cost[0] if cost else None
-    if not cost or "flops" not in cost:
-        return None
-    return float(cost["flops"])
+    cost = cost or {}
+    get = lambda key: float(cost[key]) if key in cost else None  # noqa: E731
+    return get("flops"), get("bytes accessed")
 
 
 def _xla_memory_bytes(compiled) -> int | None:
@@ -160,8 +162,12 @@ def _peak_memory_bytes(mesh) -> int | None:
 
 
 def benchmark_step(config: ml_collections.ConfigDict, *, steps: int = 50, warmup: int = 5,
-                   seed: int = 0, teacher_stride: int = 2) -> dict[str, Any]:
-    """Measures one config's train step (see the module docstring); returns a JSON-able dict."""
+                   seed: int = 0, teacher_stride: int = 2, progress=None) -> dict[str, Any]:
+    """Measures one config's train step (see the module docstring); returns a JSON-able dict.
+
+    progress: optional callable(str) told when init and compile finish (for long runs' logs).
+    """
+    say = progress or (lambda message: None)
     from xdistill_jax import semantics, train
     from xdistill_jax.objective import Networks
 
@@ -182,6 +188,7 @@ def benchmark_step(config: ml_collections.ConfigDict, *, steps: int = 50, warmup
     state = train.create_train_state(nets, tx, mesh, jax.random.key(seed))
     _block(state)
     init_s = time.perf_counter() - t0
+    say(f"init {init_s:.2f} s")
 
     batch = train.global_batch(host_batch, mesh)
     rng = jax.device_put(jax.random.key(seed + 1), train.replicated(mesh))
@@ -191,7 +198,8 @@ def benchmark_step(config: ml_collections.ConfigDict, *, steps: int = 50, warmup
     step_fn = train.make_train_step(config, nets, tx, mesh)
     compiled = step_fn.lower(state, batch, rng).compile()
     compile_s = time.perf_counter() - t0
-    flops_device = _cost_flops(compiled)
+    say(f"compile {compile_s:.2f} s")
+    flops_device, bytes_device = _cost(compiled)
     flops = None if flops_device is None else flops_device * mesh.size
 
     t0 = time.perf_counter()
@@ -238,6 +246,7 @@ def benchmark_step(config: ml_collections.ConfigDict, *, steps: int = 50, warmup
         "cold_start_s": init_s + compile_s,
         "first_step_s": first_step_s,
         "flops_per_step": flops,
+        "bytes_accessed_per_step": None if bytes_device is None else bytes_device * mesh.size,
         "achieved_flops_per_s": achieved,
         "peak_flops_per_s": peak,
         "fraction_of_peak": None if (peak is None or achieved is None) else achieved / peak,
@@ -269,7 +278,8 @@ def markdown_table(results: Sequence[dict], device: str | None = None) -> str:
                  _fmt(r["images_per_s_median"], ".1f"), _fmt(r["step_ms_median"], ".1f"),
                  _fmt(r["init_s"], ".2f"), _fmt(r["compile_s"], ".2f"),
                  _fmt(r["flops_per_step"], ".1f", 1e-9), _fmt(r["fraction_of_peak"], ".2f", 100.0),
-                 _fmt(r["peak_memory_bytes"], ".2f", 1e-9), _fmt(r["xla_memory_bytes"], ".2f", 1e-9)]
+                 _fmt(r["peak_memory_bytes"], ".2f", 1e-9), _fmt(r["xla_memory_bytes"], ".2f", 1e-9),
+                 _fmt(r.get("bytes_accessed_per_step"), ".2f", 1e-9)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -100,7 +100,8 @@ def run(args) -> int:
     results = []
     for v in benchmark.variants(dtypes, distill):
         r = benchmark.benchmark_step(benchmark.variant_config(config, v), steps=args.steps,
-                                     warmup=args.warmup, teacher_stride=args.teacher_stride)
+                                     warmup=args.warmup, teacher_stride=args.teacher_stride,
+                                     progress=lambda m, v=v: print(f"{v.name}: {m}", flush=True))
         results.append(r)
         print(f"{r['variant']}: {r['images_per_s_median']:.1f} images/s (median of {args.steps}), "
               f"init {r['init_s']:.2f} s, compile {r['compile_s']:.2f} s", flush=True)
