@@ -150,3 +150,17 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
     assert status == training_loop.EXIT_NONFINITE
     assert "non-finite loss at step 3" in capsys.readouterr().err
     assert ckpt_steps(tmp_path) == [1, 2]
+
+
+def test_validation_depth_metrics_with_ground_truth(tmp_path):
+    """With config.data.val_gt_depth (export-gt format), validation adds the Eigen metrics."""
+    r = np.random.default_rng(0)
+    gt = {f"depth_{i:05d}": r.uniform(1.0, 50.0, (H, W)).astype(np.float32) for i in range(4)}
+    gt["files"] = np.array([rec["id"].decode() for rec in RECS[:4]])
+    np.savez_compressed(tmp_path / "gt_depths.npz", **gt)
+    config = tiny_config(distill_weight=0.1, **{"optim.num_steps": 1, "data.val_gt_crop": "",
+                                                 "data.val_gt_depth": str(tmp_path / "gt_depths.npz")})
+    assert training_loop.train_and_evaluate(config, tmp_path / "w", data=make_data()) == training_loop.EXIT_OK
+    (val,) = read_metrics(tmp_path / "w", "val")
+    assert val["num_images"] == 4
+    assert 0 < val["abs_rel"] < 10 and 0 <= val["a1"] <= 1 and val["rmse"] > 0

@@ -192,7 +192,7 @@ def make_train_step(config: ml_collections.ConfigDict, nets: Networks, tx, mesh:
                     *, jit: bool = True) -> Callable:
     """`(state, batch, rng) -> (state, metrics)`; jitted over `mesh` with the state donated.
 
-    Metrics are float32 scalars (replicated): loss terms, grad_norm, lr-free. With
+    Metrics are float32 scalars (replicated): the loss terms and grad_norm. With
     `config.run.on_nonfinite == "skip"`, a step whose loss or gradients are not finite leaves
     the state unchanged except `step` (metric "skipped" = 1).
     """
@@ -207,7 +207,7 @@ def make_train_step(config: ml_collections.ConfigDict, nets: Networks, tx, mesh:
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         out = {k: v for k, v in metrics.items() if jnp.ndim(v) == 0}
-        out["grad_norm"] = optax.tree_utils.tree_l2_norm(grads)
+        out["grad_norm"] = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
         new = TrainState(params=params, batch_stats=batch_stats, opt_state=opt_state, step=state.step + 1)
         if skip_nonfinite:
             ok = jnp.isfinite(total) & jnp.isfinite(out["grad_norm"])

@@ -174,13 +174,10 @@ def _progress_line(step, total, t_start, step_start, batch_size, scalars):
 
 
 def _load_val_gt(path: str):
-    """gt_depths.npz from `xdistill export-gt`: `data` (N,H,W) or per-image keys; no pickle."""
-    with np.load(path, allow_pickle=False) as f:
-        if "data" in f.files:
-            data = f["data"]
-            return [data[i] for i in range(len(data))]
-        keys = sorted(f.files)
-        return [f[k] for k in keys]
+    """Per-example depth maps of the val split from `xdistill export-gt` (no pickle)."""
+    from data_pipelines.kitti.export_gt import load_gt_depths
+
+    return load_gt_depths(path)[0]
 
 
 def _to_host(x) -> np.ndarray:
