@@ -15,6 +15,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from xdistill_jax.evaluation import METRIC_KEYS
@@ -108,7 +109,7 @@ def test_report_and_figures(quick_demo):
         assert f"figures/{name}.png" in report
         with Image.open(path) as im:
             assert im.size[0] >= min_size[0] and im.size[1] >= min_size[1], (name, im.size)
-            arr = __import__("numpy").asarray(im.convert("RGB"))
+            arr = np.asarray(im.convert("RGB"))
         assert arr.std() > 10, f"{name}.png is (nearly) blank"
     for stage in STAGES:
         assert f" {stage}:" in stdout or f" {stage} done" in stdout, stage

@@ -141,6 +141,19 @@ def _check_workdir(workdir: pathlib.Path, size: DemoSize) -> None:
         write_json_atomic(marker, want)
 
 
+def _check_run_config(run_dir: pathlib.Path, config) -> None:
+    """A run directory trained under other settings (e.g. an older configs/demo.py) is an error,
+    not something to skip or silently resume."""
+    from xdistill_jax import config_utils
+
+    if not (run_dir / config_utils.CONFIG_JSON).is_file():
+        return
+    diffs = list(config_utils.differences(config_utils.load_config(run_dir), config))
+    if diffs:
+        raise ValueError(f"{run_dir} was trained with other settings ({'; '.join(diffs[:4])}); "
+                         f"delete {run_dir} to retrain it")
+
+
 def _latest_step(run_dir: pathlib.Path) -> int | None:
     from xdistill_jax.checkpoints import Checkpointer
 
@@ -236,6 +249,7 @@ def run_demo(workdir, *, quick: bool = False, printer: Callable[[str], None] = p
 
     for run in RUNS:
         run_dir = workdir / "runs" / run
+        _check_run_config(run_dir, configs[run])
 
         def train_run(run=run, run_dir=run_dir):
             from xdistill_jax import training_loop
@@ -248,12 +262,16 @@ def run_demo(workdir, *, quick: bool = False, printer: Callable[[str], None] = p
                    lambda run_dir=run_dir: _latest_step(run_dir) == steps, train_run)
 
     eval_paths = demo_eval.result_paths(workdir, steps)
+    report = workdir / "report.md"
+
+    def evaluate():
+        report.unlink(missing_ok=True)  # derived from the results: redrawn after a re-evaluation
+        demo_eval.evaluate_all(workdir, configs, gt_path, world, printer=printer)
+
     stages.run("eval", "Eigen protocol on the test split, Make3D protocol; constant-depth sanity row",
-               lambda: all(p.is_file() for p in eval_paths.values()),
-               lambda: demo_eval.evaluate_all(workdir, configs, gt_path, world, printer=printer))
+               lambda: all(p.is_file() for p in eval_paths.values()), evaluate)
     results = demo_eval.load_results(eval_paths)
     table = demo_report.results_table(results)
-    report = workdir / "report.md"
     stages.run("report", "report.md and figures", lambda: report.is_file() and (
         workdir / "figures" / "curves.png").is_file(),
         lambda: demo_report.write_report(workdir, size, configs, results, table, stages))
