@@ -36,10 +36,21 @@ step = train.make_train_step(config, nets, tx, mesh)
 rng = jax.random.key(1)
 losses = []
 per_process = 4 // nproc
-for i in range(3):
+
+
+def local_batch(i):
     full = make_batch(4, 32, 96, seed=i)
-    local = {k: v[pid * per_process:(pid + 1) * per_process] for k, v in full.items()}
-    state, metrics = step(state, train.global_batch(local, mesh), rng)
+    return train.global_batch({k: v[pid * per_process:(pid + 1) * per_process] for k, v in full.items()}, mesh)
+
+
+# Compile before the first collective and wait for the other process: on a loaded machine one
+# process can finish compiling much later, and gloo's context set-up times out after 30 s.
+step = step.lower(state, local_batch(0), rng).compile()
+if nproc > 1:  # the coordination service's barrier (not a gloo collective, no 30 s limit)
+    from jax._src import distributed
+    distributed.global_state.client.wait_at_barrier("compiled", timeout_in_ms=600_000)
+for i in range(3):
+    state, metrics = step(state, local_batch(i), rng)
     losses.append(float(metrics["loss"]))
 flat = {jax.tree_util.keystr(p): np.asarray(x.addressable_data(0))
         for p, x in jax.tree_util.tree_flatten_with_path(state.params)[0]}
