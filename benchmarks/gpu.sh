@@ -8,6 +8,7 @@
 #     3. bf16, distillation off -- cold
 #     4. fp32, distillation on  -- cold
 #     5. fp32, distillation off -- cold
+#     6. the loss alone (benchmarks/loss_cost.py, 640x192 batch 12): XLA cost and time per call
 #   Each run is its own process, so "peak mem GB" (device.memory_stats peak_bytes_in_use) is that
 #   variant's peak, and "init s" / "compile s" are what a fresh `xdistill train` would pay.
 #   Median images/s over 50 steps after 5 warm-up steps, on device-resident synthetic batches.
@@ -78,10 +79,18 @@ run() {  # name dtype distill [time limit s]
 
 echo "# GPU train-step benchmark ($(date -u +%F), $("$PY" -c 'import jax; print(jax.devices()[0].device_kind)'))" >"$OUTDIR/summary.md"
 echo "" >>"$OUTDIR/summary.md"
-run bf16_distill_cold bfloat16 on 150
+run bf16_distill_cold bfloat16 on 140
 run bf16_distill_warm bfloat16 on 60
-run bf16_nodistill_cold bfloat16 off 100
-run fp32_distill_cold float32 on 100
-run fp32_nodistill_cold float32 off 100
+run bf16_nodistill_cold bfloat16 off 120
+run fp32_distill_cold float32 on 120
+run fp32_nodistill_cold float32 off 120
+# The loss work alone (no networks), forward + gradient, fp32: its share of the step.
+echo "=== loss alone (limit $((60 * LIMIT_SCALE))s)"
+if timeout $((60 * LIMIT_SCALE)) "$PY" -u benchmarks/loss_cost.py --batch 12 --height 192 --width 640 --iters 20 \
+    >"$OUTDIR/loss_cost.log" 2>&1; then
+  tail -n 1 "$OUTDIR/loss_cost.log" | tee -a "$OUTDIR/summary.md"
+else
+  echo "    loss_cost FAILED or timed out"; tail -n 5 "$OUTDIR/loss_cost.log"
+fi
 echo "cache entries written: $(ls "$CACHE" | wc -l)" | tee -a "$OUTDIR/summary.md"
 echo "done; results in $OUTDIR"

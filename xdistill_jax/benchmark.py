@@ -162,10 +162,13 @@ def _peak_memory_bytes(mesh) -> int | None:
 
 
 def benchmark_step(config: ml_collections.ConfigDict, *, steps: int = 50, warmup: int = 5,
-                   seed: int = 0, teacher_stride: int = 2, progress=None) -> dict[str, Any]:
+                   seed: int = 0, teacher_stride: int = 2, progress=None,
+                   profile_dir: str | None = None, profile_steps: int = 5) -> dict[str, Any]:
     """Measures one config's train step (see the module docstring); returns a JSON-able dict.
 
     progress: optional callable(str) told when init and compile finish (for long runs' logs).
+    profile_dir: if given, `profile_steps` more steps (after the timed ones, not counted) are
+      traced with `jax.profiler.trace` into it (view with TensorBoard's profile plugin/Perfetto).
     """
     say = progress or (lambda message: None)
     from xdistill_jax import semantics, train
@@ -220,6 +223,11 @@ def benchmark_step(config: ml_collections.ConfigDict, *, steps: int = 50, warmup
             times.append(time.perf_counter() - t)
         _block(state)
         loop_s = time.perf_counter() - loop_start
+    if profile_dir:
+        with jax.profiler.trace(str(profile_dir)):
+            for _ in range(profile_steps):
+                state, metrics = compiled(state, batch, rng)
+            _block((state, metrics))
     loss = float(jax.device_get(metrics["loss"]))
     if not np.isfinite(loss):
         raise FloatingPointError(f"benchmark step produced a non-finite loss {loss}")

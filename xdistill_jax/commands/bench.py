@@ -30,6 +30,8 @@ def add_arguments(parser):
     parser.add_argument("--teacher-stride", type=int, default=2,
                         help="synthetic teacher logits at (H/stride, W/stride)")
     parser.add_argument("--json", default=None, help="write the results here (JSON)")
+    parser.add_argument("--profile-dir", default=None,
+                        help="trace 5 extra steps per variant with jax.profiler into DIR/<variant>")
     parser.add_argument("--compilation-cache", default=None,
                         help="persistent compile cache dir ('off' to disable); default "
                              "$XDISTILL_COMPILATION_CACHE or ~/.cache/xdistill_jax/jax_cache")
@@ -101,7 +103,9 @@ def run(args) -> int:
     for v in benchmark.variants(dtypes, distill):
         r = benchmark.benchmark_step(benchmark.variant_config(config, v), steps=args.steps,
                                      warmup=args.warmup, teacher_stride=args.teacher_stride,
-                                     progress=lambda m, v=v: print(f"{v.name}: {m}", flush=True))
+                                     progress=lambda m, v=v: print(f"{v.name}: {m}", flush=True),
+                                     profile_dir=(None if not args.profile_dir else
+                                                  f"{args.profile_dir}/{v.dtype}_distill_{int(v.distill)}"))
         results.append(r)
         print(f"{r['variant']}: {r['images_per_s_median']:.1f} images/s (median of {args.steps}), "
               f"init {r['init_s']:.2f} s, compile {r['compile_s']:.2f} s", flush=True)
