@@ -25,6 +25,8 @@
 #     pip download ml_collections --no-deps --only-binary=:all: -d .whl/
 #   this script then installs it with no network:
 #     pip install --no-index --no-deps --target .pydeps .whl/ml_collections-*.whl
+#   (without pip it unpacks the wheel with `python -m zipfile`). .whl/ is not git-ignored, so an
+#   untracked .whl/ travels with a copy of the working tree.
 # The project itself is not installed: PYTHONPATH=.:.pydeps and `python -m xdistill_jax bench`.
 set -euo pipefail
 
@@ -35,7 +37,10 @@ PY="${PYTHON:-python3}"
 
 if ! "$PY" -c "import ml_collections" 2>/dev/null; then
   if ls .whl/ml_collections-*.whl >/dev/null 2>&1; then
-    "$PY" -m pip install --quiet --no-index --no-deps --target .pydeps .whl/ml_collections-*.whl
+    if ! "$PY" -m pip install --quiet --no-index --no-deps --target .pydeps .whl/ml_collections-*.whl; then
+      # no pip in the image: a pure-Python wheel is a zip of the package, unpack it as is
+      "$PY" -m zipfile -e .whl/ml_collections-*.whl .pydeps
+    fi
   else
     echo "ml_collections is not installed and no .whl/ml_collections-*.whl was found (see the header)" >&2
     exit 2
