@@ -1,5 +1,6 @@
 """`xdistill demo [--workdir W] [--quick]`: the whole pipeline on a synthetic world, X-Distill vs
-Monodepth2, in <= 15 minutes (--quick: <= 3) on a 2-core CPU. Re-running resumes.
+Monodepth2. Targets: <= 15 minutes (--quick: <= 3) on an idle 2-core CPU; the measured times
+are in `xdistill_jax.demo`'s docstring and the README. Re-running resumes.
 
 See `xdistill_jax.demo` for the stages and what each writes under W.
 """
@@ -13,7 +14,7 @@ import sys
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", default="xdistill_demo",
                         help="output folder (world, datasets, runs, report.md); default ./xdistill_demo")
-    parser.add_argument("--quick", action="store_true", help="the small version (<= 3 min on a 2-core CPU)")
+    parser.add_argument("--quick", action="store_true", help="the small version (fewer frames, teacher and training steps)")
     parser.add_argument("--compilation-cache", default=None,
                         help="persistent XLA compilation cache dir ('off' to disable); default: "
                              "$XDISTILL_COMPILATION_CACHE or ~/.cache/xdistill_jax/jax_cache")
