@@ -35,20 +35,26 @@ class MetricWriter:
             except ImportError:
                 self._tb = None
 
-    def truncate_after(self, step: int) -> None:
-        """Drop lines whose step > `step` (work after the checkpoint we resume from is redone)."""
+    def truncate_after(self, step: int) -> set[tuple[int, str]]:
+        """Drop lines whose step > `step` (work after the checkpoint we resume from is redone).
+
+        Returns the (step, split) pairs of the lines kept (on process 0; empty elsewhere).
+        """
         if not self.enabled or not self.path.exists():
-            return
-        keep = []
+            return set()
+        keep, kept = [], set()
         for line in self.path.read_text().splitlines():
             try:
-                if json.loads(line)["step"] <= step:
+                record = json.loads(line)
+                if record["step"] <= step:
                     keep.append(line)
-            except (ValueError, KeyError):
+                    kept.add((int(record["step"]), str(record.get("split", "train"))))
+            except (ValueError, KeyError, TypeError):
                 continue  # a half-written last line from a killed run
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(s + "\n" for s in keep))
         os.replace(tmp, self.path)
+        return kept
 
     def write_scalars(self, step: int, scalars: Mapping[str, float], split: str = "train") -> None:
         if not self.enabled:

@@ -13,12 +13,24 @@ Exit statuses (returned, and used by `xdistill train`):
                       rerun the same command to continue (75 = EX_TEMPFAIL, "try again").
 
 Workdir: config.json, checkpoints/<step>/, metrics.jsonl, tensorboard/, images/*.png.
+
+Resume is exact: the state, the loader position and the per-step keys come from the checkpoint,
+metrics.jsonl loses the lines past the restored step (they are redone), and a validation due at
+the restored step whose line is missing (killed during validation) is run again first.
+
+Test-only fault hooks (tests/test_reliability.py; unset in normal use, no effect then):
+  XDISTILL_TEST_FAULT="ACTION@POINT:STEP" with ACTION kill (SIGKILL) | term (SIGTERM) and POINT
+    step (just after step STEP is dispatched, i.e. while it computes), ckpt (just after the save
+    at STEP has started: with async checkpoints, mid-write) or val (after the first batch of the
+    validation at STEP, once pending checkpoint saves are on disk).
+  XDISTILL_TEST_BATCH_LOG=PATH appends "STEP i,j,..." (the batch's split indices) per step.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import pathlib
 import signal
 import sys
@@ -132,6 +144,57 @@ def check_workdir_config(config: ml_collections.ConfigDict, workdir: pathlib.Pat
         log.warning("resuming %s with changed settings: %s", workdir, "; ".join(other))
 
 
+class _FaultHook:
+    """The XDISTILL_TEST_FAULT hook (module docstring); `at(point, step)` fires it once."""
+
+    def __init__(self, spec: str | None):
+        self.action = self.point = self.step = None
+        self.settle = None  # called before firing at "val": pending checkpoint saves land first
+        if spec:
+            try:
+                self.action, rest = spec.split("@")
+                self.point, step = rest.split(":")
+                self.step = int(step)
+            except ValueError:
+                raise ValueError(f"XDISTILL_TEST_FAULT={spec!r}: expected ACTION@POINT:STEP") from None
+            if self.action not in ("kill", "term") or self.point not in ("step", "ckpt", "val"):
+                raise ValueError(f"XDISTILL_TEST_FAULT={spec!r}: ACTION kill|term, POINT step|ckpt|val")
+
+    def at(self, point: str, step: int) -> None:
+        if (point, step) == (self.point, self.step):
+            self.point = None  # once
+            if point == "val" and self.settle is not None:
+                self.settle()
+            print(f"test fault: {self.action} at {point} {step}", file=sys.stderr, flush=True)
+            os.kill(os.getpid(), signal.SIGKILL if self.action == "kill" else signal.SIGTERM)
+
+
+_fault = _FaultHook(None)
+
+
+class _BatchLog:
+    """XDISTILL_TEST_BATCH_LOG: the host iterator, logging each batch's indices under its step."""
+
+    def __init__(self, it, path: str, first_step: int):
+        self.it, self.path, self.step = it, path, first_step
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self.it)
+        self.step += 1
+        with open(self.path, "a") as f:
+            f.write(f"{self.step} {','.join(str(int(i)) for i in batch['index'])}\n")
+        return batch
+
+    def get_state(self):
+        return self.it.get_state()
+
+    def set_state(self, state):
+        self.it.set_state(state)
+
+
 class _StopSignal:
     """Records SIGTERM/SIGINT; the loop checks it between steps."""
 
@@ -207,6 +270,8 @@ def validate(config, nets, mesh, state, make_val_iterator, writer, step, rng, gt
             break
         mask = np.asarray(batch.pop("mask", np.ones(len(batch["index"]), bool)))
         metrics = eval_step(state.params, state.batch_stats, train.global_batch(batch, mesh), rng)
+        if i == 0:
+            _fault.at("val", step)
         if not _any_process(not mask.all()):  # a full batch on every host
             for k, v in metrics.items():
                 if jnp.ndim(v) == 0:
@@ -246,6 +311,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, data=None)
     data: optional `TrainingData` replacing the TFDS splits named by config.data (tests,
     benchmarks); by default `tfds_training_data(config)`.
     """
+    global _fault
+    _fault = _FaultHook(os.environ.get("XDISTILL_TEST_FAULT"))
     maybe_initialize_distributed(config)
     workdir = pathlib.Path(workdir)
     mesh = train.make_mesh(config)
@@ -270,6 +337,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, data=None)
     tx = train.make_optimizer(config, steps_per_epoch)
     abstract_state, _ = train.abstract_train_state(nets, tx, mesh)
     ckpt = Checkpointer(workdir / "checkpoints", keep=config.run.keep, async_save=config.run.async_checkpoints)
+    _fault.settle = ckpt.wait
     base_rng = jax.random.key(config.run.seed)
     init_rng, step_rng, val_rng = jax.random.split(base_rng, 3)
 
@@ -280,22 +348,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, data=None)
         log.info("starting from %s", config.model.init)
     else:
         log.info("resuming from %s at step %d", ckpt.directory / str(step), step)
+        if is_main:
+            print(f"resuming from {ckpt.directory / str(step)} at step {step}", flush=True)
     from xdistill_jax.input_pipeline import DevicePrefetchIterator
 
     host_iter = data.make_train_iterator()
     if data_state.get("loader") is not None:
         host_iter.set_state(data_state["loader"])
+    if os.environ.get("XDISTILL_TEST_BATCH_LOG"):
+        host_iter = _BatchLog(host_iter, os.environ["XDISTILL_TEST_BATCH_LOG"], step)
     train_iter = DevicePrefetchIterator(host_iter, mesh)
     skipped = int(data_state.get("skipped", 0))
 
     writer = MetricWriter(workdir, enabled=is_main)
-    writer.truncate_after(step)
+    kept = writer.truncate_after(step)
     gt = _load_val_gt(config.data.val_gt_depth) if config.data.val_gt_depth else None
     train_step = train.make_train_step(config, nets, tx, mesh)
     step_rng = jax.device_put(step_rng, train.replicated(mesh))
 
     def save(at_step):
         ckpt.save(at_step, state, {"loader": train_iter.get_state(), "skipped": skipped})
+        _fault.at("ckpt", at_step)
+
+    val_due = step > 0 and (step % config.run.val_every == 0 or step == num_steps)
+    if val_due and data.make_val_iterator is not None and _any_process(is_main and (step, "val") not in kept):
+        # the previous run was stopped during this validation: redo it (same params, same key)
+        validate(config, nets, mesh, state, data.make_val_iterator, writer, step, val_rng, gt)
 
     pending, checked_step = [], step
     t_start, step_start = time.time(), step
@@ -308,6 +386,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, data=None)
                 with jax.transfer_guard("disallow"):
                     state, metrics = train_step(state, next(train_iter), step_rng)
                 step += 1
+                _fault.at("step", step)
                 pending.append(metrics)
                 boundary = step == num_steps
                 do_ckpt = step % config.run.ckpt_every == 0 or boundary

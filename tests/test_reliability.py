@@ -1,0 +1,204 @@
+"""Issue #9: `xdistill train` subprocesses killed (SIGKILL mid-step, mid-checkpoint-write, during
+validation) or preempted (SIGTERM) and rerun with the same command end bitwise where an
+uninterrupted run ends, with continuous metrics and the same data order; damaged latest
+checkpoints fall back to the previous one with a warning naming both.
+
+One tiny prepared dataset (6 triplets at 32x96), batch 2 on one CPU device, 6 steps (2 epochs),
+checkpoint and validation every 2 steps. The kills use the test-only XDISTILL_TEST_FAULT hook of
+`xdistill_jax.training_loop`; every subprocess shares the session's compile cache.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import kitti_tiny
+from xdistill_jax import config_utils, train
+from xdistill_jax.checkpoints import Checkpointer, CheckpointError
+from xdistill_jax.objective import Networks
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    from data_pipelines.kitti import prepare
+
+    base = tmp_path_factory.mktemp("reliability_data")
+    raw, split = kitti_tiny.make_tree(base / "kitti")
+    prepare.prepare_split(raw, split, base / "tfds", "train", 32, 96)
+    return base / "tfds"
+
+
+def _train(dataset, workdir, fault=None, batch_log=None):
+    """`python -m xdistill_jax train ...` -- the same command every time; only the hook differs."""
+    cmd = [sys.executable, "-m", "xdistill_jax", "train", "--config", "configs/synthetic_demo.py:smoke",
+           "--workdir", str(workdir), f"--config.data.dataset_dir={dataset}",
+           "--config.data.val_split=train", "--config.distill.weight=0", "--config.optim.batch_size=2",
+           f"--config.optim.num_steps={STEPS}", "--config.run.ckpt_every=2", "--config.run.val_every=2",
+           "--config.run.keep=2"]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env.pop("XDISTILL_TEST_FAULT", None)
+    if fault:
+        env["XDISTILL_TEST_FAULT"] = fault
+    if batch_log:
+        env["XDISTILL_TEST_BATCH_LOG"] = str(batch_log)
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    return p.returncode, p.stdout + p.stderr
+
+
+def _ckpts(workdir):
+    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def _metrics(workdir):
+    return [json.loads(s) for s in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _batches(path):
+    """{step: indices} keeping the last line per step (a resumed run redoes lost steps)."""
+    out = {}
+    for line in path.read_text().splitlines():
+        step, idx = line.split()
+        out[int(step)] = idx
+    return out
+
+
+def _abstract_state(workdir):
+    config = config_utils.load_config(workdir)
+    config.mesh.num_devices = 1
+    nets = Networks.from_config(config)
+    tx = train.make_optimizer(config, steps_per_epoch=3)
+    return train.abstract_train_state(nets, tx, train.make_mesh(config))[0]
+
+
+def _params(workdir, step):
+    state, _, got = Checkpointer(workdir / "checkpoints").restore(_abstract_state(workdir), step=step)
+    assert got == step
+    return {jax.tree_util.keystr(k): np.asarray(v)
+            for k, v in jax.tree_util.tree_flatten_with_path((state.params, state.batch_stats, state.opt_state))[0]}
+
+
+@pytest.fixture(scope="module")
+def runs(dataset, tmp_path_factory):
+    base = tmp_path_factory.mktemp("reliability_runs")
+    ref, run = base / "ref", base / "killed"
+    ref_rc, ref_log = _train(dataset, ref, batch_log=base / "ref_batches.txt")
+    assert ref_rc == 0, ref_log[-3000:]
+    log = base / "killed_batches.txt"
+    seen = []
+    # 1. SIGKILL while the checkpoint of step 4 is being written (async save started)
+    rc, out = _train(dataset, run, "kill@ckpt:4", log)
+    seen.append(("ckpt", rc, _ckpts(run), sorted(p.name for p in (run / "checkpoints").iterdir()), out))
+    # 2. rerun: resumes at 2; SIGKILL while step 3 computes
+    rc, out = _train(dataset, run, "kill@step:3", log)
+    seen.append(("step", rc, _ckpts(run), None, out))
+    # 3. rerun: resumes at 2; SIGKILL during the validation at step 4 (checkpoint 4 on disk)
+    rc, out = _train(dataset, run, "kill@val:4", log)
+    seen.append(("val", rc, _ckpts(run), [m["split"] for m in _metrics(run) if m["step"] == 4], out))
+    # 4. rerun: resumes at 4 (redoing its validation); SIGTERM during step 5 -> save, exit 75
+    rc, out = _train(dataset, run, "term@step:5", log)
+    seen.append(("term", rc, _ckpts(run), None, out))
+    # 5. rerun: finishes
+    rc, out = _train(dataset, run, None, log)
+    seen.append(("final", rc, _ckpts(run), None, out))
+    return dict(ref=ref, run=run, seen=seen, ref_batches=base / "ref_batches.txt", batches=log)
+
+
+def test_each_fault_stops_where_intended(runs):
+    (_, rc1, c1, names1, out1), (_, rc2, c2, _, out2), (_, rc3, c3, splits3, out3), \
+        (_, rc4, c4, _, out4), (_, rc5, c5, _, out5) = runs["seen"]
+    assert rc1 == -9 and "test fault: kill at ckpt 4" in out1, out1[-3000:]
+    assert c1 == [2], names1  # the half-written step 4 is not a checkpoint
+    assert rc2 == -9 and "checkpoints/2 at step 2" in out2 and "test fault: kill at step 3" in out2, out2[-3000:]
+    assert c2 == [2]
+    assert "checkpoints/2 at step 2" in out3 and "checkpoints/4 at step 4" in out4
+    assert rc3 == -9 and "test fault: kill at val 4" in out3, out3[-3000:]
+    assert c3 == [2, 4] and splits3 == ["train"]  # killed before the val line of step 4
+    assert rc4 == 75 and "SIGTERM: checkpoint saved at step 5" in out4, out4[-3000:]
+    assert c4 == [4, 5]
+    assert rc5 == 0, out5[-3000:]
+    assert c5 == [5, 6]
+
+
+def test_resumed_run_equals_uninterrupted_run(runs):
+    ref, got = _params(runs["ref"], STEPS), _params(runs["run"], STEPS)
+    assert ref.keys() == got.keys()
+    # bitwise on CPU: the same compiled step, restored state, loader position and per-step keys
+    worst = max(float(np.max(np.abs(ref[k].astype(np.float64) - got[k]))) for k in ref)
+    assert worst == 0.0, worst
+
+
+def test_metrics_have_each_step_once_with_the_same_values(runs):
+    ref, got = _metrics(runs["ref"]), _metrics(runs["run"])
+    for split, steps in (("train", list(range(1, STEPS + 1))), ("val", [2, 4, 6])):
+        r = [m for m in ref if m["split"] == split]
+        g = [m for m in got if m["split"] == split]
+        assert [m["step"] for m in r] == [m["step"] for m in g] == steps
+        for a, b in zip(r, g):
+            assert a["loss"] == b["loss"], (split, a["step"])
+
+
+def test_data_order_after_resume_equals_uninterrupted(runs):
+    ref, got = _batches(runs["ref_batches"]), _batches(runs["batches"])
+    # the loader prefetches 2 batches past the last step; every trained step saw the reference's batch
+    assert sorted(ref) == list(range(1, STEPS + 3))
+    ref = {s: ref[s] for s in range(1, STEPS + 1)}
+    assert {s: got[s] for s in ref} == ref
+    epoch1 = sorted(int(i) for s in (1, 2, 3) for i in ref[s].split(","))
+    assert epoch1 == list(range(6))  # each example once per epoch
+
+
+def _copy_ckpts(runs, tmp_path):
+    dst = tmp_path / "w"
+    shutil.copytree(runs["ref"], dst)
+    assert _ckpts(dst) == [4, 6]
+    return dst
+
+
+def _data_files(step_dir):
+    return sorted(p for p in (step_dir / "state").rglob("*") if p.is_file() and p.stat().st_size > 0)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_damaged_latest_checkpoint_falls_back_with_warning(runs, tmp_path, caplog, damage):
+    w = _copy_ckpts(runs, tmp_path)
+    latest = w / "checkpoints" / "6"
+    files = _data_files(latest)
+    if damage == "truncate":  # every array file cut to half its size (a write cut short)
+        for f in files:
+            if "ocdbt.process" in str(f) or f.parent.name == "d":
+                f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    else:  # the array data directory gone (a partly deleted checkpoint)
+        for d in {f.parent for f in files if f.parent.name == "d"}:
+            shutil.rmtree(d)
+    with caplog.at_level(logging.WARNING, logger="xdistill_jax.checkpoints"):
+        state, data_state, step = Checkpointer(w / "checkpoints").restore(_abstract_state(w))
+    assert step == 4
+    text = caplog.text
+    assert f"restored checkpoint {w / 'checkpoints' / '4'} instead of the damaged {latest}" in text
+    want = _params(runs["ref"], 4)
+    got = {jax.tree_util.keystr(k): np.asarray(v)
+           for k, v in jax.tree_util.tree_flatten_with_path((state.params, state.batch_stats, state.opt_state))[0]}
+    assert all(np.array_equal(want[k], got[k]) for k in want)
+    assert data_state["loader"]
+
+
+def test_no_restorable_checkpoint_is_an_error_naming_each(runs, tmp_path):
+    w = _copy_ckpts(runs, tmp_path)
+    for s in (4, 6):
+        for d in {f.parent for f in _data_files(w / "checkpoints" / str(s)) if f.parent.name == "d"}:
+            shutil.rmtree(d)
+    with pytest.raises(CheckpointError, match=r"no checkpoint in .* could be restored: step 6: .*step 4: "):
+        Checkpointer(w / "checkpoints").restore(_abstract_state(w))
