@@ -36,6 +36,13 @@ stays at the constant's 0.514: the hard distillation loss (CE ~1.7 x 0.1 at the 
 photometric loss) pulls the young scratch depth net towards disparity bands that make the groups
 easy to translate. Lower lambdas on the same data did not fix it (0.03: 0.848, 0.01: 0.581
 after 150 steps). The paper distils into an ImageNet-initialised net trained for 20 epochs.
+
+Measured (default, first full run): FAILED. On the 3-drive world the baseline's depth net
+saturated (mean sigmoid disparity 1.0 from step 50 on, the pose translation shrinking to 7e-4)
+and its metrics equal the constant's (abs_rel 0.517); X-Distill did not saturate (the translator
+needs varying disparity) but is worse (abs_rel 1.10). Scratch Monodepth2 at a few hundred steps
+is unstable here: the same settings learn on the 2-drive quick world (three runs: 0.36, 0.36,
+0.31 at 150..300 steps) and collapse on this one. Not yet fixed; see the demo report.
 """
 
 from xdistill_jax.config_defaults import base_config
