@@ -212,3 +212,32 @@ def test_convert_weights_cli_round_trip(torch_folder, converted, tmp_path, capsy
                      str(tmp_path / "x.msgpack")]) == 1
     assert "missing keys: " in capsys.readouterr().err
     assert not (tmp_path / "x.msgpack").exists()
+
+
+class _Payload:
+    """An object whose unpickling would run code: it creates `marker` when loaded."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import pathlib
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def test_pickled_arbitrary_object_is_refused_without_running_it(tmp_path):
+    import torch
+
+    marker = tmp_path / "payload_ran"
+    path = tmp_path / "evil.pth"
+    torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7), "extra": _Payload(marker)}, path)
+    with pytest.raises(ValueError, match=rf"{path}: cannot read as a PyTorch state dict"):
+        convert.load_torchvision_resnet(path, 18)
+    (tmp_path / "md2").mkdir()
+    for name in ("encoder.pth", "depth.pth", "pose_encoder.pth", "pose.pth"):
+        torch.save(_Payload(marker), tmp_path / "md2" / name)
+    with pytest.raises(ValueError, match=r"\.pth: cannot read as a PyTorch state dict"):
+        convert.load_monodepth2(tmp_path / "md2")
+    assert not marker.exists()
+    torch.load(path, weights_only=False)  # the payload is real: a full unpickle does run it
+    assert marker.exists()

@@ -172,3 +172,12 @@ def test_missing_calibration_key(bad_tree):
     with pytest.raises(ValueError, match=rf"{split}:1 .*{calib}.*P_rect_03"):
         prepare.prepare_split(raw, split, out, "train", H, W, intrinsics="calib")
     _assert_nothing_complete(out)
+
+
+def test_dataset_of_another_version_is_named(prepared, tmp_path):
+    out, path = prepared
+    other = tmp_path / "kitti_triplets" / "train" / "0.9.0"
+    shutil.copytree(path, other)
+    with pytest.raises(ValueError, match=r"kitti_triplets/train holds dataset version\(s\) 0\.9\.0, not 1\.0\.0"):
+        tfds_builder.open_split(tmp_path, "train")
+    assert len(tfds_builder.open_split(out, "train")) == 6

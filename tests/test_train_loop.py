@@ -164,3 +164,38 @@ def test_validation_depth_metrics_with_ground_truth(tmp_path):
     (val,) = read_metrics(tmp_path / "w", "val")
     assert val["num_images"] == 4
     assert 0 < val["abs_rel"] < 10 and 0 <= val["a1"] <= 1 and val["rmse"] > 0
+
+
+def test_nonfinite_step_skipped_by_config_leaves_state_and_is_counted(tmp_path):
+    """run.on_nonfinite="skip": the step with a NaN batch changes nothing but the step counter,
+    training goes on, and metrics count the skipped steps."""
+    import jax
+
+    from xdistill_jax import train
+    from xdistill_jax.checkpoints import Checkpointer
+    from xdistill_jax.objective import Networks
+
+    def hook(n, batch):
+        return dict(batch, K=np.full_like(batch["K"], np.nan)) if n == 2 else batch
+
+    config = tiny_config(distill_weight=0.1, **{"optim.num_steps": 3, "run.val_every": 100,
+                                                 "run.on_nonfinite": "skip"})
+    assert training_loop.train_and_evaluate(config, tmp_path, data=make_data(hook)) == training_loop.EXIT_OK
+    m = read_metrics(tmp_path)
+    assert [x["step"] for x in m] == [1, 2, 3]
+    assert [x.get("skipped_steps", 0) for x in m] == [0, 1, 1]
+    assert [x["skipped"] for x in m] == [0.0, 1.0, 0.0]
+    assert np.isfinite(m[2]["loss"])
+
+    nets = Networks.from_config(config)
+    abstract = train.abstract_train_state(nets, train.make_optimizer(config, 2), train.make_mesh(config))[0]
+    ckpt = Checkpointer(tmp_path / "checkpoints")
+    states = {s: ckpt.restore(abstract, step=s)[0] for s in (1, 2, 3)}
+    assert ckpt.read_data_state(3)["skipped"] == 1
+    assert (int(states[1].step), int(states[2].step)) == (1, 2)
+
+    def leaves(s):
+        return [np.asarray(x) for x in jax.tree.leaves((s.params, s.batch_stats, s.opt_state))]
+
+    assert all(np.array_equal(a, b) for a, b in zip(leaves(states[1]), leaves(states[2])))
+    assert not all(np.array_equal(a, b) for a, b in zip(leaves(states[2]), leaves(states[3])))

@@ -150,6 +150,13 @@ def open_split(out_dir: str | pathlib.Path, split_name: str):
     K float32 (4,4), index (int). Reads the files only; no builder code runs.
     """
     path = dataset_dir(out_dir, split_name)
+    others = sorted(p.name for p in path.parent.glob("*") if p.is_dir() and p.name != VERSION
+                    and not p.name.startswith("incomplete.")) if path.parent.is_dir() else []
+    if not (path / "dataset_info.json").is_file() and others:
+        raise ValueError(
+            f"{path.parent} holds dataset version(s) {', '.join(others)}, not {VERSION} (this "
+            "xdistill's format); run `xdistill prepare` again into a new --out"
+        )
     if not (path / "dataset_info.json").is_file():
         raise ValueError(
             f"no prepared split {split_name!r} under {out_dir} (expected {path}); "
