@@ -66,7 +66,8 @@ def test_baseline_beats_constant_depth(quick_demo):
 @pytest.mark.xfail(strict=False, reason=(
     "measured at the --quick size (150 scratch steps, lambda 0.1; also 0.03, 0.01): distillation "
     "pulls the young depth net towards disparity bands that make the groups easy to separate, and "
-    "its abs_rel stays at the constant's (0.514 vs 0.509) while the baseline reaches 0.358"))
+    "its abs_rel is at or above the constant's (0.514 and 1.999 in two runs, constant 0.509) "
+    "while the baseline reaches 0.358 / 0.365"))
 def test_xdistill_beats_constant_depth(quick_demo):
     workdir, _ = quick_demo
     res = _results(workdir)
