@@ -1,6 +1,7 @@
 """Config files, --config overrides, validation and config.json (no compilation anywhere)."""
 
 import pathlib
+import re
 
 import pytest
 
@@ -98,3 +99,21 @@ def test_cli_rejects_bad_config_before_building_anything(tmp_path, monkeypatch, 
         assert status == 2
         assert key in capsys.readouterr().err
     assert not (tmp_path / "w").exists()
+
+
+def test_cli_rejects_wrong_type_negative_lambda_and_batch_over_devices(tmp_path, capsys, monkeypatch):
+    """Through `xdistill train` with the real training entry point: each fails with status 2,
+    names the key, and compiles nothing (the batch check runs once the device mesh is known)."""
+    from xdistill_jax import train
+
+    compiled = []
+    monkeypatch.setattr(train, "make_train_step", lambda *a, **k: compiled.append(1))
+    for bad, key in (("--config.optim.batch_size=two", r"optim\.batch_size"),
+                     ("--config.distill.weight=-0.1", r"distill\.weight"),
+                     ("--config.optim.batch_size=6", r"optim\.batch_size: 6 .*4 devices")):
+        status = cli.main(["train", "--config", str(CONFIGS / "synthetic_demo.py:smoke"),
+                           "--workdir", str(tmp_path / "w"), bad])
+        assert status == 2, bad
+        assert re.search(key, capsys.readouterr().err), bad
+    assert not compiled
+    assert not (tmp_path / "w" / "checkpoints").exists()
