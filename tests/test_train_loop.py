@@ -47,7 +47,7 @@ def make_data(hook=None):
     def val_iter():
         return input_pipeline.make_eval_iterator(RECS[:4], global_batch_size=4, teacher=FakeTeacher(RECS[:4], H, W))
 
-    return training_loop.TrainingData(train_iter, val_iter, len(RECS))
+    return training_loop.TrainingData(train_iter, val_iter, len(RECS), val_id=lambda i: RECS[i]["id"].decode())
 
 
 def read_metrics(workdir, split="train"):
@@ -199,3 +199,20 @@ def test_nonfinite_step_skipped_by_config_leaves_state_and_is_counted(tmp_path):
 
     assert all(np.array_equal(a, b) for a, b in zip(leaves(states[1]), leaves(states[2])))
     assert not all(np.array_equal(a, b) for a, b in zip(leaves(states[2]), leaves(states[3])))
+
+
+def test_val_ground_truth_of_another_split_is_named(tmp_path):
+    """The export-gt file is read by `load_gt_depths` (its `files` array is names, not a depth
+    map) and each map's split line must be the val example's."""
+    r = np.random.default_rng(0)
+    gt = {f"depth_{i:05d}": r.uniform(1.0, 50.0, (H, W)).astype(np.float32) for i in range(3)}
+    gt["files"] = np.array([RECS[i]["id"].decode() for i in (0, 1, 5)])
+    np.savez_compressed(tmp_path / "gt.npz", **gt)
+    val = training_loop.ValGroundTruth(str(tmp_path / "gt.npz"), lambda i: RECS[i]["id"].decode())
+    assert len(val) == 3
+    np.testing.assert_array_equal(val[1], gt["depth_00001"])
+    with pytest.raises(ValueError, match=r"gt\.npz: depth map 2 is for '.*drive_0001_sync 5 l' but val "
+                                         r"split example 2 is '.*drive_0001_sync 2 l'"):
+        val[2]
+    with pytest.raises(ValueError, match=r"gt\.npz: 3 depth maps, but the val split has an example 3"):
+        val[3]

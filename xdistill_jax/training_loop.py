@@ -66,11 +66,13 @@ class TrainingData:
       dict, `set_state(state)`).
     make_val_iterator(): one pass over the validation split with a `mask` entry (padding), or None.
     num_examples: training examples in the split (for steps per epoch).
+    val_id: optional, the split line (`id`) of val example i, to check config.data.val_gt_depth.
     """
 
     make_train_iterator: Callable[[], Any]
     make_val_iterator: Callable[[], Iterator[dict]] | None
     num_examples: int
+    val_id: Callable[[int], str] | None = None  # split line of val example i (GT id check)
 
 
 def tfds_training_data(config: ml_collections.ConfigDict) -> TrainingData:
@@ -101,7 +103,7 @@ def tfds_training_data(config: ml_collections.ConfigDict) -> TrainingData:
             train_source, global_batch_size=config.optim.batch_size, seed=config.run.seed,
             teacher=train_teacher, augment=d.augment, num_workers=d.num_workers)
 
-    make_val = None
+    make_val = val_id = None
     if d.val_split:
         val_source = open_split(d.dataset_dir, d.val_split)
         val_teacher = teacher(d.val_teacher_dir, "data.val_teacher_dir") if d.val_teacher_dir else None
@@ -110,7 +112,10 @@ def tfds_training_data(config: ml_collections.ConfigDict) -> TrainingData:
             return input_pipeline.make_eval_iterator(
                 val_source, global_batch_size=config.optim.batch_size, teacher=val_teacher)
 
-    return TrainingData(make_train_iterator, make_val, len(train_source))
+        def val_id(i):
+            return val_source[i]["id"].decode()
+
+    return TrainingData(make_train_iterator, make_val, len(train_source), val_id)
 
 
 def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
@@ -236,11 +241,37 @@ def _progress_line(step, total, t_start, step_start, batch_size, scalars):
             f"| ETA {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}")
 
 
-def _load_val_gt(path: str):
-    """Per-example depth maps of the val split from `xdistill export-gt` (no pickle)."""
-    from data_pipelines.kitti.export_gt import load_gt_depths
+class ValGroundTruth:
+    """Depth maps of the val split from `xdistill export-gt` (no pickle), indexed by split position.
 
-    return load_gt_depths(path)[0]
+    `gt[i]` is example i's (H,W) float32 depth. With `val_id(i)` (the split line of example i),
+    the first access to each i checks that the map was exported for that line, so a GT file of
+    another split fails naming both lines instead of scoring against the wrong frames.
+    """
+
+    def __init__(self, path: str, val_id: Callable[[int], str] | None = None):
+        from data_pipelines.kitti.export_gt import load_gt_depths
+
+        self.path = path
+        self.depths, self.files = load_gt_depths(path)
+        self.val_id = val_id
+        self._checked: set[int] = set()
+
+    def __len__(self):
+        return len(self.depths)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        i = int(i)
+        if i >= len(self.depths):
+            raise ValueError(f"{self.path}: {len(self.depths)} depth maps, but the val split has an "
+                             f"example {i}; export the GT for config.data.val_split")
+        if self.val_id is not None and i not in self._checked:
+            want = self.val_id(i)
+            if self.files[i] and self.files[i] != want:
+                raise ValueError(f"{self.path}: depth map {i} is for {self.files[i]!r} but val split "
+                                 f"example {i} is {want!r}; export the GT for config.data.val_split")
+            self._checked.add(i)
+        return self.depths[i]
 
 
 def _to_host(x) -> np.ndarray:
@@ -362,7 +393,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, data=None)
 
     writer = MetricWriter(workdir, enabled=is_main)
     kept = writer.truncate_after(step)
-    gt = _load_val_gt(config.data.val_gt_depth) if config.data.val_gt_depth else None
+    gt = ValGroundTruth(config.data.val_gt_depth, data.val_id) if config.data.val_gt_depth else None
     train_step = train.make_train_step(config, nets, tx, mesh)
     step_rng = jax.device_put(step_rng, train.replicated(mesh))
 
