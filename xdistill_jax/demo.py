@@ -27,8 +27,9 @@ Measured from scratch (cold compilation cache) on the project's 2-core machine w
 jobs ran (load average 7-10): --quick 19 min wall, 423 CPU-s (user+sys), so >= 3.5 min on two
 idle cores -- over the 3-minute target; the training steps (~0.75 CPU-s each at 32x96, batch 4)
 and the XLA compiles (~40 CPU-s per train step) dominate. A resumed demo whose stages are all
-complete takes ~5 s. Default: 41 min 45 s wall, 1003 CPU-s (so >= 8.4 min on two idle cores);
-its teacher (300 steps) took 409 s wall, each training run 960 s.
+complete takes ~5 s. Default (500-step runs, since cut to 300): 41 min 45 s wall, 1003 CPU-s;
+world 109 s, teacher (300 steps) 409 s, each training run ~960 s under that load. With 300
+steps and the load down to 2.5-4: baseline 145 s, X-Distill 182 s, eval + report 34 s.
 """
 
 from __future__ import annotations
