@@ -23,13 +23,14 @@ repeated with `xdistill train`; the world, teacher and evaluation sizes are `SIZ
 A workdir remembers its size (W/demo.json): a quick workdir cannot be resumed as a default one,
 and a run trained under other settings is an error, not skipped.
 
-Measured from scratch (cold compilation cache) on the project's 2-core machine while 5 other
-jobs ran (load average 7-10): --quick 19 min wall, 423 CPU-s (user+sys), so >= 3.5 min on two
-idle cores -- over the 3-minute target; the training steps (~0.75 CPU-s each at 32x96, batch 4)
-and the XLA compiles (~40 CPU-s per train step) dominate. A resumed demo whose stages are all
-complete takes ~5 s. Default (500-step runs, since cut to 300): 41 min 45 s wall, 1003 CPU-s;
-world 109 s, teacher (300 steps) 409 s, each training run ~960 s under that load. With 300
-steps and the load down to 2.5-4: baseline 145 s, X-Distill 182 s, eval + report 34 s.
+Measured from scratch (cold compilation cache) on the project's 2-core machine, shared with
+other jobs. --quick as now configured (lr 1e-4, 200 steps), load average ~4: 7 min 05 s wall,
+432 CPU-s (user+sys) -- over the 3-minute target even on idle cores (>= 3.6 min); the training
+steps (~0.75 CPU-s each at 32x96, batch 4) and the XLA compiles (~40 CPU-s per train step)
+dominate. Earlier quick runs (lr 5e-4, 150 steps): 19 min wall at load 7-10, 5 min at load 3.
+A resumed demo whose stages are all complete takes ~5 s. Default: stages 1-5 (world 109 s,
+teacher 409 s, ...) measured at load 7-10 in a first run; its 300-step runs (second run, load
+2.5-4): baseline 145 s, X-Distill 182 s, eval + report 34 s. No single cold default run yet.
 """
 
 from __future__ import annotations
