@@ -19,8 +19,18 @@ _cache = os.environ.setdefault(
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_compilation_cache_dir", _cache)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 DATA_DIR = pathlib.Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="session")
+def ref():
+    """Monodepth2's reference numbers (tests/data/monodepth2_ref.npz, NCHW as monodepth2 holds
+    them), loaded once for every test module that compares against them."""
+    with np.load(DATA_DIR / "monodepth2_ref.npz") as z:
+        return {k: z[k] for k in z.files}

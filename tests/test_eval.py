@@ -13,7 +13,6 @@ import pytest
 from eval_workdir import trained
 from xdistill_jax import cli, eval_depth, eval_pose, evaluation, inference
 
-DATA_DIR = pathlib.Path(__file__).parent / "data"
 DATE = "2011_09_26"
 FOLDER = f"{DATE}/{DATE}_drive_0001_sync"
 
@@ -36,12 +35,6 @@ def fixed_model(scaled_disp: np.ndarray, min_depth=0.1, max_depth=100.0) -> infe
     sigmoid = (scaled_disp - 1.0 / max_depth) / (1.0 / min_depth - 1.0 / max_depth)
     return inference.DepthModel(FixedDisparity(h, w), {"params": {"disp": np.float32(sigmoid)}}, None, None,
                                 h, w, min_depth, max_depth, None, "fixed")
-
-
-@pytest.fixture(scope="module")
-def ref():
-    with np.load(DATA_DIR / "monodepth2_ref.npz") as z:
-        return {k: z[k] for k in z.files if k.startswith(("err_", "evalpipe_"))}
 
 
 def write_kitti_like(root: pathlib.Path, n: int, h: int, w: int, gt: np.ndarray):

@@ -1,19 +1,11 @@
 """Depth metrics and the Eigen protocol against Monodepth2's evaluate_depth.py numbers and by hand."""
 
-import pathlib
 
 import numpy as np
 import pytest
 
 from xdistill_jax import evaluation as E
 
-DATA_DIR = pathlib.Path(__file__).parent / "data"
-
-
-@pytest.fixture(scope="session")
-def ref():
-    with np.load(DATA_DIR / "monodepth2_ref.npz") as z:
-        return {k: z[k] for k in z.files if k.startswith(("err_", "evalpipe_"))}
 
 
 def test_compute_depth_errors_matches_monodepth2(ref):

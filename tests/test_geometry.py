@@ -1,7 +1,6 @@
 """Geometry against Monodepth2's own numbers (tests/data/monodepth2_ref.npz, NCHW as monodepth2
 holds it) and against cases worked out by hand."""
 
-import pathlib
 
 import numpy as np
 import pytest
@@ -10,18 +9,11 @@ import jax.numpy as jnp
 
 from xdistill_jax import geometry as G
 
-DATA_DIR = pathlib.Path(__file__).parent / "data"
 H, W = 24, 40
 
 
 def nhwc(a):
     return np.transpose(a, (0, 2, 3, 1))
-
-
-@pytest.fixture(scope="session")
-def ref():
-    with np.load(DATA_DIR / "monodepth2_ref.npz") as z:
-        return {k: z[k] for k in z.files}
 
 
 @pytest.fixture(scope="session")

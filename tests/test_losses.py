@@ -2,7 +2,6 @@
 Trainer.generate_images_pred + compute_losses at B=2, 64x192) and against cases worked by hand."""
 
 import functools
-import pathlib
 
 import numpy as np
 import pytest
@@ -12,7 +11,6 @@ import jax.numpy as jnp
 from xdistill_jax import geometry as G
 from xdistill_jax import losses as L
 
-DATA_DIR = pathlib.Path(__file__).parent / "data"
 FRAME_TAG = {0: "f0", -1: "fm1", 1: "fp1"}
 SCALES = (0, 1, 2, 3)
 # Elementwise maps: the fixture inputs are U[0,1) noise, so SSIM's E[x^2]-mu^2 cancellation leaves
@@ -26,12 +24,6 @@ LOSS_RTOL = 1e-5
 
 def nhwc(a):
     return np.transpose(a, (0, 2, 3, 1))
-
-
-@pytest.fixture(scope="session")
-def ref():
-    with np.load(DATA_DIR / "monodepth2_ref.npz") as z:
-        return {k: z[k] for k in z.files}
 
 
 @pytest.fixture(scope="session")

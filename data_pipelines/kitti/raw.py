@@ -142,24 +142,23 @@ def load_velodyne_points(path) -> np.ndarray:
     return np.fromfile(path, dtype=np.float32).reshape(-1, 4)
 
 
-def velo_to_cam(calib_dir_path) -> np.ndarray:
-    """4x4 transform velodyne -> unrectified camera 0 from `calib_velo_to_cam.txt` (R, T)."""
-    path = Path(calib_dir_path) / "calib_velo_to_cam.txt"
+def _rigid_transform(path: Path) -> np.ndarray:
+    """4x4 [R T; 0 1] from a KITTI calibration file holding keys R (3x3) and T (3)."""
     calib = read_calib_file(path, required=("R", "T"))
     out = np.eye(4)
     out[:3, :3] = calib_matrix(calib, "R", (3, 3), path)
     out[:3, 3] = calib_matrix(calib, "T", (3,), path)
     return out
+
+
+def velo_to_cam(calib_dir_path) -> np.ndarray:
+    """4x4 transform velodyne -> unrectified camera 0 from `calib_velo_to_cam.txt` (R, T)."""
+    return _rigid_transform(Path(calib_dir_path) / "calib_velo_to_cam.txt")
 
 
 def imu_to_velo(calib_dir_path) -> np.ndarray:
     """4x4 transform IMU/GPS -> velodyne from `calib_imu_to_velo.txt` (R, T)."""
-    path = Path(calib_dir_path) / "calib_imu_to_velo.txt"
-    calib = read_calib_file(path, required=("R", "T"))
-    out = np.eye(4)
-    out[:3, :3] = calib_matrix(calib, "R", (3, 3), path)
-    out[:3, 3] = calib_matrix(calib, "T", (3,), path)
-    return out
+    return _rigid_transform(Path(calib_dir_path) / "calib_imu_to_velo.txt")
 
 
 def _sub2ind(shape, rows, cols):
