@@ -2,6 +2,7 @@
 
     python benchmarks/loader_benchmark.py                       # 640x192, teacher 7x96x320
     python benchmarks/loader_benchmark.py --threads 2 --examples 96 --format jpeg
+    python benchmarks/loader_benchmark.py --format raw --target-scales-only   # the fast setup
 
 Same as `xdistill bench --loader`; the work is `xdistill_jax.loader_benchmark.run` (see its
 docstring for what is timed). With --threads 0 the figure is examples/s per core.
@@ -23,8 +24,10 @@ def main() -> None:
     parser.add_argument("--teacher-height", type=int, default=96)
     parser.add_argument("--teacher-width", type=int, default=320)
     parser.add_argument("--groups", type=int, default=7)
-    parser.add_argument("--format", choices=("png", "jpeg"), default="png", help="stored encoding")
+    parser.add_argument("--format", choices=("png", "jpeg", "raw"), default="png", help="stored encoding")
     parser.add_argument("--no-teacher", action="store_true")
+    parser.add_argument("--target-scales-only", action="store_true",
+                        help="scales 1..3 of frame 0 only (what a step without loss.v1_multiscale reads)")
     parser.add_argument("--workdir", default=None, help="keep the data here instead of a temp dir")
     parser.add_argument("--profile", default=None, help="write a cProfile of the timed loop (only) here")
     args = parser.parse_args()
@@ -34,7 +37,8 @@ def main() -> None:
     kwargs = dict(examples=args.examples, height=args.height, width=args.width, batch=args.batch,
                   epochs=args.epochs, threads=args.threads, teacher_height=args.teacher_height,
                   teacher_width=args.teacher_width, groups=args.groups, image_format=args.format,
-                  teacher=not args.no_teacher, workdir=args.workdir, profile=args.profile)
+                  teacher=not args.no_teacher, workdir=args.workdir, profile=args.profile,
+                  source_scales=not args.target_scales_only)
     loader_benchmark.run(**kwargs)
 
 

@@ -287,3 +287,89 @@ def test_synthetic_world_through_prepare_and_the_loader(tmp_path):
                     want = np.asarray(im.convert("RGB").resize((96, 32), Image.LANCZOS))
                 np.testing.assert_array_equal(batch["color"][j, f], want[:, ::-1] if aug.flip else want)
                 np.testing.assert_array_equal(batch["color_aug"][j, f], ip.color_jitter(batch["color"][j, f], aug))
+
+
+# ------------------------------------------------------------- fast paths, exact to the PIL ops
+
+
+def test_hue_lookup_equals_pil_on_every_colour_and_shift():
+    # _adjust_hue looks PIL's HSV conversions up in tables; it must be torchvision's PIL
+    # adjust_hue bit for bit. Every one of the 2^24 colours, at the extreme shifts and 0:
+    every = Image.frombytes("RGB", (4096, 4096), np.arange(1 << 24, dtype=np.uint32), "raw", "RGBX")
+    for hue in (0.1, -0.1, 0.0):
+        fast = np.asarray(ip._adjust_hue(every, hue))
+        np.testing.assert_array_equal(fast, np.asarray(ip._adjust_hue_reference(every, hue)), err_msg=str(hue))
+    assert not np.array_equal(fast, np.asarray(ip._adjust_hue(every, 0.05)))
+    del every, fast
+    # every shift Monodepth2 can draw (uint8(hue * 255) for hue in [-0.1, 0.1]), random pixels
+    rng = np.random.default_rng(3)
+    img = Image.fromarray(rng.integers(0, 256, (24, 40, 3), dtype=np.uint8))
+    shifts = set()
+    for hue in np.linspace(-0.1, 0.1, 401):
+        shifts.add(ip._hue_shift(hue))
+        np.testing.assert_array_equal(np.asarray(ip._adjust_hue(img, hue)),
+                                      np.asarray(ip._adjust_hue_reference(img, hue)), err_msg=str(hue))
+    assert len(shifts) == 51  # -25..25 mod 256
+
+
+def test_jitter_chain_equals_the_torchvision_pil_chain():
+    from PIL import ImageEnhance
+
+    rng = np.random.default_rng(4)
+    img = np.clip(128 + 60 * rng.standard_normal((32, 48, 3)), 0, 255).astype(np.uint8)
+    for i in range(40):
+        aug = ip.sample_augmentation(ip.example_rng(11, 0, i))
+        want = Image.fromarray(img)
+        if aug.jitter:
+            for op in aug.order:  # torchvision's functional_pil ops, in the drawn order
+                if op == 0:
+                    want = ImageEnhance.Brightness(want).enhance(aug.brightness)
+                elif op == 1:
+                    want = ImageEnhance.Contrast(want).enhance(aug.contrast)
+                elif op == 2:
+                    want = ImageEnhance.Color(want).enhance(aug.saturation)
+                else:
+                    want = ip._adjust_hue_reference(want, aug.hue)
+        np.testing.assert_array_equal(ip.color_jitter(img, aug), np.asarray(want))
+
+
+def test_target_only_scales_and_cached_K(source):
+    full = ip.make_train_dataset(source, global_batch_size=2, seed=9, num_epochs=1)
+    lean = ip.make_train_dataset(source, global_batch_size=2, seed=9, num_epochs=1, source_scales=False)
+    for step in range(len(full)):
+        a, b = full[step], lean[step]
+        assert a.keys() == b.keys()
+        for key in a:
+            if key.startswith("color_s"):
+                s = int(key[-1])
+                assert b[key].shape == (2, 1, H >> s, W >> s, 3)
+                np.testing.assert_array_equal(b[key][:, 0], a[key][:, 1])  # frame 0 of the full chain
+            else:
+                np.testing.assert_array_equal(a[key], b[key])
+    record = source[0]
+    ex = ip.make_example(record, ip.Augmentation())
+    want_K, want_inv = ip.intrinsics_per_scale(record["K"], H, W)
+    np.testing.assert_array_equal(ex["K"], want_K)
+    np.testing.assert_array_equal(ex["inv_K"], want_inv)
+    with pytest.raises(ValueError):  # the cache is shared: examples get read-only views of it
+        ex["K"][0, 0, 0] = 1.0
+    ev = all_batches(ip.make_eval_iterator(source, global_batch_size=4, source_scales=False))
+    assert ev[0]["color_s1"].shape == (4, 1, H // 2, W // 2, 3)
+
+
+def test_raw_store_gives_the_png_store_batches(source, tmp_path):
+    # "raw" stores the uint8 pixels (no decode): lossless like PNG, so the same batches.
+    raw, split = kitti_tiny.make_tree(tmp_path)
+    prepare.prepare_split(raw, split, tmp_path / "tfds", "train", H, W, image_format="raw")
+    raw_source = tfds_builder.open_split(tmp_path / "tfds", "train")
+    assert tfds_builder.read_metadata(tmp_path / "tfds", "train")["settings"]["image_format"] == "raw"
+    for i in range(len(source)):
+        for key in ip.IMAGE_KEYS:
+            assert raw_source[i][key].dtype == np.uint8 and raw_source[i][key].shape == (H, W, 3)
+            np.testing.assert_array_equal(raw_source[i][key], source[i][key])
+    a = all_batches(ip.make_train_iterator(source, global_batch_size=2, seed=2, num_epochs=1))
+    b = all_batches(ip.make_train_iterator(raw_source, global_batch_size=2, seed=2, num_epochs=1))
+    assert len(a) == len(b) == 3
+    for x, y in zip(a, b):
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key])

@@ -4,7 +4,8 @@
 directory, prepares it with `prepare_split` (PNG or JPEG at the training size), writes a teacher
 logits store of random float16 logits with `data_pipelines.teacher.store.write_store` (unless
 teacher=False), then times `make_train_iterator` over whole epochs: decode 3 images, flip,
-colour jitter, the LANCZOS scale chain, K per scale, the teacher join and batching. With
+colour jitter, the LANCZOS scale chain (of all three frames, or with source_scales=False
+of frame 0 only), K per scale, the teacher join and batching. With
 threads=0 everything runs in the calling thread, so the figure is examples/s per core; with N
 threads it is the throughput of one process (PIL releases the GIL while decoding and resizing).
 
@@ -45,9 +46,12 @@ def write_raw_tree(root: pathlib.Path, num_examples: int, height: int, width: in
 def run(*, examples: int = 48, height: int = 192, width: int = 640, batch: int = 12, epochs: int = 2,
         threads: int = 0, teacher_height: int = 96, teacher_width: int = 320, groups: int = 7,
         image_format: str = "png", teacher: bool = True, workdir: str | None = None,
-        verbose: bool = True, profile: str | None = None) -> dict:
+        verbose: bool = True, profile: str | None = None, source_scales: bool = True) -> dict:
     """Prepare (or reuse, in `workdir`) the benchmark data and time the loader; returns figures.
 
+    image_format: stored encoding, "png", "jpeg" or "raw" (see data_pipelines.kitti.triplets).
+    source_scales: False = scales 1..3 of frame 0 only (what a step without
+      loss.v1_multiscale reads; `input_pipeline.make_example`).
     profile: write a cProfile of the timed loop (only) to this path.
     """
     from data_pipelines.kitti import prepare, tfds_builder
@@ -89,6 +93,7 @@ def run(*, examples: int = 48, height: int = 192, width: int = 640, batch: int =
         it = input_pipeline.make_train_iterator(
             source, global_batch_size=batch, seed=0, teacher=store_obj,
             num_epochs=epochs + 1, num_threads=threads, process_index=0, process_count=1,
+            source_scales=source_scales,
         )
         next(it)  # warm-up: opens shards, first decode
         steps = input_pipeline.steps_per_epoch(len(source), batch) * epochs - 1
@@ -113,5 +118,5 @@ def run(*, examples: int = 48, height: int = 192, width: int = 640, batch: int =
             f"{os.cpu_count()} CPU cores on this machine")
         say(f"throughput: {n / wall:.1f} examples/s; per core (examples per CPU-second): {n / cpu:.1f} examples/s")
         return {"format": image_format, "height": height, "width": width, "batch": batch,
-                "threads": threads, "teacher": teacher, "examples_timed": n, "wall_s": wall, "cpu_s": cpu,
+                "threads": threads, "teacher": teacher, "source_scales": source_scales, "examples_timed": n, "wall_s": wall, "cpu_s": cpu,
                 "examples_per_s": n / wall, "examples_per_cpu_s": n / cpu}

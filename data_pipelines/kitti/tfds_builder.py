@@ -7,6 +7,9 @@ No TensorFlow is needed to write or read these datasets. What TFDS 4.9 does with
   encodes with PIL and the builder yields bytes.
 - `tfds.features.Tensor` (float32 K, shape (4,4)), `Scalar` (int64 index) and `Text` (id)
   serialise with numpy and TFDS's own copy of the tf.Example protos.
+- Format "raw" stores each image as `tfds.features.Tensor(uint8, encoding="bytes")`: its
+  bytes as one bytes_list entry (no encoding=NONE: that would write an int64 varint per
+  pixel), read back with `np.frombuffer` (a read-only view, no decode).
 - Reading: `builder.as_data_source(split)` (or `tfds.data_source`) returns a random-access
   `ArrayRecordDataSource`; it decodes images with PIL (OpenCV when installed) into uint8
   (H,W,3) arrays, K into float32 (4,4), index into an int, and Text into *bytes*.
@@ -91,9 +94,14 @@ class KittiTriplets(tfds.core.GeneratorBasedBuilder):
 
     def _info(self) -> tfds.core.DatasetInfo:
         s = self._settings
-        image = lambda: tfds.features.Image(  # noqa: E731
-            shape=(s.height, s.width, 3), dtype=np.uint8, encoding_format=s.image_format
-        )
+        if s.image_format == "raw":
+            image = lambda: tfds.features.Tensor(  # noqa: E731
+                shape=(s.height, s.width, 3), dtype=np.uint8, encoding="bytes"
+            )
+        else:
+            image = lambda: tfds.features.Image(  # noqa: E731
+                shape=(s.height, s.width, 3), dtype=np.uint8, encoding_format=s.image_format
+            )
         return tfds.core.DatasetInfo(
             builder=self,
             description=(

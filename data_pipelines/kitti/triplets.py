@@ -7,7 +7,8 @@ that stores these examples is `data_pipelines.kitti.tfds_builder`.
 An example (the contract in the project's contracts; one per split line):
   id        str        the split line, e.g. "2011_09_26/2011_09_26_drive_0022_sync 473 r"
   image_m1, image_0, image_p1
-            bytes      PNG or JPEG encoding of a uint8 (H, W, 3) RGB image at the stored size
+            bytes      PNG or JPEG encoding of a uint8 (H, W, 3) RGB image at the stored size,
+                       or (format "raw") the uint8 (H, W, 3) array itself, stored as its bytes
   K         (4, 4) float32  normalised intrinsics: row 0 divided by the image width, row 1 by
                             its height (so it holds for any resolution of the same view)
   index     int64      position of the line in the split file (0-based)
@@ -32,7 +33,9 @@ MONODEPTH2_K = np.array(
 
 FRAME_OFFSETS = (-1, 0, 1)
 IMAGE_KEYS = ("image_m1", "image_0", "image_p1")  # in the order of FRAME_OFFSETS
-IMAGE_FORMATS = ("png", "jpeg")
+# png: lossless, ~3.2 ms to decode a 640x192 frame with PIL; jpeg: lossy, ~0.5 ms; raw: the
+# uint8 pixels (H*W*3 bytes, ~1.7x a PNG of a noisy frame), no decode. benchmarks/RESULTS.md.
+IMAGE_FORMATS = ("png", "jpeg", "raw")
 INTRINSICS_SOURCES = ("monodepth2", "calib")
 
 
@@ -42,7 +45,7 @@ class TripletSettings:
 
     height: int = 192
     width: int = 640
-    image_format: str = "png"  # "png" (lossless) or "jpeg"
+    image_format: str = "png"  # "png" (lossless), "jpeg" (lossy) or "raw" (lossless, no decode)
     jpeg_quality: int = 92  # only used for "jpeg"
     intrinsics: str = "monodepth2"  # "monodepth2" fixed K, or "calib" per-drive P_rect_0X
 
@@ -87,8 +90,11 @@ def resize_lanczos(image, height: int, width: int):
     return image.resize((width, height), Image.Resampling.LANCZOS)
 
 
-def encode_image(image, image_format: str, jpeg_quality: int = 92) -> bytes:
-    """Encodes a PIL RGB image as PNG or JPEG bytes (what TFDS stores without TensorFlow)."""
+def encode_image(image, image_format: str, jpeg_quality: int = 92) -> bytes | np.ndarray:
+    """Encodes a PIL RGB image as PNG or JPEG bytes (what TFDS stores without TensorFlow);
+    for "raw", returns the uint8 (H, W, 3) array (the builder's Tensor feature stores its bytes)."""
+    if image_format == "raw":
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
     buffer = io.BytesIO()
     if image_format == "png":
         image.save(buffer, format="PNG")
