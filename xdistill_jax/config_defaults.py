@@ -72,6 +72,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.run.log_every = 250
     c.run.ckpt_every = 2000
     c.run.val_every = 2000
+    c.run.val_at_start = False       # also validate the initial state (step 0): the untrained baseline
     c.run.image_every = 2000         # sample disparity / translator PNGs (at validation)
     c.run.keep = 3                   # checkpoints kept
     c.run.async_checkpoints = True
