@@ -50,6 +50,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.distill.grouping = "geometric"  # xdistill_jax.semantics grouping name
     c.distill.scale = 0              # disparity scale fed to the translator
     c.distill.stop_gradient = False  # True: translator trains, depth net gets no distill gradient
+    # Warm-up of the distillation gradient into the depth net (objective.depth_grad_factor): 0
+    # before step depth_grad_start, then a linear ramp to 1 over depth_grad_ramp steps. The
+    # translator learns from step 0 either way. 0 and 0 = the paper (full gradient from step 0).
+    c.distill.depth_grad_start = 0
+    c.distill.depth_grad_ramp = 0
     c.distill.translator = ml_collections.ConfigDict()  # kwargs of models.translator.Translator
 
     c.optim = ml_collections.ConfigDict()

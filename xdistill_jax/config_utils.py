@@ -166,6 +166,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     _check(ds.weight >= 0, "distill.weight", f"must be >= 0, got {ds.weight}")
     _check(ds.mode in ("hard", "soft"), "distill.mode", f"must be 'hard' or 'soft', got {ds.mode!r}")
     _check(ds.temperature > 0, "distill.temperature", f"must be > 0, got {ds.temperature}")
+    for key in ("depth_grad_start", "depth_grad_ramp"):
+        _check(isinstance(ds[key], int) and ds[key] >= 0, f"distill.{key}",
+               f"must be an integer >= 0, got {ds[key]!r}")
     _check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
     _check(o.batch_size > 0, "optim.batch_size", f"must be > 0, got {o.batch_size}")
     _check(o.epochs > 0 or o.num_steps > 0, "optim.num_steps", "set optim.epochs or optim.num_steps > 0")

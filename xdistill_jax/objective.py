@@ -5,6 +5,13 @@
 With `distill.weight == 0` this is exactly Monodepth2: the translator is neither built nor run
 and the batch needs no `teacher` entry.
 
+Optional warm-up (`distill.depth_grad_start` / `depth_grad_ramp`, both 0 = the paper): the
+translator always learns from the full distillation loss, but the part of its gradient that
+flows back into the depth net is scaled by `depth_grad_factor(step)` (0, then a linear ramp to
+1). The loss values are unchanged; only where the gradient goes. It exists for runs that start
+from scratch (the CPU demo), where distillation from step 0 pulls the young depth net into
+disparity bands before the photometric loss has shaped it (configs/demo.py has the numbers).
+
 Networks and their inputs follow the original code (reference §1, §3.3):
 - the depth net runs once, on the colour-augmented target frame `color_aug[:, 1]`;
 - the pose net runs once PER SOURCE PAIR, batch B each, frames in temporal order:
@@ -131,8 +138,27 @@ def predict_poses(nets: Networks, params, batch_stats, color_aug, train: bool):
     return cam_T_cam, stats, raw
 
 
+def depth_grad_factor(distill: ml_collections.ConfigDict, step):
+    """Fraction of the distillation gradient that reaches the depth net at `step` (float32).
+
+    0 before `distill.depth_grad_start`, then linear to 1 over `distill.depth_grad_ramp` steps
+    (1 at once when the ramp is 0). The step is the state's step before the update (0-based).
+    """
+    start, ramp = distill.depth_grad_start, distill.depth_grad_ramp
+    step = jnp.asarray(step, jnp.float32)
+    if ramp == 0:
+        return (step >= start).astype(jnp.float32)
+    return jnp.clip((step - start + 1.0) / ramp, 0.0, 1.0)
+
+
+def _scale_gradient(x, factor):
+    """`x` in the forward pass; `factor * dL/dx` in the backward pass."""
+    frozen = jax.lax.stop_gradient(x)
+    return frozen + factor * (x - frozen)
+
+
 def loss_fn(nets: Networks, config: ml_collections.ConfigDict, params, batch_stats, batch, rng,
-            train: bool = True):
+            train: bool = True, step=None):
     """The X-Distill loss for one global batch.
 
     Args:
@@ -143,6 +169,8 @@ def loss_fn(nets: Networks, config: ml_collections.ConfigDict, params, batch_sta
       rng: key for the tie-break noise of the auto-mask minimum (drawn with a threefry key
         derived from it, see `sharding_invariant_key`).
       train: BatchNorm in training mode (batch statistics, running stats updated).
+      step: the training step (int or traced int32) for the distillation warm-up
+        (`depth_grad_factor`); None (evaluation) or a config without warm-up = full gradient.
     Returns:
       (loss, (new_batch_stats, metrics)): float32 scalar; metrics is a dict of float32 scalars
       plus "disp" (the scale-0 disparity, for images) and, with distillation, "translator_logits".
@@ -187,7 +215,12 @@ def loss_fn(nets: Networks, config: ml_collections.ConfigDict, params, batch_sta
                              "(set config.data.teacher_dir, or --config.distill.weight=0)")
         from xdistill_jax.models.translator import translate
 
-        logits = translate(params["translator"], disps, stop_depth_grad=ds.stop_gradient,
+        translator_in = disps
+        if step is not None and (ds.depth_grad_start > 0 or ds.depth_grad_ramp > 0):
+            factor = depth_grad_factor(ds, step)
+            translator_in = {s: _scale_gradient(d, factor) for s, d in disps.items()}
+            metrics["distill/depth_grad_factor"] = factor
+        logits = translate(params["translator"], translator_in, stop_depth_grad=ds.stop_gradient,
                            module=nets.translator)
         distill = distillation.distillation_loss(logits, batch["teacher"], mode=ds.mode,
                                                  temperature=ds.temperature)

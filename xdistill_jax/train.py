@@ -203,7 +203,7 @@ def make_train_step(config: ml_collections.ConfigDict, nets: Networks, tx, mesh:
         step_rng = jax.random.fold_in(rng, state.step)
         grad_fn = jax.value_and_grad(loss, has_aux=True)
         (total, (batch_stats, metrics)), grads = grad_fn(state.params, state.batch_stats, batch,
-                                                         step_rng, True)
+                                                         step_rng, True, state.step)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         out = {k: v for k, v in metrics.items() if jnp.ndim(v) == 0}
