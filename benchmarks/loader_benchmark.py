@@ -2,7 +2,7 @@
 
     python benchmarks/loader_benchmark.py                       # 640x192, teacher 7x96x320
     python benchmarks/loader_benchmark.py --threads 2 --examples 96 --format jpeg
-    python benchmarks/loader_benchmark.py --format raw --target-scales-only   # the fast setup
+    python benchmarks/loader_benchmark.py --format raw --target-scales-only --stored-scales  # fastest
 
 Same as `xdistill bench --loader`; the work is `xdistill_jax.loader_benchmark.run` (see its
 docstring for what is timed). With --threads 0 the figure is examples/s per core.
@@ -28,6 +28,8 @@ def main() -> None:
     parser.add_argument("--no-teacher", action="store_true")
     parser.add_argument("--target-scales-only", action="store_true",
                         help="scales 1..3 of frame 0 only (what a step without loss.v1_multiscale reads)")
+    parser.add_argument("--stored-scales", action="store_true",
+                        help="prepare with frame 0's scales 1..3 stored (png/raw): read, not computed")
     parser.add_argument("--workdir", default=None, help="keep the data here instead of a temp dir")
     parser.add_argument("--profile", default=None, help="write a cProfile of the timed loop (only) here")
     args = parser.parse_args()
@@ -38,7 +40,7 @@ def main() -> None:
                   epochs=args.epochs, threads=args.threads, teacher_height=args.teacher_height,
                   teacher_width=args.teacher_width, groups=args.groups, image_format=args.format,
                   teacher=not args.no_teacher, workdir=args.workdir, profile=args.profile,
-                  source_scales=not args.target_scales_only)
+                  source_scales=not args.target_scales_only, target_scales=args.stored_scales)
     loader_benchmark.run(**kwargs)
 
 

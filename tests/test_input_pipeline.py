@@ -373,3 +373,54 @@ def test_raw_store_gives_the_png_store_batches(source, tmp_path):
     for x, y in zip(a, b):
         for key in x:
             np.testing.assert_array_equal(x[key], y[key])
+
+
+def test_lanczos_halving_commutes_with_a_flip():
+    # What a stored chain relies on: the chain of a flipped frame is the flipped chain. PIL's
+    # LANCZOS taps of a halving are mirror-symmetric; checked here at the paper's size.
+    rng = np.random.default_rng(5)
+    flip = Image.Transpose.FLIP_LEFT_RIGHT
+    for _ in range(4):
+        img = Image.fromarray(rng.integers(0, 256, (192, 640, 3), dtype=np.uint8))
+        for a, b in zip(ip._scale_chain(img.transpose(flip)), ip._scale_chain(img)):
+            np.testing.assert_array_equal(a, np.asarray(Image.fromarray(b).transpose(flip)))
+
+
+@pytest.mark.parametrize("image_format", ["raw", "png"])
+def test_stored_target_scales_give_the_computed_batches(source, tmp_path, image_format):
+    raw, split = kitti_tiny.make_tree(tmp_path)
+    prepare.prepare_split(raw, split, tmp_path / "tfds", "train", H, W, image_format=image_format,
+                          target_scales=True)
+    stored = tfds_builder.open_split(tmp_path / "tfds", "train")
+    for i in range(len(stored)):
+        record = stored[i]
+        chain = ip._scale_chain(Image.fromarray(record["image_0"]))
+        for s, key in enumerate(triplets.TARGET_SCALE_KEYS):
+            assert record[key].shape == (H >> (s + 1), W >> (s + 1), 3)
+            np.testing.assert_array_equal(record[key], chain[s])
+    for source_scales in (True, False):
+        kw = dict(global_batch_size=2, seed=8, num_epochs=2, source_scales=source_scales)
+        a, b = all_batches(ip.make_train_iterator(source, **kw)), all_batches(ip.make_train_iterator(stored, **kw))
+        assert len(a) == len(b) == 6
+        assert 0 < sum(ip.sample_augmentation(ip.example_rng(8, e // 3, int(i))).flip
+                       for e, x in enumerate(a) for i in x["index"]) < 12  # flipped and not
+        for x, y in zip(a, b):
+            assert x.keys() == y.keys()
+            for key in x:
+                np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+    with pytest.raises(ValueError, match="lossless"):
+        prepare.prepare_split(raw, split, tmp_path / "jpeg", "train", H, W, image_format="jpeg",
+                              target_scales=True)
+
+
+def test_a_store_written_before_target_scales_existed_is_still_accepted(tmp_path):
+    import json
+
+    raw, split = kitti_tiny.make_tree(tmp_path)
+    path = prepare.prepare_split(raw, split, tmp_path / "tfds", "train", H, W)
+    meta = json.loads((path / "metadata.json").read_text())
+    del meta["settings"]["target_scales"]  # what the older prepare wrote
+    (path / "metadata.json").write_text(json.dumps(meta))
+    assert prepare.prepare_split(raw, split, tmp_path / "tfds", "train", H, W) == path
+    with pytest.raises(ValueError, match="exists with settings"):
+        prepare.prepare_split(raw, split, tmp_path / "tfds", "train", H, W, target_scales=True)

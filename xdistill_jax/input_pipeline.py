@@ -45,6 +45,7 @@ import jax
 import numpy as np
 
 IMAGE_KEYS = ("image_m1", "image_0", "image_p1")  # frames -1, 0, +1
+TARGET_SCALE_KEYS = ("image_0_s1", "image_0_s2", "image_0_s3")  # stored with target_scales
 NUM_SCALES = 4
 JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
 _SHUFFLE_TAG = 0x5348  # separates the shuffle seed's stream from the per-example streams
@@ -223,6 +224,8 @@ def make_example(record: dict[str, Any], aug: Augmentation, teacher_logits=None,
     That is all a step without `loss.v1_multiscale` reads at scales 1..3 (the edge-aware
     smoothness term of scale s uses the target image at scale s; every photometric term is
     computed at scale 0), and it saves 6 of the 9 LANCZOS halvings per example.
+    A record holding `image_0_s1..3` (prepared with target_scales) gives frame 0's chain
+    (flipped with the example); it is then not computed.
     """
     from PIL import Image
 
@@ -237,7 +240,16 @@ def make_example(record: dict[str, Any], aug: Augmentation, teacher_logits=None,
         "color": color,
         "color_aug": np.stack([np.asarray(_jitter_pil(im, aug)) for im in images]) if aug.jitter else color.copy(),
     }
-    chains = [_scale_chain(im) for im in (images if source_scales else images[1:2])]
+    with_stored = TARGET_SCALE_KEYS[0] in record
+    chains = [None if with_stored and f == 1 else _scale_chain(im)
+              for f, im in enumerate(images) if source_scales or f == 1]
+    if with_stored:  # prepared with target_scales: frame 0's chain is stored
+        stored = [np.asarray(record[k]) for k in TARGET_SCALE_KEYS]
+        if aug.flip:  # a PIL LANCZOS halving commutes with a horizontal flip (its taps are
+            # mirror-symmetric; test_input_pipeline checks it at 640x192), so this is the chain
+            # of the flipped frame
+            stored = [np.asarray(Image.fromarray(a).transpose(Image.Transpose.FLIP_LEFT_RIGHT)) for a in stored]
+        chains[1 if source_scales else 0] = stored
     for s in range(1, NUM_SCALES):
         out[f"color_s{s}"] = np.stack([chain[s - 1] for chain in chains])
     K_norm = np.ascontiguousarray(record["K"], dtype=np.float32)

@@ -46,12 +46,14 @@ def write_raw_tree(root: pathlib.Path, num_examples: int, height: int, width: in
 def run(*, examples: int = 48, height: int = 192, width: int = 640, batch: int = 12, epochs: int = 2,
         threads: int = 0, teacher_height: int = 96, teacher_width: int = 320, groups: int = 7,
         image_format: str = "png", teacher: bool = True, workdir: str | None = None,
-        verbose: bool = True, profile: str | None = None, source_scales: bool = True) -> dict:
+        verbose: bool = True, profile: str | None = None, source_scales: bool = True,
+        target_scales: bool = False) -> dict:
     """Prepare (or reuse, in `workdir`) the benchmark data and time the loader; returns figures.
 
     image_format: stored encoding, "png", "jpeg" or "raw" (see data_pipelines.kitti.triplets).
     source_scales: False = scales 1..3 of frame 0 only (what a step without
       loss.v1_multiscale reads; `input_pipeline.make_example`).
+    target_scales: prepare with frame 0's scales 1..3 stored (png/raw), read instead of computed.
     profile: write a cProfile of the timed loop (only) to this path.
     """
     from data_pipelines.kitti import prepare, tfds_builder
@@ -65,9 +67,10 @@ def run(*, examples: int = 48, height: int = 192, width: int = 640, batch: int =
         t0 = time.perf_counter()
         if not split.is_file():
             split = write_raw_tree(raw, examples, 375, 1242)
-        data_dir = root / f"tfds_{image_format}_{width}x{height}"
+        data_dir = root / f"tfds_{image_format}{'_scales' if target_scales else ''}_{width}x{height}"
         prepare.prepare_split(raw, split, data_dir, "train", height, width,
-                              image_format=image_format, num_workers=min(2, os.cpu_count() or 1))
+                              image_format=image_format, num_workers=min(2, os.cpu_count() or 1),
+                              target_scales=target_scales)
         source = tfds_builder.open_split(data_dir, "train")
         say(f"prepared {len(source)} {image_format} triplets at {width}x{height} "
             f"in {time.perf_counter() - t0:.1f} s")
@@ -118,5 +121,6 @@ def run(*, examples: int = 48, height: int = 192, width: int = 640, batch: int =
             f"{os.cpu_count()} CPU cores on this machine")
         say(f"throughput: {n / wall:.1f} examples/s; per core (examples per CPU-second): {n / cpu:.1f} examples/s")
         return {"format": image_format, "height": height, "width": width, "batch": batch,
-                "threads": threads, "teacher": teacher, "source_scales": source_scales, "examples_timed": n, "wall_s": wall, "cpu_s": cpu,
+                "threads": threads, "teacher": teacher, "source_scales": source_scales,
+                "target_scales": target_scales, "examples_timed": n, "wall_s": wall, "cpu_s": cpu,
                 "examples_per_s": n / wall, "examples_per_cpu_s": n / cpu}

@@ -45,6 +45,7 @@ def prepare_split(
     intrinsics: str = "monodepth2",
     num_workers: int = 1,
     num_shards: int | None = None,
+    target_scales: bool = False,
 ) -> pathlib.Path:
     """Builds (or finds complete) the triplet dataset of one split; returns its directory.
 
@@ -60,6 +61,8 @@ def prepare_split(
       num_workers: processes that read, resize and encode images (1 = in this process).
       num_shards: array_record files to write; None lets TFDS size them (64 MiB..1 GiB).
         Record order is the split order whatever the number of shards.
+      target_scales: also store frame 0 at scales 1..3 (LANCZOS chain; png or raw only),
+        which the loader then reads instead of computing (+1/3 of a frame per example).
 
     Raises:
       ValueError naming the file (and split line) for a malformed split line, a missing or
@@ -84,6 +87,7 @@ def prepare_split(
         image_format=image_format,
         jpeg_quality=jpeg_quality,
         intrinsics=intrinsics,
+        target_scales=target_scales,
     )
     split_sha256 = _sha256(split_file)
 
@@ -169,7 +173,10 @@ def _check_existing(out_dir, split_name, settings, split_sha256, split_file) -> 
 
     meta = tfds_builder.read_metadata(out_dir, split_name)
     target = tfds_builder.dataset_dir(out_dir, split_name)
-    if meta.get("settings") != settings.as_dict():
+    # Settings added after a dataset was written are absent from its metadata: they had
+    # their default value then.
+    stored = {**triplets.TripletSettings().as_dict(), **meta.get("settings", {})}
+    if stored != settings.as_dict():
         raise ValueError(
             f"{target} exists with settings {meta.get('settings')}, not the requested "
             f"{settings.as_dict()}; delete it or choose another --out"

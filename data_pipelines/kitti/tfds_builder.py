@@ -94,14 +94,13 @@ class KittiTriplets(tfds.core.GeneratorBasedBuilder):
 
     def _info(self) -> tfds.core.DatasetInfo:
         s = self._settings
-        if s.image_format == "raw":
-            image = lambda: tfds.features.Tensor(  # noqa: E731
-                shape=(s.height, s.width, 3), dtype=np.uint8, encoding="bytes"
-            )
-        else:
-            image = lambda: tfds.features.Image(  # noqa: E731
-                shape=(s.height, s.width, 3), dtype=np.uint8, encoding_format=s.image_format
-            )
+        def image(scale: int = 0):
+            shape = (s.height >> scale, s.width >> scale, 3)
+            if s.image_format == "raw":
+                return tfds.features.Tensor(shape=shape, dtype=np.uint8, encoding="bytes")
+            return tfds.features.Image(shape=shape, dtype=np.uint8, encoding_format=s.image_format)
+
+        scales = {k: image(i + 1) for i, k in enumerate(triplets.TARGET_SCALE_KEYS)} if s.target_scales else {}
         return tfds.core.DatasetInfo(
             builder=self,
             description=(
@@ -113,6 +112,7 @@ class KittiTriplets(tfds.core.GeneratorBasedBuilder):
                     "image_m1": image(),
                     "image_0": image(),
                     "image_p1": image(),
+                    **scales,
                     "K": tfds.features.Tensor(shape=(4, 4), dtype=np.float32),
                     "index": tfds.features.Scalar(dtype=np.int64),
                 }
@@ -155,7 +155,8 @@ def open_split(out_dir: str | pathlib.Path, split_name: str):
     """Random-access source of a prepared split (a TFDS `ArrayRecordDataSource`).
 
     `source[i]` is a dict: id (bytes), image_m1 / image_0 / image_p1 uint8 (H,W,3),
-    K float32 (4,4), index (int). Reads the files only; no builder code runs.
+    K float32 (4,4), index (int), and image_0_s1..3 (H/2^s,W/2^s,3) when prepared with
+    target_scales. Reads the files only; no builder code runs.
     """
     path = dataset_dir(out_dir, split_name)
     others = sorted(p.name for p in path.parent.glob("*") if p.is_dir() and p.name != VERSION
