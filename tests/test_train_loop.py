@@ -1,8 +1,11 @@
 """train_and_evaluate end to end on a tiny in-memory split through the real grain loader:
-checkpoint + resume, SIGTERM, non-finite loss, incompatible workdirs."""
+checkpoint + resume, SIGTERM, non-finite loss, incompatible workdirs; and on a small synthetic
+world prepared as TFDS splits: training lowers the val loss, a val GT of another split fails
+through `xdistill train` before anything compiles."""
 
 import json
 import os
+import re
 import signal
 
 import numpy as np
@@ -216,3 +219,84 @@ def test_val_ground_truth_of_another_split_is_named(tmp_path):
         val[2]
     with pytest.raises(ValueError, match=r"gt\.npz: 3 depth maps, but the val split has an example 3"):
         val[3]
+
+
+# ---------------------------------------------------------------- the synthetic world, through TFDS
+
+WORLD_DRIVES, WORLD_FRAMES = 3, 8  # drives 1-2: 11 train lines (+1 val line we do not use); drive 3 held out
+LEARN_STEPS = 20
+
+
+@pytest.fixture(scope="module")
+def world_run(tmp_path_factory):
+    """A small synthetic world (3 drives x 8 frames at 192x64) prepared at 32x96: the train split
+    of drives 1-2, a val split of the 6 triplets of the held-out drive 3, and the GT of the test
+    split (drive 3, frames 0..7: not the val split's lines). Then LEARN_STEPS training steps
+    (ResNet-18, batch 2, one device, no distillation: the shared test workdir's compiled step)
+    validated at step 0 (run.val_at_start, the untrained model) and at the end."""
+    from data_pipelines.kitti.export_gt import export_gt_depths
+    from data_pipelines.kitti.prepare import prepare_split
+    from data_pipelines.synthetic_world.generate import generate_world
+    from eval_workdir import REPO, TRAIN_OVERRIDES
+
+    base = tmp_path_factory.mktemp("world")
+    world = base / "world"
+    generate_world(world, seed=3, drives=WORLD_DRIVES, frames=WORLD_FRAMES, width=192, height=64,
+                   make3d_images=0, lidar_azimuths=16, velodyne="test", workers=1)
+    splits = world / "splits"
+    held_out = f"2021_01_01/2021_01_01_drive_{WORLD_DRIVES:04d}_sync"
+    (splits / "heldout_files.txt").write_text(
+        "".join(f"{held_out} {f} l\n" for f in range(1, WORLD_FRAMES - 1)))
+    prepare_split(world, splits / "train_files.txt", base / "tfds", "train", H, W)
+    prepare_split(world, splits / "heldout_files.txt", base / "tfds", "val", H, W)
+    export_gt_depths(world, splits / "test_files.txt", base / "gt_test.npz")
+
+    config = config_utils.load_config_file(str(REPO / "configs" / "synthetic_demo.py") + ":smoke")
+    overrides = dict(TRAIN_OVERRIDES, **{
+        "data.dataset_dir": base / "tfds", "optim.num_steps": LEARN_STEPS, "run.val_every": LEARN_STEPS,
+        "run.ckpt_every": LEARN_STEPS, "run.log_every": LEARN_STEPS, "run.val_at_start": True})
+    config = config_utils.apply_overrides(config, [f"--config.{k}={v}" for k, v in overrides.items()])
+    workdir = base / "workdir"
+    status = training_loop.train_and_evaluate(config, workdir)
+    return base, workdir, status
+
+
+def test_training_on_the_synthetic_world_lowers_the_val_loss(world_run):
+    """Validation of the untrained model (step 0) against LEARN_STEPS Adam steps later, on the
+    held-out drive. Measured over run.seed 0-4 (init and data order), after/before = 0.81, 0.76,
+    0.75, 0.53, 0.85 (seed 0, this test's: 0.1003 -> 0.0812). With lr 1e-12 (only the BatchNorm
+    running statistics move) seeds 0 and 1 stay at 0.1003 -> 0.1003 and 0.0943 -> 0.0945: the drop
+    is the weights learning, not BN statistics settling."""
+    _, workdir, status = world_run
+    assert status == training_loop.EXIT_OK
+    val = read_metrics(workdir, "val")
+    assert [m["step"] for m in val] == [0, LEARN_STEPS]
+    before, after = val[0]["loss"], val[1]["loss"]
+    assert np.isfinite(before) and after < 0.9 * before, (before, after)
+
+
+def test_cli_val_ground_truth_of_another_split_exits_2_before_compiling(world_run, monkeypatch, capsys):
+    """`xdistill train` resuming the world run with the test split's GT as val GT: status 2,
+    the message names the key, the file and both split lines; nothing is compiled and the
+    workdir (config.json, checkpoints, metrics) is left as it was."""
+    from xdistill_jax import cli, train
+
+    base, workdir, _ = world_run
+    compiled = []
+    monkeypatch.setattr(train, "make_train_step", lambda *a, **k: compiled.append(1))
+    monkeypatch.setattr(train, "create_train_state", lambda *a, **k: compiled.append(1))
+    before = {p.relative_to(workdir): p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+    for gt, message in (
+            (base / "gt_test.npz", r"config\.data\.val_gt_depth: .*gt_test\.npz: depth map 0 is for "
+                                   r"'.*drive_0003_sync 0 l' but val split example 0 is "
+                                   r"'.*drive_0003_sync 1 l'"),
+            (base / "missing.npz", r"config\.data\.val_gt_depth: .*not found: .*missing\.npz")):
+        status = cli.main(["train", "--workdir", str(workdir), f"--config.data.val_gt_depth={gt}",
+                           f"--config.optim.num_steps={2 * LEARN_STEPS}"])
+        err = capsys.readouterr().err
+        assert status == 2, err[-2000:]
+        assert re.search(message, err), err[-2000:]
+        assert "Traceback" not in err
+    assert not compiled
+    after = {p.relative_to(workdir): p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+    assert after == before

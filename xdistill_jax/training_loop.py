@@ -14,6 +14,11 @@ Exit statuses (returned, and used by `xdistill train`):
 
 Workdir: config.json, checkpoints/<step>/, metrics.jsonl, tensorboard/, images/*.png.
 
+Validation: every run.val_every steps, at the last step, and with run.val_at_start also at
+step 0 (the untrained model, the baseline of the val curve). The data splits and the val GT
+(config.data.val_gt_depth, checked against the val split's lines) are opened before the workdir
+is written or anything compiles, so a wrong path or a GT of another split fails at once.
+
 Resume is exact: the state, the loader position and the per-step keys come from the checkpoint,
 metrics.jsonl loses the lines past the restored step (they are redone), and a validation due at
 the restored step whose line is missing (killed during validation) is run again first.
@@ -67,12 +72,15 @@ class TrainingData:
     make_val_iterator(): one pass over the validation split with a `mask` entry (padding), or None.
     num_examples: training examples in the split (for steps per epoch).
     val_id: optional, the split line (`id`) of val example i, to check config.data.val_gt_depth.
+    num_val_examples: optional, examples in the validation split (None: unknown, then the GT
+      check covers the maps in the GT file).
     """
 
     make_train_iterator: Callable[[], Any]
     make_val_iterator: Callable[[], Iterator[dict]] | None
     num_examples: int
     val_id: Callable[[int], str] | None = None  # split line of val example i (GT id check)
+    num_val_examples: int | None = None
 
 
 def tfds_training_data(config: ml_collections.ConfigDict) -> TrainingData:
@@ -103,7 +111,7 @@ def tfds_training_data(config: ml_collections.ConfigDict) -> TrainingData:
             train_source, global_batch_size=config.optim.batch_size, seed=config.run.seed,
             teacher=train_teacher, augment=d.augment, num_workers=d.num_workers)
 
-    make_val = val_id = None
+    make_val = val_id = num_val = None
     if d.val_split:
         val_source = open_split(d.dataset_dir, d.val_split)
         val_teacher = teacher(d.val_teacher_dir, "data.val_teacher_dir") if d.val_teacher_dir else None
@@ -115,7 +123,9 @@ def tfds_training_data(config: ml_collections.ConfigDict) -> TrainingData:
         def val_id(i):
             return val_source[i]["id"].decode()
 
-    return TrainingData(make_train_iterator, make_val, len(train_source), val_id)
+        num_val = len(val_source)
+
+    return TrainingData(make_train_iterator, make_val, len(train_source), val_id, num_val)
 
 
 def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
@@ -260,6 +270,15 @@ class ValGroundTruth:
     def __len__(self):
         return len(self.depths)
 
+    def check(self, num_examples: int) -> None:
+        """Checks examples 0..num_examples-1 now (each has a map exported for its split line)
+        instead of at their first validation; raises ValueError naming the file."""
+        if num_examples > len(self.depths):
+            raise ValueError(f"{self.path}: {len(self.depths)} depth maps, but validation scores "
+                             f"{num_examples} val split examples; export the GT for config.data.val_split")
+        for i in range(num_examples):
+            self[i]
+
     def __getitem__(self, i: int) -> np.ndarray:
         i = int(i)
         if i >= len(self.depths):
@@ -272,6 +291,32 @@ class ValGroundTruth:
                                  f"example {i} is {want!r}; export the GT for config.data.val_split")
             self._checked.add(i)
         return self.depths[i]
+
+
+def open_val_ground_truth(config: ml_collections.ConfigDict, data: TrainingData) -> ValGroundTruth | None:
+    """`config.data.val_gt_depth` opened and checked against the val split, before anything is
+    built or compiled: every example validation will score (all of the split, or the first
+    `data.val_batches` x `optim.batch_size`) must have a map exported for its split line.
+
+    Raises config_utils.ConfigError naming config.data.val_gt_depth and the file (a missing
+    file, a GT of another split, too few maps, a val_gt_depth without a val split).
+    """
+    path = config.data.val_gt_depth
+    if not path:
+        return None
+    key = "config.data.val_gt_depth"
+    if data.make_val_iterator is None:
+        raise config_utils.ConfigError(f"{key}={path!r} but there is no validation split "
+                                       "(config.data.val_split is empty)")
+    try:
+        gt = ValGroundTruth(path, data.val_id)
+        n = len(gt) if data.num_val_examples is None else data.num_val_examples
+        if config.data.val_batches > 0:
+            n = min(n, config.data.val_batches * config.optim.batch_size)
+        gt.check(n)
+    except (OSError, ValueError) as e:
+        raise config_utils.ConfigError(f"{key}: {e}") from e
+    return gt
 
 
 def _to_host(x) -> np.ndarray:
@@ -350,12 +395,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, data=None)
     config_utils.validate(config, num_devices=mesh.size)
     check_workdir_config(config, workdir)
     is_main = jax.process_index() == 0
+    if data is None:
+        data = tfds_training_data(config)
+    # Bad data settings fail here, before the workdir is touched and before any compilation.
+    gt = open_val_ground_truth(config, data)
     if is_main:
         workdir.mkdir(parents=True, exist_ok=True)
         config_utils.save_config(config, workdir)
 
-    if data is None:
-        data = tfds_training_data(config)
     num_examples = data.num_examples
     steps_per_epoch = (config.optim.steps_per_epoch if config.optim.steps_per_epoch > 0
                        else num_examples // config.optim.batch_size)
@@ -393,7 +440,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, data=None)
 
     writer = MetricWriter(workdir, enabled=is_main)
     kept = writer.truncate_after(step)
-    gt = ValGroundTruth(config.data.val_gt_depth, data.val_id) if config.data.val_gt_depth else None
     train_step = train.make_train_step(config, nets, tx, mesh)
     step_rng = jax.device_put(step_rng, train.replicated(mesh))
 
@@ -401,9 +447,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, data=None)
         ckpt.save(at_step, state, {"loader": train_iter.get_state(), "skipped": skipped})
         _fault.at("ckpt", at_step)
 
-    val_due = step > 0 and (step % config.run.val_every == 0 or step == num_steps)
+    # Due at the restored step: the previous run was stopped during this validation, redo it
+    # (same params, same key). At step 0 with run.val_at_start: the untrained model's val line.
+    if step > 0:
+        val_due = step % config.run.val_every == 0 or step == num_steps
+    else:  # .get: a config.json saved before the field existed
+        val_due = bool(config.run.get("val_at_start", False))
     if val_due and data.make_val_iterator is not None and _any_process(is_main and (step, "val") not in kept):
-        # the previous run was stopped during this validation: redo it (same params, same key)
         validate(config, nets, mesh, state, data.make_val_iterator, writer, step, val_rng, gt)
 
     pending, checked_step = [], step
