@@ -386,18 +386,18 @@ def test_lanczos_halving_commutes_with_a_flip():
             np.testing.assert_array_equal(a, np.asarray(Image.fromarray(b).transpose(flip)))
 
 
-@pytest.mark.parametrize("image_format", ["raw", "png"])
+@pytest.mark.parametrize("image_format", ["raw", "png", "jpeg"])
 def test_stored_target_scales_give_the_computed_batches(source, tmp_path, image_format):
     raw, split = kitti_tiny.make_tree(tmp_path)
     prepare.prepare_split(raw, split, tmp_path / "tfds", "train", H, W, image_format=image_format,
                           target_scales=True)
     stored = tfds_builder.open_split(tmp_path / "tfds", "train")
     for i in range(len(stored)):
-        record = stored[i]
-        chain = ip._scale_chain(Image.fromarray(record["image_0"]))
+        # the chain of the lossless stored-size frame (`source` is a PNG store), whatever the format
+        chain = ip._scale_chain(Image.fromarray(source[i]["image_0"]))
         for s, key in enumerate(triplets.TARGET_SCALE_KEYS):
-            assert record[key].shape == (H >> (s + 1), W >> (s + 1), 3)
-            np.testing.assert_array_equal(record[key], chain[s])
+            assert stored[i][key].shape == (H >> (s + 1), W >> (s + 1), 3)
+            np.testing.assert_array_equal(stored[i][key], chain[s])
     for source_scales in (True, False):
         kw = dict(global_batch_size=2, seed=8, num_epochs=2, source_scales=source_scales)
         a, b = all_batches(ip.make_train_iterator(source, **kw)), all_batches(ip.make_train_iterator(stored, **kw))
@@ -407,10 +407,13 @@ def test_stored_target_scales_give_the_computed_batches(source, tmp_path, image_
         for x, y in zip(a, b):
             assert x.keys() == y.keys()
             for key in x:
-                np.testing.assert_array_equal(x[key], y[key], err_msg=key)
-    with pytest.raises(ValueError, match="lossless"):
-        prepare.prepare_split(raw, split, tmp_path / "jpeg", "train", H, W, image_format="jpeg",
-                              target_scales=True)
+                if image_format == "jpeg" and key.startswith("color"):
+                    if key.startswith("color_s"):  # frame 0's chain is read, so exact
+                        f = 1 if source_scales else 0
+                        np.testing.assert_array_equal(x[key][:, f], y[key][:, f], err_msg=key)
+                    assert np.abs(x[key].astype(float) - y[key]).mean() < 8, key  # JPEG frames: close
+                else:
+                    np.testing.assert_array_equal(x[key], y[key], err_msg=key)
 
 
 def test_a_store_written_before_target_scales_existed_is_still_accepted(tmp_path):

@@ -61,8 +61,9 @@ def prepare_split(
       num_workers: processes that read, resize and encode images (1 = in this process).
       num_shards: array_record files to write; None lets TFDS size them (64 MiB..1 GiB).
         Record order is the split order whatever the number of shards.
-      target_scales: also store frame 0 at scales 1..3 (LANCZOS chain; png or raw only),
-        which the loader then reads instead of computing (+1/3 of a frame per example).
+      target_scales: also store frame 0 at scales 1..3 (its LANCZOS chain, raw uint8: +1/3
+        of a raw frame per example), which the loader then reads instead of computing. With
+        jpeg the chain is that of the un-encoded frame (Monodepth2's), not of the decoded one.
 
     Raises:
       ValueError naming the file (and split line) for a malformed split line, a missing or

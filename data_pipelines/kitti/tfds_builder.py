@@ -94,13 +94,15 @@ class KittiTriplets(tfds.core.GeneratorBasedBuilder):
 
     def _info(self) -> tfds.core.DatasetInfo:
         s = self._settings
-        def image(scale: int = 0):
+        def image(scale: int = 0, image_format: str = s.image_format):
             shape = (s.height >> scale, s.width >> scale, 3)
-            if s.image_format == "raw":
+            if image_format == "raw":
                 return tfds.features.Tensor(shape=shape, dtype=np.uint8, encoding="bytes")
-            return tfds.features.Image(shape=shape, dtype=np.uint8, encoding_format=s.image_format)
+            return tfds.features.Image(shape=shape, dtype=np.uint8, encoding_format=image_format)
 
-        scales = {k: image(i + 1) for i, k in enumerate(triplets.TARGET_SCALE_KEYS)} if s.target_scales else {}
+        # frame 0's stored scale chain is raw whatever the frames' format (triplets.py)
+        scales = ({k: image(i + 1, "raw") for i, k in enumerate(triplets.TARGET_SCALE_KEYS)}
+                  if s.target_scales else {})
         return tfds.core.DatasetInfo(
             builder=self,
             description=(
