@@ -22,6 +22,7 @@ tables PIL itself filled (`_hue_tables`, 2 x 64 MiB per process): 1.7 instead of
 from __future__ import annotations
 
 import dataclasses
+import sys
 import threading
 
 import numpy as np
@@ -74,21 +75,28 @@ def _hue_tables() -> tuple[np.ndarray, np.ndarray]:
     conversion exactly, by construction, for the installed Pillow; putting H in the top byte
     makes the hue shift one add and one mask. R | G<<8 | B<<16 is the little-endian uint32 of
     PIL's "RGBX" raw bytes, so an image goes in and out without a numpy channel shuffle.
-    Built once per process on first use (~1 s CPU), guarded for the loader's threads.
+    Built once per process on first use (~0.7 s CPU), guarded for the loader's threads, in
+    16 chunks so that building needs little memory beyond the tables (each grain worker
+    process builds its own).
     """
     global _HUE_TABLES
     with _HUE_LOCK:
         if _HUE_TABLES is None:
             from PIL import Image
 
-            codes = np.arange(1 << 24, dtype=np.uint32)  # every colour once, as RGBX bytes
-            every = Image.frombytes("RGB", (4096, 4096), codes, "raw", "RGBX")
-            h, s, v = every.convert("HSV").split()
-            svh = Image.merge("RGB", (s, v, h)).tobytes("raw", "RGBX")
-            rgb_to_svh = np.frombuffer(svh, np.uint32) & np.uint32(0xFFFFFF)  # drop the X byte
-            r, g, b = every.split()  # code c read as bytes (S, V, H)
-            back = Image.merge("HSV", (b, r, g)).convert("RGB").tobytes("raw", "RGBX")
-            _HUE_TABLES = (rgb_to_svh, np.frombuffer(back, np.uint32))
+            rgb_to_svh = np.empty(1 << 24, np.uint32)
+            svh_to_rgb = np.empty(1 << 24, np.uint32)
+            chunk = 1 << 20
+            for start in range(0, 1 << 24, chunk):
+                codes = np.arange(start, start + chunk, dtype=np.uint32)  # as RGBX bytes
+                colours = Image.frombytes("RGB", (1024, 1024), codes, "raw", "RGBX")
+                h, s, v = colours.convert("HSV").split()
+                svh = Image.merge("RGB", (s, v, h)).tobytes("raw", "RGBX")
+                rgb_to_svh[start:start + chunk] = np.frombuffer(svh, np.uint32) & 0xFFFFFF
+                r, g, b = colours.split()  # the same codes read as bytes (S, V, H)
+                rgb = Image.merge("HSV", (b, r, g)).convert("RGB").tobytes("raw", "RGBX")
+                svh_to_rgb[start:start + chunk] = np.frombuffer(rgb, np.uint32)
+            _HUE_TABLES = (rgb_to_svh, svh_to_rgb)
         return _HUE_TABLES
 
 
@@ -114,6 +122,8 @@ def _adjust_hue(image, hue: float):
     ~2.5x less CPU on a 640x192 frame: two gathers instead of two float conversions)."""
     from PIL import Image
 
+    if sys.byteorder != "little":  # the tables' codes are little-endian views of RGBX bytes
+        return _adjust_hue_reference(image, hue)
     rgb_to_svh, svh_to_rgb = _hue_tables()
     codes = np.frombuffer(image.tobytes("raw", "RGBX"), np.uint32).astype(np.intp)
     codes &= 0xFFFFFF
