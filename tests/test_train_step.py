@@ -76,8 +76,8 @@ def runs_by_device_count():
 # 20 and 30 flip a tie in the first step itself (gradients 3e-6 and 6e-6 apart). So the bounds
 # here hold for these batches, not in general: a jax/XLA upgrade that changes the rounding may
 # flip a tie and break them without any bug (then the first-step gradients tell which: ~1e-8
-# is rounding; a per-device BatchNorm or a sharding-dependent random draw gives >= 1e-4 in
-# every step's loss). Larger sizes make it worse, not better (64x192: 1.5e-4 after one step;
+# is rounding; BatchNorm statistics per device, 1 example each, would move the first loss by
+# 3e-4 and gradients by 4e-2, measured on these nets and batch 0). Larger sizes make it worse, not better (64x192: 1.5e-4 after one step;
 # more pixels, more ties). Equality to 1e-5 after 3 steps would need every cross-example sum
 # in a fixed, device-count-independent order (per-example partials all-gathered and added in
 # order, inside BatchNorm and every weight gradient): not done.
