@@ -51,6 +51,7 @@ from xdistill_jax import config_utils, train
 from xdistill_jax.checkpoints import Checkpointer, CheckpointError
 from xdistill_jax.metric_writer import MetricWriter, colormap, label_image
 from xdistill_jax.objective import Networks
+from xdistill_jax.val_ground_truth import ValGroundTruth, open_val_ground_truth  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -249,74 +250,6 @@ def _progress_line(step, total, t_start, step_start, batch_size, scalars):
     vals = " ".join(f"{k}={scalars[k]:.4f}" for k in keys)
     return (f"step {step}/{total} ({100.0 * step / total:.1f}%) {vals} | {ips:.1f} images/s "
             f"| ETA {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}")
-
-
-class ValGroundTruth:
-    """Depth maps of the val split from `xdistill export-gt` (no pickle), indexed by split position.
-
-    `gt[i]` is example i's (H,W) float32 depth. With `val_id(i)` (the split line of example i),
-    the first access to each i checks that the map was exported for that line, so a GT file of
-    another split fails naming both lines instead of scoring against the wrong frames.
-    """
-
-    def __init__(self, path: str, val_id: Callable[[int], str] | None = None):
-        from data_pipelines.kitti.export_gt import load_gt_depths
-
-        self.path = path
-        self.depths, self.files = load_gt_depths(path)
-        self.val_id = val_id
-        self._checked: set[int] = set()
-
-    def __len__(self):
-        return len(self.depths)
-
-    def check(self, num_examples: int) -> None:
-        """Checks examples 0..num_examples-1 now (each has a map exported for its split line)
-        instead of at their first validation; raises ValueError naming the file."""
-        if num_examples > len(self.depths):
-            raise ValueError(f"{self.path}: {len(self.depths)} depth maps, but validation scores "
-                             f"{num_examples} val split examples; export the GT for config.data.val_split")
-        for i in range(num_examples):
-            self[i]
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        i = int(i)
-        if i >= len(self.depths):
-            raise ValueError(f"{self.path}: {len(self.depths)} depth maps, but the val split has an "
-                             f"example {i}; export the GT for config.data.val_split")
-        if self.val_id is not None and i not in self._checked:
-            want = self.val_id(i)
-            if self.files[i] and self.files[i] != want:
-                raise ValueError(f"{self.path}: depth map {i} is for {self.files[i]!r} but val split "
-                                 f"example {i} is {want!r}; export the GT for config.data.val_split")
-            self._checked.add(i)
-        return self.depths[i]
-
-
-def open_val_ground_truth(config: ml_collections.ConfigDict, data: TrainingData) -> ValGroundTruth | None:
-    """`config.data.val_gt_depth` opened and checked against the val split, before anything is
-    built or compiled: every example validation will score (all of the split, or the first
-    `data.val_batches` x `optim.batch_size`) must have a map exported for its split line.
-
-    Raises config_utils.ConfigError naming config.data.val_gt_depth and the file (a missing
-    file, a GT of another split, too few maps, a val_gt_depth without a val split).
-    """
-    path = config.data.val_gt_depth
-    if not path:
-        return None
-    key = "config.data.val_gt_depth"
-    if data.make_val_iterator is None:
-        raise config_utils.ConfigError(f"{key}={path!r} but there is no validation split "
-                                       "(config.data.val_split is empty)")
-    try:
-        gt = ValGroundTruth(path, data.val_id)
-        n = len(gt) if data.num_val_examples is None else data.num_val_examples
-        if config.data.val_batches > 0:
-            n = min(n, config.data.val_batches * config.optim.batch_size)
-        gt.check(n)
-    except (OSError, ValueError) as e:
-        raise config_utils.ConfigError(f"{key}: {e}") from e
-    return gt
 
 
 def _to_host(x) -> np.ndarray:
