@@ -165,7 +165,8 @@ def loss_fn(nets: Networks, config: ml_collections.ConfigDict, params, batch_sta
       nets: `Networks.from_config(config)`.
       params / batch_stats: see the module docstring.
       batch: the loader's dict (contracts.md): `color`, `color_aug` (B,3,H,W,3) uint8,
-        `color_s1..3`, `K`, `inv_K` (B,4,4,4), and `teacher` (B,h,w,G) when distill.weight > 0.
+        `color_s1..3` (B,3,h,w,3) or target frame only (B,1,h,w,3), `K`, `inv_K`
+        (B,4,4,4), and `teacher` (B,h,w,G) when distill.weight > 0.
       rng: key for the tie-break noise of the auto-mask minimum (drawn with a threefry key
         derived from it, see `sharding_invariant_key`).
       train: BatchNorm in training mode (batch statistics, running stats updated).
@@ -187,8 +188,13 @@ def loss_fn(nets: Networks, config: ml_collections.ConfigDict, params, batch_sta
 
     colors = {f: {0: color[:, i]} for i, f in enumerate(FRAMES)}
     for s in SCALES[1:]:
+        # (B,3,h,w,3) all frames, or (B,1,h,w,3) the target frame only (the loader's
+        # source_scales=False: all the loss reads unless loss.v1_multiscale is on)
         scaled = _to_unit(batch[f"color_s{s}"])
-        for i, f in enumerate(FRAMES):
+        frames = FRAMES if scaled.shape[1] == len(FRAMES) else (0,)
+        if scaled.shape[1] != len(frames):
+            raise ValueError(f"batch['color_s{s}'] must be (B,3,h,w,3) or (B,1,h,w,3), got {scaled.shape}")
+        for i, f in enumerate(frames):
             colors[f][s] = scaled[:, i]
     K = batch["K"].astype(jnp.float32)
     inv_K = batch["inv_K"].astype(jnp.float32)
