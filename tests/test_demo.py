@@ -146,3 +146,18 @@ def test_second_invocation_skips_every_stage(quick_demo):
         assert any(f" {stage}: already complete" in line for line in skipped), stage
     assert {p: p.stat().st_mtime_ns for p in watched} == before
     assert "X-Distill" in second.stdout  # the table is printed again
+
+
+def test_background_run_failure_names_its_log(tmp_path):
+    """The baseline's process failing (here: an unknown config key) stops the demo with its exit
+    status and the log that holds its output, not silently."""
+    from xdistill_jax.demo import DEMO_CONFIG, BackgroundRun
+
+    lines = []
+    run = BackgroundRun("baseline", f"{DEMO_CONFIG}:quick", ["--config.optim.no_such_key=1"],
+                        tmp_path / "baseline", lines.append)
+    with pytest.raises(RuntimeError, match=r"training baseline stopped with exit status 2; its output: .*train\.log"):
+        run.wait()
+    log = (tmp_path / "baseline" / "train.log").read_text()
+    assert "no_such_key" in log
+    assert any(line.startswith("  [baseline] ") and "no_such_key" in line for line in lines)

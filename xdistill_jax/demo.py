@@ -9,11 +9,15 @@ library that resumes by itself, so a killed stage restarts cleanly):
 
   1 world       `generate_world` -> W/world (KITTI raw layout + Make3D copy; renamed when done)
   2 prepare     `prepare_split` train -> W/tfds (TFDS array_record triplets at the training size)
+                then the baseline starts training in a second process (`xdistill train`,
+                distill.weight=0 -> W/runs/baseline, output prefixed [baseline] and kept in
+                W/runs/baseline/train.log): it needs no teacher, and two processes use the two
+                cores better than one (small train steps and XLA compiles are mostly one thread)
   3 teacher     `train_teacher` (resnet18_tiny on the world's trainId labels) -> W/teacher
   4 logits      `precompute_split` (flax teacher, grouped, stride 4) -> W/teacher_logits/train
   5 gt          `export_gt_depths` (velodyne, Eigen style) of the test split -> W/gt/test_gt.npz
-  6 baseline    `train_and_evaluate` with distill.weight=0 -> W/runs/baseline
-  7 xdistill    `train_and_evaluate` (same seed, same steps) -> W/runs/xdistill
+  6 xdistill    `train_and_evaluate` (same seed, same steps as the baseline) -> W/runs/xdistill
+  7 baseline    waits for the baseline's process (SIGTERMed, i.e. checkpointed, if the demo stops)
   8 eval        both runs and a constant-depth predictor: Eigen protocol on the test split and
                 the Make3D protocol on W/world/make3d -> W/runs/<run>/eval/*.json, W/eval/*.json
   9 report      W/report.md, W/figures/*.png, the side-by-side table (printed too)
@@ -124,17 +128,76 @@ def write_json_atomic(path: pathlib.Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def demo_config(size: DemoSize, workdir: pathlib.Path, run: str):
-    """The resolved training config of one demo run (`run` in RUNS)."""
-    from xdistill_jax import config_utils
-
+def demo_config_args(size: DemoSize, workdir: pathlib.Path, run: str) -> tuple[str, list[str]]:
+    """(config spec, overrides) of one demo run (`run` in RUNS), as `xdistill train` takes them."""
     overrides = [f"--config.data.dataset_dir={workdir / 'tfds'}", f"--config.distill.grouping={size.grouping}"]
     if run == "baseline":
         overrides.append("--config.distill.weight=0")
     else:
         overrides.append(f"--config.data.teacher_dir={workdir / 'teacher_logits' / 'train'}")
     spec = f"{DEMO_CONFIG}:{size.config_variant}" if size.config_variant else str(DEMO_CONFIG)
-    return config_utils.config_from_args(spec, overrides)
+    return spec, overrides
+
+
+def demo_config(size: DemoSize, workdir: pathlib.Path, run: str):
+    """The resolved training config of one demo run (`run` in RUNS)."""
+    from xdistill_jax import config_utils
+
+    return config_utils.config_from_args(*demo_config_args(size, workdir, run))
+
+
+class BackgroundRun:
+    """`xdistill train` of one demo run in a child process, its output forwarded line by line.
+
+    The baseline needs no teacher, so it trains while this process trains the teacher, stores
+    its logits and trains X-Distill: on a 2-core machine two processes use the cores better than
+    one (the small train steps and the XLA compiles are largely single-threaded). The child is a
+    plain `xdistill train`, so it resumes from its own checkpoints like any run; its output is
+    also kept in `log`. `stop()` sends SIGTERM (the loop saves a checkpoint and exits 75).
+    """
+
+    def __init__(self, name: str, spec: str, overrides: list[str], run_dir: pathlib.Path,
+                 printer: Callable[[str], None]):
+        import subprocess
+        import sys
+        import threading
+
+        import jax
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.name, self.log = name, run_dir / "train.log"
+        cmd = [sys.executable, "-m", "xdistill_jax", "train", "--config", spec, "--workdir", str(run_dir),
+               *overrides]
+        cache = jax.config.jax_compilation_cache_dir if jax.config.jax_enable_compilation_cache else None
+        cmd += ["--compilation-cache", cache or "off"]
+        self.t0 = time.time()
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     bufsize=1)
+        self._thread = threading.Thread(target=self._forward, args=(printer,), daemon=True)
+        self._thread.start()
+
+    def _forward(self, printer):
+        with open(self.log, "a") as log:
+            for line in self.proc.stdout:
+                log.write(line)
+                log.flush()
+                printer(f"  [{self.name}] {line.rstrip()}")
+
+    def wait(self) -> float:
+        """Waits for the child; returns its wall seconds; raises naming the log if it failed."""
+        status = self.proc.wait()
+        self._thread.join()
+        if status != 0:
+            raise RuntimeError(f"training {self.name} stopped with exit status {status}; its output: {self.log}")
+        return time.time() - self.t0
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=120)
+            except Exception:  # noqa: BLE001 - a child that does not stop is killed
+                self.proc.kill()
 
 
 def _check_workdir(workdir: pathlib.Path, size: DemoSize) -> None:
@@ -178,8 +241,6 @@ def _latest_step(run_dir: pathlib.Path) -> int | None:
 
 def run_demo(workdir, *, quick: bool = False, printer: Callable[[str], None] = print) -> dict:
     """Runs (or resumes) the demo in `workdir`; returns {"table": str, "results": {...}, ...}."""
-    from xdistill_jax import demo_eval, demo_report
-
     size = SIZES["quick" if quick else "default"]
     workdir = pathlib.Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -191,9 +252,6 @@ def run_demo(workdir, *, quick: bool = False, printer: Callable[[str], None] = p
     height, width = configs["baseline"].data.height, configs["baseline"].data.width
     world = workdir / "world"
     tfds_dir = workdir / "tfds"
-    teacher_dir = workdir / "teacher"
-    logits_dir = workdir / "teacher_logits" / "train"
-    gt_path = workdir / "gt" / "test_gt.npz"
     stages = Stages(total=9, printer=printer)
     printer(f"xdistill demo ({size.name}) in {workdir}: {size.drives} drives x {size.frames} frames, "
             f"training {height}x{width}, {steps} steps x batch {configs['baseline'].optim.batch_size} per run")
@@ -223,6 +281,32 @@ def run_demo(workdir, *, quick: bool = False, printer: Callable[[str], None] = p
         return dataset_dir(tfds_dir, "train").is_dir()  # built under a temporary name, renamed
 
     stages.run("prepare", f"train split -> TFDS triplets at {height}x{width}", prepared, prepare)
+
+    background = None
+    for run in RUNS:
+        _check_run_config(workdir / "runs" / run, configs[run])
+    baseline_dir = workdir / "runs" / "baseline"
+    if _latest_step(baseline_dir) != steps:
+        printer(f"[demo {stages.elapsed()}] baseline: training in a second process while the teacher "
+                f"and X-Distill train here (output prefixed [baseline], also in {baseline_dir / 'train.log'})")
+        background = BackgroundRun("baseline", *demo_config_args(size, workdir, "baseline"), baseline_dir, printer)
+    try:
+        return _after_prepare(workdir, size, configs, stages, printer, background)
+    finally:
+        if background is not None:
+            background.stop()
+
+
+def _after_prepare(workdir, size, configs, stages, printer, background) -> dict:
+    from xdistill_jax import demo_eval, demo_report
+
+    steps = configs["baseline"].optim.num_steps
+    world = workdir / "world"
+    tfds_dir = workdir / "tfds"
+    teacher_dir = workdir / "teacher"
+    logits_dir = workdir / "teacher_logits" / "train"
+    gt_path = workdir / "gt" / "test_gt.npz"
+    height, width = configs["baseline"].data.height, configs["baseline"].data.width
 
     def train_teacher():
         from data_pipelines.teacher.train_teacher import TeacherTrainConfig, train_teacher
@@ -257,19 +341,23 @@ def run_demo(workdir, *, quick: bool = False, printer: Callable[[str], None] = p
 
     stages.run("gt", "velodyne ground truth of the test split (export-gt)", gt_path.is_file, export_gt)
 
-    for run in RUNS:
+    for run in ("xdistill", "baseline"):
         run_dir = workdir / "runs" / run
-        _check_run_config(run_dir, configs[run])
 
         def train_run(run=run, run_dir=run_dir):
             from xdistill_jax import training_loop
 
+            if run == "baseline" and background is not None:
+                printer(f"  waiting for the baseline's process (started at {background.t0 - stages.t0:.0f} s)")
+                stages.seconds["baseline (its own process)"] = background.wait()
+                return
             status = training_loop.train_and_evaluate(configs[run], run_dir)
             if status != training_loop.EXIT_OK:
                 raise RuntimeError(f"training {run} in {run_dir} stopped with exit status {status}")
 
         stages.run(run, f"train {RUN_TITLES[run]}, {steps} steps",
-                   lambda run_dir=run_dir: _latest_step(run_dir) == steps, train_run)
+                   lambda run_dir=run_dir, run=run: (run != "baseline" or background is None)
+                   and _latest_step(run_dir) == steps, train_run)
 
     eval_paths = demo_eval.result_paths(workdir, steps)
     report = workdir / "report.md"
