@@ -10,12 +10,15 @@ data paths; to rerun either run by hand from a demo workdir W:
       --config.data.dataset_dir=W/tfds --config.distill.weight=0
 
 (the saved W/runs/*/config.json hold the resolved configs). Variants:
-  ""       the default demo: 300 steps.
-  "quick"  `xdistill demo --quick`: 200 steps.
+  ""       the default demo: 300 steps (distillation reaches the depth net from step 150).
+  "quick"  `xdistill demo --quick`: 120 steps (distillation reaches the depth net from step 60).
 Both: ResNet-18 depth and pose nets from scratch (no ImageNet weights on a laptop demo), batch 4,
 no validation split (the demo's eval stage scores the test split), checkpoints at the end (and
 half way in the default, what a killed run resumes from). Distillation: geometric grouping, hard
-mode, lambda 0.1 (the paper setting in `config_defaults.py`). Larger: configs/synthetic_benchmark.py.
+mode, lambda 0.01 (paper setting 0.1), with the warm-up `distill.depth_grad_start` = half the
+run and `depth_grad_ramp` ~ a quarter of it: the translator learns from step 0, the depth net
+receives its gradient from half way on (see the last paragraph). Larger:
+configs/synthetic_benchmark.py.
 
 Departures from the paper setting, all because these runs are a few hundred steps from scratch
 (measured on a 2-drive demo world, batch 4, baseline runs; abs_rel of a median-scaled constant 0.518):
@@ -26,7 +29,7 @@ Departures from the paper setting, all because these runs are a few hundred step
 - lr: the paper's 1e-4. At 5e-4 the quick baseline learned in 3 of 4 runs (abs_rel 0.36; one run
   stayed at the constant's 0.506: the same seed is not bit-reproducible on a multi-threaded
   CPU, and the escape from the constant is chaotic) and the default one saturated (below).
-  At 1e-4 the 150-step quick baseline reached 0.383 (constant 0.509), hence 200 steps.
+  At 1e-4 the 150-step quick baseline reached 0.383 (constant 0.509); 120 steps (now): 0.382.
 - loss.min_depth 0.01 (Monodepth2 0.1, i.e. max disparity 100 instead of 10): a scratch pose net
   starts with ~4 mm translations per frame, so depths in metres-scaled-by-that sit below 0.1 and the
   depth net saturates at maximum disparity (sigmoid ~1 everywhere below the horizon) for hundreds
@@ -52,6 +55,20 @@ is unstable here: the same settings learn on the 2-drive quick world (three runs
 Default at lr 1e-4, 300 steps (second run, stages 1-5 reused): baseline abs_rel 0.340, X-Distill
 0.515, constant 0.517 (Make3D: 0.378, 0.672, 0.566). Quick at lr 1e-4, 200 steps (cold run):
 baseline 0.380, X-Distill 1.371, constant 0.509 (Make3D: 0.472, 1.306, 0.705).
+
+Distillation at this size: lambda 0.01 and the warm-up. All on the quick world (constant 0.509),
+lr 1e-4, one seed each, 2026-11-26, `xdistill train` + the demo's Eigen evaluation:
+  200 steps, lambda 0.1,  no warm-up                      X-Distill 1.371  (baseline 0.380)
+  200 steps, lambda 0.1,  depth gradient from step 100 (ramp 50)  0.556
+  200 steps, lambda 0.01, depth gradient from step 100 (ramp 50)  0.366
+  200 steps, lambda 0.003, same warm-up                             0.370
+  150 steps, lambda 0.01, depth gradient from step 75 (ramp 40)   0.373  (baseline 0.383)
+  120 steps, lambda 0.01, from step 60 (ramp 30), teacher 60 steps (the --quick demo, cold run):
+                                                                   0.380  (baseline 0.382)
+So with a gradient 10x weaker than the paper's and only after the photometric loss has shaped
+the depth net, distillation no longer destroys it, and X-Distill ends slightly ahead of the
+baseline; a gap of 0.01 on 40 test frames from one seed is not evidence that it helps. The
+paper's lambda 0.1 from step 0 on an ImageNet encoder is a different regime.
 """
 
 from xdistill_jax.config_defaults import base_config
@@ -70,18 +87,23 @@ def get_config(variant: str = ""):
     config.run.keep = 1
     config.data.height = 32
     config.data.width = 96
+    config.distill.weight = 0.01  # paper 0.1: see the docstring
     if variant == "":
         # lr 1e-4: at 5e-4 the baseline saturated on this world (see above); 1e-4 reached
         # abs_rel 0.365 at step 150 (2e-4: 0.436; constant 0.517).
         config.optim.num_steps = 300
         config.optim.lr_drop_steps = ()
+        config.distill.depth_grad_start = 150
+        config.distill.depth_grad_ramp = 80
         config.run.log_every = 25
         config.run.ckpt_every = 150
     elif variant == "quick":
-        config.optim.num_steps = 200
+        config.optim.num_steps = 120
         config.optim.lr_drop_steps = ()
+        config.distill.depth_grad_start = 60
+        config.distill.depth_grad_ramp = 30
         config.run.log_every = 10
-        config.run.ckpt_every = 200
+        config.run.ckpt_every = 120
     else:
         raise ValueError(f"configs/demo.py: unknown variant {variant!r} (known: '', quick)")
     config.run.val_every = config.optim.num_steps

@@ -2,7 +2,7 @@
 
 The demo runs as a subprocess on ONE CPU device (the CLI a user types), sharing the suite's
 persistent compilation cache. Checked: both trained models beat a constant-depth, median-scaled
-predictor by a wide margin; the report, figures and evaluation JSONs exist and hold what they
+predictor by a wide margin (20% on abs_rel); the translator learns more than the group frequencies; the report, figures and evaluation JSONs exist and hold what they
 should; both runs trained the same number of steps with the same seed; a second invocation
 skips every stage and changes nothing.
 """
@@ -63,11 +63,6 @@ def test_baseline_beats_constant_depth(quick_demo):
     assert base["a1"] > const["a1"]
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "measured at the --quick size, from scratch: at the final settings (200 steps, lr 1e-4, lambda 0.1) "
-    "X-Distill abs_rel 1.371 vs constant 0.509 (baseline 0.380); earlier (150 steps, lr 5e-4; lambda 0.1, "
-    "0.03, 0.01) 0.514-1.999. Distillation pulls the young depth net towards disparity bands that make "
-    "the groups easy to separate (README, Demo results)"))
 def test_xdistill_beats_constant_depth(quick_demo):
     workdir, _ = quick_demo
     res = _results(workdir)
@@ -77,10 +72,24 @@ def test_xdistill_beats_constant_depth(quick_demo):
 
 
 def test_translator_learns_the_teacher_groups(quick_demo):
+    """The translator's cross-entropy to the teacher's groups ends below the entropy of the groups'
+    frequencies: the best any predictor that ignores the disparity map can reach."""
+    from data_pipelines.teacher.store import TeacherLogitsSource
+
     workdir, _ = quick_demo
+    store = TeacherLogitsSource(workdir / "teacher_logits" / "train")
+    labels = []
+    for i in range(len(store)):
+        logits = store[i][1].astype(np.float32)
+        valid = logits.max(-1) > logits.min(-1)  # all-equal logits = ignored pixel (label 255)
+        labels.append(np.argmax(logits, -1)[valid])
+    freq = np.bincount(np.concatenate(labels)) / sum(len(x) for x in labels)
+    freq = freq[freq > 0]
+    blind = float(-(freq * np.log(freq)).sum())
     recs = [json.loads(line) for line in (workdir / "runs" / "xdistill" / "metrics.jsonl").read_text().splitlines()]
     distill = [r["distill_loss"] for r in recs if r["split"] == "train"]
-    assert len(distill) >= 2 and distill[-1] < 0.7 * distill[0], distill
+    assert len(distill) >= 2 and distill[0] > blind, (distill, blind)  # starts above, from scratch
+    assert distill[-1] < blind, (distill, blind)
 
 
 def test_eval_jsons_have_the_metrics(quick_demo):

@@ -27,14 +27,14 @@ repeated with `xdistill train`; the world, teacher and evaluation sizes are `SIZ
 A workdir remembers its size (W/demo.json): a quick workdir cannot be resumed as a default one,
 and a run trained under other settings is an error, not skipped.
 
-Measured from scratch (cold compilation cache) on the project's 2-core machine, shared with
-other jobs. --quick as now configured (lr 1e-4, 200 steps), load average ~4: 7 min 05 s wall,
-432 CPU-s (user+sys) -- over the 3-minute target even on idle cores (>= 3.6 min); the training
-steps (~0.75 CPU-s each at 32x96, batch 4) and the XLA compiles (~40 CPU-s per train step)
-dominate. Earlier quick runs (lr 5e-4, 150 steps): 19 min wall at load 7-10, 5 min at load 3.
-A resumed demo whose stages are all complete takes ~5 s. Default: stages 1-5 (world 109 s,
-teacher 409 s, ...) measured at load 7-10 in a first run; its 300-step runs (second run, load
-2.5-4): baseline 145 s, X-Distill 182 s, eval + report 34 s. No single cold default run yet.
+Measured on the project's 2-core machine (idle, 2026-11-26), cold compilation cache
+(XDISTILL_COMPILATION_CACHE pointed at an empty folder), `/usr/bin/time xdistill demo --quick`:
+**2 min 51 s** wall, 323 CPU-s (the two cores are busy throughout: one train step at 32x96 batch 4
+takes 0.34 s on two cores, 0.63 s on one). Stages: world 4 s, teacher 36 s, logits 4 s, X-Distill
+110 s (the baseline trains alongside, 150 s in its process), eval 8 s, report 6 s. The same with a
+warm cache and the earlier 150-step settings: 2 min 34 s. Before the baseline moved to its own
+process (200 steps, one process, load ~4): 7 min 05 s. A resumed demo whose stages are all
+complete takes ~5 s. Default: see the README (measured once, cold).
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ SIZES = {
                         teacher_steps=300, teacher_batch=8),
     "quick": DemoSize("quick", "quick", drives=2, frames=40, world_width=192, world_height=64,
                       lidar_azimuths=512, make3d_images=6, make3d_size=(128, 96),
-                      teacher_steps=100, teacher_batch=8),
+                      teacher_steps=60, teacher_batch=8),
 }
 
 
@@ -314,7 +314,7 @@ def _after_prepare(workdir, size, configs, stages, printer, background) -> dict:
         cfg = TeacherTrainConfig(data_dir=str(world), layout="synthetic", split="train",
                                  variant=size.teacher_variant, height=height, width=width,
                                  batch_size=size.teacher_batch, steps=size.teacher_steps,
-                                 seed=size.seed, save_every=max(size.teacher_steps // 2, 1))
+                                 seed=size.seed, save_every=size.teacher_steps)
         train_teacher(cfg, teacher_dir, log_every=max(size.teacher_steps // 5, 1))
 
     stages.run("teacher", f"segmentation teacher {size.teacher_variant}, {size.teacher_steps} steps "

@@ -214,6 +214,13 @@ def frame_figures(workdir: pathlib.Path, size, configs: dict):
     return pred_fig, seg_fig
 
 
+def _warmup_text(distill) -> str:
+    if not (distill.depth_grad_start or distill.depth_grad_ramp):
+        return ""
+    return (f"; its gradient reaches the depth net from step {distill.depth_grad_start}, ramped to full "
+            f"over {distill.depth_grad_ramp} steps (the translator learns from step 0)")
+
+
 def write_report(workdir, size, configs: dict, results: dict, table: str, stages) -> pathlib.Path:
     """Draws the figures and writes W/report.md (report.md last: its presence marks completion)."""
     workdir = pathlib.Path(workdir)
@@ -235,7 +242,7 @@ World: {size.drives} drives x {size.frames} frames rendered at {size.world_width
 Teacher: {size.teacher_variant}, {size.teacher_steps} steps on the world's labels, {size.grouping} grouping.
 Both runs: ResNet-18 from scratch, {cfg.data.height}x{cfg.data.width}, batch {cfg.optim.batch_size},
 {steps} steps, lr {cfg.optim.lr}, seed {cfg.run.seed}; X-Distill adds lambda = {cfg.distill.weight}
-({cfg.distill.mode}). Configs: runs/baseline/config.json, runs/xdistill/config.json.
+({cfg.distill.mode}){_warmup_text(cfg.distill)}. Configs: runs/baseline/config.json, runs/xdistill/config.json.
 
 {table}
 Stage wall times of the invocation that wrote this report: {timing or "all stages resumed"}.
