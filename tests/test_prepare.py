@@ -113,6 +113,24 @@ def test_cli_prepare_removes_what_a_killed_run_left(tree, tmp_path, capsys):
     assert "multiples of 8" in capsys.readouterr().err
 
 
+def test_cli_raw_format_with_stored_target_scales(tree, prepared, tmp_path):
+    """`--format raw --target-scales`: the same pixels as the PNG store, plus the target's chain."""
+    from xdistill_jax import cli
+
+    raw, split = tree
+    args = ["prepare", "--raw", str(raw), "--split-file", str(split), "--out", str(tmp_path),
+            "--split", "train", "--height", str(H), "--width", str(W), "--format", "raw", "--target-scales"]
+    assert cli.main(args) == 0
+    got = tfds_builder.open_split(tmp_path, "train")
+    want = tfds_builder.open_split(prepared[0], "train")
+    assert len(got) == len(want) > 0
+    for i in range(len(want)):
+        for key in ("image_m1", "image_0", "image_p1"):
+            np.testing.assert_array_equal(got[i][key], want[i][key])
+        for s, key in enumerate(triplets.TARGET_SCALE_KEYS):
+            assert got[i][key].shape == (H >> (s + 1), W >> (s + 1), 3)
+
+
 # ------------------------------------------------------------------------------ bad input
 
 

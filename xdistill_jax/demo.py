@@ -182,14 +182,16 @@ class BackgroundRun:
                 log.write(line)
                 log.flush()
                 printer(f"  [{self.name}] {line.rstrip()}")
+        self.t_end = time.time()  # the child closed its output: it has finished
 
     def wait(self) -> float:
-        """Waits for the child; returns its wall seconds; raises naming the log if it failed."""
+        """Waits for the child; returns its own wall seconds (start to exit); raises naming the log
+        if it failed."""
         status = self.proc.wait()
         self._thread.join()
         if status != 0:
             raise RuntimeError(f"training {self.name} stopped with exit status {status}; its output: {self.log}")
-        return time.time() - self.t0
+        return self.t_end - self.t0
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -94,6 +94,9 @@ def tfds_training_data(config: ml_collections.ConfigDict) -> TrainingData:
         raise config_utils.ConfigError("config.data.dataset_dir: not set (a directory written by "
                                        "`xdistill prepare`)")
     use_teacher = config.distill.weight > 0
+    # scales 1..3 of the source frames are read only by loss.v1_multiscale: otherwise the loader
+    # makes them for the target frame alone (same loss, less loader work; objective.loss_fn)
+    source_scales = bool(config.loss.v1_multiscale)
 
     def teacher(path, key):
         if not use_teacher:
@@ -110,7 +113,8 @@ def tfds_training_data(config: ml_collections.ConfigDict) -> TrainingData:
     def make_train_iterator():
         return input_pipeline.make_train_iterator(
             train_source, global_batch_size=config.optim.batch_size, seed=config.run.seed,
-            teacher=train_teacher, augment=d.augment, num_workers=d.num_workers)
+            teacher=train_teacher, augment=d.augment, num_workers=d.num_workers,
+            source_scales=source_scales)
 
     make_val = val_id = num_val = None
     if d.val_split:
@@ -119,7 +123,8 @@ def tfds_training_data(config: ml_collections.ConfigDict) -> TrainingData:
 
         def make_val():
             return input_pipeline.make_eval_iterator(
-                val_source, global_batch_size=config.optim.batch_size, teacher=val_teacher)
+                val_source, global_batch_size=config.optim.batch_size, teacher=val_teacher,
+                source_scales=source_scales)
 
         def val_id(i):
             return val_source[i]["id"].decode()

@@ -40,7 +40,12 @@ def add_arguments(parser):
     g.add_argument("--loader-examples", type=int, default=48)
     g.add_argument("--loader-epochs", type=int, default=2)
     g.add_argument("--loader-threads", type=int, default=0, help="0 = calling thread (per-core figure)")
-    g.add_argument("--loader-format", choices=("png", "jpeg"), default="png")
+    g.add_argument("--loader-format", choices=("png", "jpeg", "raw"), default="png")
+    g.add_argument("--loader-all-scales", action="store_true",
+                   help="scales 1..3 of all three frames (what loss.v1_multiscale needs); default: "
+                        "the target frame's only, what training without it loads")
+    g.add_argument("--loader-stored-scales", action="store_true",
+                   help="prepare with the target frame's scales stored (prepare --target-scales)")
     g.add_argument("--loader-no-teacher", action="store_true")
     g.add_argument("--loader-workdir", default=None, help="keep the prepared data here")
     parser.epilog = "Override config fields with --config.FIELD=VALUE (e.g. --config.optim.batch_size=12)."
@@ -63,7 +68,8 @@ def _run_loader(args) -> int:
         return 2
     result = loader_benchmark.run(
         examples=args.loader_examples, epochs=args.loader_epochs, threads=args.loader_threads,
-        image_format=args.loader_format, teacher=not args.loader_no_teacher, workdir=args.loader_workdir)
+        image_format=args.loader_format, teacher=not args.loader_no_teacher, workdir=args.loader_workdir,
+        source_scales=args.loader_all_scales, target_scales=args.loader_stored_scales)
     if args.json:
         from xdistill_jax.benchmark import write_json
         write_json(args.json, [result], kind="loader")
