@@ -57,8 +57,11 @@ def get_config(variant: str = ""):
     config.run.val_every = 2000
     config.run.image_every = 2000
     if variant == "cpu":
-        # A long CPU run (~0.75 CPU-s per step measured at 32x96, so 6000 steps ~ 75 CPU-min): the demo's
-        # measured settings (configs/demo.py: 32x96, lr 5e-4, min_depth 0.01) for longer.
+        # A long CPU run (~0.7 CPU-s per step measured at 32x96, so 6000 steps ~ 70 CPU-min; not run
+        # yet): the demo's image size and min_depth (configs/demo.py: 32x96, min_depth 0.01), lr 5e-4
+        # (the demo's short runs use 1e-4; see its docstring). Distillation: the paper's lambda 0.1
+        # from step 0 unless overridden; the demo's runs needed lambda 0.01 and
+        # --config.distill.depth_grad_start=N (README, "Demo results").
         config.data.height = 32
         config.data.width = 96
         config.data.num_workers = 0
