@@ -267,7 +267,7 @@ def _to_host(x) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def validate(config, nets, mesh, state, make_val_iterator, writer, step, rng, gt=None) -> dict:
+def validate(config, nets, mesh, state, make_val_iterator, writer, step, rng, gt=None, eval_step=None) -> dict:
     """Eval-mode losses and sample images over `config.data.val_batches` batches; depth metrics
     where `gt` (per-example depth maps, by split index) is given.
 
@@ -277,7 +277,8 @@ def validate(config, nets, mesh, state, make_val_iterator, writer, step, rng, gt
     """
     from xdistill_jax import evaluation, geometry
 
-    eval_step = train.make_eval_step(config, nets, mesh)
+    if eval_step is None:  # a run passes its own, built once: one trace for all validations
+        eval_step = train.make_eval_step(config, nets, mesh)
     sums, count, per_image, first = {}, 0, [], None
     for i, batch in enumerate(make_val_iterator()):
         if config.data.val_batches > 0 and i >= config.data.val_batches:
@@ -391,8 +392,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, data=None)
         val_due = step % config.run.val_every == 0 or step == num_steps
     else:  # .get: a config.json saved before the field existed
         val_due = bool(config.run.get("val_at_start", False))
+    eval_step = train.make_eval_step(config, nets, mesh) if data.make_val_iterator is not None else None
     if val_due and data.make_val_iterator is not None and _any_process(is_main and (step, "val") not in kept):
-        validate(config, nets, mesh, state, data.make_val_iterator, writer, step, val_rng, gt)
+        validate(config, nets, mesh, state, data.make_val_iterator, writer, step, val_rng, gt, eval_step)
 
     pending, checked_step = [], step
     t_start, step_start = time.time(), step
@@ -446,7 +448,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, data=None)
                     status = EXIT_PREEMPTED
                     break
                 if do_val and data.make_val_iterator is not None:
-                    validate(config, nets, mesh, state, data.make_val_iterator, writer, step, val_rng, gt)
+                    validate(config, nets, mesh, state, data.make_val_iterator, writer, step, val_rng, gt,
+                             eval_step)
         except NonFiniteLossError as e:
             print(str(e), file=sys.stderr, flush=True)
             status = EXIT_NONFINITE
