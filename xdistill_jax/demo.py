@@ -39,6 +39,7 @@ complete takes ~5 s. Default: see the README (measured once, cold).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -153,7 +154,8 @@ class BackgroundRun:
     its logits and trains X-Distill: on a 2-core machine two processes use the cores better than
     one (the small train steps and the XLA compiles are largely single-threaded). The child is a
     plain `xdistill train`, so it resumes from its own checkpoints like any run; its output is
-    also kept in `log`. `stop()` sends SIGTERM (the loop saves a checkpoint and exits 75).
+    also kept in `log`. Used as a context manager: leaving it SIGTERMs a child still running
+    (the loop saves a checkpoint and exits 75).
     """
 
     def __init__(self, name: str, spec: str, overrides: list[str], run_dir: pathlib.Path,
@@ -192,6 +194,12 @@ class BackgroundRun:
         if status != 0:
             raise RuntimeError(f"training {self.name} stopped with exit status {status}; its output: {self.log}")
         return self.t_end - self.t0
+
+    def __enter__(self) -> "BackgroundRun":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -243,6 +251,8 @@ def _latest_step(run_dir: pathlib.Path) -> int | None:
 
 def run_demo(workdir, *, quick: bool = False, printer: Callable[[str], None] = print) -> dict:
     """Runs (or resumes) the demo in `workdir`; returns {"table": str, "results": {...}, ...}."""
+    from xdistill_jax import demo_eval, demo_report
+
     size = SIZES["quick" if quick else "default"]
     workdir = pathlib.Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -284,82 +294,70 @@ def run_demo(workdir, *, quick: bool = False, printer: Callable[[str], None] = p
 
     stages.run("prepare", f"train split -> TFDS triplets at {height}x{width}", prepared, prepare)
 
-    background = None
     for run in RUNS:
         _check_run_config(workdir / "runs" / run, configs[run])
     baseline_dir = workdir / "runs" / "baseline"
+    background = None
     if _latest_step(baseline_dir) != steps:
         printer(f"[demo {stages.elapsed()}] baseline: training in a second process while the teacher "
                 f"and X-Distill train here (output prefixed [baseline], also in {baseline_dir / 'train.log'})")
         background = BackgroundRun("baseline", *demo_config_args(size, workdir, "baseline"), baseline_dir, printer)
-    try:
-        return _after_prepare(workdir, size, configs, stages, printer, background)
-    finally:
-        if background is not None:
-            background.stop()
-
-
-def _after_prepare(workdir, size, configs, stages, printer, background) -> dict:
-    from xdistill_jax import demo_eval, demo_report
-
-    steps = configs["baseline"].optim.num_steps
-    world = workdir / "world"
-    tfds_dir = workdir / "tfds"
     teacher_dir = workdir / "teacher"
     logits_dir = workdir / "teacher_logits" / "train"
     gt_path = workdir / "gt" / "test_gt.npz"
-    height, width = configs["baseline"].data.height, configs["baseline"].data.width
+    with background or contextlib.nullcontext():  # the child is SIGTERMed if anything here fails
+        def train_teacher():
+            from data_pipelines.teacher.train_teacher import TeacherTrainConfig, train_teacher
 
-    def train_teacher():
-        from data_pipelines.teacher.train_teacher import TeacherTrainConfig, train_teacher
+            cfg = TeacherTrainConfig(data_dir=str(world), layout="synthetic", split="train",
+                                     variant=size.teacher_variant, height=height, width=width,
+                                     batch_size=size.teacher_batch, steps=size.teacher_steps,
+                                     seed=size.seed, save_every=size.teacher_steps)
+            train_teacher(cfg, teacher_dir, log_every=max(size.teacher_steps // 5, 1))
 
-        cfg = TeacherTrainConfig(data_dir=str(world), layout="synthetic", split="train",
-                                 variant=size.teacher_variant, height=height, width=width,
-                                 batch_size=size.teacher_batch, steps=size.teacher_steps,
-                                 seed=size.seed, save_every=size.teacher_steps)
-        train_teacher(cfg, teacher_dir, log_every=max(size.teacher_steps // 5, 1))
+        stages.run("teacher", f"segmentation teacher {size.teacher_variant}, {size.teacher_steps} steps "
+                   f"on the world's labels", lambda: _latest_step(teacher_dir) == size.teacher_steps,
+                   train_teacher)
 
-    stages.run("teacher", f"segmentation teacher {size.teacher_variant}, {size.teacher_steps} steps "
-               f"on the world's labels", lambda: _latest_step(teacher_dir) == size.teacher_steps,
-               train_teacher)
+        def logits():
+            from data_pipelines.teacher.precompute import precompute_split
 
-    def logits():
-        from data_pipelines.teacher.precompute import precompute_split
+            precompute_split(f"flax:{teacher_dir}", tfds_dir, "train", logits_dir, grouping=size.grouping,
+                             stride=4, batch_size=8, progress=False)
 
-        precompute_split(f"flax:{teacher_dir}", tfds_dir, "train", logits_dir, grouping=size.grouping,
-                         stride=4, batch_size=8, progress=False)
+        def logits_done():
+            meta = logits_dir / "teacher.json"
+            return meta.is_file() and bool(json.loads(meta.read_text()).get("complete"))
 
-    def logits_done():
-        meta = logits_dir / "teacher.json"
-        return meta.is_file() and bool(json.loads(meta.read_text()).get("complete"))
+        stages.run("logits", f"teacher logits, {size.grouping} grouping -> store", logits_done, logits)
 
-    stages.run("logits", f"teacher logits, {size.grouping} grouping -> store", logits_done, logits)
+        def export_gt():
+            from data_pipelines.kitti.export_gt import export_gt_depths
 
-    def export_gt():
-        from data_pipelines.kitti.export_gt import export_gt_depths
+            n = export_gt_depths(world, world / "splits" / "test_files.txt", gt_path, split="eigen")
+            printer(f"  {n} velodyne depth maps")
 
-        n = export_gt_depths(world, world / "splits" / "test_files.txt", gt_path, split="eigen")
-        printer(f"  {n} velodyne depth maps")
+        stages.run("gt", "velodyne ground truth of the test split (export-gt)", gt_path.is_file, export_gt)
 
-    stages.run("gt", "velodyne ground truth of the test split (export-gt)", gt_path.is_file, export_gt)
+        xdistill_dir = workdir / "runs" / "xdistill"
 
-    for run in ("xdistill", "baseline"):
-        run_dir = workdir / "runs" / run
-
-        def train_run(run=run, run_dir=run_dir):
+        def train_xdistill():
             from xdistill_jax import training_loop
 
-            if run == "baseline" and background is not None:
-                printer(f"  waiting for the baseline's process (started at {background.t0 - stages.t0:.0f} s)")
-                stages.seconds["baseline (its own process)"] = background.wait()
-                return
-            status = training_loop.train_and_evaluate(configs[run], run_dir)
+            status = training_loop.train_and_evaluate(configs["xdistill"], xdistill_dir)
             if status != training_loop.EXIT_OK:
-                raise RuntimeError(f"training {run} in {run_dir} stopped with exit status {status}")
+                raise RuntimeError(f"training xdistill in {xdistill_dir} stopped with exit status {status}")
 
-        stages.run(run, f"train {RUN_TITLES[run]}, {steps} steps",
-                   lambda run_dir=run_dir, run=run: (run != "baseline" or background is None)
-                   and _latest_step(run_dir) == steps, train_run)
+        stages.run("xdistill", f"train {RUN_TITLES['xdistill']}, {steps} steps",
+                   lambda: _latest_step(xdistill_dir) == steps, train_xdistill)
+
+        def wait_for_baseline():
+            printer(f"  waiting for the baseline's process (started at {background.t0 - stages.t0:.0f} s)")
+            stages.seconds["baseline (its own process)"] = background.wait()
+
+        # already complete when this invocation started, or done once its process has finished
+        stages.run("baseline", f"train {RUN_TITLES['baseline']}, {steps} steps", lambda: background is None,
+                   wait_for_baseline)
 
     eval_paths = demo_eval.result_paths(workdir, steps)
     report = workdir / "report.md"

@@ -30,6 +30,8 @@ from typing import Any, Iterator, Sequence
 import jax
 import numpy as np
 
+# The record's keys: frames -1, 0, +1, and frame 0's stored scales 1..3 (prepare target_scales).
+from data_pipelines.kitti.triplets import IMAGE_KEYS, TARGET_SCALE_KEYS
 # The augmentation's names stay importable from here (tools and tests use them).
 from xdistill_jax.augmentation import (  # noqa: F401
     JITTER_OPS,
@@ -47,8 +49,6 @@ from xdistill_jax.augmentation import (  # noqa: F401
     sample_augmentation,
 )
 
-IMAGE_KEYS = ("image_m1", "image_0", "image_p1")  # frames -1, 0, +1
-TARGET_SCALE_KEYS = ("image_0_s1", "image_0_s2", "image_0_s3")  # stored with target_scales
 _SHUFFLE_TAG = 0x5348  # separates the shuffle seed's stream from the per-example streams
 
 
@@ -100,16 +100,15 @@ def make_example(record: dict[str, Any], aug: Augmentation, teacher_logits=None,
         "color": color,
         "color_aug": np.stack([np.asarray(_jitter_pil(im, aug)) for im in images]) if aug.jitter else color.copy(),
     }
-    with_stored = TARGET_SCALE_KEYS[0] in record
-    chains = [None if with_stored and f == 1 else _scale_chain(im)
-              for f, im in enumerate(images) if source_scales or f == 1]
-    if with_stored:  # prepared with target_scales: frame 0's chain is stored
+    stored = None
+    if TARGET_SCALE_KEYS[0] in record:  # prepared with target_scales: frame 0's chain is stored
         stored = [np.asarray(record[k]) for k in TARGET_SCALE_KEYS]
         if aug.flip:  # a PIL LANCZOS halving commutes with a horizontal flip (its taps are
             # mirror-symmetric; test_input_pipeline checks it at 640x192), so this is the chain
             # of the flipped frame
             stored = [np.asarray(Image.fromarray(a).transpose(Image.Transpose.FLIP_LEFT_RIGHT)) for a in stored]
-        chains[1 if source_scales else 0] = stored
+    chains = [stored if f == 1 and stored is not None else _scale_chain(images[f])
+              for f in ((0, 1, 2) if source_scales else (1,))]
     for s in range(1, NUM_SCALES):
         out[f"color_s{s}"] = np.stack([chain[s - 1] for chain in chains])
     K_norm = np.ascontiguousarray(record["K"], dtype=np.float32)

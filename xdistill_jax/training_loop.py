@@ -267,9 +267,10 @@ def _to_host(x) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def validate(config, nets, mesh, state, make_val_iterator, writer, step, rng, gt=None, eval_step=None) -> dict:
+def validate(config, eval_step, mesh, state, make_val_iterator, writer, step, rng, gt=None) -> dict:
     """Eval-mode losses and sample images over `config.data.val_batches` batches; depth metrics
-    where `gt` (per-example depth maps, by split index) is given.
+    where `gt` (per-example depth maps, by split index) is given. `eval_step`: the run's
+    `train.make_eval_step` (built once per run: one trace for all its validations).
 
     Loss means are over full batches only (a padded last batch would count its zero padding);
     depth metrics use every real example (`mask`) of the batches seen. Without a teacher store
@@ -277,8 +278,6 @@ def validate(config, nets, mesh, state, make_val_iterator, writer, step, rng, gt
     """
     from xdistill_jax import evaluation, geometry
 
-    if eval_step is None:  # a run passes its own, built once: one trace for all validations
-        eval_step = train.make_eval_step(config, nets, mesh)
     sums, count, per_image, first = {}, 0, [], None
     for i, batch in enumerate(make_val_iterator()):
         if config.data.val_batches > 0 and i >= config.data.val_batches:
@@ -394,7 +393,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, data=None)
         val_due = bool(config.run.get("val_at_start", False))
     eval_step = train.make_eval_step(config, nets, mesh) if data.make_val_iterator is not None else None
     if val_due and data.make_val_iterator is not None and _any_process(is_main and (step, "val") not in kept):
-        validate(config, nets, mesh, state, data.make_val_iterator, writer, step, val_rng, gt, eval_step)
+        validate(config, eval_step, mesh, state, data.make_val_iterator, writer, step, val_rng, gt)
 
     pending, checked_step = [], step
     t_start, step_start = time.time(), step
@@ -448,8 +447,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, data=None)
                     status = EXIT_PREEMPTED
                     break
                 if do_val and data.make_val_iterator is not None:
-                    validate(config, nets, mesh, state, data.make_val_iterator, writer, step, val_rng, gt,
-                             eval_step)
+                    validate(config, eval_step, mesh, state, data.make_val_iterator, writer, step, val_rng, gt)
         except NonFiniteLossError as e:
             print(str(e), file=sys.stderr, flush=True)
             status = EXIT_NONFINITE
