@@ -17,7 +17,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="session")
 def bench_run(tmp_path_factory):
-    """One CLI run: fp32 X-Distill step (translator + teacher), 32x64, batch 2, 3 timed steps."""
+    """One CLI run: fp32 X-Distill step (translator + teacher), 32x64, batch 2, 3 timed steps,
+    then 5 profiled ones."""
     out = tmp_path_factory.mktemp("bench") / "bench.json"
     import io
     from contextlib import redirect_stdout
@@ -27,7 +28,7 @@ def bench_run(tmp_path_factory):
         status = cli.main([
             "bench", "--config", str(ROOT / "configs" / "synthetic_demo.py") + ":smoke",
             "--steps", "3", "--warmup", "0", "--dtypes", "float32", "--distill", "on",
-            "--json", str(out), "--config.mesh.num_devices=1", "--config.data.height=32",
+            "--json", str(out), "--profile-dir", str(out.parent / "profile"), "--config.mesh.num_devices=1", "--config.data.height=32",
             "--config.data.width=64", "--config.optim.batch_size=2",
         ])
     return status, buf.getvalue(), out
@@ -42,7 +43,7 @@ def test_bench_prints_table_and_writes_json(bench_run):
     assert [c.strip() for c in lines[header].strip("|").split("|")] == list(benchmark.COLUMNS)
     row = [c.strip() for c in lines[header + 2].strip("|").split("|")]
     assert row[:3] == ["fp32 distill=on", "2", "32x64"]
-    assert row[8] == "n/a" and row[9] == "n/a"  # no peak FLOP/s or memory_stats on CPU
+    assert row[9] == "n/a" and row[10] == "n/a"  # no peak FLOP/s or memory_stats on CPU
 
     doc = json.loads(path.read_text())
     assert doc["platform"] == "cpu" and doc["kind"] == "train_step"
@@ -51,7 +52,8 @@ def test_bench_prints_table_and_writes_json(bench_run):
     assert r["steps"] == 3 and r["devices"] == 1
     # the table shows the JSON's figures
     assert row[3] == f"{r['images_per_s_median']:.1f}"
-    assert row[7] == f"{r['flops_per_step'] * 1e-9:.1f}"
+    assert row[4] == f"{r['images_per_s_pipelined']:.1f}" and r["images_per_s_pipelined"] > 0
+    assert row[8] == f"{r['flops_per_step'] * 1e-9:.1f}"
     assert r["step_ms_min"] <= r["step_ms_median"] <= r["step_ms_max"]
     assert r["images_per_s_median"] == pytest.approx(2 / (r["step_ms_median"] / 1e3))
     assert r["init_s"] > 0 and r["compile_s"] > 0 and r["cold_start_s"] == pytest.approx(r["init_s"] + r["compile_s"])
@@ -60,6 +62,39 @@ def test_bench_prints_table_and_writes_json(bench_run):
     assert r["fraction_of_peak"] is None and r["peak_memory_bytes"] is None
     assert r["xla_memory_bytes"] > 4 * 4 * 20e6  # params + grads + 2 Adam moments of ~27M fp32
     assert np.isfinite(r["final_loss"])
+
+
+def test_bench_profile_attributes_the_step_to_its_parts(bench_run):
+    """--profile-dir: the traced steps' op time is split over the step's named scopes; every
+    part of the X-Distill step shows up, forward and backward where it has a gradient."""
+    status, stdout, path = bench_run
+    assert status == 0, stdout
+    assert "Where the time of fp32 distill=on goes" in stdout
+    (r,) = json.loads(path.read_text())["results"]
+    prof = r["profile"]
+    scopes = {s["scope"]: s for s in prof["scopes"]}
+    for part in ("depth_net", "pose_net", "upsample", "warp", "reprojection", "select", "translator",
+                 "distill", "optimizer"):
+        assert scopes[part]["ms"] > 0, (part, prof["scopes"])
+    for part in ("depth_net", "pose_net", "warp", "translator"):
+        assert scopes[part]["fwd_ms"] > 0 and scopes[part]["bwd_ms"] > 0, (part, scopes[part])
+    assert scopes["optimizer"]["bwd_ms"] == 0  # the update is not differentiated
+    assert prof["busy_ms_per_step"] == pytest.approx(sum(s["ms"] for s in prof["scopes"]))
+    assert prof["busy_ms_per_step"] == pytest.approx(sum(k["ms"] for k in prof["kinds"]))
+    assert prof["source"]["module_matched"] and prof["unattributed_ops"] == 0
+    # networks dominate at this size on CPU: most op time is in scopes, not "other"
+    assert scopes.get("other", {"ms": 0})["ms"] < 0.5 * prof["busy_ms_per_step"]
+    kinds = {k["kind"] for k in prof["kinds"]}
+    assert "convolution/matmul" in kinds and "gather/scatter" in kinds
+    out = path.parent / "profile" / "float32_distill_1"
+    assert (out / "summary.md").read_text().startswith("XLA op time per step")
+    import gzip
+
+    with gzip.open(out / "optimized_hlo.txt.gz", "rt") as f:
+        hlo = f.read()
+    assert hlo.startswith("HloModule jit_train_step")
+    top = prof["top_ops"][0]["op"]
+    assert f"%{top} = " in hlo or f" {top} = " in hlo
 
 
 def test_bench_rejects_bad_lists(capsys):

@@ -15,7 +15,10 @@ What one measurement (`benchmark_step`) does, timed separately:
 No data loading: the batch (the loader's contract, random uint8 frames, Monodepth2's K per
 scale, float16 teacher logits at half resolution) is placed on the mesh once.
 
-Reported per variant: median and mean images/s, median step time, init and compile seconds,
+Then the same number of steps back to back with one block at the end ("pipelined": the host
+dispatches step n+1 while the device runs step n, as in the training loop).
+
+Reported per variant: median, mean and pipelined images/s, median step time, init and compile seconds,
 FLOPs (and bytes accessed) per step from XLA's cost analysis of the compiled step (per-device
 program x devices),
 the fraction of the device's peak FLOP/s (table `PEAK_FLOPS`, bf16 dense; n/a where unknown,
@@ -53,7 +56,7 @@ PEAK_FLOPS = {
 # Monodepth2's fixed normalised intrinsics (KITTI), as the loader uses by default.
 MONODEPTH2_K = np.array([[0.58, 0, 0.5, 0], [0, 1.92, 0.5, 0], [0, 0, 1, 0], [0, 0, 0, 1]], np.float32)
 
-COLUMNS = ("variant", "batch", "HxW", "images/s (median)", "step ms (median)", "init s", "compile s",
+COLUMNS = ("variant", "batch", "HxW", "images/s (median)", "images/s (pipelined)", "step ms (median)", "init s", "compile s",
            "GFLOP/step", "% of peak", "peak mem GB", "XLA mem GB", "GB accessed/step")
 
 
@@ -168,7 +171,10 @@ def benchmark_step(config: ml_collections.ConfigDict, *, steps: int = 50, warmup
 
     progress: optional callable(str) told when init and compile finish (for long runs' logs).
     profile_dir: if given, `profile_steps` more steps (after the timed ones, not counted) are
-      traced with `jax.profiler.trace` into it (view with TensorBoard's profile plugin/Perfetto).
+      traced with `jax.profiler.trace` into it (view with TensorBoard's profile plugin/Perfetto);
+      their summary (`profile_summary`: device time by named scope, kind of op, top ops) is
+      returned under "profile" and written to summary.md there, with the optimised HLO
+      (optimized_hlo.txt.gz) to look the named ops up in.
     """
     say = progress or (lambda message: None)
     from xdistill_jax import semantics, train
@@ -197,9 +203,19 @@ def benchmark_step(config: ml_collections.ConfigDict, *, steps: int = 50, warmup
     rng = jax.device_put(jax.random.key(seed + 1), train.replicated(mesh))
     _block((batch, rng))
 
+    # With a profile, op metadata goes into the persistent cache's key: by default the key leaves
+    # it out, so a program compiled before a named scope was added (same math) would be read back
+    # with its old op names and the profile attributed to stale scopes. (gpu.sh sets it for every
+    # run, so that its profiled warm run still reads the cold run's entries.)
+    with_metadata = jax.config.jax_compilation_cache_include_metadata_in_key
     t0 = time.perf_counter()
     step_fn = train.make_train_step(config, nets, tx, mesh)
-    compiled = step_fn.lower(state, batch, rng).compile()
+    try:
+        if profile_dir:
+            jax.config.update("jax_compilation_cache_include_metadata_in_key", True)
+        compiled = step_fn.lower(state, batch, rng).compile()
+    finally:
+        jax.config.update("jax_compilation_cache_include_metadata_in_key", with_metadata)
     compile_s = time.perf_counter() - t0
     say(f"compile {compile_s:.2f} s")
     flops_device, bytes_device = _cost(compiled)
@@ -223,11 +239,37 @@ def benchmark_step(config: ml_collections.ConfigDict, *, steps: int = 50, warmup
             times.append(time.perf_counter() - t)
         _block(state)
         loop_s = time.perf_counter() - loop_start
+    # The same steps back to back, blocking once at the end: what the training loop sees (the
+    # host dispatches step n+1 while the device runs step n), against the per-step timing above.
+    with jax.transfer_guard("disallow"):
+        t = time.perf_counter()
+        for _ in range(steps):
+            state, metrics = compiled(state, batch, rng)
+        _block((state, metrics))
+        pipelined_s = time.perf_counter() - t
+    profile = None
     if profile_dir:
         with jax.profiler.trace(str(profile_dir)):
             for _ in range(profile_steps):
                 state, metrics = compiled(state, batch, rng)
             _block((state, metrics))
+        import gzip
+
+        from xdistill_jax import profile_summary
+
+        hlo_text = compiled.as_text()
+        # the optimised HLO, to look up any op the summary names (its fusion, shapes, op_name)
+        with gzip.open(pathlib.Path(profile_dir) / "optimized_hlo.txt.gz", "wt") as f:
+            f.write(hlo_text)
+        try:
+            profile = profile_summary.summarize_trace(profile_dir, hlo_text, profile_steps,
+                                                      wall_ms_per_step=1e3 * statistics.median(times))
+            text = profile_summary.markdown(profile)
+        except Exception as e:  # noqa: BLE001 - e.g. a GPU image without CUPTI: no device events
+            # the timings above stand; say why there is no breakdown instead of losing them
+            profile = {"error": f"{type(e).__name__}: {e}"}
+            text = f"no profile summary: {profile['error']}"
+        (pathlib.Path(profile_dir) / "summary.md").write_text(text + "\n")
     loss = float(jax.device_get(metrics["loss"]))
     if not np.isfinite(loss):
         raise FloatingPointError(f"benchmark step produced a non-finite loss {loss}")
@@ -246,6 +288,7 @@ def benchmark_step(config: ml_collections.ConfigDict, *, steps: int = 50, warmup
         "steps": steps, "warmup": warmup,
         "images_per_s_median": b / median,
         "images_per_s_mean": b * steps / loop_s,
+        "images_per_s_pipelined": b * steps / pipelined_s,
         "step_ms_median": 1e3 * median,
         "step_ms_min": 1e3 * min(times),
         "step_ms_max": 1e3 * max(times),
@@ -261,6 +304,7 @@ def benchmark_step(config: ml_collections.ConfigDict, *, steps: int = 50, warmup
         "peak_memory_bytes": _peak_memory_bytes(mesh),
         "xla_memory_bytes": _xla_memory_bytes(compiled),
         "final_loss": loss,
+        "profile": profile,
     }
 
 
@@ -283,7 +327,8 @@ def markdown_table(results: Sequence[dict], device: str | None = None) -> str:
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in results:
         cells = [r["variant"], str(r["batch"]), f"{r['height']}x{r['width']}",
-                 _fmt(r["images_per_s_median"], ".1f"), _fmt(r["step_ms_median"], ".1f"),
+                 _fmt(r["images_per_s_median"], ".1f"), _fmt(r.get("images_per_s_pipelined"), ".1f"),
+                 _fmt(r["step_ms_median"], ".1f"),
                  _fmt(r["init_s"], ".2f"), _fmt(r["compile_s"], ".2f"),
                  _fmt(r["flops_per_step"], ".1f", 1e-9), _fmt(r["fraction_of_peak"], ".2f", 100.0),
                  _fmt(r["peak_memory_bytes"], ".2f", 1e-9), _fmt(r["xla_memory_bytes"], ".2f", 1e-9),

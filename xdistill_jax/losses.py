@@ -241,12 +241,13 @@ def monodepth2_loss(
 
     def target_terms(res):
         """Target statistics and identity losses at resolution index `res` (None without automask)."""
-        stats = _target_stats(_f32(_color(colors, 0, res)))
-        identity = None
-        if automask:
-            identity = combine(
-                [_reprojection_with_stats(_f32(_color(colors, f, res)), stats, no_ssim) for f in SOURCE_FRAMES]
-            )
+        with jax.named_scope("reprojection"):
+            stats = _target_stats(_f32(_color(colors, 0, res)))
+            identity = None
+            if automask:
+                identity = combine(
+                    [_reprojection_with_stats(_f32(_color(colors, f, res)), stats, no_ssim) for f in SOURCE_FRAMES]
+                )
         return stats, identity
 
     def noise_for(s, shape):
@@ -259,18 +260,22 @@ def monodepth2_loss(
     def photometric(depth, noise, res, stats, identity):
         """Warp both sources with `depth` (B,h,w,1) at resolution index `res`; returns
         (mean of the per-pixel minimum, identity selection (B,h,w), {frame: warped source})."""
-        preds = {
-            f: geometry.warp(_color(colors, f, res), depth, Ks[res], inv_Ks[res], T[f], align_corners=align_corners)
-            for f in SOURCE_FRAMES
-        }
-        reproj = combine([_reprojection_with_stats(preds[f], stats, no_ssim) for f in SOURCE_FRAMES])
-        if automask:
-            combined = jnp.concatenate([identity + noise, reproj], axis=-1)
-            selection = (jnp.argmin(combined, axis=-1) >= n_identity).astype(jnp.float32)
-        else:
-            combined = reproj
-            selection = jnp.ones(combined.shape[:3], jnp.float32)
-        return jnp.mean(jnp.min(combined, axis=-1)), selection, preds
+        with jax.named_scope("warp"):
+            preds = {
+                f: geometry.warp(_color(colors, f, res), depth, Ks[res], inv_Ks[res], T[f],
+                                 align_corners=align_corners)
+                for f in SOURCE_FRAMES
+            }
+        with jax.named_scope("reprojection"):
+            reproj = combine([_reprojection_with_stats(preds[f], stats, no_ssim) for f in SOURCE_FRAMES])
+        with jax.named_scope("select"):
+            if automask:
+                combined = jnp.concatenate([identity + noise, reproj], axis=-1)
+                selection = (jnp.argmin(combined, axis=-1) >= n_identity).astype(jnp.float32)
+            else:
+                combined = reproj
+                selection = jnp.ones(combined.shape[:3], jnp.float32)
+            return jnp.mean(jnp.min(combined, axis=-1)), selection, preds
 
     aux = {}
     if v1_multiscale:  # each scale at its own resolution: shapes differ, so a loop
@@ -288,9 +293,11 @@ def monodepth2_loss(
         # batched computation (vmap over a leading scale axis): fewer, larger kernels. The target
         # statistics and the identity losses are computed once and shared by all scales.
         stats, identity = target_terms(0)
-        disp_full = jnp.stack([geometry.upsample_bilinear(disps[s], (h, w)) for s in scales])
+        with jax.named_scope("upsample"):
+            disp_full = jnp.stack([geometry.upsample_bilinear(disps[s], (h, w)) for s in scales])
         _, depth = geometry.disp_to_depth(disp_full, min_depth, max_depth)  # (S,B,H,W,1)
-        noise = jnp.stack([noise_for(s, (b, h, w, n_identity)) for s in scales])
+        with jax.named_scope("select"):
+            noise = jnp.stack([noise_for(s, (b, h, w, n_identity)) for s in scales])
         batched = jax.vmap(lambda d, n: photometric(d, n, 0, stats, identity))
         photo_all, selection, preds = batched(depth, noise)
         photo = {}
@@ -306,7 +313,8 @@ def monodepth2_loss(
         # edge-aware smoothness of the mean-normalised native-resolution disparity, / 2^s
         disp_s = _f32(disps[s])
         norm_disp = disp_s / (jnp.mean(disp_s, axis=(1, 2), keepdims=True) + 1e-7)
-        smooth = smoothness_loss(norm_disp, _color(colors, 0, s))
+        with jax.named_scope("smoothness"):
+            smooth = smoothness_loss(norm_disp, _color(colors, 0, s))
         aux[f"loss/{s}"] = photo[s] + smoothness_weight * smooth / (2**s)
         per_scale.append(aux[f"loss/{s}"])
     loss = sum(per_scale) / len(per_scale)

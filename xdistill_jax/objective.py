@@ -182,9 +182,12 @@ def loss_fn(nets: Networks, config: ml_collections.ConfigDict, params, batch_sta
     if color.ndim != 5 or color.shape[1] != 3:
         raise ValueError(f"batch['color'] must be (B,3,H,W,3), got {color.shape}")
 
-    disps, depth_stats = _apply_bn(nets.depth, params["depth"], batch_stats["depth"], color_aug[:, 1], train)
-    disps = {s: d.astype(jnp.float32) for s, d in disps.items()}
-    cam_T_cam, pose_stats, raw_poses = predict_poses(nets, params["pose"], batch_stats["pose"], color_aug, train)
+    # The named scopes label the ops of each part in profiles (profile_summary.py); no effect on values.
+    with jax.named_scope("depth_net"):
+        disps, depth_stats = _apply_bn(nets.depth, params["depth"], batch_stats["depth"], color_aug[:, 1], train)
+        disps = {s: d.astype(jnp.float32) for s, d in disps.items()}
+    with jax.named_scope("pose_net"):
+        cam_T_cam, pose_stats, raw_poses = predict_poses(nets, params["pose"], batch_stats["pose"], color_aug, train)
 
     colors = {f: {0: color[:, i]} for i, f in enumerate(FRAMES)}
     for s in SCALES[1:]:
@@ -201,11 +204,12 @@ def loss_fn(nets: Networks, config: ml_collections.ConfigDict, params, batch_sta
     Ks = {s: K[:, s] for s in SCALES}
     inv_Ks = {s: inv_K[:, s] for s in SCALES}
 
-    photometric, aux = losses.monodepth2_loss(
-        colors, disps, cam_T_cam, Ks, inv_Ks, rng=sharding_invariant_key(rng), automask=lo.automask,
-        avg_reprojection=lo.avg_reprojection, v1_multiscale=lo.v1_multiscale, no_ssim=lo.no_ssim,
-        smoothness_weight=lo.smoothness_weight, min_depth=lo.min_depth, max_depth=lo.max_depth,
-        align_corners=lo.align_corners)
+    with jax.named_scope("photometric"):
+        photometric, aux = losses.monodepth2_loss(
+            colors, disps, cam_T_cam, Ks, inv_Ks, rng=sharding_invariant_key(rng), automask=lo.automask,
+            avg_reprojection=lo.avg_reprojection, v1_multiscale=lo.v1_multiscale, no_ssim=lo.no_ssim,
+            smoothness_weight=lo.smoothness_weight, min_depth=lo.min_depth, max_depth=lo.max_depth,
+            align_corners=lo.align_corners)
 
     metrics: dict[str, Any] = {"photometric_loss": photometric}
     for key, value in aux.items():
@@ -226,10 +230,12 @@ def loss_fn(nets: Networks, config: ml_collections.ConfigDict, params, batch_sta
             factor = depth_grad_factor(ds, step)
             translator_in = {s: _scale_gradient(d, factor) for s, d in disps.items()}
             metrics["distill/depth_grad_factor"] = factor
-        logits = translate(params["translator"], translator_in, stop_depth_grad=ds.stop_gradient,
-                           module=nets.translator)
-        distill = distillation.distillation_loss(logits, batch["teacher"], mode=ds.mode,
-                                                 temperature=ds.temperature)
+        with jax.named_scope("translator"):
+            logits = translate(params["translator"], translator_in, stop_depth_grad=ds.stop_gradient,
+                               module=nets.translator)
+        with jax.named_scope("distill"):
+            distill = distillation.distillation_loss(logits, batch["teacher"], mode=ds.mode,
+                                                     temperature=ds.temperature)
         total = total + jnp.float32(ds.weight) * distill
         metrics["distill_loss"] = distill
         metrics["translator_logits"] = logits

@@ -204,10 +204,12 @@ def make_train_step(config: ml_collections.ConfigDict, nets: Networks, tx, mesh:
         grad_fn = jax.value_and_grad(loss, has_aux=True)
         (total, (batch_stats, metrics)), grads = grad_fn(state.params, state.batch_stats, batch,
                                                          step_rng, True, state.step)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        with jax.named_scope("optimizer"):  # a label for profiles (profile_summary.py)
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
         out = {k: v for k, v in metrics.items() if jnp.ndim(v) == 0}
-        out["grad_norm"] = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+        out["grad_norm"] = grad_norm
         new = TrainState(params=params, batch_stats=batch_stats, opt_state=opt_state, step=state.step + 1)
         if skip_nonfinite:
             ok = jnp.isfinite(total) & jnp.isfinite(out["grad_norm"])

@@ -31,7 +31,8 @@ def add_arguments(parser):
                         help="synthetic teacher logits at (H/stride, W/stride)")
     parser.add_argument("--json", default=None, help="write the results here (JSON)")
     parser.add_argument("--profile-dir", default=None,
-                        help="trace 5 extra steps per variant with jax.profiler into DIR/<variant>")
+                        help="trace 5 extra steps per variant with jax.profiler into DIR/<variant> and print "
+                             "where their device time goes (by named scope, kind of op, top ops)")
     parser.add_argument("--compilation-cache", default=None,
                         help="persistent compile cache dir ('off' to disable); default "
                              "$XDISTILL_COMPILATION_CACHE or ~/.cache/xdistill_jax/jax_cache")
@@ -117,6 +118,13 @@ def run(args) -> int:
               f"init {r['init_s']:.2f} s, compile {r['compile_s']:.2f} s", flush=True)
     print()
     print(benchmark.markdown_table(results))
+    if args.profile_dir:
+        from xdistill_jax import profile_summary
+
+        for r in results:
+            print(f"\nWhere the time of {r['variant']} goes (profile of 5 steps):\n")
+            prof = r["profile"]
+            print(f"no profile summary: {prof['error']}" if "error" in prof else profile_summary.markdown(prof))
     if args.json:
         path = benchmark.write_json(args.json, results, kind="train_step", config=args.config,
                                     overrides=list(args.extra_args), command=" ".join(sys.argv))
