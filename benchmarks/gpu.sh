@@ -9,11 +9,18 @@
 #     4. fp32, distillation on  -- cold
 #     5. fp32, distillation off -- cold
 #     6. the loss alone (benchmarks/loss_cost.py, 640x192 batch 12): XLA cost and time per call
+#     7. bf16, distillation on, cold, with JAX_THREEFRY_GPU_KERNEL_LOWERING=1 (threefry as one
+#        kernel instead of unrolled HLO: the parameter init's compile time), 5 steps
+#   Run 2 also traces 5 steps: OUTDIR/profile/*/summary.md says where the device time goes (by
+#   named scope: depth_net, pose_net, warp, reprojection, ..., optimizer; by kind of op; top ops),
+#   with the optimised HLO beside it to look the named ops up in.
 #   Each run is its own process, so "peak mem GB" (device.memory_stats peak_bytes_in_use) is that
 #   variant's peak, and "init s" / "compile s" are what a fresh `xdistill train` would pay.
 #   Median images/s over 50 steps after 5 warm-up steps, on device-resident synthetic batches.
 #
 # Run from the repository root:   bash benchmarks/gpu.sh [OUTDIR]
+# (runs that would start after DEADLINE_S seconds, default 540, are skipped and said to be, so a
+# caller's 600 s limit still sees the summary; runs 1-5 are the targets' figures, 6-7 extras).
 # (OUTDIR defaults to $OUT, else ./gpu_bench). It writes OUTDIR/*.json, OUTDIR/*.log and
 # OUTDIR/summary.md (the markdown tables, device named). Copy the figures into
 # benchmarks/RESULTS.md with the date and this command.
@@ -52,6 +59,8 @@ export PYTHONPATH=".:.pydeps${PYTHONPATH:+:$PYTHONPATH}"
 CACHE="$(mktemp -d "${TMPDIR:-/tmp}/xdistill-gpu-cache.XXXXXX")"
 trap 'rm -rf "$CACHE"' EXIT
 export XDISTILL_COMPILATION_CACHE="$CACHE"
+# Op metadata in the cache key (the profiled run sets it; all runs must, for run 2 to read run 1)
+export JAX_COMPILATION_CACHE_INCLUDE_METADATA_IN_KEY=true
 
 {
   date -u +"date: %Y-%m-%dT%H:%M:%SZ"
@@ -66,15 +75,25 @@ COMMON=(--config "$CONFIG" --steps 50 --warmup 5 --config.optim.batch_size=12 --
 #   BENCH_ARGS="--steps 2 --warmup 0 --config.data.height=32 --config.data.width=64" bash benchmarks/gpu.sh /tmp/dry
 read -r -a EXTRA <<<"${BENCH_ARGS:-}"
 LIMIT_SCALE="${LIMIT_SCALE:-1}"  # multiplies every time limit (e.g. 6 for a CPU dry run)
+# The whole script stops starting runs at DEADLINE_S seconds and cuts each run's limit to what is
+# left, so that it ends (summary written) inside a caller's own time limit (e.g. 600 s per call).
+DEADLINE_S="${DEADLINE_S:-$((540 * LIMIT_SCALE))}"
 
-run() {  # name dtype distill [time limit s]
+run() {  # name dtype distill [time limit s] [more bench arguments...]
   local name=$1 dtype=$2 distill=$3 limit=$((${4:-150} * LIMIT_SCALE))
-  echo "=== $name: dtype=$dtype distill=$distill (limit ${limit}s)"
+  shift $(($# < 4 ? $# : 4))
+  local left=$((DEADLINE_S - SECONDS))
+  if [ "$left" -lt 30 ]; then
+    echo "=== $name: SKIPPED, ${left}s left before DEADLINE_S=${DEADLINE_S}" | tee -a "$OUTDIR/summary.md"
+    return 0
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  echo "=== $name: dtype=$dtype distill=$distill $* (limit ${limit}s)"
   local start=$SECONDS
   if timeout "$limit" "$PY" -u -m xdistill_jax bench "${COMMON[@]}" --dtypes "$dtype" --distill "$distill" \
-      "${EXTRA[@]}" --json "$OUTDIR/$name.json" >"$OUTDIR/$name.log" 2>&1; then
+      "$@" "${EXTRA[@]}" --json "$OUTDIR/$name.json" >"$OUTDIR/$name.log" 2>&1; then
     echo "    process wall time $((SECONDS - start)) s (imports + init + compile + warm-up + timed steps)"
-    { echo "$name (process wall time $((SECONDS - start)) s):"; grep '^|' "$OUTDIR/$name.log"; echo; } \
+    { echo "$name (process wall time $((SECONDS - start)) s):"; awk '/^[|]/{p=1; print; next} p{exit}' "$OUTDIR/$name.log"; echo; } \
       | tee -a "$OUTDIR/summary.md"
   else
     echo "    FAILED or timed out after $((SECONDS - start)) s; last lines of $OUTDIR/$name.log:"
@@ -85,17 +104,28 @@ run() {  # name dtype distill [time limit s]
 echo "# GPU train-step benchmark ($(date -u +%F), $("$PY" -c 'import jax; print(jax.devices()[0].device_kind)'))" >"$OUTDIR/summary.md"
 echo "" >>"$OUTDIR/summary.md"
 run bf16_distill_cold bfloat16 on 140
-run bf16_distill_warm bfloat16 on 60
+run bf16_distill_warm bfloat16 on 70 --profile-dir "$OUTDIR/profile"
+for f in "$OUTDIR"/profile/*/summary.md; do
+  [ -f "$f" ] && { echo "Profile of bf16_distill_warm ($f):"; echo; cat "$f"; echo; } | tee -a "$OUTDIR/summary.md"
+done
 run bf16_nodistill_cold bfloat16 off 120
 run fp32_distill_cold float32 on 120
 run fp32_nodistill_cold float32 off 120
 # The loss work alone (no networks), forward + gradient, fp32: its share of the step.
 echo "=== loss alone (limit $((60 * LIMIT_SCALE))s)"
-if timeout $((60 * LIMIT_SCALE)) "$PY" -u benchmarks/loss_cost.py --batch 12 --height 192 --width 640 --iters 20 \
+if [ $((DEADLINE_S - SECONDS)) -lt $((60 * LIMIT_SCALE)) ]; then
+  echo "    loss_cost SKIPPED (DEADLINE_S)" | tee -a "$OUTDIR/summary.md"
+elif timeout $((60 * LIMIT_SCALE)) "$PY" -u benchmarks/loss_cost.py --batch 12 --height 192 --width 640 --iters 20 \
     >"$OUTDIR/loss_cost.log" 2>&1; then
   tail -n 1 "$OUTDIR/loss_cost.log" | tee -a "$OUTDIR/summary.md"
 else
   echo "    loss_cost FAILED or timed out"; tail -n 5 "$OUTDIR/loss_cost.log"
 fi
 echo "cache entries written: $(ls "$CACHE" | wc -l)" | tee -a "$OUTDIR/summary.md"
+# Cold start with threefry lowered to a GPU kernel (same random bits; a fresh cache: the
+# programs differ, so nothing of runs 1-5 would be read anyway).
+CACHE2="$(mktemp -d "${TMPDIR:-/tmp}/xdistill-gpu-cache2.XXXXXX")"
+trap 'rm -rf "$CACHE" "$CACHE2"' EXIT
+XDISTILL_COMPILATION_CACHE="$CACHE2" JAX_THREEFRY_GPU_KERNEL_LOWERING=1 \
+  run bf16_distill_cold_threefry_kernel bfloat16 on 120 --steps 5 --warmup 0
 echo "done; results in $OUTDIR"
