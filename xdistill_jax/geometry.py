@@ -230,6 +230,10 @@ def bilinear_sample(img, pix_xy, align_corners: bool = True):
     idx = idx.reshape(b, -1, 1)
     taps = jnp.take_along_axis(flat, idx, axis=1, mode="clip").reshape(b, *out_hw, 4, c)
     wts = jnp.stack([wx0 * wy0, wx1 * wy0, wx0 * wy1, wx1 * wy1], axis=-1)[..., None]
+    # Bitwise the same whatever the batch sharding (tests/test_geometry.py). A per-channel form
+    # (four products summed on (B,h,w) planes) runs 4x faster forward+backward on XLA:CPU and is
+    # as shard-stable, but its different rounding flips an auto-mask tie in the device-count test
+    # batches (benchmarks/RESULTS.md, "tried and not kept").
     return jnp.sum(taps * wts, axis=-2)
 
 
