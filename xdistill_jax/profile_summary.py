@@ -93,16 +93,15 @@ def hlo_instructions(hlo_text: str) -> dict[str, dict[str, str]]:
         kind = re.search(r"\bkind=(k\w+)", rest)
         target = re.search(r'custom_call_target="([^"]*)"', rest)
         backend = re.search(r'"kind":"(__[\w$]+)"', rest)  # e.g. a kCustom fusion's __triton_gemm
-        op_name = re.search(r'op_name="([^"]*)"', rest)
+        found = re.search(r'op_name="([^"]*)"', rest)
         calls = re.search(r"\bcalls=%?([\w.\-]+)", rest)
-        if not op_name and calls and calls.group(1) in comp_op_name:
-            op_name = re.match(r"(.*)", comp_op_name[calls.group(1)])
+        op_name = found.group(1) if found else comp_op_name.get(calls.group(1), "") if calls else ""
         out[name] = {
             "opcode": op.group(1),
             "kind": kind.group(1) if kind else (target.group(1) if target else ""),
             "backend": backend.group(1) if backend else "",
             "calls_dot": "1" if calls and calls.group(1) in comp_has_dot else "",
-            "op_name": op_name.group(1).split(";")[0] if op_name else "",
+            "op_name": op_name.split(";")[0],
         }
     return out
 
