@@ -97,6 +97,25 @@ def test_bench_profile_attributes_the_step_to_its_parts(bench_run):
     assert f"%{top} = " in hlo or f" {top} = " in hlo
 
 
+def test_a_failed_profile_summary_keeps_the_timings(monkeypatch, tmp_path):
+    """A GPU image without CUPTI traces no device ops: the summary fails, the figures stand."""
+    from xdistill_jax import config_utils, profile_summary
+
+    def no_events(*args, **kwargs):
+        raise ValueError("trace.xplane.pb: no events with an hlo_op stat (no XLA ops were traced)")
+
+    monkeypatch.setattr(profile_summary, "summarize_trace", no_events)
+    config = config_utils.apply_overrides(
+        config_utils.load_config_file(str(ROOT / "configs" / "synthetic_demo.py") + ":smoke"),
+        ["--config.mesh.num_devices=1", "--config.data.height=32", "--config.data.width=64",
+         "--config.optim.batch_size=2"])
+    r = benchmark.benchmark_step(config, steps=1, warmup=0, profile_dir=str(tmp_path / "prof"))
+    assert r["profile"] == {"error": "ValueError: trace.xplane.pb: no events with an hlo_op stat "
+                                     "(no XLA ops were traced)"}
+    assert r["images_per_s_median"] > 0 and np.isfinite(r["final_loss"])
+    assert (tmp_path / "prof" / "summary.md").read_text().startswith("no profile summary: ValueError")
+
+
 def test_bench_rejects_bad_lists(capsys):
     assert cli.main(["bench", "--dtypes", "float16"]) == 2
     assert "--dtypes" in capsys.readouterr().err
