@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import gzip
 import json
 import os
 import pathlib
@@ -253,8 +254,6 @@ def benchmark_step(config: ml_collections.ConfigDict, *, steps: int = 50, warmup
             for _ in range(profile_steps):
                 state, metrics = compiled(state, batch, rng)
             _block((state, metrics))
-        import gzip
-
         from xdistill_jax import profile_summary
 
         hlo_text = compiled.as_text()
@@ -264,12 +263,10 @@ def benchmark_step(config: ml_collections.ConfigDict, *, steps: int = 50, warmup
         try:
             profile = profile_summary.summarize_trace(profile_dir, hlo_text, profile_steps,
                                                       wall_ms_per_step=1e3 * statistics.median(times))
-            text = profile_summary.markdown(profile)
         except Exception as e:  # noqa: BLE001 - e.g. a GPU image without CUPTI: no device events
             # the timings above stand; say why there is no breakdown instead of losing them
             profile = {"error": f"{type(e).__name__}: {e}"}
-            text = f"no profile summary: {profile['error']}"
-        (pathlib.Path(profile_dir) / "summary.md").write_text(text + "\n")
+        (pathlib.Path(profile_dir) / "summary.md").write_text(profile_summary.markdown(profile) + "\n")
     loss = float(jax.device_get(metrics["loss"]))
     if not np.isfinite(loss):
         raise FloatingPointError(f"benchmark step produced a non-finite loss {loss}")
@@ -327,7 +324,7 @@ def markdown_table(results: Sequence[dict], device: str | None = None) -> str:
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in results:
         cells = [r["variant"], str(r["batch"]), f"{r['height']}x{r['width']}",
-                 _fmt(r["images_per_s_median"], ".1f"), _fmt(r.get("images_per_s_pipelined"), ".1f"),
+                 _fmt(r["images_per_s_median"], ".1f"), _fmt(r["images_per_s_pipelined"], ".1f"),
                  _fmt(r["step_ms_median"], ".1f"),
                  _fmt(r["init_s"], ".2f"), _fmt(r["compile_s"], ".2f"),
                  _fmt(r["flops_per_step"], ".1f", 1e-9), _fmt(r["fraction_of_peak"], ".2f", 100.0),

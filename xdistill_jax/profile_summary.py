@@ -66,22 +66,21 @@ def hlo_instructions(hlo_text: str) -> dict[str, dict[str, str]]:
     # carries no metadata itself, the instructions of the computation it calls do.
     comp_op_name: dict[str, str] = {}
     comp_has_dot: set[str] = set()  # computations holding a convolution or dot
-    current, first = None, ""
+    current = None
     for line in hlo_text.splitlines():
         stripped = line.strip()
         if stripped.endswith("{") and " = " not in stripped and not stripped.startswith("HloModule"):
-            current, first = stripped.split()[0 if not stripped.startswith("ENTRY") else 1].lstrip("%"), ""
+            current = stripped.split()[1 if stripped.startswith("ENTRY") else 0].lstrip("%")
             continue
         if current is None:
             continue
         if re.search(r"\s(convolution|dot)\(", stripped):
             comp_has_dot.add(current)
         op_name = re.search(r'op_name="([^"]*)"', stripped)
-        if op_name and not first:
-            first = op_name.group(1)
-            comp_op_name.setdefault(current, first)
-        if stripped.startswith("ROOT") and op_name:
+        if op_name and stripped.startswith("ROOT"):
             comp_op_name[current] = op_name.group(1)
+        elif op_name:
+            comp_op_name.setdefault(current, op_name.group(1))
     for line in hlo_text.splitlines():
         m = _INSTR_RE.match(line)
         if not m or line.lstrip().startswith(("HloModule", "ENTRY", "}")):
@@ -118,13 +117,13 @@ def kind_of(info: dict[str, str] | None) -> str:
     if info is None:
         return "unknown"
     opcode, kind = info["opcode"], info["kind"].lower()
-    special = f"{kind} {info.get('backend', '')}".lower() if opcode in ("custom-call", "fusion") else ""
-    if (opcode in ("convolution", "dot") or info.get("calls_dot")
+    special = f"{kind} {info['backend']}".lower() if opcode in ("custom-call", "fusion") else ""
+    if (opcode in ("convolution", "dot") or info["calls_dot"]
             or any(k in special for k in ("cudnn", "conv", "gemm", "cublas", "matmul"))):
         return "convolution/matmul"
     if opcode in ("gather", "scatter") or "gather" in info["op_name"].split("/")[-1]:
         return "gather/scatter"
-    if opcode == "reduce-window" or "select-and-scatter" in opcode:
+    if opcode in ("reduce-window", "select-and-scatter"):
         return "reduce-window"
     if opcode in ("copy", "transpose", "copy-start", "copy-done"):
         return "copy/transpose"
@@ -253,7 +252,10 @@ def _pct(ms: float, total: float) -> str:
 
 
 def markdown(summary: dict[str, Any]) -> str:
-    """The summary as three markdown tables (scopes, kinds, top ops)."""
+    """The summary as three markdown tables (scopes, kinds, top ops), or, for the {"error": why}
+    a benchmark records when the summary could not be made, one line saying why."""
+    if "error" in summary:
+        return f"no profile summary: {summary['error']}"
     total = summary["busy_ms_per_step"]
     wall = summary.get("wall_ms_per_step")
     head = (f"XLA op time per step: {total:.2f} ms summed over ops "
