@@ -231,9 +231,10 @@ def bilinear_sample(img, pix_xy, align_corners: bool = True):
     taps = jnp.take_along_axis(flat, idx, axis=1, mode="clip").reshape(b, *out_hw, 4, c)
     w_nw, w_ne, w_sw, w_se = wx0 * wy0, wx1 * wy0, wx0 * wy1, wx1 * wy1
     # Per channel on (B,h,w) planes, summed in grid_sample's order (nw, ne, sw, se): bitwise the
-    # same whatever the batch sharding (tests/test_geometry.py), and forward + backward about
-    # 1.7x faster on XLA:CPU than a sum of (B,h,w,4,C) products over the tap axis, whose
-    # backward reduced the weights' cotangent over a broadcast axis (benchmarks/RESULTS.md).
+    # same whatever the batch sharding (tests/test_geometry.py). Against a sum of (B,h,w,4,C)
+    # products over a tap axis, whose backward reduced the weights' cotangent over a broadcast
+    # axis: the train step's warp forward + backward 2.6x faster on XLA:CPU, the whole loss's
+    # 1.6-1.8x (benchmarks/RESULTS.md).
     return jnp.stack(
         [w_nw * taps[..., 0, k] + w_ne * taps[..., 1, k] + w_sw * taps[..., 2, k] + w_se * taps[..., 3, k]
          for k in range(c)],
