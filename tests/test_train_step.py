@@ -94,30 +94,28 @@ def runs_by_device_count():
 #   every weight / BN statistic, 3 steps   <= max(PARAM_ATOL 5e-5, 2 x tie floor)
 # The losses are the sharp check, and the floor is far below what a sharding bug does:
 # BatchNorm statistics per device (1 example each) move the first loss by 3e-4 and gradients
-# by 4e-2 (measured on these nets and batch 0). Measured on this test's batches and 3 other sets (make_batch seeds 10-12,
-# 20-22, 30-32), 2026-11-27, with both sampler forms of benchmarks/RESULTS.md: losses <= 1.5e-6
-# apart; first-step gradients 1e-8 apart where no tie flips, up to 6.4e-6 (0.52 x the floor)
-# where one does; floors 1.2e-5 to 1.3e-4; 3-step weights up to 4.6e-4 apart, at most 1.003 x
-# the floor (the same flipped tie as in a perturbed run). The floors are near Adam's 3-step
-# ceiling (~2 x 3 lr), so after a flipped tie the weight check is loose and the losses are the
-# tight check of the trajectory. Equality to 1e-5 after 3
-# steps in general would need every cross-example sum in a fixed, device-count-independent
-# order (per-example partials all-gathered and added in order, inside BatchNorm and every
-# weight gradient): not done.
+# by 4e-2 (measured on these nets and batch 0). Measured on this test's batches and 3 other
+# sets (make_batch seeds 10-12, 20-22, 30-32), 2026-11-27, with both sampler forms of
+# benchmarks/RESULTS.md: losses <= 1.5e-6 apart; first-step gradients 1e-8 apart where no tie
+# flips, up to 6.4e-6 (0.52 x the floor) where one does; floors 1.2e-5 to 1.3e-4; 3-step
+# weights up to 4.6e-4 apart, at most 1.003 x the floor (the same flipped tie as in a perturbed
+# run). The floors are near Adam's 3-step ceiling (~2 x 3 lr), so after a flipped tie the
+# weight check is loose and the losses are the tight check of the trajectory. Equality to 1e-5
+# after 3 steps in general would need every cross-example sum in a fixed, device-count-
+# independent order (per-example partials all-gathered and added in order, inside BatchNorm
+# and every weight gradient): not done.
 GRAD_ATOL = 1e-7
 PARAM_ATOL = 5e-5
 FLOOR_FACTOR = 2.0
 
 
-def _worst(run, ref, prefix=""):
-    return max((float(np.max(np.abs(run[k] - ref[k]))), k) for k in ref if k.startswith(prefix))
+def _worst(run, ref):
+    return max((float(np.max(np.abs(run[k] - ref[k]))), k) for k in ref)
 
 
-def _tie_floor(runs, part):
-    ref = runs[1]
-    if part == "grad":
-        return max(_worst(runs["perturbed", *p]["first"]["mu"], ref["first"]["mu"])[0] for p in PERTURBATIONS)
-    return max(_worst(runs["perturbed", *p][part], ref[part])[0] for p in PERTURBATIONS)
+def _tie_floor(runs, pick):
+    """The largest difference `pick(run)` shows between the 1-device run and its perturbed twins."""
+    return max(_worst(pick(runs["perturbed", *p]), pick(runs[1]))[0] for p in PERTURBATIONS)
 
 
 def test_same_result_on_1_2_4_devices(runs_by_device_count):
@@ -125,9 +123,9 @@ def test_same_result_on_1_2_4_devices(runs_by_device_count):
     assert ref["step"] == 3
     assert ref["losses"][2] < ref["losses"][0]  # three Adam steps on the same kind of data lower it
     b1 = tiny_config().optim.b1
-    grad_floor = _tie_floor(runs_by_device_count, "grad") / (1 - b1)
-    param_floor = _tie_floor(runs_by_device_count, "params")
-    stats_floor = _tie_floor(runs_by_device_count, "batch_stats")
+    grad_floor = _tie_floor(runs_by_device_count, lambda r: r["first"]["mu"]) / (1 - b1)
+    param_floor = _tie_floor(runs_by_device_count, lambda r: r["params"])
+    stats_floor = _tie_floor(runs_by_device_count, lambda r: r["batch_stats"])
     # the floor is rounding and ties, orders of magnitude below a sharding bug's 4e-2
     assert grad_floor <= 1e-3 and param_floor <= 1e-3, (grad_floor, param_floor)
     for n in (2, 4):
@@ -279,7 +277,7 @@ def test_two_processes_train_in_lockstep_like_one(runs_by_device_count, tmp_path
     got = np.load(out)
     np.testing.assert_allclose(got["losses"], ref["losses"], rtol=0, atol=1e-5)
     worst = max(float(np.max(np.abs(got[k] - ref["params"][k]))) for k in ref["params"])
-    floor = _tie_floor(runs_by_device_count, "params")  # see test_same_result_on_1_2_4_devices
+    floor = _tie_floor(runs_by_device_count, lambda r: r["params"])  # see test_same_result_on_1_2_4_devices
     assert worst <= max(PARAM_ATOL, FLOOR_FACTOR * floor), (worst, floor)
 
 

@@ -57,8 +57,8 @@ PEAK_FLOPS = {
 # Monodepth2's fixed normalised intrinsics (KITTI), as the loader uses by default.
 MONODEPTH2_K = np.array([[0.58, 0, 0.5, 0], [0, 1.92, 0.5, 0], [0, 0, 1, 0], [0, 0, 0, 1]], np.float32)
 
-COLUMNS = ("variant", "batch", "HxW", "images/s (median)", "images/s (pipelined)", "step ms (median)", "init s", "compile s",
-           "GFLOP/step", "% of peak", "peak mem GB", "XLA mem GB", "GB accessed/step")
+COLUMNS = ("variant", "batch", "HxW", "images/s (median)", "images/s (pipelined)", "step ms (median)", "init s",
+           "compile s", "GFLOP/step", "% of peak", "peak mem GB", "XLA mem GB", "GB accessed/step")
 
 
 @dataclasses.dataclass(frozen=True)
