@@ -171,6 +171,41 @@ def nets_and_vars():
     return config, nets, params, batch_stats
 
 
+def test_pose_pairs_in_one_call_match_two_calls_in_a_row(nets_and_vars):
+    """`predict_poses` runs both source pairs as one vmapped pose-net call; it must give what two
+    pose-net calls in a row give (Monodepth2's code): per-pair BatchNorm statistics, and running
+    statistics updated first by the (-1, 0) pair, then by the (0, +1) pair."""
+    _, nets, params, batch_stats = nets_and_vars
+    aug = jnp.asarray(make_batch(B, H, W, seed=9)["color_aug"]).astype(jnp.float32) / 255.0
+    # running statistics far from their init, so that the order of the two updates shows
+    stats0 = jax.tree.map(lambda x: x + jnp.linspace(0.5, 2.0, x.size).reshape(x.shape), batch_stats["pose"])
+
+    @jax.jit
+    def both(p, bs, aug):
+        cam_T_cam, new_stats, raw = objective.predict_poses(nets, p, bs, aug, train=True)
+        ref_raw, stats = {}, bs
+        for f, pair in ((-1, (aug[:, 0], aug[:, 1])), (1, (aug[:, 1], aug[:, 2]))):
+            ref_raw[f], upd = nets.pose.apply({"params": p, "batch_stats": stats},
+                                              jnp.concatenate(pair, -1), train=True, mutable=["batch_stats"])
+            stats = upd["batch_stats"]
+        eval_raw = objective.predict_poses(nets, p, bs, aug, train=False)[2]
+        eval_ref = {f: nets.pose.apply({"params": p, "batch_stats": bs},
+                                       jnp.concatenate(pair, -1), train=False)
+                    for f, pair in ((-1, (aug[:, 0], aug[:, 1])), (1, (aug[:, 1], aug[:, 2])))}
+        return raw, new_stats, ref_raw, stats, eval_raw, eval_ref
+
+    raw, new_stats, ref_raw, ref_stats, eval_raw, eval_ref = both(params["pose"], stats0, aug)
+    for f in (-1, 1):
+        for got, want in ((raw[f], ref_raw[f]), (eval_raw[f], eval_ref[f])):
+            for g, w in zip(got, want):
+                np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-8)
+    flat_new, flat_ref, flat_old = _flat(new_stats), _flat(ref_stats), _flat(stats0)
+    assert flat_new.keys() == flat_ref.keys()
+    for key in flat_ref:
+        assert np.any(flat_ref[key] != flat_old[key]), key
+        np.testing.assert_allclose(flat_new[key], flat_ref[key], rtol=1e-6, atol=1e-7, err_msg=key)
+
+
 def test_lambda_zero_is_exactly_monodepth2(nets_and_vars):
     config, nets, params, batch_stats = nets_and_vars
     config0 = tiny_config(distill_weight=0.0)

@@ -16,8 +16,9 @@ Networks and their inputs follow the original code (reference §1, §3.3):
 - the depth net runs once, on the colour-augmented target frame `color_aug[:, 1]`;
 - the pose net runs once PER SOURCE PAIR, batch B each, frames in temporal order:
   (I-1, I0) for f = -1 (its transform is inverted: the net predicts -1 -> 0, we need 0 -> -1)
-  and (I0, I+1) for f = +1. Running both pairs as one 2B batch would change the BatchNorm
-  statistics. The second call sees the running statistics the first call updated, as in torch.
+  and (I0, I+1) for f = +1. Both calls are one `vmap` over the pair axis (`predict_poses`):
+  each pair still gets its own BatchNorm statistics over its B examples (one 2B batch would
+  change them), and the running statistics are updated as by two calls in a row, as in torch.
 - all losses use the un-augmented `color` frames; uint8 is divided by 255 in float32.
 
 Parameter and state layout (dicts, so optax and orbax see plain pytrees):
@@ -36,6 +37,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from xdistill_jax import distillation, geometry, losses, semantics
+from xdistill_jax.models.resnet import BN_MOMENTUM
 
 FRAMES = (-1, 0, 1)  # order of the frame axis in batch["color"] / ["color_aug"]
 SCALES = (0, 1, 2, 3)
@@ -121,18 +123,38 @@ def _apply_bn(module, params, batch_stats, x, train: bool):
 
 
 def predict_poses(nets: Networks, params, batch_stats, color_aug, train: bool):
-    """cam_T_cam {-1, +1} (B,4,4), from two pose-net calls (one per source pair).
+    """cam_T_cam {-1, +1} (B,4,4), from the pose net on both source pairs.
 
     color_aug: (B,3,H,W,3) float32 in [0,1], frames (-1, 0, +1).
     Returns (cam_T_cam, new pose batch_stats, {frame: (axisangle, translation)}).
+
+    The two pairs go through one `vmap`ped call (one set of convolutions over 2B images, traced
+    and compiled once) with the values of two separate calls: under `vmap` every BatchNorm takes
+    its mean and variance over one pair's B examples. Torch updates the running statistics
+    twice, r1 = m r0 + (1-m) s1, then r2 = m r1 + (1-m) s2; the vmapped call starts from zero
+    running statistics, so it returns each pair's own term (1-m) s_i, and r2 is assembled from
+    them in that order, the same operations as two calls in a row.
     """
     prev, cur, nxt = color_aug[:, 0], color_aug[:, 1], color_aug[:, 2]
-    stats = batch_stats
+    pairs = jnp.stack([jnp.concatenate((prev, cur), axis=-1), jnp.concatenate((cur, nxt), axis=-1)])
+    if train:
+        zeros = jax.tree.map(jnp.zeros_like, batch_stats)
+
+        def one_pair(x):
+            out, updates = nets.pose.apply({"params": params, "batch_stats": zeros}, x, train=True,
+                                           mutable=["batch_stats"])
+            return out, updates["batch_stats"]
+
+        (axisangles, translations), terms = jax.vmap(one_pair)(pairs)
+        m = BN_MOMENTUM
+        stats = jax.tree.map(lambda r0, t: m * (m * r0 + t[0]) + t[1], batch_stats, terms)
+    else:
+        axisangles, translations = jax.vmap(
+            lambda x: nets.pose.apply({"params": params, "batch_stats": batch_stats}, x, train=False))(pairs)
+        stats = batch_stats
     cam_T_cam, raw = {}, {}
-    for f, pair in ((-1, (prev, cur)), (1, (cur, nxt))):
-        (axisangle, translation), stats = _apply_bn(nets.pose, params, stats,
-                                                    jnp.concatenate(pair, axis=-1), train)
-        axisangle, translation = axisangle.astype(jnp.float32), translation.astype(jnp.float32)
+    for i, f in enumerate((-1, 1)):
+        axisangle, translation = axisangles[i].astype(jnp.float32), translations[i].astype(jnp.float32)
         raw[f] = (axisangle, translation)
         cam_T_cam[f] = geometry.pose_from_axisangle(axisangle, translation, invert=(f < 0))
     return cam_T_cam, stats, raw

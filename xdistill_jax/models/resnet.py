@@ -38,6 +38,7 @@ torch_resnet_conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "norma
 # Monodepth2's fixed input normalisation (one scalar mean/std for all channels, not ImageNet's).
 INPUT_MEAN = 0.45
 INPUT_STD = 0.225
+BN_MOMENTUM = 0.9  # weight of the old running value in every BatchNorm here: torch momentum 0.1
 
 
 class TorchBatchNorm(nn.Module):
@@ -57,7 +58,7 @@ class TorchBatchNorm(nn.Module):
     """
 
     use_running_average: bool = False
-    momentum: float = 0.9  # weight of the old running value: torch momentum 0.1
+    momentum: float = BN_MOMENTUM
     epsilon: float = 1e-5
     use_fast_variance: bool = False
     dtype: Any = jnp.float32
@@ -197,7 +198,7 @@ class ResNetEncoder(nn.Module):
             kernel_init=torch_resnet_conv_init,
         )
         norm = functools.partial(
-            self.norm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
+            self.norm, use_running_average=not train, momentum=BN_MOMENTUM, epsilon=1e-5,
             dtype=self.dtype, param_dtype=self.param_dtype,
         )
 
