@@ -64,18 +64,14 @@ def main() -> None:
     jax.config.update("jax_enable_compilation_cache", False)
     import xdistill_jax
     from xdistill_jax import benchmark, config_utils, semantics, train
-    from xdistill_jax.objective import Networks
 
     config = config_utils.config_from_args(args.config, overrides)
     mesh = train.make_mesh(config)
     b, h, w = config.optim.batch_size, config.data.height, config.data.width
     groups = semantics.get_grouping(config.distill.grouping).num_groups if config.distill.weight > 0 else None
     host = benchmark.synthetic_batch(b, h, w, num_groups=groups, teacher_stride=2, seed=args.seed)
-    nets = Networks.from_config(config)
-    tx = train.make_optimizer(config, steps_per_epoch=1000)
-    state = train.create_train_state(nets, tx, mesh, jax.random.key(args.seed))
-    batch = train.global_batch(host, mesh)
-    rng = jax.device_put(jax.random.key(args.seed + 1), train.replicated(mesh))
+    nets, tx, state = benchmark.init_state(config, mesh, args.seed)
+    batch, rng = benchmark.device_inputs(host, mesh, args.seed)
     step = train.make_train_step(config, nets, tx, mesh)
     t0 = time.perf_counter()
     lowered = step.lower(state, batch, rng)

@@ -183,15 +183,15 @@ def test_pose_pairs_in_one_call_match_two_calls_in_a_row(nets_and_vars):
     @jax.jit
     def both(p, bs, aug):
         cam_T_cam, new_stats, raw = objective.predict_poses(nets, p, bs, aug, train=True)
+        pairs = {-1: jnp.concatenate((aug[:, 0], aug[:, 1]), -1), 1: jnp.concatenate((aug[:, 1], aug[:, 2]), -1)}
         ref_raw, stats = {}, bs
-        for f, pair in ((-1, (aug[:, 0], aug[:, 1])), (1, (aug[:, 1], aug[:, 2]))):
-            ref_raw[f], upd = nets.pose.apply({"params": p, "batch_stats": stats},
-                                              jnp.concatenate(pair, -1), train=True, mutable=["batch_stats"])
+        for f, pair in pairs.items():  # in order: (-1, 0) first
+            ref_raw[f], upd = nets.pose.apply({"params": p, "batch_stats": stats}, pair, train=True,
+                                              mutable=["batch_stats"])
             stats = upd["batch_stats"]
         eval_raw = objective.predict_poses(nets, p, bs, aug, train=False)[2]
-        eval_ref = {f: nets.pose.apply({"params": p, "batch_stats": bs},
-                                       jnp.concatenate(pair, -1), train=False)
-                    for f, pair in ((-1, (aug[:, 0], aug[:, 1])), (1, (aug[:, 1], aug[:, 2])))}
+        eval_ref = {f: nets.pose.apply({"params": p, "batch_stats": bs}, pair, train=False)
+                    for f, pair in pairs.items()}
         return raw, new_stats, ref_raw, stats, eval_raw, eval_ref
 
     raw, new_stats, ref_raw, ref_stats, eval_raw, eval_ref = both(params["pose"], stats0, aug)

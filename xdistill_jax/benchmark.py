@@ -165,6 +165,24 @@ def _peak_memory_bytes(mesh) -> int | None:
     return max(peaks)
 
 
+def init_state(config: ml_collections.ConfigDict, mesh, seed: int = 0):
+    """(nets, optimizer, train state) of the config, as the benchmarks build them."""
+    from xdistill_jax import train
+    from xdistill_jax.objective import Networks
+
+    nets = Networks.from_config(config)
+    tx = train.make_optimizer(config, steps_per_epoch=1000)
+    return nets, tx, train.create_train_state(nets, tx, mesh, jax.random.key(seed))
+
+
+def device_inputs(host_batch: dict, mesh, seed: int = 0):
+    """(global batch, replicated step key) on the mesh, as the benchmarks feed the step."""
+    from xdistill_jax import train
+
+    return (train.global_batch(host_batch, mesh),
+            jax.device_put(jax.random.key(seed + 1), train.replicated(mesh)))
+
+
 def benchmark_step(config: ml_collections.ConfigDict, *, steps: int = 50, warmup: int = 5,
                    seed: int = 0, teacher_stride: int = 2, progress=None,
                    profile_dir: str | None = None, profile_steps: int = 5) -> dict[str, Any]:
@@ -179,7 +197,6 @@ def benchmark_step(config: ml_collections.ConfigDict, *, steps: int = 50, warmup
     """
     say = progress or (lambda message: None)
     from xdistill_jax import semantics, train
-    from xdistill_jax.objective import Networks
 
     if steps < 1 or warmup < 0:
         raise ValueError(f"steps must be >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
@@ -193,15 +210,12 @@ def benchmark_step(config: ml_collections.ConfigDict, *, steps: int = 50, warmup
     host_batch = synthetic_batch(b, h, w, num_groups=groups, teacher_stride=teacher_stride, seed=seed)
 
     t0 = time.perf_counter()
-    nets = Networks.from_config(config)
-    tx = train.make_optimizer(config, steps_per_epoch=1000)
-    state = train.create_train_state(nets, tx, mesh, jax.random.key(seed))
+    nets, tx, state = init_state(config, mesh, seed)
     _block(state)
     init_s = time.perf_counter() - t0
     say(f"init {init_s:.2f} s")
 
-    batch = train.global_batch(host_batch, mesh)
-    rng = jax.device_put(jax.random.key(seed + 1), train.replicated(mesh))
+    batch, rng = device_inputs(host_batch, mesh, seed)
     _block((batch, rng))
 
     # With a profile, op metadata goes into the persistent cache's key: by default the key leaves
