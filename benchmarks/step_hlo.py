@@ -22,22 +22,10 @@ import time
 
 
 def _opcode(line: str) -> str:
-    """The opcode of one HLO instruction line (`name = SHAPE opcode(operands), attrs`); SHAPE may
-    be a tuple with spaces in it."""
-    rhs = line.split(" = ", 1)[1]
-    if rhs.startswith("("):  # tuple shape: skip to its closing parenthesis
-        depth = 0
-        for i, ch in enumerate(rhs):
-            depth += {"(": 1, ")": -1}.get(ch, 0)
-            if depth == 0:
-                break
-        rest = rhs[i + 1:].lstrip()
-    else:
-        rest = rhs.split(" ", 1)[1]
-    match = re.match(r"([\w-]+)\(", rest)
-    if match is None:
-        raise ValueError(f"not an HLO instruction line: {line!r}")
-    return match.group(1)
+    """The opcode of one HLO instruction line (`name = SHAPE opcode(operands), attrs`)."""
+    from xdistill_jax.hlo_census import split_definition
+
+    return split_definition(line.split(" = ", 1)[1])[1]
 
 
 def census(hlo_text: str) -> dict[str, int]:

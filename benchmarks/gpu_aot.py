@@ -1,0 +1,200 @@
+"""The train step compiled for a GPU that is not here (deviceless AOT): kernels, bytes, memory.
+
+    pip install "jax-cuda13-plugin==$JAXVER" "jax-cuda13-pjrt==$JAXVER"   # JAXVER: installed jax's
+    python benchmarks/gpu_aot.py --config configs/kitti_resnet18_640x192.py --json aot.json
+
+XLA's GPU compiler runs on the host: given a description of the target (`--target-config`, a
+`stream_executor.GpuTargetConfigProto` text; default: `H100_SXM` below) it compiles the full
+X-Distill train step for that GPU without one being present. Per variant (compute dtype x
+distillation on/off) this prints what the compiled program is, not how fast it runs:
+
+  * lower / compile seconds on this host (no autotuning: there is no device to time kernels on;
+    a GPU host compiles with more cores and autotunes, so its cold start differs);
+  * device memory by XLA's buffer assignment: arguments + temporaries + outputs not aliased to
+    donated arguments (the runtime adds its allocator's slack and library handles);
+  * kernels: fusions, cuDNN / cuBLAS calls, copies (`xdistill_jax.hlo_census`);
+  * bytes moved per step (an estimate, see hlo_census) and the memory roofline: bytes /
+    bandwidth of the target, a lower bound on the step time of a memory-bound step, and the
+    images/s it would allow (XLA's cost analysis, hence FLOPs, is not available from the
+    compile-only client; `xdistill bench` reports FLOPs where the step runs).
+
+Only a run on the device measures time (benchmarks/gpu.sh). The CUDA plugin is needed, not a GPU,
+a driver or cuDNN: `JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1` (set here) skips the plugin's check for the
+CUDA libraries; ptxas must be on PATH (CUDA toolkit) or in the pip nvidia-cuda-nvcc wheel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import time
+
+os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+
+# NVIDIA H100 SXM5 80GB (compute capability 9.0): 132 SMs, 50 MiB L2, 3.35 TB/s HBM3, 1.98 GHz
+# boost clock; per SM 228 KiB shared memory (227 KiB opt-in per block), 64 Ki registers, 2048
+# threads. The CUDA runtime and cuDNN versions are the plugin's (CUDA 13, cuDNN 9).
+H100_SXM = """
+gpu_device_info {
+  threads_per_block_limit: 1024
+  threads_per_warp: 32
+  shared_memory_per_block: 49152
+  shared_memory_per_core: 233472
+  threads_per_core_limit: 2048
+  core_count: 132
+  fpus_per_core: 128
+  block_dim_limit_x: 2147483647
+  block_dim_limit_y: 65535
+  block_dim_limit_z: 65535
+  memory_bandwidth: 3352320000000
+  l2_cache_size: 52428800
+  clock_rate_ghz: 1.98
+  device_memory_size: 84929347584
+  shared_memory_per_block_optin: 232448
+  cuda_compute_capability { major: 9 minor: 0 }
+  registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+}
+platform_name: "CUDA"
+dnn_version_info { major: 9 minor: 7 }
+runtime_version { major: 13 minor: 0 }
+device_description_str: "NVIDIA H100 80GB HBM3"
+"""
+
+
+def target_facts(target_config: str) -> dict:
+    """(device name, memory bandwidth in bytes/s) of a target config text."""
+    name = re.search(r'device_description_str:\s*"([^"]*)"', target_config)
+    bandwidth = re.search(r"memory_bandwidth:\s*([0-9]+)", target_config)
+    if name is None or bandwidth is None:
+        raise ValueError("target config must give device_description_str and memory_bandwidth")
+    return {"device": name.group(1), "bandwidth": float(bandwidth.group(1))}
+
+
+def compile_variant(config, mesh, seed: int = 0, teacher_stride: int = 2):
+    """(compiled, lower s, compile s) of the train step for `config` on `mesh`, from
+    abstract state and batch (nothing is allocated on the target)."""
+    import jax
+    import numpy as np
+
+    from xdistill_jax import benchmark, semantics, train
+    from xdistill_jax.objective import Networks
+
+    b, h, w = config.optim.batch_size, config.data.height, config.data.width
+    groups = semantics.get_grouping(config.distill.grouping).num_groups if config.distill.weight > 0 else None
+    host = benchmark.synthetic_batch(b, h, w, num_groups=groups, teacher_stride=teacher_stride, seed=seed)
+    nets = Networks.from_config(config)
+    tx = train.make_optimizer(config, steps_per_epoch=1000)
+    state, _ = train.abstract_train_state(nets, tx, mesh)
+    sharded = train.batch_sharding(mesh)
+    batch = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype, sharding=sharded) for k, v in host.items()}
+    key = jax.eval_shape(jax.random.key, seed)
+    rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=train.replicated(mesh))
+    step = train.make_train_step(config, nets, tx, mesh)
+    t0 = time.perf_counter()
+    lowered = step.lower(state, batch, rng)
+    lower_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    compiled = lowered.compile()
+    return compiled, lower_s, time.perf_counter() - t0
+
+
+def measure(config, mesh, facts: dict, *, seed: int = 0, hlo_path: str | None = None) -> dict:
+    from xdistill_jax import hlo_census
+
+    compiled, lower_s, compile_s = compile_variant(config, mesh, seed)
+    if hlo_path:
+        with open(hlo_path, "w") as f:
+            f.write(compiled.as_text())
+    mem = compiled.memory_analysis()
+    kernels = hlo_census.kernels(compiled.as_text())
+    summary = hlo_census.summarize(kernels, bandwidth=facts["bandwidth"])
+    count = lambda *kinds: sum(1 for k in kernels if k["kind"] in kinds)  # noqa: E731
+    batch = config.optim.batch_size
+    return {
+        "lower_s": lower_s, "compile_s": compile_s,
+        "memory_bytes": int(mem.argument_size_in_bytes + mem.temp_size_in_bytes
+                            + mem.output_size_in_bytes - mem.alias_size_in_bytes),
+        "argument_bytes": int(mem.argument_size_in_bytes), "temp_bytes": int(mem.temp_size_in_bytes),
+        "kernels": summary["kernels"],
+        "fusions": sum(1 for k in kernels if k["opcode"] == "fusion" and k["kind"] != "convolution/matmul"),
+        "library_calls": count("convolution/matmul"),
+        "copies": count("copy/transpose"),
+        "bytes": summary["bytes"], "roofline_ms": summary["roofline_ms"],
+        "roofline_images_per_s": batch / (summary["roofline_ms"] / 1e3),
+        "census": summary,
+    }
+
+
+def table(rows: list[dict], facts: dict) -> str:
+    out = [f"Train step compiled for {facts['device']} on this host (deviceless; nothing ran on a GPU)", "",
+           "| variant | batch | HxW | compile s | memory GB (XLA) | kernels | fusions | cuDNN/cuBLAS | copies "
+           "| GB moved/step (est.) | memory roofline ms | images/s at roofline |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['variant']} | {r['batch']} | {r['hw']} | {r['compile_s']:.1f} | {r['memory_bytes'] / 1e9:.2f} "
+                   f"| {r['kernels']} | {r['fusions']} | {r['library_calls']} | {r['copies']} | {r['bytes'] / 1e9:.2f} "
+                   f"| {r['roofline_ms']:.2f} | {r['roofline_images_per_s']:.0f} |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/kitti_resnet18_640x192.py")
+    p.add_argument("--dtypes", default="bfloat16,float32", help="comma list of float32,bfloat16")
+    p.add_argument("--distill", default="on,off", help="comma list of on,off")
+    p.add_argument("--target-config", default=None, help="GpuTargetConfigProto text file (default: H100 SXM)")
+    p.add_argument("--scopes", action="store_true", help="also print each variant's census by scope and kind")
+    p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--hlo-dir", default=None, help="write each variant's optimised HLO text here")
+    p.add_argument("--seed", type=int, default=0)
+    args, overrides = p.parse_known_args()
+
+    import jax
+
+    jax.config.update("jax_enable_compilation_cache", False)
+    from jax.experimental import topologies
+
+    import xdistill_jax
+    from xdistill_jax import benchmark, config_utils, hlo_census
+
+    target = open(args.target_config).read() if args.target_config else H100_SXM
+    facts = target_facts(target)
+    try:
+        topology = topologies.get_topology_desc(platform="cuda", target_config=target, topology="1x1x1")
+    except NotImplementedError as e:
+        raise SystemExit(f"gpu_aot: no CUDA compiler in this jax ({e}); install jax-cuda13-plugin and "
+                         f"jax-cuda13-pjrt of jax's version ({jax.__version__})") from e
+    mesh = topologies.make_mesh(topology, (1,), ("data",))
+    base = config_utils.config_from_args(args.config, overrides + ["--config.mesh.num_devices=1"])
+    chosen = benchmark.variants([d.strip() for d in args.dtypes.split(",")],
+                                [{"on": True, "off": False}[x.strip()] for x in args.distill.split(",")])
+    rows = []
+    for variant in chosen:
+        config = benchmark.variant_config(base, variant)
+        row = {"variant": variant.name, "batch": config.optim.batch_size,
+               "hw": f"{config.data.height}x{config.data.width}"}
+        hlo_path = None
+        if args.hlo_dir:
+            os.makedirs(args.hlo_dir, exist_ok=True)
+            hlo_path = os.path.join(args.hlo_dir, re.sub(r"\W+", "_", variant.name) + ".hlo.txt")
+        row.update(measure(config, mesh, facts, seed=args.seed, hlo_path=hlo_path))
+        rows.append(row)
+        print(f"{variant.name}: compile {row['compile_s']:.1f} s, {row['kernels']} kernels, "
+              f"{row['bytes'] / 1e9:.2f} GB moved/step (est.), memory {row['memory_bytes'] / 1e9:.2f} GB", flush=True)
+        if args.scopes:
+            print(hlo_census.markdown(row["census"]), "\n", flush=True)
+    print()
+    print(f"{xdistill_jax.__file__}, jax {jax.__version__}, {args.config} {' '.join(overrides)}")
+    print(table(rows, facts))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"target": facts, "config": args.config, "overrides": overrides,
+                       "jax": jax.__version__, "results": rows}, f, indent=1)
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

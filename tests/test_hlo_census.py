@@ -1,0 +1,92 @@
+"""hlo_census: shape bytes, kernels and their bytes from optimised HLO, summary arithmetic."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from xdistill_jax import hlo_census as hc
+
+# Hand-written optimised HLO (XLA's text format): a fusion reading one parameter twice, a cuDNN
+# convolution returning (result, u8 scratch) read through get-tuple-element, a copy, a tuple.
+HLO = """HloModule jit_train_step, entry_computation_layout={(f32[8]{0})->f32[8]{0}}
+
+%fused_computation.7 (param_0: f32[8], param_1: f32[8]) -> f32[8] {
+  %param_0 = f32[8]{0} parameter(0)
+  %param_1 = f32[8]{0} parameter(1)
+  ROOT %mul.3 = f32[8]{0} multiply(%param_0, %param_1), metadata={op_name="jit(train_step)/transpose(jvp(photometric))/reprojection/mul"}
+}
+
+ENTRY %main.9 (Arg_0.1: f32[8], Arg_1.1: bf16[2,4,4,3], Arg_2.1: bf16[3,3,3,16]) -> (f32[8], bf16[2,4,4,16]) {
+  %Arg_0.1 = f32[8]{0} parameter(0), metadata={op_name="x"}
+  %Arg_1.1 = bf16[2,4,4,3]{3,2,1,0} parameter(1)
+  %Arg_2.1 = bf16[3,3,3,16]{3,2,1,0} parameter(2)
+  %loop_multiply_fusion = f32[8]{0} fusion(%Arg_0.1, %Arg_0.1), kind=kLoop, calls=%fused_computation.7
+  %cudnn-conv.2 = (bf16[2,4,4,16]{3,2,1,0}, u8[4096]{0}) custom-call(%Arg_1.1, /*index=1*/%Arg_2.1), custom_call_target="__cudnn$convForward", metadata={op_name="jit(train_step)/jvp(depth_net)/DepthNet/conv_general_dilated"}
+  %get-tuple-element.1 = bf16[2,4,4,16]{3,2,1,0} get-tuple-element(%cudnn-conv.2), index=0
+  %copy.4 = f32[8]{0} copy(%loop_multiply_fusion), metadata={op_name="jit(train_step)/optimizer/copy"}
+  ROOT %tuple.5 = (f32[8]{0}, bf16[2,4,4,16]{3,2,1,0}) tuple(%copy.4, %get-tuple-element.1)
+}
+"""
+
+
+def test_shape_bytes():
+    assert hc.shape_bytes("f32[12,192,640]{2,1,0}") == 12 * 192 * 640 * 4
+    assert hc.shape_bytes("f32[]") == 4
+    assert hc.shape_bytes("(bf16[2,3]{1,0}, u8[100]{0})") == 12
+    assert hc.shape_bytes("(bf16[2,3]{1,0}, u8[100]{0})", scratch=True) == 112
+    assert hc.shape_bytes("(pred[5], s32[2], token[])") == 5 + 8
+    with pytest.raises(ValueError, match="q7"):
+        hc.shape_bytes("q7[3]")
+
+
+def test_kernels_of_hand_written_hlo():
+    ks = {k["name"]: k for k in hc.kernels(HLO)}
+    assert list(ks) == ["loop_multiply_fusion", "cudnn-conv.2", "copy.4"]  # no parameter/gte/tuple
+    fusion = ks["loop_multiply_fusion"]
+    # result 32 B + the one distinct operand 32 B (read twice, charged once)
+    assert (fusion["bytes"], fusion["out_bytes"]) == (64, 32)
+    assert (fusion["scope"], fusion["pass"], fusion["kind"]) == ("reprojection", "bwd", "fusion (loop)")
+    conv = ks["cudnn-conv.2"]
+    # result 2*4*4*16 x 2 B = 1024 (scratch not counted) + input 2*4*4*3 x 2 = 192 + kernel 3*3*3*16 x 2 = 864
+    assert conv["bytes"] == 1024 + 192 + 864
+    assert (conv["scope"], conv["kind"]) == ("depth_net", "convolution/matmul")
+    assert (ks["copy.4"]["bytes"], ks["copy.4"]["scope"]) == (64, "optimizer")
+
+
+def test_summary_totals_and_roofline():
+    s = hc.summarize(hc.kernels(HLO), bandwidth=1e9, top=2)
+    assert s["kernels"] == 3 and s["bytes"] == 64 + 2080 + 64
+    assert s["roofline_ms"] == pytest.approx(2208 / 1e9 * 1e3)
+    scopes = {x["scope"]: x for x in s["scopes"]}
+    assert scopes["reprojection"]["bwd_bytes"] == 64 and scopes["reprojection"]["fwd_bytes"] == 0
+    assert scopes["depth_net"]["bytes"] == 2080
+    assert [k["name"] for k in s["top"]] == ["cudnn-conv.2", "loop_multiply_fusion"]
+    assert sum(k["bytes"] for k in s["kinds"]) == s["bytes"]
+    text = hc.markdown(s)
+    assert "3 kernels" in text and "| depth_net | 1 |" in text
+
+
+def test_undefined_operand_and_loops_are_errors():
+    with pytest.raises(ValueError, match="Arg_9"):
+        hc.kernels(HLO.replace("fusion(%Arg_0.1, %Arg_0.1)", "fusion(%Arg_0.1, %Arg_9)"))
+    loop = jax.jit(lambda x: jax.lax.fori_loop(0, 3, lambda i, v: jnp.sin(v) * v, x))
+    text = loop.lower(jnp.ones((4, 4))).compile().as_text()
+    with pytest.raises(ValueError, match="is a (while|call)"):  # XLA:CPU wraps small loops in a call
+        hc.kernels(text)
+
+
+def test_kernels_of_a_compiled_function():
+    def f(x, y):
+        with jax.named_scope("warp"):
+            a = jnp.sum(jnp.exp(x))
+        with jax.named_scope("optimizer"):
+            b = y * 2.0 + 1.0
+        return a, b
+
+    text = jax.jit(f).lower(jnp.ones((64, 128)), jnp.ones((1000,))).compile().as_text()
+    ks = hc.kernels(text)
+    assert {k["scope"] for k in ks} == {"warp", "optimizer"}
+    # the elementwise chain is one kernel: 4000 B in, 4000 B out
+    assert [k["bytes"] for k in ks if k["scope"] == "optimizer"] == [8000]
+    # the reduction reads all of x and writes (at least) the scalar
+    assert sum(k["bytes"] for k in ks if k["scope"] == "warp") >= 64 * 128 * 4 + 4

@@ -1,0 +1,169 @@
+"""The kernels of a compiled program and the bytes they move, read from XLA's optimised HLO.
+
+    compiled = jax.jit(step).lower(*args).compile()
+    kernels = hlo_census.kernels(compiled.as_text())
+    print(hlo_census.markdown(hlo_census.summarize(kernels, bandwidth=3.35e12)))
+
+A **kernel** is an instruction of the entry computation that does device work: everything but
+`parameter`, `constant`, `tuple`, `get-tuple-element` and `bitcast`. On a GPU each is (at
+least) one launch: a fusion, a library call (cuDNN convolution, cuBLAS gemm), a copy.
+
+Its **bytes** are those of its result plus those of each distinct operand: what it moves to and
+from device memory if it reads every operand element once and keeps nothing between kernels
+(`u8` scratch of library calls is not counted). That is an estimate, not XLA's cost model: a
+kernel that reads a slice of an operand is charged the whole operand, one that reads an element
+twice is charged once. Summed over the step it is the traffic of the memory roofline: a
+memory-bound step cannot run faster than bytes / bandwidth. The benchmarks use it to compare
+two versions of a program compiled for the same target, and to read a GPU program compiled
+without a GPU (`benchmarks/gpu_aot.py`); only a run on the device measures time.
+
+Each kernel is attributed to a scope and pass (`profile_summary.scope_of`, the train step's
+`jax.named_scope`s) and a kind of work (`profile_summary.kind_of`).
+
+Straight-line programs only: an entry computation with a `while`, `conditional` or `call`
+raises (the kernels of their bodies would run an unknown number of times).
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+from typing import Any, Iterable
+
+from xdistill_jax import profile_summary
+
+BYTES_PER_ELEMENT = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
+                     "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8,
+                     "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1, "token": 0}
+NO_WORK = ("parameter", "constant", "tuple", "get-tuple-element", "bitcast")
+NOT_STRAIGHT = ("while", "conditional", "call")
+
+_ARRAY_RE = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]")
+_DEF_RE = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
+
+
+def shape_bytes(shape: str, *, scratch: bool = False) -> int:
+    """Bytes of an HLO shape (`f32[12,192,640]{2,1,0}` or a tuple of them); `u8` arrays (library
+    scratch) count only with scratch=True. Token and opaque types count 0."""
+    total = 0
+    for dtype, dims in _ARRAY_RE.findall(shape):
+        if dtype not in BYTES_PER_ELEMENT:
+            raise ValueError(f"unknown HLO element type {dtype!r} in shape {shape!r}")
+        if dtype == "u8" and not scratch:
+            continue
+        n = 1
+        for d in dims.split(","):
+            if d:
+                n *= int(d)
+        total += n * BYTES_PER_ELEMENT[dtype]
+    return total
+
+
+def split_definition(rhs: str) -> tuple[str, str, str]:
+    """`SHAPE opcode(operands), attrs` -> (shape, opcode, operand text)."""
+    if rhs.startswith("("):  # tuple shape: up to its closing parenthesis
+        depth = 0
+        for i, ch in enumerate(rhs):
+            depth += {"(": 1, ")": -1}.get(ch, 0)
+            if depth == 0:
+                break
+        shape, rest = rhs[:i + 1], rhs[i + 1:].lstrip()
+    else:
+        shape, _, rest = rhs.partition(" ")
+    match = re.match(r"([a-z][\w\-]*)\(", rest)
+    if match is None:
+        raise ValueError(f"not an HLO instruction: {rhs[:120]!r}")
+    depth, start = 0, match.end() - 1
+    for i in range(start, len(rest)):
+        depth += {"(": 1, ")": -1}.get(rest[i], 0)
+        if depth == 0:
+            break
+    return shape, match.group(1), rest[start + 1:i]
+
+
+def entry_lines(hlo_text: str) -> list[str]:
+    """The instruction lines of the ENTRY computation."""
+    start = hlo_text.find("\nENTRY")
+    if start < 0:
+        raise ValueError("no ENTRY computation in the HLO text")
+    body = hlo_text[start + 1:]
+    end = body.find("\n}")
+    return [line for line in body[:end].splitlines()[1:] if " = " in line]
+
+
+def kernels(hlo_text: str) -> list[dict[str, Any]]:
+    """The kernels of the entry computation, in program order: {"name", "opcode", "kind",
+    "scope", "pass", "bytes", "out_bytes"} (see the module docstring)."""
+    info = profile_summary.hlo_instructions(hlo_text)
+    shapes: dict[str, str] = {}
+    out = []
+    for line in entry_lines(hlo_text):
+        match = _DEF_RE.match(line)
+        if match is None:
+            continue
+        name = match.group(1)
+        shape, opcode, operand_text = split_definition(match.group(2))
+        shapes[name] = shape
+        if opcode in NOT_STRAIGHT:
+            raise ValueError(f"instruction {name} is a {opcode}: the census counts straight-line "
+                             "entry computations only")
+        if opcode in NO_WORK:
+            continue
+        operands = dict.fromkeys(re.findall(r"%([\w.\-]+)", operand_text))
+        unknown = [o for o in operands if o not in shapes]
+        if unknown:
+            raise ValueError(f"instruction {name}: operand {unknown[0]} is not defined before it")
+        out_bytes = shape_bytes(shape)
+        scope, direction = profile_summary.scope_of(info[name]["op_name"] if name in info else "")
+        out.append({"name": name, "opcode": opcode, "kind": profile_summary.kind_of(info.get(name)),
+                    "scope": scope, "pass": direction, "out_bytes": out_bytes,
+                    "bytes": out_bytes + sum(shape_bytes(shapes[o]) for o in operands)})
+    return out
+
+
+def summarize(kernel_list: Iterable[dict[str, Any]], *, bandwidth: float | None = None,
+              top: int = 10) -> dict[str, Any]:
+    """Totals by scope (with pass) and by kind, the `top` kernels by bytes, and with `bandwidth`
+    (bytes/s) the memory-roofline time bytes / bandwidth in ms."""
+    kernel_list = list(kernel_list)
+    scopes = collections.defaultdict(lambda: {"kernels": 0, "fwd_bytes": 0, "bwd_bytes": 0})
+    kinds = collections.defaultdict(lambda: {"kernels": 0, "bytes": 0})
+    for k in kernel_list:
+        scopes[k["scope"]]["kernels"] += 1
+        scopes[k["scope"]][f"{k['pass']}_bytes"] += k["bytes"]
+        kinds[k["kind"]]["kernels"] += 1
+        kinds[k["kind"]]["bytes"] += k["bytes"]
+    order = {s: i for i, s in enumerate(profile_summary.SCOPES + ("other",))}
+    total = sum(k["bytes"] for k in kernel_list)
+    return {
+        "kernels": len(kernel_list),
+        "bytes": total,
+        "roofline_ms": total / bandwidth * 1e3 if bandwidth else None,
+        "scopes": [{"scope": s, **v, "bytes": v["fwd_bytes"] + v["bwd_bytes"]}
+                   for s, v in sorted(scopes.items(), key=lambda kv: order.get(kv[0], len(order)))],
+        "kinds": [{"kind": k, **v} for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]["bytes"])],
+        "top": sorted(kernel_list, key=lambda k: -k["bytes"])[:top],
+    }
+
+
+def _pct(part: float, whole: float) -> str:
+    return f"{100.0 * part / whole:.1f}" if whole else "n/a"
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    """The summary as markdown: a totals line, then tables by scope, by kind and the top kernels."""
+    total = summary["bytes"]
+    head = f"{summary['kernels']} kernels, {total / 1e9:.2f} GB moved per step (estimate)"
+    if summary.get("roofline_ms") is not None:
+        head += f", memory roofline {summary['roofline_ms']:.2f} ms"
+    lines = [head, "", "| scope | kernels | fwd GB | bwd GB | GB (%) |", "|---|---|---|---|---|"]
+    for s in summary["scopes"]:
+        lines.append(f"| {s['scope']} | {s['kernels']} | {s['fwd_bytes'] / 1e9:.3f} | "
+                     f"{s['bwd_bytes'] / 1e9:.3f} | {s['bytes'] / 1e9:.3f} ({_pct(s['bytes'], total)}) |")
+    lines += ["", "| kind | kernels | GB (%) |", "|---|---|---|"]
+    for k in summary["kinds"]:
+        lines.append(f"| {k['kind']} | {k['kernels']} | {k['bytes'] / 1e9:.3f} ({_pct(k['bytes'], total)}) |")
+    lines += ["", "| kernel | scope (pass) | kind | MB |", "|---|---|---|---|"]
+    for k in summary["top"]:
+        lines.append(f"| {k['name']} | {k['scope']} ({k['pass']}) | {k['kind']} | {k['bytes'] / 1e6:.1f} |")
+    return "\n".join(lines)
