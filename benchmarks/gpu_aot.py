@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import re
-import time
 
 os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
 
@@ -73,38 +72,10 @@ def target_facts(target_config: str) -> dict:
     return {"device": name.group(1), "bandwidth": float(bandwidth.group(1))}
 
 
-def compile_variant(config, mesh, seed: int = 0, teacher_stride: int = 2):
-    """(compiled, lower s, compile s) of the train step for `config` on `mesh`, from
-    abstract state and batch (nothing is allocated on the target)."""
-    import jax
-    import numpy as np
-
-    from xdistill_jax import benchmark, semantics, train
-    from xdistill_jax.objective import Networks
-
-    b, h, w = config.optim.batch_size, config.data.height, config.data.width
-    groups = semantics.get_grouping(config.distill.grouping).num_groups if config.distill.weight > 0 else None
-    host = benchmark.synthetic_batch(b, h, w, num_groups=groups, teacher_stride=teacher_stride, seed=seed)
-    nets = Networks.from_config(config)
-    tx = train.make_optimizer(config, steps_per_epoch=1000)
-    state, _ = train.abstract_train_state(nets, tx, mesh)
-    sharded = train.batch_sharding(mesh)
-    batch = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype, sharding=sharded) for k, v in host.items()}
-    key = jax.eval_shape(jax.random.key, seed)
-    rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=train.replicated(mesh))
-    step = train.make_train_step(config, nets, tx, mesh)
-    t0 = time.perf_counter()
-    lowered = step.lower(state, batch, rng)
-    lower_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    compiled = lowered.compile()
-    return compiled, lower_s, time.perf_counter() - t0
-
-
 def measure(config, mesh, facts: dict, *, seed: int = 0, hlo_path: str | None = None) -> dict:
-    from xdistill_jax import hlo_census
+    from xdistill_jax import benchmark, hlo_census
 
-    compiled, lower_s, compile_s = compile_variant(config, mesh, seed)
+    _, compiled, lower_s, compile_s = benchmark.compile_step(config, mesh, seed)
     if hlo_path:
         with open(hlo_path, "w") as f:
             f.write(compiled.as_text())

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import collections
 import re
-import time
 
 
 def _opcode(line: str) -> str:
@@ -51,22 +50,11 @@ def main() -> None:
 
     jax.config.update("jax_enable_compilation_cache", False)
     import xdistill_jax
-    from xdistill_jax import benchmark, config_utils, semantics, train
+    from xdistill_jax import benchmark, config_utils, train
 
     config = config_utils.config_from_args(args.config, overrides)
-    mesh = train.make_mesh(config)
     b, h, w = config.optim.batch_size, config.data.height, config.data.width
-    groups = semantics.get_grouping(config.distill.grouping).num_groups if config.distill.weight > 0 else None
-    host = benchmark.synthetic_batch(b, h, w, num_groups=groups, teacher_stride=2, seed=args.seed)
-    nets, tx, state = benchmark.init_state(config, mesh, args.seed)
-    batch, rng = benchmark.device_inputs(host, mesh, args.seed)
-    step = train.make_train_step(config, nets, tx, mesh)
-    t0 = time.perf_counter()
-    lowered = step.lower(state, batch, rng)
-    lower_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    compiled = lowered.compile()
-    compile_s = time.perf_counter() - t0
+    lowered, compiled, lower_s, compile_s = benchmark.compile_step(config, train.make_mesh(config), args.seed)
     counts = census(compiled.as_text())
     print(f"{xdistill_jax.__file__} on {jax.devices()[0].device_kind}, {args.config} {' '.join(overrides)} "
           f"(batch {b}, {h}x{w}, {config.model.dtype}, distill weight {config.distill.weight}): "

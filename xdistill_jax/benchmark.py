@@ -165,6 +165,39 @@ def _peak_memory_bytes(mesh) -> int | None:
     return max(peaks)
 
 
+def config_batch(config: ml_collections.ConfigDict, seed: int = 0, teacher_stride: int = 2) -> dict[str, np.ndarray]:
+    """`synthetic_batch` of the config's batch size and resolution, with teacher logits of its
+    grouping when distillation is on."""
+    from xdistill_jax import semantics
+
+    groups = semantics.get_grouping(config.distill.grouping).num_groups if config.distill.weight > 0 else None
+    return synthetic_batch(config.optim.batch_size, config.data.height, config.data.width,
+                           num_groups=groups, teacher_stride=teacher_stride, seed=seed)
+
+
+def compile_step(config: ml_collections.ConfigDict, mesh, seed: int = 0, teacher_stride: int = 2):
+    """(lowered, compiled, lower s, compile s) of the config's train step on `mesh`, lowered from
+    abstract state, batch and key: nothing is initialised or allocated, so `mesh` may be of
+    compile-only devices (a GPU target without the GPU, benchmarks/gpu_aot.py)."""
+    from xdistill_jax import train
+    from xdistill_jax.objective import Networks
+
+    nets = Networks.from_config(config)
+    tx = train.make_optimizer(config, steps_per_epoch=1000)
+    state, _ = train.abstract_train_state(nets, tx, mesh)
+    sharded = train.batch_sharding(mesh)
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharded)
+             for k, v in config_batch(config, seed, teacher_stride).items()}
+    key = jax.eval_shape(jax.random.key, seed)
+    rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=train.replicated(mesh))
+    t0 = time.perf_counter()
+    lowered = train.make_train_step(config, nets, tx, mesh).lower(state, batch, rng)
+    lower_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    compiled = lowered.compile()
+    return lowered, compiled, lower_s, time.perf_counter() - t0
+
+
 def init_state(config: ml_collections.ConfigDict, mesh, seed: int = 0):
     """(nets, optimizer, train state) of the config, as the benchmarks build them."""
     from xdistill_jax import train
@@ -196,7 +229,7 @@ def benchmark_step(config: ml_collections.ConfigDict, *, steps: int = 50, warmup
       (optimized_hlo.txt.gz) to look the named ops up in.
     """
     say = progress or (lambda message: None)
-    from xdistill_jax import semantics, train
+    from xdistill_jax import train
 
     if steps < 1 or warmup < 0:
         raise ValueError(f"steps must be >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
@@ -206,8 +239,7 @@ def benchmark_step(config: ml_collections.ConfigDict, *, steps: int = 50, warmup
     config_utils.validate(config, num_devices=mesh.size)
     b, h, w = config.optim.batch_size, config.data.height, config.data.width
     distill = config.distill.weight > 0
-    groups = semantics.get_grouping(config.distill.grouping).num_groups if distill else None
-    host_batch = synthetic_batch(b, h, w, num_groups=groups, teacher_stride=teacher_stride, seed=seed)
+    host_batch = config_batch(config, seed, teacher_stride)
 
     t0 = time.perf_counter()
     nets, tx, state = init_state(config, mesh, seed)

@@ -146,10 +146,6 @@ def summarize(kernel_list: Iterable[dict[str, Any]], *, bandwidth: float | None 
     }
 
 
-def _pct(part: float, whole: float) -> str:
-    return f"{100.0 * part / whole:.1f}" if whole else "n/a"
-
-
 def markdown(summary: dict[str, Any]) -> str:
     """The summary as markdown: a totals line, then tables by scope, by kind and the top kernels."""
     total = summary["bytes"]
@@ -159,10 +155,10 @@ def markdown(summary: dict[str, Any]) -> str:
     lines = [head, "", "| scope | kernels | fwd GB | bwd GB | GB (%) |", "|---|---|---|---|---|"]
     for s in summary["scopes"]:
         lines.append(f"| {s['scope']} | {s['kernels']} | {s['fwd_bytes'] / 1e9:.3f} | "
-                     f"{s['bwd_bytes'] / 1e9:.3f} | {s['bytes'] / 1e9:.3f} ({_pct(s['bytes'], total)}) |")
+                     f"{s['bwd_bytes'] / 1e9:.3f} | {s['bytes'] / 1e9:.3f} ({profile_summary._pct(s['bytes'], total)}) |")
     lines += ["", "| kind | kernels | GB (%) |", "|---|---|---|"]
     for k in summary["kinds"]:
-        lines.append(f"| {k['kind']} | {k['kernels']} | {k['bytes'] / 1e9:.3f} ({_pct(k['bytes'], total)}) |")
+        lines.append(f"| {k['kind']} | {k['kernels']} | {k['bytes'] / 1e9:.3f} ({profile_summary._pct(k['bytes'], total)}) |")
     lines += ["", "| kernel | scope (pass) | kind | MB |", "|---|---|---|---|"]
     for k in summary["top"]:
         lines.append(f"| {k['name']} | {k['scope']} ({k['pass']}) | {k['kind']} | {k['bytes'] / 1e6:.1f} |")
