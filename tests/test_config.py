@@ -61,6 +61,10 @@ def test_bad_overrides_name_the_key(args, key):
     (["--config.model.num_layers=20"], "model.num_layers"),
     (["--config.loss.min_depth=200"], "loss.min_depth"),
     (["--config.model.dtype=float16"], "model.dtype"),
+    (["--config.distill.translator.output_stride=3"], "distill.translator.output_stride"),
+    (["--config.distill.translator.output_stride=64"], "distill.translator.output_stride"),
+    (["--config.distill.translator.features=0"], "distill.translator.features"),
+    (["--config.distill.translator.dilations=(1, 0)"], "distill.translator.dilations"),
 ])
 def test_impossible_values_name_the_key(args, key):
     with pytest.raises(config_utils.ConfigError, match=key.replace(".", r"\.")):
@@ -117,3 +121,36 @@ def test_cli_rejects_wrong_type_negative_lambda_and_batch_over_devices(tmp_path,
         assert re.search(key, capsys.readouterr().err), bad
     assert not compiled
     assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_translator_fields_are_the_translators_defaults_and_override_from_the_command_line(tmp_path):
+    """distill.translator spells out models.translator.Translator's defaults, so each field can be
+    overridden like any key and reaches the network; a config.json saved when the group was empty
+    (= those defaults) resumes without a structural difference, a changed field is one."""
+    import dataclasses
+
+    import jax
+
+    from xdistill_jax.models.translator import Translator
+    from xdistill_jax.objective import Networks
+
+    config = config_utils.config_from_args(str(CONFIGS / "synthetic_demo.py"))
+    fields = {f.name: f.default for f in dataclasses.fields(Translator) if f.name in config.distill.translator}
+    assert fields == config.distill.translator.to_dict() and len(fields) == 4
+
+    strided = config_utils.config_from_args(
+        str(CONFIGS / "synthetic_demo.py"),
+        ["--config.distill.translator.output_stride=4", "--config.distill.translator.dilations=(1, 2)"])
+    translator = Networks.from_config(strided).translator
+    assert (translator.output_stride, tuple(translator.dilations)) == (4, (1, 2))
+    h, w = strided.data.height, strided.data.width
+    variables = jax.eval_shape(translator.init, jax.random.key(0), jax.numpy.zeros((1, h, w, 1)))
+    logits = jax.eval_shape(translator.apply, variables, jax.numpy.zeros((2, h, w, 1)))
+    assert logits.shape[:3] == (2, h // 4, w // 4)
+
+    old = config_utils.apply_overrides(config, [])
+    old.distill.translator = {}
+    config_utils.save_config(old, tmp_path)
+    assert config_utils.structural_differences(config_utils.load_config(tmp_path), config) == []
+    assert config_utils.structural_differences(config_utils.load_config(tmp_path), strided) == [
+        "distill.translator.dilations: (1, 2, 4) -> (1, 2)", "distill.translator.output_stride: 1 -> 4"]

@@ -55,7 +55,14 @@ def base_config() -> ml_collections.ConfigDict:
     # translator learns from step 0 either way. 0 and 0 = the paper (full gradient from step 0).
     c.distill.depth_grad_start = 0
     c.distill.depth_grad_ramp = 0
-    c.distill.translator = ml_collections.ConfigDict()  # kwargs of models.translator.Translator
+    # models.translator.Translator's architecture (its defaults; tests/test_config.py checks they
+    # agree). output_stride 4 puts the translator at the teacher logits' stride (their store's
+    # default) and cuts its cost; 1 (full resolution) is this project's default.
+    c.distill.translator = ml_collections.ConfigDict()
+    c.distill.translator.features = 32
+    c.distill.translator.dilations = (1, 2, 4)
+    c.distill.translator.output_stride = 1
+    c.distill.translator.multi_scale = False
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 1e-4

@@ -19,6 +19,8 @@ from typing import Any, Iterable, Sequence
 
 import ml_collections
 
+from xdistill_jax import config_defaults
+
 CONFIG_JSON = "config.json"
 
 # Fields whose values change the shapes or meaning of the saved variables: a checkpoint written
@@ -169,6 +171,15 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     for key in ("depth_grad_start", "depth_grad_ramp"):
         _check(isinstance(ds[key], int) and ds[key] >= 0, f"distill.{key}",
                f"must be an integer >= 0, got {ds[key]!r}")
+    t = ds.translator
+    _check(isinstance(t.features, int) and t.features > 0, "distill.translator.features",
+           f"must be an integer > 0, got {t.features!r}")
+    _check(all(isinstance(v, int) and v > 0 for v in t.dilations), "distill.translator.dilations",
+           f"must be integers > 0, got {t.dilations!r}")
+    stride = t.output_stride
+    _check(isinstance(stride, int) and 1 <= stride <= 32 and stride & (stride - 1) == 0,
+           "distill.translator.output_stride", f"must be a power of 2 from 1 to 32, got {stride!r}")
+    _check(isinstance(t.multi_scale, bool), "distill.translator.multi_scale", f"must be true or false, got {t.multi_scale!r}")
     _check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
     _check(o.batch_size > 0, "optim.batch_size", f"must be > 0, got {o.batch_size}")
     _check(o.epochs > 0 or o.num_steps > 0, "optim.num_steps", "set optim.epochs or optim.num_steps > 0")
@@ -229,6 +240,13 @@ def structural_differences(saved: ml_collections.ConfigDict, current: ml_collect
     """Keys (dotted) under STRUCTURAL_KEYS whose values differ, as 'key: saved -> current'."""
     a = _flatten(_tuplify(saved.to_dict()))
     b = _flatten(_tuplify(current.to_dict()))
+    # configs saved before the translator's fields were spelled out (an empty distill.translator)
+    # meant the Translator's defaults: a missing field there counts as its default.
+    defaults = _flatten(_tuplify(config_defaults.base_config().to_dict()))
+    for flat in (a, b):
+        for key, value in defaults.items():
+            if key.startswith("distill.translator."):
+                flat.setdefault(key, value)
     a["distill.weight_is_zero"] = a.get("distill.weight", 0) == 0
     b["distill.weight_is_zero"] = b.get("distill.weight", 0) == 0
     out = []
