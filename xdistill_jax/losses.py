@@ -12,6 +12,7 @@ v1_multiscale; only the tie-break noise differs per scale) and the per-pixel ray
 
 from __future__ import annotations
 
+import functools
 from typing import Mapping
 
 import numpy as np
@@ -234,6 +235,11 @@ def monodepth2_loss(
     )
 
     T = {f: _f32(cam_T_cam[f]) for f in SOURCE_FRAMES}
+    # The warp is recomputed in the backward pass (jax.checkpoint) instead of storing what its
+    # gradient reads (the four gathered taps per channel and the tap indices, per scale and
+    # source): the gather re-reads a small image, the stored taps cost 12 full-resolution maps
+    # per warp. Same arithmetic; benchmarks/RESULTS.md (deviceless H100 census) has the bytes.
+    warp = jax.checkpoint(functools.partial(geometry.warp, align_corners=align_corners))
 
     def combine(per_frame):
         stacked = jnp.concatenate(per_frame, axis=-1)  # (B,h,w,2): frames -1, +1
@@ -261,11 +267,7 @@ def monodepth2_loss(
         """Warp both sources with `depth` (B,h,w,1) at resolution index `res`; returns
         (mean of the per-pixel minimum, identity selection (B,h,w), {frame: warped source})."""
         with jax.named_scope("warp"):
-            preds = {
-                f: geometry.warp(_color(colors, f, res), depth, Ks[res], inv_Ks[res], T[f],
-                                 align_corners=align_corners)
-                for f in SOURCE_FRAMES
-            }
+            preds = {f: warp(_color(colors, f, res), depth, Ks[res], inv_Ks[res], T[f]) for f in SOURCE_FRAMES}
         with jax.named_scope("reprojection"):
             reproj = combine([_reprojection_with_stats(preds[f], stats, no_ssim) for f in SOURCE_FRAMES])
         with jax.named_scope("select"):

@@ -23,7 +23,7 @@ Variable names mirror torchvision's so `xdistill_jax.convert` can map them one t
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -97,6 +97,68 @@ class TorchBatchNorm(nn.Module):
 
 def _pad(p: int):
     return ((p, p), (p, p))
+
+
+def _pool_with_argmax(x):
+    """torch's max_pool2d(x, 3, stride=2, padding=1) on NHWC x: (max (B,Ho,Wo,C), which of the 9
+    window taps (row-major) holds it, int8). Like torch's loop, a tap replaces the running maximum
+    only if strictly greater (the first maximum wins ties) or NaN (NaN propagates); the padding
+    is -inf. The maximum is the selected tap itself, so value and index can never disagree."""
+    b, h, w, c = x.shape
+    ho, wo = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+    best, index = None, None
+    for k in range(9):
+        dy, dx = divmod(k, 3)
+        tap = jax.lax.slice(xp, (0, dy, dx, 0), (b, dy + 2 * ho - 1, dx + 2 * wo - 1, c), (1, 2, 2, 1))
+        if best is None:
+            best, index = tap, jnp.zeros(tap.shape, jnp.int8)
+            continue
+        better = (tap > best) | jnp.isnan(tap)
+        best = jnp.where(better, tap, best)
+        index = jnp.where(better, jnp.int8(k), index)
+    return best, index
+
+
+@jax.custom_vjp
+def max_pool_3x3_s2(x):
+    """torch's max_pool2d(x, 3, stride=2, padding=1) on NHWC x, the ResNet stem's pool.
+
+    Value: `nn.max_pool`'s (XLA reduce_window). Gradient: each window's cotangent goes to the
+    tap that held its maximum (the first one on ties, as torch and XLA's select-and-scatter
+    choose), summed where windows overlap. The tap index is found in the forward pass, with the
+    maximum, and is all the backward pass keeps: nine masked, strided pads of the cotangent that
+    XLA fuses into loop kernels, instead of `nn.max_pool`'s select-and-scatter (a scatter:
+    atomics on a GPU, and ~8 % of the train step's op time on XLA:CPU; benchmarks/RESULTS.md).
+    (Re-finding the maximum in the backward pass by comparing with the stored output is not
+    safe: XLA may recompute the input there with other rounding, and the gradient goes astray.)
+    tests/test_models.py checks value and gradient against `nn.max_pool`'s, ties included, alone
+    and inside the jitted encoder's gradient.
+    """
+    return _pool_with_argmax(x)[0]
+
+
+def _max_pool_fwd(x):
+    y, index = _pool_with_argmax(x)
+    return y, (index, x.shape)
+
+
+def _max_pool_bwd(residuals, g):
+    index, (_, h, w, _) = residuals
+    ho, wo = index.shape[1:3]
+    zero = jnp.zeros((), g.dtype)
+    grad = None
+    # Overlapping windows add in the windows' raster order (that of XLA's scatter): a tap in the
+    # last row / column of a window belongs to the window before the one it is first in.
+    for k in reversed(range(9)):
+        dy, dx = divmod(k, 3)
+        part = jax.lax.pad(jnp.where(index == k, g, zero), zero,
+                           ((0, 0, 0), (dy, h + 2 - dy - (2 * ho - 1), 1), (dx, w + 2 - dx - (2 * wo - 1), 1), (0, 0, 0)))
+        grad = part if grad is None else grad + part
+    return (grad[:, 1:-1, 1:-1],)
+
+
+max_pool_3x3_s2.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 class BasicBlock(nn.Module):
@@ -207,7 +269,7 @@ class ResNetEncoder(nn.Module):
         x = conv(64, (7, 7), (2, 2), padding=_pad(3), name="conv1")(x)
         x = nn.relu(norm(name="bn1")(x))
         features = [x]
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=_pad(1))
+        x = max_pool_3x3_s2(x)
         for i, num_blocks in enumerate(stage_sizes):
             for j in range(num_blocks):
                 strides = 2 if i > 0 and j == 0 else 1
