@@ -126,7 +126,8 @@ def test_cli_rejects_wrong_type_negative_lambda_and_batch_over_devices(tmp_path,
 def test_translator_fields_are_the_translators_defaults_and_override_from_the_command_line(tmp_path):
     """distill.translator spells out models.translator.Translator's defaults, so each field can be
     overridden like any key and reaches the network; a config.json saved when the group was empty
-    (= those defaults) resumes without a structural difference, a changed field is one."""
+    (= those defaults) loads with them filled in: no difference, overridable; a changed field is a
+    structural difference."""
     import dataclasses
 
     import jax
@@ -152,5 +153,9 @@ def test_translator_fields_are_the_translators_defaults_and_override_from_the_co
     old.distill.translator = {}
     config_utils.save_config(old, tmp_path)
     assert config_utils.structural_differences(config_utils.load_config(tmp_path), config) == []
+    assert list(config_utils.differences(config_utils.load_config(tmp_path), config)) == []  # the demo's check
+    resumed = config_utils.apply_overrides(config_utils.load_config(tmp_path),
+                                           ["--config.distill.translator.output_stride=4"])  # `xdistill train` resume
+    assert resumed.distill.translator.output_stride == 4
     assert config_utils.structural_differences(config_utils.load_config(tmp_path), strided) == [
         "distill.translator.dilations: (1, 2, 4) -> (1, 2)", "distill.translator.output_stride: 1 -> 4"]

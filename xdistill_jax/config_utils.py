@@ -224,7 +224,14 @@ def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     path = pathlib.Path(workdir) / CONFIG_JSON
     if not path.is_file():
         raise ConfigError(f"{path} does not exist: is {workdir} a training workdir?")
-    return ml_collections.ConfigDict(_tuplify(json.loads(path.read_text())))
+    config = ml_collections.ConfigDict(_tuplify(json.loads(path.read_text())))
+    # Files saved before distill.translator spelled out its fields (an empty group) meant the
+    # Translator's defaults: fill them in, so that comparisons and overrides see every field.
+    if "distill" in config and "translator" in config.distill:
+        for key, value in config_defaults.base_config().distill.translator.items():
+            if key not in config.distill.translator:
+                config.distill.translator[key] = value
+    return config
 
 
 def _flatten(value, prefix="") -> dict[str, Any]:
@@ -240,13 +247,6 @@ def structural_differences(saved: ml_collections.ConfigDict, current: ml_collect
     """Keys (dotted) under STRUCTURAL_KEYS whose values differ, as 'key: saved -> current'."""
     a = _flatten(_tuplify(saved.to_dict()))
     b = _flatten(_tuplify(current.to_dict()))
-    # configs saved before the translator's fields were spelled out (an empty distill.translator)
-    # meant the Translator's defaults: a missing field there counts as its default.
-    defaults = _flatten(_tuplify(config_defaults.base_config().to_dict()))
-    for flat in (a, b):
-        for key, value in defaults.items():
-            if key.startswith("distill.translator."):
-                flat.setdefault(key, value)
     a["distill.weight_is_zero"] = a.get("distill.weight", 0) == 0
     b["distill.weight_is_zero"] = b.get("distill.weight", 0) == 0
     out = []

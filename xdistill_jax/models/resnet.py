@@ -107,15 +107,17 @@ def _pool_with_argmax(x):
     b, h, w, c = x.shape
     ho, wo = (h - 1) // 2 + 1, (w - 1) // 2 + 1
     xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
-    best, index = None, None
-    for k in range(9):
+
+    def tap(k):
         dy, dx = divmod(k, 3)
-        tap = jax.lax.slice(xp, (0, dy, dx, 0), (b, dy + 2 * ho - 1, dx + 2 * wo - 1, c), (1, 2, 2, 1))
-        if best is None:
-            best, index = tap, jnp.zeros(tap.shape, jnp.int8)
-            continue
-        better = (tap > best) | jnp.isnan(tap)
-        best = jnp.where(better, tap, best)
+        return jax.lax.slice(xp, (0, dy, dx, 0), (b, dy + 2 * ho - 1, dx + 2 * wo - 1, c), (1, 2, 2, 1))
+
+    best = tap(0)
+    index = jnp.zeros(best.shape, jnp.int8)
+    for k in range(1, 9):
+        t = tap(k)
+        better = (t > best) | jnp.isnan(t)
+        best = jnp.where(better, t, best)
         index = jnp.where(better, jnp.int8(k), index)
     return best, index
 
