@@ -205,6 +205,35 @@ def test_gradients_finite_and_nonzero(full):
             assert np.all(np.isfinite(g)) and np.abs(g).max() > 0, f"{name}[{f}]"
 
 
+def test_first_minimum_ties_nan_and_gradient_routing():
+    """The auto-mask's minimum, torch.min(x, dim) semantics worked by hand: the earliest minimal
+    candidate wins ties, the first NaN wins, and the gradient reaches only the chosen candidate
+    (a min over a stack would split it 1/2, 1/4 among ties)."""
+    nan = np.nan
+    table = np.array([  # rows: pixels; columns: candidates 0..3
+        [1.0, 2.0, 3.0, 4.0],  # -> 0
+        [2.0, 1.0, 1.0, 3.0],  # tie of 1 and 2 -> 1
+        [3.0, 3.0, 3.0, 3.0],  # all tied -> 0
+        [5.0, 4.0, 2.0, 2.0],  # tie of 2 and 3 -> 2
+        [0.5, 0.2, 0.3, 0.1],  # -> 3
+        [1.0, nan, 0.0, nan],  # first NaN -> 1
+    ], np.float32)
+    expected = np.array([0, 1, 0, 2, 3, 1])
+    best, index = L.first_minimum([jnp.asarray(table[:, k]) for k in range(4)])
+    assert index.dtype == jnp.int32
+    np.testing.assert_array_equal(index, expected)
+    np.testing.assert_array_equal(best, np.float32([1.0, 1.0, 3.0, 2.0, 0.1, nan]))
+
+    finite = [jnp.asarray(table[:5, k]) for k in range(4)]
+    weights = jnp.arange(1.0, 6.0)
+    grads = jax.grad(lambda cs: jnp.sum(L.first_minimum(cs)[0] * weights))(finite)
+    routed = np.zeros((5, 4), np.float32)
+    routed[np.arange(5), expected[:5]] = np.arange(1.0, 6.0)
+    np.testing.assert_array_equal(np.stack(grads, axis=1), routed)
+    with pytest.raises(ValueError, match="no candidates"):
+        L.first_minimum([])
+
+
 def test_bf16_inputs_are_computed_in_float32(full):
     colors = {f: {s: jnp.asarray(v, jnp.bfloat16) for s, v in c.items()} for f, c in full["colors"].items()}
     loss, aux = jitted_loss(align_corners=True)(colors, full["disps"], full["cam_T_cam"], full["Ks"],

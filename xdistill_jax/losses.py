@@ -32,6 +32,29 @@ def _f32(x):
     return jnp.asarray(x, dtype=jnp.float32)
 
 
+def first_minimum(candidates):
+    """Element-wise minimum of a list of same-shape arrays and the index of the first minimal one,
+    as torch.min(x, dim) gives them over the stacked candidates (Monodepth2's auto-mask): ties go to
+    the earlier candidate; NaN counts as smallest (the first NaN wins, and propagates).
+
+    Built as a chain of `where`s, so the gradient of the minimum reaches only the chosen candidate
+    (torch's routing; `jnp.min` over a stack would split it among ties) and no stacked copy of the
+    full-resolution candidates is made (XLA materialised the stack for the min and the argmin;
+    benchmarks/RESULTS.md has the bytes).
+
+    Returns (minimum, index int32), both of the candidates' shape.
+    """
+    if not candidates:
+        raise ValueError("first_minimum: no candidates")
+    best = candidates[0]
+    index = jnp.zeros(jnp.shape(best), jnp.int32)
+    for k, candidate in enumerate(candidates[1:], start=1):
+        take = (candidate < best) | (jnp.isnan(candidate) & ~jnp.isnan(best))
+        best = jnp.where(take, candidate, best)
+        index = jnp.where(take, jnp.int32(k), index)
+    return best, index
+
+
 def _check_image(name: str, x, channels: int | None = None, hw: tuple | None = None, batch: int | None = None):
     """Shape check for an NHWC map; the message names the argument and expected vs actual shape."""
     shape = tuple(np.shape(x))
@@ -242,8 +265,9 @@ def monodepth2_loss(
     warp = jax.checkpoint(functools.partial(geometry.warp, align_corners=align_corners))
 
     def combine(per_frame):
-        stacked = jnp.concatenate(per_frame, axis=-1)  # (B,h,w,2): frames -1, +1
-        return jnp.mean(stacked, axis=-1, keepdims=True) if avg_reprojection else stacked
+        """Per-frame losses [(B,h,w,1) for frames -1, +1] -> the candidates of the per-pixel
+        minimum: both frames, or their mean (avg_reprojection). A list, never stacked."""
+        return [(per_frame[0] + per_frame[1]) / 2] if avg_reprojection else list(per_frame)
 
     def target_terms(res):
         """Target statistics and identity losses at resolution index `res` (None without automask)."""
@@ -272,12 +296,13 @@ def monodepth2_loss(
             reproj = combine([_reprojection_with_stats(preds[f], stats, no_ssim) for f in SOURCE_FRAMES])
         with jax.named_scope("select"):
             if automask:
-                combined = jnp.concatenate([identity + noise, reproj], axis=-1)
-                selection = (jnp.argmin(combined, axis=-1) >= n_identity).astype(jnp.float32)
+                noisy_identity = [loss + noise[..., k : k + 1] for k, loss in enumerate(identity)]
+                best, index = first_minimum(noisy_identity + reproj)
+                selection = (index[..., 0] >= n_identity).astype(jnp.float32)
             else:
-                combined = reproj
-                selection = jnp.ones(combined.shape[:3], jnp.float32)
-            return jnp.mean(jnp.min(combined, axis=-1)), selection, preds
+                best, _ = first_minimum(reproj)
+                selection = jnp.ones(best.shape[:3], jnp.float32)
+            return jnp.mean(best), selection, preds
 
     aux = {}
     if v1_multiscale:  # each scale at its own resolution: shapes differ, so a loop
