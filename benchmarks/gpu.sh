@@ -8,8 +8,11 @@
 #     3. bf16, distillation off -- cold
 #     4. fp32, distillation on  -- cold
 #     5. fp32, distillation off -- cold
-#     6. the loss alone (benchmarks/loss_cost.py, 640x192 batch 12): XLA cost and time per call
-#     7. bf16, distillation on, cold, with JAX_THREEFRY_GPU_KERNEL_LOWERING=1 (threefry as one
+#     6. bf16, distillation on, cold, --state-layout auto: the train state's layouts left to XLA
+#        (conv kernels and Adam moments in cuDNN's filter order: no transposing update, no output
+#        copies; -2.6 % bytes in the deviceless census, benchmarks/RESULTS.md), against run 1/2
+#     7. the loss alone (benchmarks/loss_cost.py, 640x192 batch 12): XLA cost and time per call
+#     8. bf16, distillation on, cold, with JAX_THREEFRY_GPU_KERNEL_LOWERING=1 (threefry as one
 #        kernel instead of unrolled HLO: the parameter init's compile time), 5 steps
 #   Run 2 also traces 5 steps: OUTDIR/profile/*/summary.md says where the device time goes (by
 #   named scope: depth_net, pose_net, warp, reprojection, ..., optimizer; by kind of op; top ops),
@@ -20,7 +23,7 @@
 #
 # Run from the repository root:   bash benchmarks/gpu.sh [OUTDIR]
 # (runs that would start after DEADLINE_S seconds, default 540, are skipped and said to be, so a
-# caller's 600 s limit still sees the summary; runs 1-5 are the targets' figures, 6-7 extras).
+# caller's 600 s limit still sees the summary; runs 1-5 are the targets' figures, 6-8 extras).
 # (OUTDIR defaults to $OUT, else ./gpu_bench). It writes OUTDIR/*.json, OUTDIR/*.log and
 # OUTDIR/summary.md (the markdown tables, device named). Copy the figures into
 # benchmarks/RESULTS.md with the date and this command.
@@ -111,6 +114,7 @@ done
 run bf16_nodistill_cold bfloat16 off 120
 run fp32_distill_cold float32 on 120
 run fp32_nodistill_cold float32 off 120
+run bf16_distill_auto_layout bfloat16 on 120 --state-layout auto
 # The loss work alone (no networks), forward + gradient, fp32: its share of the step.
 echo "=== loss alone (limit $((60 * LIMIT_SCALE))s)"
 if [ $((DEADLINE_S - SECONDS)) -lt $((60 * LIMIT_SCALE)) ]; then
@@ -123,7 +127,7 @@ else
 fi
 echo "cache entries written: $(ls "$CACHE" | wc -l)" | tee -a "$OUTDIR/summary.md"
 # Cold start with threefry lowered to a GPU kernel (same random bits; a fresh cache: the
-# programs differ, so nothing of runs 1-5 would be read anyway).
+# programs differ, so nothing of runs 1-6 would be read anyway).
 CACHE2="$(mktemp -d "${TMPDIR:-/tmp}/xdistill-gpu-cache2.XXXXXX")"
 trap 'rm -rf "$CACHE" "$CACHE2"' EXIT
 XDISTILL_COMPILATION_CACHE="$CACHE2" JAX_THREEFRY_GPU_KERNEL_LOWERING=1 \

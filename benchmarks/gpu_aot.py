@@ -72,10 +72,11 @@ def target_facts(target_config: str) -> dict:
     return {"device": name.group(1), "bandwidth": float(bandwidth.group(1))}
 
 
-def measure(config, mesh, facts: dict, *, seed: int = 0, hlo_path: str | None = None) -> dict:
+def measure(config, mesh, facts: dict, *, seed: int = 0, hlo_path: str | None = None,
+            state_layout: str = "default") -> dict:
     from xdistill_jax import benchmark, hlo_census
 
-    _, compiled, lower_s, compile_s = benchmark.compile_step(config, mesh, seed)
+    _, compiled, lower_s, compile_s = benchmark.compile_step(config, mesh, seed, state_layout=state_layout)
     if hlo_path:
         with open(hlo_path, "w") as f:
             f.write(compiled.as_text())
@@ -121,6 +122,8 @@ def main() -> None:
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--hlo-dir", default=None, help="write each variant's optimised HLO text here")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--state-layout", choices=("default", "auto"), default="default",
+                   help="auto: the train state's layouts chosen by XLA (train.make_train_step)")
     args, overrides = p.parse_known_args()
 
     import jax
@@ -145,15 +148,17 @@ def main() -> None:
     rows = []
     for variant in chosen:
         config = benchmark.variant_config(base, variant)
-        row = {"variant": variant.name, "batch": config.optim.batch_size,
+        name = variant.name + ("" if args.state_layout == "default" else f" state={args.state_layout}")
+        row = {"variant": name, "batch": config.optim.batch_size,
                "hw": f"{config.data.height}x{config.data.width}"}
         hlo_path = None
         if args.hlo_dir:
             os.makedirs(args.hlo_dir, exist_ok=True)
-            hlo_path = os.path.join(args.hlo_dir, re.sub(r"\W+", "_", variant.name) + ".hlo.txt")
-        row.update(measure(config, mesh, facts, seed=args.seed, hlo_path=hlo_path))
+            hlo_path = os.path.join(args.hlo_dir, re.sub(r"\W+", "_", name) + ".hlo.txt")
+        row.update(measure(config, mesh, facts, seed=args.seed, hlo_path=hlo_path,
+                           state_layout=args.state_layout))
         rows.append(row)
-        print(f"{variant.name}: compile {row['compile_s']:.1f} s, {row['kernels']} kernels, "
+        print(f"{name}: compile {row['compile_s']:.1f} s, {row['kernels']} kernels, "
               f"{row['bytes'] / 1e9:.2f} GB moved/step (est.), memory {row['memory_bytes'] / 1e9:.2f} GB", flush=True)
         if args.scopes:
             print(hlo_census.markdown(row["census"]), "\n", flush=True)

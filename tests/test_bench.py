@@ -123,6 +123,32 @@ def test_bench_rejects_bad_lists(capsys):
     assert "optim.nope" in capsys.readouterr().err
 
 
+def test_state_layout_auto_runs_the_same_step():
+    """--state-layout auto (XLA picks the state's device layouts; the state is put into the
+    compiled step's input formats): the same training trajectory as the default layouts. On
+    this CPU XLA keeps row-major layouts, so the losses are bitwise equal; a GPU stores
+    convolution kernels in another order (benchmarks/RESULTS.md) with the same values."""
+    from xdistill_jax import config_utils, train
+
+    config = config_utils.config_from_args(str(ROOT / "configs" / "synthetic_demo.py") + ":smoke", [
+        "--config.mesh.num_devices=1", "--config.data.height=32", "--config.data.width=64",
+        "--config.optim.batch_size=2", "--config.distill.weight=0"])
+    runs = {layout: benchmark.benchmark_step(config, steps=1, warmup=0, state_layout=layout)
+            for layout in ("default", "auto")}
+    assert runs["default"]["variant"] == "fp32 distill=off" and runs["default"]["state_layout"] == "default"
+    assert runs["auto"]["variant"] == "fp32 distill=off state=auto" and runs["auto"]["state_layout"] == "auto"
+    assert np.isfinite(runs["auto"]["final_loss"])
+    assert runs["auto"]["final_loss"] == runs["default"]["final_loss"]  # after 3 steps each
+    with pytest.raises(ValueError, match="state_layout"):
+        train.make_train_step(config, None, None, None, state_layout="row_major")
+
+
+def test_bench_rejects_an_unknown_state_layout(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "--state-layout", "tiled"])
+    assert e.value.code == 2 and "--state-layout" in capsys.readouterr().err
+
+
 def test_synthetic_batch_follows_the_loader_contract():
     b = benchmark.synthetic_batch(2, 64, 96, num_groups=7, teacher_stride=2)
     assert b["color"].shape == b["color_aug"].shape == (2, 3, 64, 96, 3) and b["color"].dtype == np.uint8

@@ -175,10 +175,12 @@ def config_batch(config: ml_collections.ConfigDict, seed: int = 0, teacher_strid
                            num_groups=groups, teacher_stride=teacher_stride, seed=seed)
 
 
-def compile_step(config: ml_collections.ConfigDict, mesh, seed: int = 0, teacher_stride: int = 2):
+def compile_step(config: ml_collections.ConfigDict, mesh, seed: int = 0, teacher_stride: int = 2,
+                 state_layout: str = "default"):
     """(lowered, compiled, lower s, compile s) of the config's train step on `mesh`, lowered from
     abstract state, batch and key: nothing is initialised or allocated, so `mesh` may be of
-    compile-only devices (a GPU target without the GPU, benchmarks/gpu_aot.py)."""
+    compile-only devices (a GPU target without the GPU, benchmarks/gpu_aot.py). state_layout:
+    `train.make_train_step`'s."""
     from xdistill_jax import train
     from xdistill_jax.objective import Networks
 
@@ -191,7 +193,7 @@ def compile_step(config: ml_collections.ConfigDict, mesh, seed: int = 0, teacher
     key = jax.eval_shape(jax.random.key, seed)
     rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=train.replicated(mesh))
     t0 = time.perf_counter()
-    lowered = train.make_train_step(config, nets, tx, mesh).lower(state, batch, rng)
+    lowered = train.make_train_step(config, nets, tx, mesh, state_layout=state_layout).lower(state, batch, rng)
     lower_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     compiled = lowered.compile()
@@ -218,8 +220,14 @@ def device_inputs(host_batch: dict, mesh, seed: int = 0):
 
 def benchmark_step(config: ml_collections.ConfigDict, *, steps: int = 50, warmup: int = 5,
                    seed: int = 0, teacher_stride: int = 2, progress=None,
-                   profile_dir: str | None = None, profile_steps: int = 5) -> dict[str, Any]:
+                   profile_dir: str | None = None, profile_steps: int = 5,
+                   state_layout: str = "default") -> dict[str, Any]:
     """Measures one config's train step (see the module docstring); returns a JSON-able dict.
+
+    state_layout: "auto" compiles the step with the state's device layouts left to XLA
+      (`train.make_train_step`) and puts the initialised state into the compiled step's input
+      formats before the first step (not timed: a relayout once, as after init or a restore);
+      the variant's name then ends in "state=auto".
 
     progress: optional callable(str) told when init and compile finish (for long runs' logs).
     profile_dir: if given, `profile_steps` more steps (after the timed ones, not counted) are
@@ -256,17 +264,28 @@ def benchmark_step(config: ml_collections.ConfigDict, *, steps: int = 50, warmup
     # run, so that its profiled warm run still reads the cold run's entries.)
     with_metadata = jax.config.jax_compilation_cache_include_metadata_in_key
     t0 = time.perf_counter()
-    step_fn = train.make_train_step(config, nets, tx, mesh)
+    step_fn = train.make_train_step(config, nets, tx, mesh, state_layout=state_layout)
     try:
         if profile_dir:
             jax.config.update("jax_compilation_cache_include_metadata_in_key", True)
-        compiled = step_fn.lower(state, batch, rng).compile()
+        # Layout.AUTO lowers from abstract state (a concrete array has a layout already)
+        lower_state = state if state_layout == "default" else jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+        compiled = step_fn.lower(lower_state, batch, rng).compile()
     finally:
         jax.config.update("jax_compilation_cache_include_metadata_in_key", with_metadata)
     compile_s = time.perf_counter() - t0
     say(f"compile {compile_s:.2f} s")
     flops_device, bytes_device = _cost(compiled)
     flops = None if flops_device is None else flops_device * mesh.size
+    if state_layout == "auto":
+        state_formats = compiled.input_formats[0][0]
+        state = jax.device_put(state, state_formats)
+        _block(state)
+        if jax.tree.leaves(compiled.output_formats[0]) != jax.tree.leaves(state_formats):
+            # the returned state would not fit the next call: every step would need a relayout
+            raise RuntimeError("state_layout='auto': XLA chose other layouts for the returned state "
+                               "than for the donated one")
 
     t0 = time.perf_counter()
     state, metrics = compiled(state, batch, rng)
@@ -322,7 +341,9 @@ def benchmark_step(config: ml_collections.ConfigDict, *, steps: int = 50, warmup
     peak = peak_flops(device)
     achieved = None if flops is None else flops / median
     return {
-        "variant": Variant(config.model.dtype, distill).name,
+        "variant": Variant(config.model.dtype, distill).name + ("" if state_layout == "default"
+                                                                 else f" state={state_layout}"),
+        "state_layout": state_layout,
         "dtype": config.model.dtype,
         "distill": distill,
         "batch": b, "height": h, "width": w,

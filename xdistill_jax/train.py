@@ -188,14 +188,26 @@ def _find_first_conv(params):
     return found[0]
 
 
+STATE_LAYOUTS = ("default", "auto")
+
+
 def make_train_step(config: ml_collections.ConfigDict, nets: Networks, tx, mesh: Mesh,
-                    *, jit: bool = True) -> Callable:
+                    *, jit: bool = True, state_layout: str = "default") -> Callable:
     """`(state, batch, rng) -> (state, metrics)`; jitted over `mesh` with the state donated.
 
     Metrics are float32 scalars (replicated): the loss terms and grad_norm. With
     `config.run.on_nonfinite == "skip"`, a step whose loss or gradients are not finite leaves
     the state unchanged except `step` (metric "skipped" = 1).
+
+    state_layout "auto" lets XLA choose the device layout of every state leaf (in and out,
+    `Layout.AUTO`): on a GPU it stores convolution kernels and their Adam moments in cuDNN's
+    filter order, so the update needs no transpose and no output copies (benchmarks/RESULTS.md).
+    Such a step must be lowered and compiled ahead of time, and the state put into the
+    compiled step's `input_formats[0][0]` before the first call (`xdistill bench
+    --state-layout auto` does); the training loop uses "default".
     """
+    if state_layout not in STATE_LAYOUTS:
+        raise ValueError(f"state_layout must be one of {STATE_LAYOUTS}, got {state_layout!r}")
     skip_nonfinite = config.run.on_nonfinite == "skip"
     loss = functools.partial(objective.loss_fn, nets, config)
 
@@ -220,6 +232,10 @@ def make_train_step(config: ml_collections.ConfigDict, nets: Networks, tx, mesh:
     if not jit:
         return train_step
     _, state_shardings = abstract_train_state(nets, tx, mesh)
+    if state_layout == "auto":
+        from jax.experimental.layout import Format, Layout
+
+        state_shardings = jax.tree.map(lambda s: Format(Layout.AUTO, s), state_shardings)
     return jax.jit(train_step,
                    in_shardings=(state_shardings, batch_sharding(mesh), replicated(mesh)),
                    out_shardings=(state_shardings, replicated(mesh)),

@@ -29,6 +29,9 @@ def add_arguments(parser):
     parser.add_argument("--distill", default="on,off", help="comma list of on,off")
     parser.add_argument("--teacher-stride", type=int, default=2,
                         help="synthetic teacher logits at (H/stride, W/stride)")
+    parser.add_argument("--state-layout", choices=("default", "auto"), default="default",
+                        help="auto: the train state's device layouts chosen by XLA (on a GPU, "
+                             "convolution kernels in cuDNN's filter order); the training loop uses default")
     parser.add_argument("--json", default=None, help="write the results here (JSON)")
     parser.add_argument("--profile-dir", default=None,
                         help="trace 5 extra steps per variant with jax.profiler into DIR/<variant> and print "
@@ -112,7 +115,8 @@ def run(args) -> int:
                                      warmup=args.warmup, teacher_stride=args.teacher_stride,
                                      progress=lambda m, v=v: print(f"{v.name}: {m}", flush=True),
                                      profile_dir=(None if not args.profile_dir else
-                                                  f"{args.profile_dir}/{v.dtype}_distill_{int(v.distill)}"))
+                                                  f"{args.profile_dir}/{v.dtype}_distill_{int(v.distill)}"),
+                                     state_layout=args.state_layout)
         results.append(r)
         print(f"{r['variant']}: {r['images_per_s_median']:.1f} images/s (median of {args.steps}), "
               f"init {r['init_s']:.2f} s, compile {r['compile_s']:.2f} s", flush=True)
