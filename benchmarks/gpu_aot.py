@@ -26,6 +26,7 @@ CUDA libraries; ptxas must be on PATH (CUDA toolkit) or in the pip nvidia-cuda-n
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -148,7 +149,7 @@ def main() -> None:
     rows = []
     for variant in chosen:
         config = benchmark.variant_config(base, variant)
-        name = variant.name + ("" if args.state_layout == "default" else f" state={args.state_layout}")
+        name = dataclasses.replace(variant, state_layout=args.state_layout).name
         row = {"variant": name, "batch": config.optim.batch_size,
                "hw": f"{config.data.height}x{config.data.width}"}
         hlo_path = None

@@ -65,10 +65,12 @@ COLUMNS = ("variant", "batch", "HxW", "images/s (median)", "images/s (pipelined)
 class Variant:
     dtype: str          # "float32" | "bfloat16": config.model.dtype
     distill: bool       # distillation on (translator + teacher logits) or off (Monodepth2)
+    state_layout: str = "default"  # train.make_train_step's: "auto" = the state's layouts left to XLA
 
     @property
     def name(self) -> str:
-        return f"{'bf16' if self.dtype == 'bfloat16' else 'fp32'} distill={'on' if self.distill else 'off'}"
+        layout = "" if self.state_layout == "default" else f" state={self.state_layout}"
+        return f"{'bf16' if self.dtype == 'bfloat16' else 'fp32'} distill={'on' if self.distill else 'off'}{layout}"
 
 
 def variants(dtypes: Iterable[str] = ("bfloat16", "float32"), distill: Iterable[bool] = (True, False)):
@@ -341,8 +343,7 @@ def benchmark_step(config: ml_collections.ConfigDict, *, steps: int = 50, warmup
     peak = peak_flops(device)
     achieved = None if flops is None else flops / median
     return {
-        "variant": Variant(config.model.dtype, distill).name + ("" if state_layout == "default"
-                                                                 else f" state={state_layout}"),
+        "variant": Variant(config.model.dtype, distill, state_layout).name,
         "state_layout": state_layout,
         "dtype": config.model.dtype,
         "distill": distill,
