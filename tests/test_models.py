@@ -1,6 +1,7 @@
 """Flax networks: parameter counts pinned to the PyTorch originals, scratch init, jitted forward of
 DepthNet and PoseNet at 64x192 (fp32 and bf16), BatchNorm statistics in train mode, bad input."""
 
+import functools
 import math
 
 import jax
@@ -189,6 +190,16 @@ def test_bad_input_is_named(depth_vars):
         jax.eval_shape(DepthNet(scales=(0, 4)).init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
 
 
+def assert_leaves_close(grads, grads_ref, rel: float):
+    """Every leaf of `grads` within rel x (the largest |entry| of the `grads_ref` leaf)."""
+    for path, g, r in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(grads),
+                          jax.tree.leaves(grads_ref)):
+        scale = float(jnp.max(jnp.abs(r)))
+        assert scale > 0, path[0]
+        err = float(jnp.max(jnp.abs(g - r)))
+        assert err <= rel * scale, (jax.tree_util.keystr(path[0]), err, scale)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("shape", [(2, 9, 11, 3), (2, 8, 10, 4)])
 def test_stem_max_pool_value_and_gradient_are_nn_max_pools(dtype, shape):
@@ -245,9 +256,57 @@ def test_stem_max_pool_gradient_inside_the_jitted_encoder(monkeypatch):
     monkeypatch.setattr(resnet, "max_pool_3x3_s2",
                         lambda x: nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1))))
     grads_ref = jax.jit(jax.grad(loss))(variables["params"], images, feature_weights)
-    for path, g, r in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(grads),
-                          jax.tree.leaves(grads_ref)):
-        scale = float(jnp.max(jnp.abs(r)))
-        assert scale > 0, path[0]
-        err = float(jnp.max(jnp.abs(g - r)))
-        assert err <= 1e-4 * scale, (jax.tree_util.keystr(path[0]), err, scale)
+    assert_leaves_close(grads, grads_ref, 1e-4)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_output_masked_relu_is_jax_nn_relu(dtype):
+    """models.activations.relu (derivative from its output, so cuDNN can fuse it) against
+    jax.nn.relu: values, reverse- and forward-mode derivatives bitwise, eager and jitted, with
+    exact zeros, -0.0 and values that round to tiny magnitudes."""
+    from xdistill_jax.models.activations import relu
+
+    rng = np.random.default_rng(7)
+    x = np.round(rng.normal(size=(4, 5, 6, 8)) * 4) / 4  # many exact zeros
+    x[0, 0, 0, :4] = [-0.0, 0.0, 1e-30, -1e-30]
+    x = jnp.asarray(x, dtype)
+    g = jnp.asarray(rng.normal(size=x.shape), dtype)
+    assert int(jnp.sum(x == 0)) > 50
+
+    def value_and_vjp(fn, x, g):
+        y, vjp = jax.vjp(fn, x)
+        return y, vjp(g)[0]
+
+    for wrap in (lambda f: f, jax.jit):
+        got = wrap(functools.partial(value_and_vjp, relu))(x, g)
+        ref = wrap(functools.partial(value_and_vjp, jax.nn.relu))(x, g)
+        for a, b in zip(got, ref):
+            np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+        t = wrap(lambda x, g: jax.jvp(relu, (x,), (g,))[1])(x, g)
+        t_ref = wrap(lambda x, g: jax.jvp(jax.nn.relu, (x,), (g,))[1])(x, g)
+        np.testing.assert_array_equal(np.asarray(t, np.float32), np.asarray(t_ref, np.float32))
+    # the gradient is zero exactly where x <= 0
+    d = jax.grad(lambda x: jnp.sum(relu(x).astype(jnp.float32)))(x)
+    np.testing.assert_array_equal(np.asarray(d, np.float32), np.asarray(x > 0, np.float32))
+
+
+def test_depthnet_gradients_with_the_output_masked_relu(monkeypatch):
+    """DepthNet's parameter gradients (train mode, jitted) with models.activations.relu in the
+    encoder against the same network with jax.nn.relu: the masks are the same, so the gradients
+    agree to rounding (XLA may fuse the two programs differently)."""
+    from xdistill_jax.models import resnet
+
+    images = jax.random.uniform(jax.random.key(5), (2, 64, 96, 3), jnp.float32)
+    net = DepthNet()
+    variables = jax.jit(net.init)(jax.random.key(6), images)
+    weights = {s: jax.random.normal(jax.random.key(20 + s), d.shape)
+               for s, d in jax.eval_shape(net.apply, variables, images).items()}
+
+    def loss(params, images, weights):
+        disps, _ = net.apply({**variables, "params": params}, images, train=True, mutable=["batch_stats"])
+        return sum(jnp.sum(disps[s] * w) for s, w in weights.items())
+
+    grads = jax.jit(jax.grad(loss))(variables["params"], images, weights)
+    monkeypatch.setattr(resnet, "relu", jax.nn.relu)
+    grads_ref = jax.jit(jax.grad(loss))(variables["params"], images, weights)
+    assert_leaves_close(grads, grads_ref, 1e-5)

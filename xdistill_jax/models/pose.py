@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from xdistill_jax.models.activations import relu
 from xdistill_jax.models.depth import torch_default_conv
 from xdistill_jax.models.resnet import ResNetEncoder
 
@@ -36,9 +37,9 @@ class PoseDecoder(nn.Module):
             n, cin, k, name=name, dtype=self.dtype, param_dtype=self.param_dtype,
             padding=((k // 2, k // 2), (k // 2, k // 2)),
         )
-        x = nn.relu(conv(256, f4.shape[-1], 1, "squeeze")(f4.astype(self.dtype)))
-        x = nn.relu(conv(256, 256, 3, "pose_0")(x))
-        x = nn.relu(conv(256, 256, 3, "pose_1")(x))
+        x = relu(conv(256, f4.shape[-1], 1, "squeeze")(f4.astype(self.dtype)))
+        x = relu(conv(256, 256, 3, "pose_0")(x))
+        x = relu(conv(256, 256, 3, "pose_1")(x))
         x = conv(6 * self.num_frames, 256, 1, "pose_2")(x)
         out = 0.01 * jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         out = out.reshape(-1, self.num_frames, 1, 6)

@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from xdistill_jax.models.activations import relu
+
 ModuleDef = Any
 
 # torchvision's `kaiming_normal_(mode="fan_out", nonlinearity="relu")`: untruncated normal with
@@ -176,14 +178,14 @@ class BasicBlock(nn.Module):
     def __call__(self, x):
         s = (self.strides, self.strides)
         y = self.conv(self.filters, (3, 3), s, padding=_pad(1), name="conv1")(x)
-        y = nn.relu(self.norm(name="bn1")(y))
+        y = relu(self.norm(name="bn1")(y))
         y = self.conv(self.filters, (3, 3), padding=_pad(1), name="conv2")(y)
         y = self.norm(name="bn2")(y)
         residual = x
         if residual.shape != y.shape:
             residual = self.conv(self.filters, (1, 1), s, padding=_pad(0), name="downsample_conv")(x)
             residual = self.norm(name="downsample_bn")(residual)
-        return nn.relu(residual + y)
+        return relu(residual + y)
 
 
 class Bottleneck(nn.Module):
@@ -199,16 +201,16 @@ class Bottleneck(nn.Module):
     def __call__(self, x):
         s = (self.strides, self.strides)
         y = self.conv(self.filters, (1, 1), padding=_pad(0), name="conv1")(x)
-        y = nn.relu(self.norm(name="bn1")(y))
+        y = relu(self.norm(name="bn1")(y))
         y = self.conv(self.filters, (3, 3), s, padding=_pad(1), name="conv2")(y)
-        y = nn.relu(self.norm(name="bn2")(y))
+        y = relu(self.norm(name="bn2")(y))
         y = self.conv(self.filters * 4, (1, 1), padding=_pad(0), name="conv3")(y)
         y = self.norm(name="bn3")(y)
         residual = x
         if residual.shape != y.shape:
             residual = self.conv(self.filters * 4, (1, 1), s, padding=_pad(0), name="downsample_conv")(x)
             residual = self.norm(name="downsample_bn")(residual)
-        return nn.relu(residual + y)
+        return relu(residual + y)
 
 
 # num_layers -> (blocks per stage, block class), as torchvision's resnet18/34/50.
@@ -269,7 +271,7 @@ class ResNetEncoder(nn.Module):
         x = (images.astype(jnp.float32) - INPUT_MEAN) / INPUT_STD
         x = x.astype(self.dtype)
         x = conv(64, (7, 7), (2, 2), padding=_pad(3), name="conv1")(x)
-        x = nn.relu(norm(name="bn1")(x))
+        x = relu(norm(name="bn1")(x))
         features = [x]
         x = max_pool_3x3_s2(x)
         for i, num_blocks in enumerate(stage_sizes):

@@ -26,6 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from xdistill_jax.models.activations import relu
 from xdistill_jax.models.resnet import ResNetEncoder, TorchBatchNorm
 
 
@@ -41,7 +42,7 @@ class ConvBNReLU(nn.Module):
         x = nn.Conv(self.features, (self.kernel, self.kernel), padding=pad,
                     kernel_dilation=self.dilation, use_bias=False, dtype=self.dtype)(x)
         x = TorchBatchNorm(use_running_average=not train, dtype=self.dtype)(x)
-        return nn.relu(x)
+        return relu(x)
 
 
 def _resize(x, height: int, width: int):

@@ -35,6 +35,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from xdistill_jax.models.activations import relu
+
 
 def _stack_inputs(disps, multi_scale: bool, input_scale: int = 0):
     """(B,h,w,1) float32 (scale `input_scale`) or (B,H,W,4) (scales 0..3 upsampled to scale 0)."""
@@ -84,9 +86,9 @@ class Translator(nn.Module):
         x = _stack_inputs(disps, self.multi_scale, self.input_scale).astype(self.dtype)
         conv = lambda f, k, **kw: nn.Conv(f, (k, k), dtype=self.dtype, param_dtype=jnp.float32, **kw)
         for i in range(round(math.log2(self.output_stride))):
-            x = nn.relu(conv(self.features, 3, strides=2, padding=1, name=f"down{i}")(x))
+            x = relu(conv(self.features, 3, strides=2, padding=1, name=f"down{i}")(x))
         for i, d in enumerate(self.dilations):
-            x = nn.relu(conv(self.features, 3, padding=d, kernel_dilation=d, name=f"conv{i}")(x))
+            x = relu(conv(self.features, 3, padding=d, kernel_dilation=d, name=f"conv{i}")(x))
         logits = conv(self.num_groups, 1, name="head")(x)
         return logits.astype(jnp.float32)
 

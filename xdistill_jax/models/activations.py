@@ -1,0 +1,33 @@
+"""ReLU whose derivative is read from its output, so that XLA can fuse it into a cuDNN convolution.
+
+`jax.nn.relu`'s derivative is ``x > 0`` of its *input*. When that input is a convolution's result,
+the convolution then has two users (the maximum and the backward's comparison) and XLA's GPU
+rewriter (cudnn-fused-convolution-rewriter, FuseRelu) leaves the ReLU as a separate kernel that
+re-reads and re-writes the full activation. Here the tangent is masked with ``y != 0`` of the
+*output* y = max(x, 0), which the next layer reads anyway; the convolution keeps one user and
+cuDNN applies the ReLU in its epilogue. (``y > 0`` would not do: XLA's simplifier rewrites
+``max(x, 0) > 0`` back to ``x > 0``.)
+
+The derivative is the same as jax.nn.relu's for every non-NaN x: y != 0 exactly when x > 0
+(x = 0 gives 0, as jax.nn.relu's does). For x = NaN the forward is NaN either way and the tangent
+passes through instead of being zeroed. tests/test_models.py checks values and gradients against
+jax.nn.relu bitwise; benchmarks/RESULTS.md has the bytes it saves on an H100 target.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+@jax.custom_jvp
+def relu(x):
+    """max(x, 0), with the derivative taken from the output (see the module docstring)."""
+    return jnp.maximum(x, jnp.zeros((), jnp.result_type(x)))
+
+
+@relu.defjvp
+def _relu_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    y = jnp.maximum(x, jnp.zeros((), jnp.result_type(x)))
+    return y, jnp.where(y != 0, t, jnp.zeros_like(t))
