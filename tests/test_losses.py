@@ -267,3 +267,51 @@ def test_bad_inputs_name_the_argument(full):
         L.monodepth2_loss({**c, 0: {**c[0], 0: (c[0][0] * 255).astype(np.uint8)}}, d, T, K, iK)
     with pytest.raises(ValueError, match=r"y: expected shape \(2,24,40,3\)"):
         L.ssim(np.zeros((2, 24, 40, 3)), np.zeros((2, 3, 24, 40)))
+
+
+# ------------------------------------------------------------- the 3x3 mean's per-platform form
+
+def test_box_mean_forms_agree_and_are_chosen_by_platform(ref):
+    """`losses._box3` is two separable window sums when compiled for the CPU and one 3x3 window
+    elsewhere (fewer bytes on a GPU). Both are the 3x3 mean to float32 rounding, with the same
+    gradient; the form each platform gets is read from the exported StableHLO, no device needed."""
+    import re
+
+    from jax import export
+
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.uniform(0, 1, (2, 12, 17, 3)), jnp.float32)
+    want = sum(np.asarray(x, np.float64)[:, a:a + 10, b:b + 15] for a in range(3) for b in range(3)) / 9
+    for form in (L._box3_separable, L._box3_window):
+        got = np.asarray(jax.jit(form)(x))
+        np.testing.assert_allclose(got, want, rtol=0, atol=3e-7)
+    # the gradient of sum(w * mean(x)) is the window sum of w, zero-padded by 2, / 9
+    w = jnp.asarray(rng.normal(size=(2, 10, 15, 3)), jnp.float32)
+    wp = np.pad(np.asarray(w, np.float64), ((0, 0), (2, 2), (2, 2), (0, 0)))
+    want_grad = sum(wp[:, a:a + 12, b:b + 17] for a in range(3) for b in range(3)) / 9
+    for form in (L._box3_separable, L._box3_window):
+        got = np.asarray(jax.jit(jax.grad(lambda x: jnp.sum(w * form(x))))(x))
+        np.testing.assert_allclose(got, want_grad, rtol=0, atol=2e-6)
+
+    spec = jax.ShapeDtypeStruct((2, 12, 17, 3), jnp.float32)
+    windows = {}
+    for platform in ("cpu", "cuda", "tpu"):
+        text = export.export(jax.jit(L._box3), platforms=[platform])(spec).mlir_module()
+        windows[platform] = re.findall(r"window_dimensions = array<i64: ([0-9, ]+)>", text)
+    assert windows == {"cpu": ["1, 3, 1, 1", "1, 1, 3, 1"], "cuda": ["1, 3, 3, 1"], "tpu": ["1, 3, 3, 1"]}
+
+
+def test_window_form_matches_monodepth2(ref, full, monkeypatch):
+    """The GPU form of the 3x3 mean against Monodepth2's numbers, run here on the CPU: SSIM, the
+    reprojection loss and the full loss (recorded tie-break noise, torch-default sampling)."""
+    monkeypatch.setattr(L, "_box3", L._box3_window)
+    out = L.ssim(nhwc(ref["ssim_x"]), nhwc(ref["ssim_y"]))
+    np.testing.assert_allclose(out, nhwc(ref["ssim_out"]), atol=MAP_ATOL)
+    pred, target = nhwc(ref["reproj_pred"]), nhwc(ref["reproj_target"])
+    np.testing.assert_allclose(L.reprojection_loss(pred, target), nhwc(ref["reproj_loss"]), atol=MAP_ATOL)
+    loss, aux = jax.jit(lambda c, d, t, k, ik, n: L.monodepth2_loss(c, d, t, k, ik, tiebreak_noise=n,
+                                                                   align_corners=False))(
+        full["colors"], full["disps"], full["cam_T_cam"], full["Ks"], full["inv_Ks"], full["noise"])
+    np.testing.assert_allclose(loss, ref["full_out_loss"], rtol=LOSS_RTOL)
+    for s in SCALES:
+        np.testing.assert_allclose(aux[f"loss/{s}"], ref[f"full_out_loss_s{s}"], rtol=LOSS_RTOL)
