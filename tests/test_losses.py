@@ -271,7 +271,7 @@ def test_bad_inputs_name_the_argument(full):
 
 # ------------------------------------------------------------- the 3x3 mean's per-platform form
 
-def test_box_mean_forms_agree_and_are_chosen_by_platform(ref):
+def test_box_mean_forms_agree_and_are_chosen_by_platform():
     """`losses._box3` is two separable window sums when compiled for the CPU and one 3x3 window
     elsewhere (fewer bytes on a GPU). Both are the 3x3 mean to float32 rounding, with the same
     gradient; the form each platform gets is read from the exported StableHLO, no device needed."""

@@ -20,14 +20,18 @@ import jax
 import jax.numpy as jnp
 
 
+def _max0(x):
+    return jnp.maximum(x, jnp.zeros((), jnp.result_type(x)))
+
+
 @jax.custom_jvp
 def relu(x):
     """max(x, 0), with the derivative taken from the output (see the module docstring)."""
-    return jnp.maximum(x, jnp.zeros((), jnp.result_type(x)))
+    return _max0(x)
 
 
 @relu.defjvp
 def _relu_jvp(primals, tangents):
     (x,), (t,) = primals, tangents
-    y = jnp.maximum(x, jnp.zeros((), jnp.result_type(x)))
+    y = _max0(x)
     return y, jnp.where(y != 0, t, jnp.zeros_like(t))
