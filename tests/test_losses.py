@@ -301,10 +301,45 @@ def test_box_mean_forms_agree_and_are_chosen_by_platform():
     assert windows == {"cpu": ["1, 3, 1, 1", "1, 1, 3, 1"], "cuda": ["1, 3, 3, 1"], "tpu": ["1, 3, 3, 1"]}
 
 
-def test_window_form_matches_monodepth2(ref, full, monkeypatch):
-    """The GPU form of the 3x3 mean against Monodepth2's numbers, run here on the CPU: SSIM, the
-    reprojection loss and the full loss (recorded tie-break noise, torch-default sampling)."""
+def test_reflection_pad_forms_agree_and_are_chosen_by_platform():
+    """`losses._reflect_pad1` is jnp.pad(mode="reflect") when compiled for the CPU and a sum of
+    zero pads elsewhere (XLA:GPU fuses it into the SSIM windows). Both give torch's
+    ReflectionPad2d(1) bitwise and route each gradient to the pixel it copied; the form each
+    platform gets is read from the exported StableHLO, no device needed."""
+    import re
+
+    from jax import export
+
+    rng = np.random.default_rng(5)
+    x = rng.uniform(0, 1, (2, 6, 9, 3)).astype(np.float32)
+    rows = np.array([1, *range(6), 4])   # padded index -> source index (reflection, not edge)
+    cols = np.array([1, *range(9), 7])
+    want = x[:, rows][:, :, cols]
+    w = rng.normal(size=(2, 8, 11, 3))
+    want_grad = np.zeros(x.shape)
+    for i, r in enumerate(rows):
+        for j, c in enumerate(cols):
+            want_grad[:, r, c] += w[:, i, j]
+    for form in (L._reflect_pad1_concat, L._reflect_pad1_sum):
+        np.testing.assert_array_equal(np.asarray(jax.jit(form)(x)), want)
+        got = jax.jit(jax.grad(lambda x: jnp.sum(jnp.asarray(w, jnp.float32) * form(x))))(x)
+        np.testing.assert_allclose(np.asarray(got), want_grad, rtol=1e-6, atol=1e-6)
+
+    spec = jax.ShapeDtypeStruct(x.shape, jnp.float32)
+    ops = {}
+    for platform in ("cpu", "cuda", "tpu"):
+        text = export.export(jax.jit(L._reflect_pad1), platforms=[platform])(spec).mlir_module()
+        ops[platform] = (len(re.findall(r"stablehlo\.concatenate", text)), len(re.findall(r"stablehlo\.pad", text)))
+    assert ops["cpu"][0] > 0 and ops["cpu"][1] == 0, ops
+    assert ops["cuda"] == ops["tpu"] == (0, 6), ops
+
+
+def test_gpu_forms_match_monodepth2(ref, full, monkeypatch):
+    """The GPU forms of the 3x3 mean and the reflection pad against Monodepth2's numbers, run
+    here on the CPU: SSIM, the reprojection loss and the full loss (recorded tie-break noise,
+    torch-default sampling)."""
     monkeypatch.setattr(L, "_box3", L._box3_window)
+    monkeypatch.setattr(L, "_reflect_pad1", L._reflect_pad1_sum)
     out = L.ssim(nhwc(ref["ssim_x"]), nhwc(ref["ssim_y"]))
     np.testing.assert_allclose(out, nhwc(ref["ssim_out"]), atol=MAP_ATOL)
     pred, target = nhwc(ref["reproj_pred"]), nhwc(ref["reproj_target"])
