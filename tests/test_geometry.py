@@ -86,6 +86,41 @@ def test_warp_matches_monodepth2(ref, name):
     np.testing.assert_allclose(G.warp(*args, align_corners=False), nhwc(ref[f"warp_out_{name}"]), atol=3e-5)
 
 
+def test_ray_forms_agree_and_are_chosen_by_platform():
+    """`geometry._rays` (A @ [x, y, 1] per pixel) takes the pixel positions as broadcast iotas
+    when compiled for the CPU and as full (h,w) constants elsewhere (XLA:GPU then reads the pose
+    gradient fewer times). The values are the same bitwise, the gradient is sum(g [x, y, 1]);
+    the form each platform gets is read from the exported StableHLO, no device needed."""
+    import re
+
+    from jax import export
+
+    rng = np.random.default_rng(7)
+    h, w = 5, 7
+    A = jnp.asarray(rng.normal(size=(2, 3, 3)), jnp.float32)
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float64)
+    pix = np.stack([xs, ys, np.ones_like(xs)], axis=-1)                 # (h,w,3)
+    want = np.einsum("bij,hwj->bhwi", np.asarray(A, np.float64), pix)
+    g = rng.normal(size=(2, h, w, 3))
+    want_grad = np.einsum("bhwi,hwj->bij", g, pix)
+    outs = []
+    for form in (G._rays_broadcast, G._rays_grid):
+        out = np.asarray(jax.jit(form, static_argnums=(1, 2))(A, h, w))
+        np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-5)
+        outs.append(out)
+        grad = jax.jit(jax.grad(lambda A: jnp.sum(jnp.asarray(g, jnp.float32) * form(A, h, w))))(A)
+        np.testing.assert_allclose(np.asarray(grad), want_grad, rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(outs[0], outs[1])
+
+    spec = jax.ShapeDtypeStruct(A.shape, jnp.float32)
+    found = {}
+    for platform in ("cpu", "cuda", "tpu"):
+        text = export.export(jax.jit(lambda A: G._rays(A, h, w)), platforms=[platform])(spec).mlir_module()
+        found[platform] = (len(re.findall(r"stablehlo\.iota", text)),
+                           len(re.findall(rf"stablehlo\.constant dense<[^>]*> : tensor<{h}x{w}xf32>", text)))
+    assert found == {"cpu": (2, 0), "cuda": (0, 2), "tpu": (0, 2)}, found
+
+
 def test_warp_by_hand():
     """Identity pose reproduces the image; a sideways camera shift of 1 at depth 5 with fx = 10 moves
     the sample 2 px; align_corners=False reads x*W/(W-1) - 0.5."""
