@@ -334,6 +334,36 @@ def test_reflection_pad_forms_agree_and_are_chosen_by_platform():
     assert ops["cuda"] == ops["tpu"] == (0, 6), ops
 
 
+def test_reprojection_is_recomputed_in_the_backward_on_gpu_only():
+    """`losses._reprojection_recomputed` is `jax.checkpoint`ed when compiled for GPU/TPU (the
+    backward recomputes the SSIM statistics) and plain on the CPU; both give the same loss and
+    gradient. Read from the exported StableHLO (remat shows as an optimization barrier)."""
+    import functools
+    import re
+
+    from jax import export
+
+    rng = np.random.default_rng(11)
+    pred = jnp.asarray(rng.uniform(0, 1, (2, 6, 9, 3)), jnp.float32)
+    target = jnp.asarray(rng.uniform(0, 1, (2, 6, 9, 3)), jnp.float32)
+    plain = functools.partial(L._reprojection_with_stats, no_ssim=False)
+    results = []
+    for form in (plain, jax.checkpoint(plain)):
+        f = lambda p, y: jnp.sum(form(p, L._target_stats(y)) ** 2)
+        results.append(jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(pred, target))
+    for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(L._reprojection_recomputed(pred, L._target_stats(target), False),
+                                  plain(pred, L._target_stats(target)))
+
+    spec = jax.ShapeDtypeStruct(pred.shape, jnp.float32)
+    grad = jax.jit(jax.grad(lambda p, y: jnp.sum(L._reprojection_recomputed(p, L._target_stats(y), False))))
+    barriers = {platform: len(re.findall(r"stablehlo\.optimization_barrier",
+                                         export.export(grad, platforms=[platform])(spec, spec).mlir_module()))
+                for platform in ("cpu", "cuda", "tpu")}
+    assert barriers == {"cpu": 0, "cuda": 1, "tpu": 1}, barriers
+
+
 def test_gpu_forms_match_monodepth2(ref, full, monkeypatch):
     """The GPU forms of the 3x3 mean and the reflection pad against Monodepth2's numbers, run
     here on the CPU: SSIM, the reprojection loss and the full loss (recorded tie-break noise,
