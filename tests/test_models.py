@@ -163,6 +163,53 @@ def test_batchnorm_update_is_torchs(depth_vars):
     np.testing.assert_allclose(new["var"], 0.9 + 0.1 * y.var(axis=(0, 1, 2)) * n / (n - 1), rtol=1e-4)
 
 
+def test_batchnorm_moment_forms_and_the_form_each_platform_gets():
+    """`resnet._batch_norm`: two-pass moments on the CPU, one pass shifted by the running mean on
+    GPU/TPU. Against float64 on activations whose mean is 1e4 x their spread, the shifted pass is
+    as exact as two-pass once the shift is near the mean (it is the running mean), and the unshifted
+    one-pass form (K = 0, use_fast_variance) is not; outputs and gradients of the two production
+    forms agree. The form each platform gets is read from the exported StableHLO, no device needed."""
+    import re
+
+    from jax import export
+
+    from xdistill_jax.models import resnet
+
+    rng = np.random.default_rng(13)
+    x64 = 100.0 + 0.01 * rng.normal(size=(4, 6, 10, 3))
+    x = jnp.asarray(x64, jnp.float32)
+    x32 = np.asarray(x, np.float64)  # what float32 holds
+    axes = (0, 1, 2)
+    true_var = x32.var(axis=axes)
+    near = jnp.asarray(x32.mean(axis=axes) + 0.004, jnp.float32)  # a running mean a bit off
+    for moments, shift in ((resnet._moments_two_pass, near), (resnet._moments_shifted, near)):
+        mean, var = jax.jit(moments, static_argnums=2)(x, shift, axes)
+        np.testing.assert_allclose(mean, x32.mean(axis=axes), rtol=1e-6)
+        np.testing.assert_allclose(var, true_var, rtol=2e-3)
+    _, var0 = jax.jit(resnet._moments_shifted, static_argnums=2)(x, jnp.zeros(3), axes)
+    assert np.max(np.abs(np.asarray(var0) / true_var - 1)) > 0.5  # catastrophic cancellation
+
+    # the whole train-mode normalisation, value and gradients, on ordinary activations
+    x = jnp.asarray(3.0 + rng.normal(size=(4, 6, 10, 3)), jnp.float32)
+    shift = jnp.mean(x, axis=axes) + 0.1
+    scale, bias = jnp.asarray([1.0, 2.0, 0.5]), jnp.asarray([0.0, 0.1, -0.2])
+    w = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+    outs = []
+    for moments in (resnet._moments_two_pass, resnet._moments_shifted):
+        f = functools.partial(resnet._batch_norm_train, axes=axes, epsilon=1e-5, moments=moments)
+        loss = lambda x, s, b: jnp.sum(w * f(x, shift, s, b)[0] ** 2)
+        outs.append(jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(x, scale, bias))
+    for a, b in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(outs[1])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+    spec = jax.ShapeDtypeStruct(x.shape, jnp.float32)
+    vec = jax.ShapeDtypeStruct((3,), jnp.float32)
+    bn = jax.jit(functools.partial(resnet._batch_norm, axes=axes, epsilon=1e-5))
+    found = {p: len(re.findall(r"stablehlo\.maximum", export.export(bn, platforms=[p])(spec, vec, vec, vec).mlir_module()))
+             for p in ("cpu", "cuda", "tpu")}
+    assert found == {"cpu": 0, "cuda": 1, "tpu": 1}, found  # max(E[(x-K)^2] - E[x-K]^2, 0)
+
+
 def test_posenet_forward(pose_vars):
     apply = jax.jit(PoseNet().apply)
     pair = _images(7, channels=6)
