@@ -113,11 +113,22 @@ def table(rows: list[dict], facts: dict) -> str:
     return "\n".join(out)
 
 
+def _comma_list(allowed: tuple[str, ...]):
+    """argparse type: a comma list of `allowed` (anything else: an error naming the flag)."""
+    def parse(text: str) -> list[str]:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        if not items or any(t not in allowed for t in items):
+            raise argparse.ArgumentTypeError(f"expected a comma list of {', '.join(allowed)}, got {text!r}")
+        return items
+    return parse
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/kitti_resnet18_640x192.py")
-    p.add_argument("--dtypes", default="bfloat16,float32", help="comma list of float32,bfloat16")
-    p.add_argument("--distill", default="on,off", help="comma list of on,off")
+    p.add_argument("--dtypes", default="bfloat16,float32", type=_comma_list(("bfloat16", "float32")),
+                   help="comma list of bfloat16,float32")
+    p.add_argument("--distill", default="on,off", type=_comma_list(("on", "off")), help="comma list of on,off")
     p.add_argument("--target-config", default=None, help="GpuTargetConfigProto text file (default: H100 SXM)")
     p.add_argument("--scopes", action="store_true", help="also print each variant's census by scope and kind")
     p.add_argument("--json", default=None, help="write the results here")
@@ -144,8 +155,7 @@ def main() -> None:
                          f"jax-cuda13-pjrt of jax's version ({jax.__version__})") from e
     mesh = topologies.make_mesh(topology, (1,), ("data",))
     base = config_utils.config_from_args(args.config, overrides + ["--config.mesh.num_devices=1"])
-    chosen = benchmark.variants([d.strip() for d in args.dtypes.split(",")],
-                                [{"on": True, "off": False}[x.strip()] for x in args.distill.split(",")])
+    chosen = benchmark.variants(args.dtypes, [x == "on" for x in args.distill])
     rows = []
     for variant in chosen:
         config = benchmark.variant_config(base, variant)

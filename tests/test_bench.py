@@ -217,3 +217,13 @@ def test_core_imports_without_tfds_and_grain():
                           cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert "core imports without TFDS and grain" in proc.stdout
+
+
+@pytest.mark.parametrize("flag, value", [("--dtypes", "bf16"), ("--distill", "yes"), ("--dtypes", "")])
+def test_gpu_aot_names_a_bad_variant_flag(flag, value):
+    """benchmarks/gpu_aot.py rejects an unknown dtype or distill value before importing jax,
+    naming the flag and what it accepts (it used to fail deep in the config with a KeyError)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_aot.py"), f"{flag}={value}"],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr
+    assert f"argument {flag}: expected a comma list of" in proc.stderr, proc.stderr
