@@ -65,6 +65,7 @@ def test_bad_overrides_name_the_key(args, key):
     (["--config.distill.translator.output_stride=64"], "distill.translator.output_stride"),
     (["--config.distill.translator.features=0"], "distill.translator.features"),
     (["--config.distill.translator.dilations=(1, 0)"], "distill.translator.dilations"),
+    (["--config.run.state_layout=cudnn"], "run.state_layout"),
 ])
 def test_impossible_values_name_the_key(args, key):
     with pytest.raises(config_utils.ConfigError, match=key.replace(".", r"\.")):

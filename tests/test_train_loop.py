@@ -8,6 +8,7 @@ import os
 import re
 import signal
 
+import jax
 import numpy as np
 import pytest
 
@@ -300,3 +301,52 @@ def test_cli_val_ground_truth_of_another_split_exits_2_before_compiling(world_ru
     assert not compiled
     after = {p.relative_to(workdir): p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
     assert after == before
+
+
+def _final_state(workdir, step):
+    from xdistill_jax import train
+    from xdistill_jax.checkpoints import Checkpointer
+    from xdistill_jax.objective import Networks
+
+    config = config_utils.load_config(workdir)
+    nets = Networks.from_config(config)
+    abstract = train.abstract_train_state(nets, train.make_optimizer(config, steps_per_epoch=2),
+                                          train.make_mesh(config))[0]
+    state, _, got = Checkpointer(workdir / "checkpoints").restore(abstract, step=step)
+    assert got == step
+    return {k: np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(state)[0]}
+
+
+def test_state_layout_auto_trains_checkpoints_and_resumes_like_the_default(resumed_run, tmp_path,
+                                                                          monkeypatch):
+    """run.state_layout="auto": the loop compiles the step ahead (`train.LayoutStep`), puts the
+    fresh, then the restored, state into the formats XLA chose, trains, writes checkpoints
+    (async), validates and resumes, and ends bitwise where `resumed_run` (same config and data,
+    default layouts) does. This CPU's XLA resolves Layout.AUTO to row-major; moving a state into
+    other layouts and back through a step is `test_train_step.py::test_layout_step_*`'s."""
+    from xdistill_jax import train
+
+    steps = []
+    call = train.LayoutStep.__call__
+
+    def spy(self, state, batch, rng):
+        out = call(self, state, batch, rng)
+        steps.append(self.state_formats is not None and
+                     jax.tree.leaves(self.state_formats) == [x.format for x in jax.tree.leaves(out[0])])
+        return out
+
+    monkeypatch.setattr(train.LayoutStep, "__call__", spy)
+    workdir = tmp_path / "run"
+    config = tiny_config(distill_weight=0.1, **{"run.state_layout": "auto", "run.async_checkpoints": True})
+    assert training_loop.train_and_evaluate(config, workdir, data=make_data()) == training_loop.EXIT_OK
+    config.optim.num_steps = 4
+    assert training_loop.train_and_evaluate(config, workdir, data=make_data()) == training_loop.EXIT_OK
+
+    assert steps == [True] * 4  # 2 steps, then 2 more after the resume, all through LayoutStep
+    assert ckpt_steps(workdir) == ckpt_steps(resumed_run[0]) == [2, 3, 4]
+    ref, got = _final_state(resumed_run[0], 4), _final_state(workdir, 4)
+    assert got.keys() == ref.keys()
+    for k in ref:
+        np.testing.assert_array_equal(got[k], ref[k], err_msg=jax.tree_util.keystr(k))
+    for split in ("train", "val"):
+        assert [m["loss"] for m in read_metrics(workdir, split)] == [m["loss"] for m in read_metrics(resumed_run[0], split)]

@@ -203,8 +203,8 @@ def make_train_step(config: ml_collections.ConfigDict, nets: Networks, tx, mesh:
     `Layout.AUTO`): on a GPU it stores convolution kernels and their Adam moments in cuDNN's
     filter order, so the update needs no transpose and no output copies (benchmarks/RESULTS.md).
     Such a step must be lowered and compiled ahead of time, and the state put into the
-    compiled step's `input_formats[0][0]` before the first call (`xdistill bench
-    --state-layout auto` does); the training loop uses "default".
+    compiled step's `input_formats[0][0]` before the first call: `LayoutStep` does both (the
+    training loop with `run.state_layout="auto"`; `xdistill bench --state-layout auto`).
     """
     if state_layout not in STATE_LAYOUTS:
         raise ValueError(f"state_layout must be one of {STATE_LAYOUTS}, got {state_layout!r}")
@@ -240,6 +240,38 @@ def make_train_step(config: ml_collections.ConfigDict, nets: Networks, tx, mesh:
                    in_shardings=(state_shardings, batch_sharding(mesh), replicated(mesh)),
                    out_shardings=(state_shardings, replicated(mesh)),
                    donate_argnums=(0,))
+
+
+class LayoutStep:
+    """A `make_train_step(..., state_layout="auto")` step, callable like the default one.
+
+    The first call compiles it ahead of time for that call's shapes and shardings, and puts the
+    state it was given (fresh or restored from a checkpoint, in default layouts) into the layouts
+    XLA chose, `state_formats`; the steps return the state in those same layouts, so later calls
+    pass it straight through. Checkpoints are written from these arrays and restored in default
+    layouts (orbax reads and writes host arrays), so a run may resume with either setting.
+    """
+
+    def __init__(self, jitted: Callable):
+        self.jitted, self.compiled, self.state_formats = jitted, None, None
+
+    def prepare(self, state: TrainState, batch, rng) -> TrainState:
+        """Compile for these arguments' shapes and shardings; return `state` in the chosen formats."""
+        spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                            (state, batch, rng))
+        compiled = self.jitted.lower(*spec).compile()
+        formats = compiled.input_formats[0][0]
+        if jax.tree.leaves(compiled.output_formats[0]) != jax.tree.leaves(formats):
+            # the returned state would not fit the next call: every step would need a relayout
+            raise RuntimeError("state_layout='auto': XLA chose other layouts for the returned "
+                               "state than for the donated one")
+        self.compiled, self.state_formats = compiled, formats
+        return jax.device_put(state, formats)
+
+    def __call__(self, state: TrainState, batch, rng):
+        if self.compiled is None:
+            state = self.prepare(state, batch, rng)
+        return self.compiled(state, batch, rng)
 
 
 def make_eval_step(config: ml_collections.ConfigDict, nets: Networks, mesh: Mesh) -> Callable:

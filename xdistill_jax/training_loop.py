@@ -378,7 +378,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, data=None)
 
     writer = MetricWriter(workdir, enabled=is_main)
     kept = writer.truncate_after(step)
-    train_step = train.make_train_step(config, nets, tx, mesh)
+    state_layout = config.run.get("state_layout", "default")  # .get: an older config.json
+    train_step = train.make_train_step(config, nets, tx, mesh, state_layout=state_layout)
+    if state_layout == "auto":
+        train_step = train.LayoutStep(train_step)
     step_rng = jax.device_put(step_rng, train.replicated(mesh))
 
     def save(at_step):
