@@ -134,7 +134,7 @@ def _reflect_pad1(x):
     - GPU and others: a sum of zero pads. Each position receives one value plus exact zeros,
       so the padded array is the same bitwise, but XLA:GPU fuses pads into the SSIM window
       sums that read them, where it wrote each concatenated copy of the warped images to
-      memory: 0.49 GB less traffic per train step on an H100 target (benchmarks/RESULTS.md).
+      memory: 0.79 GB less traffic per train step on an H100 target (benchmarks/RESULTS.md).
       On XLA:CPU the different fusion changes the rounding of later reductions, hence the split.
     """
     return jax.lax.platform_dependent(x, cpu=_reflect_pad1_concat, default=_reflect_pad1_sum)

@@ -83,7 +83,7 @@ class TorchBatchNorm(nn.Module):
     Flax's `nn.BatchNorm` updates the running variance with the biased batch variance; torch
     uses the unbiased one (x n/(n-1)). Normalisation itself uses the biased variance in both.
     Variables are named like Flax's (params ``scale``/``bias``, batch_stats ``mean``/``var``).
-    Variance (`_batch_moments`): on the CPU two-pass, mean((x - mean)^2) (as torch). On GPU/TPU
+    Variance (`_batch_norm`): on the CPU two-pass, mean((x - mean)^2) (as torch). On GPU/TPU
     one pass shifted by the running mean K: E[(x-K)^2] - E[x-K]^2, the same mathematics with the
     same gradient, reading each activation once instead of twice (1.12 GB less memory traffic and
     147 fewer kernels per train step on an H100 target, benchmarks/RESULTS.md). Its rounding
