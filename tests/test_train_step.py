@@ -76,7 +76,8 @@ def runs_by_device_count():
 # summation order of the cross-device reductions (BatchNorm statistics, weight gradients, loss
 # means) differs, hence first-step gradients equal to ~1e-8 where no tie flips (they differed by
 # 6e-6 everywhere before TorchBatchNorm's one-pass variance, which cancelled in float32, was
-# replaced by the two-pass one). Two amplifiers turn that rounding into more than rounding:
+# replaced by the two-pass one, which the CPU keeps; GPU/TPU shift the one pass by the running
+# mean, models/resnet.py). Two amplifiers turn that rounding into more than rounding:
 # 1. The objective is piecewise smooth: the auto-mask's per-pixel minimum, max-pool and ReLU
 #    change branch at ties. Where rounding flips a near-tie, the gradient jumps: one auto-mask
 #    pixel moves first-step gradients by ~3e-6 to 6e-6 here (32x96, batch 4). Which batches
