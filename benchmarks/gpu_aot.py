@@ -124,6 +124,8 @@ def _comma_list(allowed: tuple[str, ...]):
 
 
 def main() -> None:
+    from xdistill_jax import config_defaults  # ml_collections only: the flags fail before jax loads
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/kitti_resnet18_640x192.py")
     p.add_argument("--dtypes", default="bfloat16,float32", type=_comma_list(("bfloat16", "float32")),
@@ -134,7 +136,7 @@ def main() -> None:
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--hlo-dir", default=None, help="write each variant's optimised HLO text here")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--state-layout", choices=("default", "auto"), default="default",
+    p.add_argument("--state-layout", choices=config_defaults.STATE_LAYOUTS, default="default",
                    help="auto: the train state's layouts chosen by XLA (train.make_train_step)")
     args, overrides = p.parse_known_args()
 

@@ -93,7 +93,7 @@ def test_ray_forms_agree_and_are_chosen_by_platform():
     the form each platform gets is read from the exported StableHLO, no device needed."""
     import re
 
-    from jax import export
+    from platform_forms import stablehlo_by_platform
 
     rng = np.random.default_rng(7)
     h, w = 5, 7
@@ -113,11 +113,9 @@ def test_ray_forms_agree_and_are_chosen_by_platform():
     np.testing.assert_array_equal(outs[0], outs[1])
 
     spec = jax.ShapeDtypeStruct(A.shape, jnp.float32)
-    found = {}
-    for platform in ("cpu", "cuda", "tpu"):
-        text = export.export(jax.jit(lambda A: G._rays(A, h, w)), platforms=[platform])(spec).mlir_module()
-        found[platform] = (len(re.findall(r"stablehlo\.iota", text)),
-                           len(re.findall(rf"stablehlo\.constant dense<[^>]*> : tensor<{h}x{w}xf32>", text)))
+    found = {p: (len(re.findall(r"stablehlo\.iota", text)),
+                 len(re.findall(rf"stablehlo\.constant dense<[^>]*> : tensor<{h}x{w}xf32>", text)))
+             for p, text in stablehlo_by_platform(lambda A: G._rays(A, h, w), spec).items()}
     assert found == {"cpu": (2, 0), "cuda": (0, 2), "tpu": (0, 2)}, found
 
 

@@ -277,7 +277,7 @@ def test_box_mean_forms_agree_and_are_chosen_by_platform():
     gradient; the form each platform gets is read from the exported StableHLO, no device needed."""
     import re
 
-    from jax import export
+    from platform_forms import stablehlo_by_platform
 
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.uniform(0, 1, (2, 12, 17, 3)), jnp.float32)
@@ -294,10 +294,8 @@ def test_box_mean_forms_agree_and_are_chosen_by_platform():
         np.testing.assert_allclose(got, want_grad, rtol=0, atol=2e-6)
 
     spec = jax.ShapeDtypeStruct((2, 12, 17, 3), jnp.float32)
-    windows = {}
-    for platform in ("cpu", "cuda", "tpu"):
-        text = export.export(jax.jit(L._box3), platforms=[platform])(spec).mlir_module()
-        windows[platform] = re.findall(r"window_dimensions = array<i64: ([0-9, ]+)>", text)
+    windows = {p: re.findall(r"window_dimensions = array<i64: ([0-9, ]+)>", text)
+               for p, text in stablehlo_by_platform(L._box3, spec).items()}
     assert windows == {"cpu": ["1, 3, 1, 1", "1, 1, 3, 1"], "cuda": ["1, 3, 3, 1"], "tpu": ["1, 3, 3, 1"]}
 
 
@@ -308,7 +306,7 @@ def test_reflection_pad_forms_agree_and_are_chosen_by_platform():
     platform gets is read from the exported StableHLO, no device needed."""
     import re
 
-    from jax import export
+    from platform_forms import stablehlo_by_platform
 
     rng = np.random.default_rng(5)
     x = rng.uniform(0, 1, (2, 6, 9, 3)).astype(np.float32)
@@ -326,10 +324,8 @@ def test_reflection_pad_forms_agree_and_are_chosen_by_platform():
         np.testing.assert_allclose(np.asarray(got), want_grad, rtol=1e-6, atol=1e-6)
 
     spec = jax.ShapeDtypeStruct(x.shape, jnp.float32)
-    ops = {}
-    for platform in ("cpu", "cuda", "tpu"):
-        text = export.export(jax.jit(L._reflect_pad1), platforms=[platform])(spec).mlir_module()
-        ops[platform] = (len(re.findall(r"stablehlo\.concatenate", text)), len(re.findall(r"stablehlo\.pad", text)))
+    ops = {p: (len(re.findall(r"stablehlo\.concatenate", text)), len(re.findall(r"stablehlo\.pad", text)))
+           for p, text in stablehlo_by_platform(L._reflect_pad1, spec).items()}
     assert ops["cpu"][0] > 0 and ops["cpu"][1] == 0, ops
     assert ops["cuda"] == ops["tpu"] == (0, 6), ops
 
@@ -341,7 +337,7 @@ def test_reprojection_is_recomputed_in_the_backward_on_gpu_only():
     import functools
     import re
 
-    from jax import export
+    from platform_forms import stablehlo_by_platform
 
     rng = np.random.default_rng(11)
     pred = jnp.asarray(rng.uniform(0, 1, (2, 6, 9, 3)), jnp.float32)
@@ -357,10 +353,9 @@ def test_reprojection_is_recomputed_in_the_backward_on_gpu_only():
                                   plain(pred, L._target_stats(target)))
 
     spec = jax.ShapeDtypeStruct(pred.shape, jnp.float32)
-    grad = jax.jit(jax.grad(lambda p, y: jnp.sum(L._reprojection_recomputed(p, L._target_stats(y), False))))
-    barriers = {platform: len(re.findall(r"stablehlo\.optimization_barrier",
-                                         export.export(grad, platforms=[platform])(spec, spec).mlir_module()))
-                for platform in ("cpu", "cuda", "tpu")}
+    grad = jax.grad(lambda p, y: jnp.sum(L._reprojection_recomputed(p, L._target_stats(y), False)))
+    barriers = {p: len(re.findall(r"stablehlo\.optimization_barrier", text))
+                for p, text in stablehlo_by_platform(grad, spec, spec).items()}
     assert barriers == {"cpu": 0, "cuda": 1, "tpu": 1}, barriers
 
 

@@ -23,9 +23,8 @@ import numpy as np
 import pytest
 
 import kitti_tiny
-from xdistill_jax import config_utils, train
+from train_fixtures import abstract_state_of
 from xdistill_jax.checkpoints import Checkpointer, CheckpointError
-from xdistill_jax.objective import Networks
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 6
@@ -75,16 +74,8 @@ def _batches(path):
     return out
 
 
-def _abstract_state(workdir):
-    config = config_utils.load_config(workdir)
-    config.mesh.num_devices = 1
-    nets = Networks.from_config(config)
-    tx = train.make_optimizer(config, steps_per_epoch=3)
-    return train.abstract_train_state(nets, tx, train.make_mesh(config))[0]
-
-
 def _params(workdir, step):
-    state, _, got = Checkpointer(workdir / "checkpoints").restore(_abstract_state(workdir), step=step)
+    state, _, got = Checkpointer(workdir / "checkpoints").restore(abstract_state_of(workdir), step=step)
     assert got == step
     return {jax.tree_util.keystr(k): np.asarray(v)
             for k, v in jax.tree_util.tree_flatten_with_path((state.params, state.batch_stats, state.opt_state))[0]}
@@ -184,7 +175,7 @@ def test_damaged_latest_checkpoint_falls_back_with_warning(runs, tmp_path, caplo
         for d in {f.parent for f in files if f.parent.name == "d"}:
             shutil.rmtree(d)
     with caplog.at_level(logging.WARNING, logger="xdistill_jax.checkpoints"):
-        state, data_state, step = Checkpointer(w / "checkpoints").restore(_abstract_state(w))
+        state, data_state, step = Checkpointer(w / "checkpoints").restore(abstract_state_of(w))
     assert step == 4
     text = caplog.text
     assert f"restored checkpoint {w / 'checkpoints' / '4'} instead of the damaged {latest}" in text
@@ -201,4 +192,4 @@ def test_no_restorable_checkpoint_is_an_error_naming_each(runs, tmp_path):
         for d in {f.parent for f in _data_files(w / "checkpoints" / str(s)) if f.parent.name == "d"}:
             shutil.rmtree(d)
     with pytest.raises(CheckpointError, match=r"no checkpoint in .* could be restored: step 6: .*step 4: "):
-        Checkpointer(w / "checkpoints").restore(_abstract_state(w))
+        Checkpointer(w / "checkpoints").restore(abstract_state_of(w))

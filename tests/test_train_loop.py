@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from train_fixtures import FakeTeacher, records, tiny_config
+from train_fixtures import FakeTeacher, abstract_state_of, records, tiny_config
 from xdistill_jax import config_utils, input_pipeline, training_loop
 from xdistill_jax.checkpoints import CheckpointError
 
@@ -304,15 +304,9 @@ def test_cli_val_ground_truth_of_another_split_exits_2_before_compiling(world_ru
 
 
 def _final_state(workdir, step):
-    from xdistill_jax import train
     from xdistill_jax.checkpoints import Checkpointer
-    from xdistill_jax.objective import Networks
 
-    config = config_utils.load_config(workdir)
-    nets = Networks.from_config(config)
-    abstract = train.abstract_train_state(nets, train.make_optimizer(config, steps_per_epoch=2),
-                                          train.make_mesh(config))[0]
-    state, _, got = Checkpointer(workdir / "checkpoints").restore(abstract, step=step)
+    state, _, got = Checkpointer(workdir / "checkpoints").restore(abstract_state_of(workdir), step=step)
     assert got == step
     return {k: np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(state)[0]}
 

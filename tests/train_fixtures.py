@@ -5,6 +5,19 @@ import numpy as np
 from xdistill_jax import config_utils
 from xdistill_jax.config_defaults import base_config
 
+def abstract_state_of(workdir):
+    """The abstract train state of `workdir`'s saved config, on one device (to restore its
+    checkpoints with `Checkpointer.restore`)."""
+    from xdistill_jax import train
+    from xdistill_jax.objective import Networks
+
+    config = config_utils.load_config(workdir)
+    config.mesh.num_devices = 1
+    nets = Networks.from_config(config)
+    tx = train.make_optimizer(config, steps_per_epoch=3)
+    return train.abstract_train_state(nets, tx, train.make_mesh(config))[0]
+
+
 K_NORM = np.array([[0.58, 0, 0.5, 0], [0, 1.92, 0.5, 0], [0, 0, 1, 0], [0, 0, 0, 1]], np.float32)
 
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 import ml_collections
 
 
+STATE_LAYOUTS = ("default", "auto")  # run.state_layout, train.make_train_step(state_layout=)
+
+
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
 
@@ -89,7 +92,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.run.keep = 3                   # checkpoints kept
     c.run.async_checkpoints = True
     c.run.on_nonfinite = "stop"      # "stop" (keep last good checkpoint) | "skip" (count it)
-    c.run.state_layout = "default"   # "auto": the train state's device layouts left to XLA (train.make_train_step)
+    c.run.state_layout = "default"   # one of STATE_LAYOUTS; "auto": the train state's device layouts left to XLA (train.make_train_step)
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.num_devices = -1          # devices in the data mesh (-1 = all)

@@ -187,7 +187,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     _check(all(e > 0 for e in o.lr_drop_epochs), "optim.lr_drop_epochs", f"must be > 0, got {o.lr_drop_epochs}")
     _check(r.on_nonfinite in ("stop", "skip"), "run.on_nonfinite", f"must be 'stop' or 'skip', got {r.on_nonfinite!r}")
     state_layout = r.get("state_layout", "default")  # .get: a config.json saved before the field existed
-    _check(state_layout in ("default", "auto"), "run.state_layout", f"must be 'default' or 'auto', got {state_layout!r}")
+    _check(state_layout in config_defaults.STATE_LAYOUTS, "run.state_layout",
+           f"must be one of {config_defaults.STATE_LAYOUTS}, got {state_layout!r}")
     _check(d.val_gt_crop in ("garg", ""), "data.val_gt_crop", f"must be 'garg' or '', got {d.val_gt_crop!r}")
     for key in ("log_every", "ckpt_every", "val_every", "keep"):
         _check(r[key] > 0, f"run.{key}", f"must be > 0, got {r[key]}")

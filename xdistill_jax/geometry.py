@@ -158,18 +158,20 @@ def project(points, K, T, eps: float = 1e-7):
     return cam[..., :2] / (cam[..., 2:3] + eps)
 
 
-def _rays_broadcast(A, h: int, w: int):
-    xs = jnp.arange(w, dtype=jnp.float32)[None, None, :, None]
-    ys = jnp.arange(h, dtype=jnp.float32)[None, :, None, None]
+def _rays_at(A, xs, ys):
+    """A @ [x, y, 1] with xs, ys broadcastable to (1,h,w,1)."""
     col = lambda m: m[:, None, None, :]  # (B,3) -> (B,1,1,3)
     return col(A[:, :, 0]) * xs + col(A[:, :, 1]) * ys + col(A[:, :, 2])
 
 
+def _rays_broadcast(A, h: int, w: int):
+    return _rays_at(A, jnp.arange(w, dtype=jnp.float32)[None, None, :, None],
+                    jnp.arange(h, dtype=jnp.float32)[None, :, None, None])
+
+
 def _rays_grid(A, h: int, w: int):
     gx, gy = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
-    xs, ys = jnp.asarray(gx)[None, :, :, None], jnp.asarray(gy)[None, :, :, None]
-    col = lambda m: m[:, None, None, :]
-    return col(A[:, :, 0]) * xs + col(A[:, :, 1]) * ys + col(A[:, :, 2])
+    return _rays_at(A, jnp.asarray(gx)[None, :, :, None], jnp.asarray(gy)[None, :, :, None])
 
 
 def _rays(A, h: int, w: int):

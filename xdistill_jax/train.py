@@ -28,6 +28,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from xdistill_jax import objective
+from xdistill_jax.config_defaults import STATE_LAYOUTS
 from xdistill_jax.objective import Networks
 
 # Initialise the networks at this size: all parameters are shape-independent (fully
@@ -186,9 +187,6 @@ def _find_first_conv(params):
     if len(found) != 1:
         raise ValueError(f"pretrained encoder: expected one 3-input-channel stem conv, found {len(found)}")
     return found[0]
-
-
-STATE_LAYOUTS = ("default", "auto")
 
 
 def make_train_step(config: ml_collections.ConfigDict, nets: Networks, tx, mesh: Mesh,

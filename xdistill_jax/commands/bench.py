@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import sys
 
+from xdistill_jax import config_defaults
+
 ACCEPTS_EXTRA_ARGS = True
 
 _ON_OFF = {"on": True, "off": False}
@@ -29,9 +31,10 @@ def add_arguments(parser):
     parser.add_argument("--distill", default="on,off", help="comma list of on,off")
     parser.add_argument("--teacher-stride", type=int, default=2,
                         help="synthetic teacher logits at (H/stride, W/stride)")
-    parser.add_argument("--state-layout", choices=("default", "auto"), default="default",
+    parser.add_argument("--state-layout", choices=config_defaults.STATE_LAYOUTS, default="default",
                         help="auto: the train state's device layouts chosen by XLA (on a GPU, "
-                             "convolution kernels in cuDNN's filter order); the training loop uses default")
+                             "convolution kernels in cuDNN's filter order); training: "
+                             "--config.run.state_layout")
     parser.add_argument("--json", default=None, help="write the results here (JSON)")
     parser.add_argument("--profile-dir", default=None,
                         help="trace 5 extra steps per variant with jax.profiler into DIR/<variant> and print "
