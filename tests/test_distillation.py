@@ -2,6 +2,7 @@
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -21,6 +22,18 @@ def test_hard_mode_by_hand_with_ignore():
     teacher = np.array([[[[0.1, 2.0, 0.3], [9.0, 1.0, 1.0]]]], np.float16)
     loss = distillation_loss(jnp.asarray(student[:, :, :2]), jnp.asarray(teacher))
     np.testing.assert_allclose(float(loss), (math.log(3) + math.log(2)) / 2, rtol=1e-6)
+
+
+def test_hard_mode_gradient_by_hand_without_a_scatter():
+    # d CE / d logits = (softmax - one_hot(label)) / (number of counted pixels); 0 where ignored.
+    student = np.array([[[[0.0, 0.0, 0.0], [math.log(2), 0.0, 0.0], [5.0, -3.0, 1.0]]]], np.float32)
+    labels = np.array([[[1, 0, 255]]], np.int32)
+    grad_fn = jax.jit(jax.grad(lambda s: distillation_loss(s, jnp.asarray(labels))))
+    grad = np.asarray(grad_fn(jnp.asarray(student)))
+    expected = np.array([[[[1 / 3, -2 / 3, 1 / 3], [0.5 - 1, 0.25, 0.25], [0.0, 0.0, 0.0]]]]) / 2
+    np.testing.assert_allclose(grad, expected, atol=1e-7)
+    # the label's log-probability is picked by a mask, not a gather: no scatter in the gradient
+    assert "scatter" not in grad_fn.lower(jnp.asarray(student)).as_text()
 
 
 def test_uniform_teacher_logits_are_ignored_in_hard_mode():
