@@ -336,6 +336,38 @@ def test_output_masked_relu_is_jax_nn_relu(dtype):
     np.testing.assert_array_equal(np.asarray(d, np.float32), np.asarray(x > 0, np.float32))
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_output_derived_elu_is_jax_nn_elu(dtype):
+    """models.activations.elu (derivative from its output: 1 where y > 0, else y + 1) against
+    jax.nn.elu: values, reverse- and forward-mode derivatives bitwise, eager and jitted, with
+    exact zeros, -0.0, tiny and large negative values and NaN."""
+    from xdistill_jax.models.activations import elu
+
+    rng = np.random.default_rng(8)
+    x = np.round(rng.normal(size=(4, 5, 6, 8)) * 4) / 4
+    x[0, 0, 0, :8] = [-0.0, 0.0, 1e-30, -1e-30, -100.0, -20.0, np.nan, 30.0]
+    x = jnp.asarray(x, dtype)
+    g = jnp.asarray(rng.normal(size=x.shape), dtype)
+
+    def value_and_vjp(fn, x, g):
+        y, vjp = jax.vjp(fn, x)
+        return y, vjp(g)[0]
+
+    for wrap in (lambda f: f, jax.jit):
+        got = wrap(functools.partial(value_and_vjp, elu))(x, g)
+        ref = wrap(functools.partial(value_and_vjp, jax.nn.elu))(x, g)
+        for a, b in zip(got, ref):
+            np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+        t = wrap(lambda x, g: jax.jvp(elu, (x,), (g,))[1])(x, g)
+        t_ref = wrap(lambda x, g: jax.jvp(jax.nn.elu, (x,), (g,))[1])(x, g)
+        np.testing.assert_array_equal(np.asarray(t, np.float32), np.asarray(t_ref, np.float32))
+    # by hand: 1 for x > 0, exp(x) for x <= 0 (as y + 1 in float32: within its rounding near 1,
+    # so exp(-20) comes out as 0, as it does from jax.nn.elu)
+    d = np.asarray(jax.grad(lambda x: jnp.sum(elu(x)))(x.astype(jnp.float32)))
+    xf = np.asarray(x, np.float32)
+    np.testing.assert_allclose(d, np.where(xf > 0, 1.0, np.exp(np.minimum(xf, 0))), rtol=1e-6, atol=1e-7)
+
+
 def test_depthnet_gradients_with_the_output_masked_relu(monkeypatch):
     """DepthNet's parameter gradients (train mode, jitted) with models.activations.relu in the
     encoder against the same network with jax.nn.relu: the masks are the same, so the gradients

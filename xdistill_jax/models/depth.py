@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from xdistill_jax.models.activations import elu
 from xdistill_jax.models.resnet import ResNetEncoder, encoder_channels
 
 DECODER_CHANNELS = (16, 32, 64, 128, 256)
@@ -92,11 +93,11 @@ class DepthDecoder(nn.Module):
         outputs = {}
         x = features[4].astype(self.dtype)
         for i in range(4, -1, -1):
-            x = nn.elu(self._conv(DECODER_CHANNELS[i], x.shape[-1], f"upconv_{i}_0")(reflect_pad1(x)))
+            x = elu(self._conv(DECODER_CHANNELS[i], x.shape[-1], f"upconv_{i}_0")(reflect_pad1(x)))
             x = upsample_nearest2(x)
             if i > 0:
                 x = jnp.concatenate([x, features[i - 1].astype(self.dtype)], axis=-1)
-            x = nn.elu(self._conv(DECODER_CHANNELS[i], x.shape[-1], f"upconv_{i}_1")(reflect_pad1(x)))
+            x = elu(self._conv(DECODER_CHANNELS[i], x.shape[-1], f"upconv_{i}_1")(reflect_pad1(x)))
             if i in self.scales:
                 logits = self._conv(1, x.shape[-1], f"dispconv_{i}")(reflect_pad1(x))
                 outputs[i] = jax.nn.sigmoid(logits.astype(jnp.float32))
