@@ -3,6 +3,7 @@ DepthNet and PoseNet at 64x192 (fp32 and bf16), BatchNorm statistics in train mo
 
 import functools
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -366,6 +367,56 @@ def test_output_derived_elu_is_jax_nn_elu(dtype):
     d = np.asarray(jax.grad(lambda x: jnp.sum(elu(x)))(x.astype(jnp.float32)))
     xf = np.asarray(x, np.float32)
     np.testing.assert_allclose(d, np.where(xf > 0, 1.0, np.exp(np.minimum(xf, 0))), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("copies", [1, 2])
+def test_decoder_padded_elu_forms_against_float64(copies):
+    """The depth decoder's padded activations (`depth.elu_reflect_padded`): ELU-then-pad per
+    reader (the CPU's form) and one shared pad-then-ELU (elsewhere) give bitwise the same arrays,
+    and gradients within float32 rounding of a float64 reference: ELU'(x) times the readers'
+    cotangents summed and folded back from the reflected border by hand."""
+    from xdistill_jax.models import depth
+
+    rng = np.random.default_rng(21)
+    x64 = rng.normal(size=(2, 5, 7, 3))
+    x = jnp.asarray(x64, jnp.float32)
+    gs = [rng.normal(size=(2, 7, 9, 3)) for _ in range(copies)]
+
+    def src(n):  # padded index -> source index of a 1-pixel reflection pad
+        return np.abs(np.arange(n + 2) - 1) - 2 * (np.arange(n + 2) == n + 1)
+
+    xf = np.asarray(x, np.float64)
+    fold = np.zeros_like(xf)
+    rows, cols = src(5), src(7)
+    for g in gs:
+        for i, r in enumerate(rows):
+            for j, c in enumerate(cols):
+                fold[:, r, c] += g[:, i, j]
+    expected = np.where(xf > 0, 1.0, np.exp(np.minimum(xf, 0))) * fold
+    outs, grads = [], []
+    for form in (depth._elu_then_pad, depth._pad_then_elu):
+        y, vjp = jax.vjp(lambda x: form(x, copies), x)
+        outs.append(y)
+        grads.append(np.asarray(vjp(tuple(jnp.asarray(g, jnp.float32) for g in gs))[0]))
+    for a, b in zip(*outs):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(outs[0][0], jnp.pad(jax.nn.elu(x), ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect"))
+    for grad in grads:
+        np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_decoder_padded_elu_form_per_platform():
+    """cpu pads ELU(x) per reader; cuda and tpu take the ELU of one padded x (read from the
+    exported StableHLO: the shape the expm1 is applied at)."""
+    from platform_forms import stablehlo_by_platform
+    from xdistill_jax.models import depth
+
+    spec = jax.ShapeDtypeStruct((2, 6, 10, 3), jnp.float32)
+    found = {}
+    for p, text in stablehlo_by_platform(lambda x: depth.elu_reflect_padded(x, 2), spec).items():
+        shapes = re.findall(r"exponential_minus_one %\S+ : tensor<([0-9x]+)xf32>", text)
+        found[p] = sorted(set(shapes))
+    assert found == {"cpu": ["2x6x10x3"], "cuda": ["2x8x12x3"], "tpu": ["2x8x12x3"]}, found
 
 
 def test_depthnet_gradients_with_the_output_masked_relu(monkeypatch):

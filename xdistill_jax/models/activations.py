@@ -19,8 +19,10 @@ y + 1 elsewhere, which is bitwise what JAX's own rule gives (it differentiates e
 output + 1, and y > 0 exactly when x > 0, NaN included). With the derivative taken from x, the
 backward pass kept each decoder convolution's output and XLA computed the activation twice (into
 the next layer's padded input, and again beside it); from y, the activation is computed once and
-the backward reads it (0.23 GB less memory traffic per step and 0.12 GB less XLA memory on an
-H100 target, benchmarks/RESULTS.md).
+the backward reads it. On an H100 target that alone saved 0.23 GB of memory traffic per bf16
+step and 0.12 GB of XLA memory, but cost 0.28 GB in fp32, where XLA had recomputed the activation
+inside the padding; with the decoder's padded activation shared as well
+(`depth.elu_reflect_padded`) both dtypes gain (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
