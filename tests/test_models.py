@@ -306,6 +306,23 @@ def test_stem_max_pool_gradient_inside_the_jitted_encoder(monkeypatch):
     assert_leaves_close(grads, grads_ref, 1e-4)
 
 
+def _assert_bitwise_same_derivatives(fn, ref_fn, x, g):
+    """fn and ref_fn: values, VJPs (cotangent g) and JVPs (tangent g) bitwise equal, eager and
+    jitted."""
+    def value_and_vjp(f, x, g):
+        y, vjp = jax.vjp(f, x)
+        return y, vjp(g)[0]
+
+    for wrap in (lambda f: f, jax.jit):
+        got = wrap(functools.partial(value_and_vjp, fn))(x, g)
+        ref = wrap(functools.partial(value_and_vjp, ref_fn))(x, g)
+        for a, b in zip(got, ref):
+            np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+        t = wrap(lambda x, g: jax.jvp(fn, (x,), (g,))[1])(x, g)
+        t_ref = wrap(lambda x, g: jax.jvp(ref_fn, (x,), (g,))[1])(x, g)
+        np.testing.assert_array_equal(np.asarray(t, np.float32), np.asarray(t_ref, np.float32))
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_output_masked_relu_is_jax_nn_relu(dtype):
     """models.activations.relu (derivative from its output, so cuDNN can fuse it) against
@@ -320,18 +337,7 @@ def test_output_masked_relu_is_jax_nn_relu(dtype):
     g = jnp.asarray(rng.normal(size=x.shape), dtype)
     assert int(jnp.sum(x == 0)) > 50
 
-    def value_and_vjp(fn, x, g):
-        y, vjp = jax.vjp(fn, x)
-        return y, vjp(g)[0]
-
-    for wrap in (lambda f: f, jax.jit):
-        got = wrap(functools.partial(value_and_vjp, relu))(x, g)
-        ref = wrap(functools.partial(value_and_vjp, jax.nn.relu))(x, g)
-        for a, b in zip(got, ref):
-            np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
-        t = wrap(lambda x, g: jax.jvp(relu, (x,), (g,))[1])(x, g)
-        t_ref = wrap(lambda x, g: jax.jvp(jax.nn.relu, (x,), (g,))[1])(x, g)
-        np.testing.assert_array_equal(np.asarray(t, np.float32), np.asarray(t_ref, np.float32))
+    _assert_bitwise_same_derivatives(relu, jax.nn.relu, x, g)
     # the gradient is zero exactly where x <= 0
     d = jax.grad(lambda x: jnp.sum(relu(x).astype(jnp.float32)))(x)
     np.testing.assert_array_equal(np.asarray(d, np.float32), np.asarray(x > 0, np.float32))
@@ -350,18 +356,7 @@ def test_output_derived_elu_is_jax_nn_elu(dtype):
     x = jnp.asarray(x, dtype)
     g = jnp.asarray(rng.normal(size=x.shape), dtype)
 
-    def value_and_vjp(fn, x, g):
-        y, vjp = jax.vjp(fn, x)
-        return y, vjp(g)[0]
-
-    for wrap in (lambda f: f, jax.jit):
-        got = wrap(functools.partial(value_and_vjp, elu))(x, g)
-        ref = wrap(functools.partial(value_and_vjp, jax.nn.elu))(x, g)
-        for a, b in zip(got, ref):
-            np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
-        t = wrap(lambda x, g: jax.jvp(elu, (x,), (g,))[1])(x, g)
-        t_ref = wrap(lambda x, g: jax.jvp(jax.nn.elu, (x,), (g,))[1])(x, g)
-        np.testing.assert_array_equal(np.asarray(t, np.float32), np.asarray(t_ref, np.float32))
+    _assert_bitwise_same_derivatives(elu, jax.nn.elu, x, g)
     # by hand: 1 for x > 0, exp(x) for x <= 0 (as y + 1 in float32: within its rounding near 1,
     # so exp(-20) comes out as 0, as it does from jax.nn.elu)
     d = np.asarray(jax.grad(lambda x: jnp.sum(elu(x)))(x.astype(jnp.float32)))
