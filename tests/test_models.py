@@ -364,6 +364,42 @@ def test_output_derived_elu_is_jax_nn_elu(dtype):
     np.testing.assert_allclose(d, np.where(xf > 0, 1.0, np.exp(np.minimum(xf, 0))), rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_stem_pool_before_or_after_relu_is_the_same(dtype):
+    """`resnet.stem_relu_and_pool`'s two forms (ReLU then pool: the CPU's; pool then ReLU:
+    elsewhere) give bitwise the same f0, pooled values and input gradients, eager and jitted,
+    with ties, exact zeros and windows whose values are all <= 0."""
+    from xdistill_jax.models import resnet
+
+    rng = np.random.default_rng(22)
+    x = np.round(rng.normal(size=(2, 9, 11, 4)) * 2) / 2  # many ties and zeros
+    x[0, :3, :3, 0] = -1.0  # a window with nothing positive
+    x[1, :3, :3, 1] = 0.0
+    x = jnp.asarray(x, dtype)
+    gs = (jnp.asarray(rng.normal(size=x.shape), dtype), jnp.asarray(rng.normal(size=(2, 5, 6, 4)), dtype))
+    for wrap in (lambda f: f, jax.jit):
+        results = []
+        for form in (resnet._relu_then_pool, resnet._pool_then_relu):
+            out, vjp = jax.vjp(wrap(form), x)
+            results.append((*out, vjp(gs)[0]))
+        for a, b in zip(*results):
+            np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    np.testing.assert_array_equal(results[0][1], resnet.max_pool_3x3_s2(jax.nn.relu(x)))
+    assert float(results[0][1][0, 0, 0, 0]) == 0.0 and np.any(np.asarray(results[0][2]) != 0)
+
+
+def test_stem_form_per_platform():
+    """cpu applies the stem's ReLU before the pool only; cuda and tpu also to the pooled array
+    (read from the exported StableHLO: the shapes `maximum` is applied at)."""
+    from platform_forms import stablehlo_by_platform
+    from xdistill_jax.models import resnet
+
+    spec = jax.ShapeDtypeStruct((2, 8, 12, 3), jnp.float32)
+    found = {p: sorted(set(re.findall(r"stablehlo.maximum %\S+, %\S+ : tensor<([0-9x]+)xf32>", text)))
+             for p, text in stablehlo_by_platform(resnet.stem_relu_and_pool, spec).items()}
+    assert found == {"cpu": ["2x8x12x3"], "cuda": ["2x4x6x3", "2x8x12x3"], "tpu": ["2x4x6x3", "2x8x12x3"]}, found
+
+
 @pytest.mark.parametrize("copies", [1, 2])
 def test_decoder_padded_elu_forms_against_float64(copies):
     """The depth decoder's padded activations (`depth.elu_reflect_padded`): ELU-then-pad per
