@@ -170,8 +170,6 @@ def test_batchnorm_moment_forms_and_the_form_each_platform_gets():
     as exact as two-pass once the shift is near the mean (it is the running mean), and the unshifted
     one-pass form (K = 0, use_fast_variance) is not; outputs and gradients of the two production
     forms agree. The form each platform gets is read from the exported StableHLO, no device needed."""
-    import re
-
     from platform_forms import stablehlo_by_platform
     from xdistill_jax.models import resnet
 

@@ -5,6 +5,7 @@ import numpy as np
 from xdistill_jax import config_utils
 from xdistill_jax.config_defaults import base_config
 
+
 def abstract_state_of(workdir):
     """The abstract train state of `workdir`'s saved config, on one device (to restore its
     checkpoints with `Checkpointer.restore`)."""

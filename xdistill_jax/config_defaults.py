@@ -92,7 +92,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.run.keep = 3                   # checkpoints kept
     c.run.async_checkpoints = True
     c.run.on_nonfinite = "stop"      # "stop" (keep last good checkpoint) | "skip" (count it)
-    c.run.state_layout = "default"   # one of STATE_LAYOUTS; "auto": the train state's device layouts left to XLA (train.make_train_step)
+    c.run.state_layout = "default"   # one of STATE_LAYOUTS; "auto": the train state's device
+                                     # layouts left to XLA (train.make_train_step)
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.num_devices = -1          # devices in the data mesh (-1 = all)

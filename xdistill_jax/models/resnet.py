@@ -220,8 +220,8 @@ def stem_relu_and_pool(x):
     after the pool, to the pooled quarter of the activation: where f0 is not used (the pose
     net), the backward's ReLU mask is a quarter of the size (on an H100 target 0.17 GB less
     memory traffic per bf16 train step, 0.62 GB fp32; benchmarks/RESULTS.md). XLA:CPU fuses the
-    BatchNorm before it
-    differently in the two forms and rounds the step differently, so the CPU keeps its form.
+    BatchNorm before it differently in the two forms and rounds the step differently, so the CPU
+    keeps its form.
     """
     return jax.lax.platform_dependent(x, cpu=_relu_then_pool, default=_pool_then_relu)
 
