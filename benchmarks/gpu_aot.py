@@ -9,7 +9,9 @@ X-Distill train step for that GPU without one being present. Per variant (comput
 distillation on/off) this prints what the compiled program is, not how fast it runs:
 
   * lower / compile seconds on this host (no autotuning: there is no device to time kernels on;
-    a GPU host compiles with more cores and autotunes, so its cold start differs);
+    a GPU host compiles with more cores and autotunes, so its cold start differs), and the
+    compile seconds of the train state's init as `create_train_state` lowers it (the other part
+    of a cold start's compiling);
   * device memory by XLA's buffer assignment: arguments + temporaries + outputs not aliased to
     donated arguments (the runtime adds its allocator's slack and library handles);
   * kernels: fusions, cuDNN / cuBLAS calls, copies (`xdistill_jax.hlo_census`);
@@ -78,6 +80,7 @@ def measure(config, mesh, facts: dict, *, seed: int = 0, hlo_path: str | None = 
     from xdistill_jax import benchmark, hlo_census
 
     _, compiled, lower_s, compile_s = benchmark.compile_step(config, mesh, seed, state_layout=state_layout)
+    _, init_compile_s, init_compiled = benchmark.compile_init(config, mesh, seed)
     if hlo_path:
         with open(hlo_path, "w") as f:
             f.write(compiled.as_text())
@@ -88,6 +91,7 @@ def measure(config, mesh, facts: dict, *, seed: int = 0, hlo_path: str | None = 
     batch = config.optim.batch_size
     return {
         "lower_s": lower_s, "compile_s": compile_s,
+        "init_compile_s": init_compile_s, "init_kernels": len(hlo_census.kernels(init_compiled.as_text())),
         "memory_bytes": int(mem.argument_size_in_bytes + mem.temp_size_in_bytes
                             + mem.output_size_in_bytes - mem.alias_size_in_bytes),
         "argument_bytes": int(mem.argument_size_in_bytes), "temp_bytes": int(mem.temp_size_in_bytes),
@@ -103,11 +107,12 @@ def measure(config, mesh, facts: dict, *, seed: int = 0, hlo_path: str | None = 
 
 def table(rows: list[dict], facts: dict) -> str:
     out = [f"Train step compiled for {facts['device']} on this host (deviceless; nothing ran on a GPU)", "",
-           "| variant | batch | HxW | compile s | memory GB (XLA) | kernels | fusions | cuDNN/cuBLAS | copies "
-           "| GB moved/step (est.) | memory roofline ms | images/s at roofline |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| variant | batch | HxW | compile s | init compile s | memory GB (XLA) | kernels | fusions | cuDNN/cuBLAS "
+           "| copies | GB moved/step (est.) | memory roofline ms | images/s at roofline |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        out.append(f"| {r['variant']} | {r['batch']} | {r['hw']} | {r['compile_s']:.1f} | {r['memory_bytes'] / 1e9:.2f} "
+        out.append(f"| {r['variant']} | {r['batch']} | {r['hw']} | {r['compile_s']:.1f} | {r['init_compile_s']:.1f} "
+                   f"| {r['memory_bytes'] / 1e9:.2f} "
                    f"| {r['kernels']} | {r['fusions']} | {r['library_calls']} | {r['copies']} | {r['bytes'] / 1e9:.2f} "
                    f"| {r['roofline_ms']:.2f} | {r['roofline_images_per_s']:.0f} |")
     return "\n".join(out)
@@ -171,7 +176,8 @@ def main() -> None:
         row.update(measure(config, mesh, facts, seed=args.seed, hlo_path=hlo_path,
                            state_layout=args.state_layout))
         rows.append(row)
-        print(f"{name}: compile {row['compile_s']:.1f} s, {row['kernels']} kernels, "
+        print(f"{name}: compile {row['compile_s']:.1f} s (init {row['init_compile_s']:.1f} s), "
+              f"{row['kernels']} kernels, "
               f"{row['bytes'] / 1e9:.2f} GB moved/step (est.), memory {row['memory_bytes'] / 1e9:.2f} GB", flush=True)
         if args.scopes:
             print(hlo_census.markdown(row["census"]), "\n", flush=True)

@@ -355,6 +355,50 @@ def test_pretrained_encoder_init(tmp_path):
                                  train.load_pretrained_encoders(bad))
 
 
+def test_init_lowers_its_draws_to_the_gpu_threefry_kernel(monkeypatch):
+    """`create_train_state` lowers the init inside `train.threefry_kernel_lowering`: for a GPU
+    the init's StableHLO then calls jaxlib's threefry kernel instead of carrying the unrolled
+    hash (what XLA's GPU compiler spent 20-26 s on), and the option is back to its value after the
+    block, so the train step lowered later keeps JAX's default."""
+    from jax import export
+
+    config = tiny_config()
+    nets = Networks.from_config(config)
+    tx = train.make_optimizer(config, steps_per_epoch=100)
+    init = jax.jit(lambda raw: train._init_fn(nets, tx, jax.random.wrap_key_data(raw, impl="threefry2x32")))
+    raw_key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+    cuda_init = lambda: export.export(init, platforms=["cuda"])(raw_key).mlir_module()  # noqa: E731
+    default = cuda_init()
+    with train.threefry_kernel_lowering():
+        kernel = cuda_init()
+    parity = str(0x1BD11BDA)  # the key-schedule constant of the unrolled hash
+    assert parity in default and "threefry2x32_ffi" not in default
+    assert parity not in kernel and "threefry2x32_ffi" in kernel
+    assert cuda_init() == default
+
+    mesh = train.make_mesh(config)
+    same = lambda a, b: (jax.tree.structure(a) == jax.tree.structure(b)  # noqa: E731
+                         and all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))))
+    # what benchmarks/gpu_aot.py compiles as the init is this program (default PRNG, key of seed 0)
+    from xdistill_jax import benchmark
+
+    *_, compiled = benchmark.compile_init(config, mesh, seed=0)
+    assert same(compiled(jax.random.key(0)), train.create_train_state(nets, tx, mesh, jax.random.key(0)))
+
+    seen = []
+    real = train.init_program
+
+    def spy(*args):
+        program = real(*args)
+        return lambda rng: (seen.append(jax.config.jax_threefry_gpu_kernel_lowering), program(rng))[1]
+
+    monkeypatch.setattr(train, "init_program", spy)
+    key = jax.random.key(0, impl="threefry2x32")
+    state = train.create_train_state(nets, tx, mesh, key)
+    assert seen == [True] and not jax.config.jax_threefry_gpu_kernel_lowering
+    assert same(state, jax.jit(lambda k: train._init_fn(nets, tx, k))(key))  # the CPU's values are untouched
+
+
 def _toy_step(state_format, out_format):
     """A donated-state step in the train step's shape, (state, batch, rng) -> (state, metrics)."""
     return jax.jit(lambda s, b, r: ({"w": s["w"] - 0.5 * b, "n": s["n"] + 1}, {"sum": jnp.sum(s["w"])}),

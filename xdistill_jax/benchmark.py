@@ -202,6 +202,26 @@ def compile_step(config: ml_collections.ConfigDict, mesh, seed: int = 0, teacher
     return lowered, compiled, lower_s, time.perf_counter() - t0
 
 
+def compile_init(config: ml_collections.ConfigDict, mesh, seed: int = 0):
+    """(lower s, compile s, compiled) of the config's train-state init as `create_train_state`
+    lowers it (`train.threefry_kernel_lowering`), from an abstract key: nothing runs, so `mesh`
+    may be of compile-only devices (benchmarks/gpu_aot.py)."""
+    from xdistill_jax import train
+    from xdistill_jax.objective import Networks
+
+    nets = Networks.from_config(config)
+    tx = train.make_optimizer(config, steps_per_epoch=1000)
+    key = jax.eval_shape(jax.random.key, seed)
+    rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=train.replicated(mesh))
+    with train.threefry_kernel_lowering():
+        t0 = time.perf_counter()
+        lowered = train.init_program(nets, tx, mesh).lower(rng)
+        lower_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        compiled = lowered.compile()
+    return lower_s, time.perf_counter() - t0, compiled
+
+
 def init_state(config: ml_collections.ConfigDict, mesh, seed: int = 0):
     """(nets, optimizer, train state) of the config, as the benchmarks build them."""
     from xdistill_jax import train

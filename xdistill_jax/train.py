@@ -16,6 +16,7 @@ The training loop (`train_and_evaluate`) lives in `xdistill_jax.training_loop`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any, Callable
 
@@ -104,16 +105,55 @@ def abstract_train_state(nets: Networks, tx, mesh: Mesh):
     return abstract, shardings
 
 
+_THREEFRY_KERNEL = "jax_threefry_gpu_kernel_lowering"
+
+
+@contextlib.contextmanager
+def threefry_kernel_lowering():
+    """Inside the block, threefry random bits lower on GPU to jaxlib's one ThreeFry2x32 kernel
+    instead of JAX's default there, the 20-round hash unrolled into the HLO.
+
+    The same hash (rotations, key schedule and injections as JAX's), so the same bits; only
+    cuda/rocm lowering reads the option, other platforms are untouched. For the parameter init:
+    unrolled, its 36 threefry calls (ResNet-18 config) made the optimised init program 7.7 MB,
+    and XLA's GPU compiler took 19.5-25.9 s on it against 3.4-3.8 s with the kernel (H100
+    target compiled on a 2-core CPU VM, benchmarks/RESULTS.md): most of the issue's 30 s
+    cold-start budget. The train step keeps the default: its tie-break noise fuses into the
+    kernels that use it, while the kernel would write the bits out (+0.4 GB per step in the
+    same census). Sets the global option for the block and restores it (not for concurrent
+    compiles on other threads); a no-op with a jax that has no such option.
+    """
+    if not hasattr(jax.config, _THREEFRY_KERNEL):
+        yield
+        return
+    before = getattr(jax.config, _THREEFRY_KERNEL)
+    jax.config.update(_THREEFRY_KERNEL, True)
+    try:
+        yield
+    finally:
+        jax.config.update(_THREEFRY_KERNEL, before)
+
+
+def init_program(nets: Networks, tx, mesh: Mesh):
+    """The jitted init, rng -> TrainState replicated on the mesh (lower it inside
+    `threefry_kernel_lowering`, as `create_train_state` does)."""
+    _, shardings = abstract_train_state(nets, tx, mesh)
+    return jax.jit(functools.partial(_init_fn, nets, tx), out_shardings=shardings)
+
+
 def create_train_state(nets: Networks, tx, mesh: Mesh, rng, encoder_init: dict | None = None) -> TrainState:
-    """Fresh state, initialised by one jitted call whose outputs are replicated on the mesh.
+    """Fresh state, initialised by one jitted call whose outputs are replicated on the mesh
+    (its random draws lowered with `threefry_kernel_lowering`).
 
     encoder_init: optional {"depth": encoder variables, "pose": encoder variables} (numpy
     trees with "params" and "batch_stats", see `load_pretrained_encoders`) that replace the
     scratch encoder weights; shapes are checked leaf by leaf.
     """
-    _, shardings = abstract_train_state(nets, tx, mesh)
-    state = jax.jit(functools.partial(_init_fn, nets, tx), out_shardings=shardings)(rng)
+    init = init_program(nets, tx, mesh)
+    with threefry_kernel_lowering():
+        state = init(rng)
     if encoder_init:
+        _, shardings = abstract_train_state(nets, tx, mesh)
         params = dict(state.params)
         batch_stats = dict(state.batch_stats)
         for net, variables in encoder_init.items():
