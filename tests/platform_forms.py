@@ -1,6 +1,7 @@
 """What a function lowers to for each platform, without the platform's device: StableHLO
 exported by `jax.export` for cpu, cuda and tpu (for the forms chosen by
-`jax.lax.platform_dependent`; no test functions here)."""
+`xdistill_jax.platform_forms.choose`, which outside a train step's trace leaves the choice to
+`jax.lax.platform_dependent` at lowering; no test functions here)."""
 
 import jax
 from jax import export

@@ -22,6 +22,8 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
+from xdistill_jax import platform_forms
+
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -183,8 +185,8 @@ def _rays(A, h: int, w: int):
     times (0.54 GB less memory traffic per train step on an H100 target, benchmarks/RESULTS.md).
     On XLA:CPU the gradient's rounding would change, so the CPU keeps the iotas.
     """
-    return jax.lax.platform_dependent(A, cpu=functools.partial(_rays_broadcast, h=h, w=w),
-                                      default=functools.partial(_rays_grid, h=h, w=w))
+    return platform_forms.choose(A, cpu=functools.partial(_rays_broadcast, h=h, w=w),
+                                 default=functools.partial(_rays_grid, h=h, w=w))
 
 
 def pixel_coords(depth, K, inv_K, T, eps: float = 1e-7):

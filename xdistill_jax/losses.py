@@ -19,7 +19,7 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
-from xdistill_jax import geometry
+from xdistill_jax import geometry, platform_forms
 
 SSIM_C1 = 0.01**2
 SSIM_C2 = 0.03**2
@@ -93,7 +93,7 @@ def _box3(x):
 
     Window sums (reduce_window), whose gradient is again a window sum (a sum of shifted slices
     materialises three zero-padded copies in its transpose; ~3x slower forward+backward on CPU).
-    The form depends on the platform the step is compiled for (`jax.lax.platform_dependent`; the
+    The form depends on the platform the step is compiled for (`platform_forms.choose`; the
     same mean, rounded differently):
     - CPU: two separable 3-tap sums (XLA:CPU runs the loss's forward + gradient ~9 % faster
       than with one 3x3 window; the demo's and tests' figures are this form's);
@@ -102,7 +102,7 @@ def _box3(x):
       1.26 GB less memory traffic per train step on an H100 target (benchmarks/RESULTS.md). Its
       row-major sum is also closer to torch's avg_pool2d, which Monodepth2's SSIM uses.
     """
-    return jax.lax.platform_dependent(x, cpu=_box3_separable, default=_box3_window)
+    return platform_forms.choose(x, cpu=_box3_separable, default=_box3_window)
 
 
 def _reflect_pad1_axis(x, axis: int):
@@ -137,7 +137,7 @@ def _reflect_pad1(x):
       memory: 0.79 GB less traffic per train step on an H100 target (benchmarks/RESULTS.md).
       On XLA:CPU the different fusion changes the rounding of later reductions, hence the split.
     """
-    return jax.lax.platform_dependent(x, cpu=_reflect_pad1_concat, default=_reflect_pad1_sum)
+    return platform_forms.choose(x, cpu=_reflect_pad1_concat, default=_reflect_pad1_sum)
 
 
 def _target_stats(y):
@@ -188,7 +188,7 @@ def _reprojection_recomputed(pred, stats, no_ssim: bool):
     the rematerialised graph, so the CPU keeps the plain form (its figures are that form's).
     """
     plain = functools.partial(_reprojection_with_stats, no_ssim=no_ssim)
-    return jax.lax.platform_dependent(pred, stats, cpu=plain, default=jax.checkpoint(plain))
+    return platform_forms.choose(pred, stats, cpu=plain, default=jax.checkpoint(plain))
 
 
 def reprojection_loss(pred, target, no_ssim: bool = False):

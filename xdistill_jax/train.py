@@ -28,7 +28,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from xdistill_jax import objective
+from xdistill_jax import objective, platform_forms
 from xdistill_jax.config_defaults import STATE_LAYOUTS
 from xdistill_jax.objective import Networks
 
@@ -84,6 +84,11 @@ def total_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def mesh_platform(mesh: Mesh) -> str:
+    """The platform of the mesh's devices ("cpu", "gpu", "tpu"; compile-only devices too)."""
+    return mesh.devices.flat[0].platform
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -248,8 +253,13 @@ def make_train_step(config: ml_collections.ConfigDict, nets: Networks, tx, mesh:
         raise ValueError(f"state_layout must be one of {STATE_LAYOUTS}, got {state_layout!r}")
     skip_nonfinite = config.run.on_nonfinite == "skip"
     loss = functools.partial(objective.loss_fn, nets, config)
+    platform = mesh_platform(mesh)
 
     def train_step(state: TrainState, batch, rng):
+        with platform_forms.target(platform):  # each piece's form for the mesh's platform, in Python
+            return _train_step(state, batch, rng)
+
+    def _train_step(state: TrainState, batch, rng):
         step_rng = jax.random.fold_in(rng, state.step)
         grad_fn = jax.value_and_grad(loss, has_aux=True)
         (total, (batch_stats, metrics)), grads = grad_fn(state.params, state.batch_stats, batch,
@@ -318,8 +328,11 @@ def make_eval_step(config: ml_collections.ConfigDict, nets: Networks, mesh: Mesh
     metrics holds the loss scalars plus "disp" (B,H,W,1) (and "translator_logits"), sharded
     on the batch.
     """
+    platform = mesh_platform(mesh)
+
     def eval_step(params, batch_stats, batch, rng):
-        _, (_, metrics) = objective.loss_fn(nets, config, params, batch_stats, batch, rng, train=False)
+        with platform_forms.target(platform):
+            _, (_, metrics) = objective.loss_fn(nets, config, params, batch_stats, batch, rng, train=False)
         return metrics
 
     return jax.jit(eval_step, in_shardings=(replicated(mesh), replicated(mesh), batch_sharding(mesh),

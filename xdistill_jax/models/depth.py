@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from xdistill_jax import platform_forms
 from xdistill_jax.models.activations import elu
 from xdistill_jax.models.resnet import ResNetEncoder, encoder_channels
 
@@ -80,8 +81,8 @@ def elu_reflect_padded(x, copies: int):
     border back, not after), so XLA:CPU, whose rounding the demo and test figures were
     measured with, keeps the separate copies.
     """
-    return jax.lax.platform_dependent(x, cpu=functools.partial(_elu_then_pad, copies=copies),
-                                      default=functools.partial(_pad_then_elu, copies=copies))
+    return platform_forms.choose(x, cpu=functools.partial(_elu_then_pad, copies=copies),
+                                 default=functools.partial(_pad_then_elu, copies=copies))
 
 
 def upsample_nearest2(x):

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from xdistill_jax import platform_forms
 from xdistill_jax.models.activations import relu
 
 ModuleDef = Any
@@ -72,9 +73,9 @@ def _batch_norm(x, shift, scale, bias, *, axes, epsilon: float):
     per-channel constant near the mean. The whole normalisation is in each branch: with only the
     moments there, XLA:CPU fused the step differently and rounded it differently."""
     branch = functools.partial(_batch_norm_train, axes=axes, epsilon=epsilon)
-    return jax.lax.platform_dependent(x, shift, scale, bias,
-                                      cpu=functools.partial(branch, moments=_moments_two_pass),
-                                      default=functools.partial(branch, moments=_moments_shifted))
+    return platform_forms.choose(x, shift, scale, bias,
+                                 cpu=functools.partial(branch, moments=_moments_two_pass),
+                                 default=functools.partial(branch, moments=_moments_shifted))
 
 
 class TorchBatchNorm(nn.Module):
@@ -223,7 +224,7 @@ def stem_relu_and_pool(x):
     BatchNorm before it differently in the two forms and rounds the step differently, so the CPU
     keeps its form.
     """
-    return jax.lax.platform_dependent(x, cpu=_relu_then_pool, default=_pool_then_relu)
+    return platform_forms.choose(x, cpu=_relu_then_pool, default=_pool_then_relu)
 
 
 class BasicBlock(nn.Module):

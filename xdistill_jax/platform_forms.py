@@ -1,0 +1,53 @@
+"""One computation in two forms: the CPU's, and the one for GPU/TPU.
+
+Several pieces of the train step have a form that rounds like the code the demo's and the tests'
+figures were measured with, kept on the CPU, and a form that moves less memory on a GPU or TPU
+(benchmarks/RESULTS.md). `choose(*args, cpu=f, default=g)` applies one of them:
+
+- while `target(platform)` is active, the form for that platform alone, picked in Python. The
+  train step is traced inside it, with its mesh's platform (`train.make_train_step`);
+- elsewhere, `jax.lax.platform_dependent(*args, cpu=f, default=g)`, which picks the form when
+  the program is lowered, for whatever platform that is (export for several platforms at
+  once, functions called outside a step).
+
+Both give the same program for a platform (the H100 target's optimised HLO is the same up to
+names; the CPU's train steps are bitwise the same), but `platform_dependent` traces both forms
+and carries them through autodiff and vmap as a `cond` on the platform: that was about half of
+the train step's tracing, time every cold start pays (ResNet-18, 640x192, idle 2-core VM:
+traced and lowered for its CPU in 4.0 -> 2.2 s, for an H100 target 4.6 -> 2.6 s;
+benchmarks/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Callable
+
+import jax
+
+_TARGET: contextvars.ContextVar[str | None] = contextvars.ContextVar("xdistill_target_platform", default=None)
+
+
+@contextlib.contextmanager
+def target(platform: str | None):
+    """Within the block, `choose` applies the form for `platform` ("cpu", "gpu", "cuda", "rocm",
+    "tpu", ...: the CPU's form for "cpu", the other one for anything else); None: decided at
+    lowering again. Per thread (a context variable), so a trace elsewhere is not affected.
+
+    JAX's trace caches do not see it: a function jitted once and traced outside the block
+    keeps that trace inside it. Enter the block inside the function that is traced, as the
+    train and eval steps do (their bodies are fresh closures per step built)."""
+    token = _TARGET.set(platform)
+    try:
+        yield
+    finally:
+        _TARGET.reset(token)
+
+
+def choose(*args, cpu: Callable, default: Callable):
+    """cpu(*args) or default(*args), for the platform of `target`, else at lowering time."""
+    platform = _TARGET.get()
+    if platform is None:
+        return jax.lax.platform_dependent(*args, cpu=cpu, default=default)
+    return (cpu if platform == "cpu" else default)(*args)
