@@ -93,7 +93,7 @@ def test_ray_forms_agree_and_are_chosen_by_platform():
     the form each platform gets is read from the exported StableHLO, no device needed."""
     import re
 
-    from platform_forms import stablehlo_by_platform
+    from exported_forms import stablehlo_by_platform
 
     rng = np.random.default_rng(7)
     h, w = 5, 7

@@ -277,7 +277,7 @@ def test_box_mean_forms_agree_and_are_chosen_by_platform():
     gradient; the form each platform gets is read from the exported StableHLO, no device needed."""
     import re
 
-    from platform_forms import stablehlo_by_platform
+    from exported_forms import stablehlo_by_platform
 
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.uniform(0, 1, (2, 12, 17, 3)), jnp.float32)
@@ -306,7 +306,7 @@ def test_reflection_pad_forms_agree_and_are_chosen_by_platform():
     platform gets is read from the exported StableHLO, no device needed."""
     import re
 
-    from platform_forms import stablehlo_by_platform
+    from exported_forms import stablehlo_by_platform
 
     rng = np.random.default_rng(5)
     x = rng.uniform(0, 1, (2, 6, 9, 3)).astype(np.float32)
@@ -337,7 +337,7 @@ def test_reprojection_is_recomputed_in_the_backward_on_gpu_only():
     import functools
     import re
 
-    from platform_forms import stablehlo_by_platform
+    from exported_forms import stablehlo_by_platform
 
     rng = np.random.default_rng(11)
     pred = jnp.asarray(rng.uniform(0, 1, (2, 6, 9, 3)), jnp.float32)

@@ -170,7 +170,7 @@ def test_batchnorm_moment_forms_and_the_form_each_platform_gets():
     as exact as two-pass once the shift is near the mean (it is the running mean), and the unshifted
     one-pass form (K = 0, use_fast_variance) is not; outputs and gradients of the two production
     forms agree. The form each platform gets is read from the exported StableHLO, no device needed."""
-    from platform_forms import stablehlo_by_platform
+    from exported_forms import stablehlo_by_platform
     from xdistill_jax.models import resnet
 
     rng = np.random.default_rng(13)
@@ -389,7 +389,7 @@ def test_stem_pool_before_or_after_relu_is_the_same(dtype):
 def test_stem_form_per_platform():
     """cpu applies the stem's ReLU before the pool only; cuda and tpu also to the pooled array
     (read from the exported StableHLO: the shapes `maximum` is applied at)."""
-    from platform_forms import stablehlo_by_platform
+    from exported_forms import stablehlo_by_platform
     from xdistill_jax.models import resnet
 
     spec = jax.ShapeDtypeStruct((2, 8, 12, 3), jnp.float32)
@@ -437,7 +437,7 @@ def test_decoder_padded_elu_forms_against_float64(copies):
 def test_decoder_padded_elu_form_per_platform():
     """cpu pads ELU(x) per reader; cuda and tpu take the ELU of one padded x (read from the
     exported StableHLO: the shape the expm1 is applied at)."""
-    from platform_forms import stablehlo_by_platform
+    from exported_forms import stablehlo_by_platform
     from xdistill_jax.models import depth
 
     spec = jax.ShapeDtypeStruct((2, 6, 10, 3), jnp.float32)

@@ -5,11 +5,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from exported_forms import stablehlo_by_platform
 from train_fixtures import make_batch, tiny_config
 from xdistill_jax import platform_forms, train
 from xdistill_jax.objective import Networks
-
-from platform_forms import stablehlo_by_platform
 
 
 def _plus_or_times(x):

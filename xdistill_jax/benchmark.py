@@ -177,6 +177,14 @@ def config_batch(config: ml_collections.ConfigDict, seed: int = 0, teacher_strid
                            num_groups=groups, teacher_stride=teacher_stride, seed=seed)
 
 
+def _abstract_key(mesh, seed: int):
+    """The step/init key of `seed` (default PRNG) as a replicated ShapeDtypeStruct on `mesh`."""
+    from xdistill_jax import train
+
+    key = jax.eval_shape(jax.random.key, seed)
+    return jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=train.replicated(mesh))
+
+
 def compile_step(config: ml_collections.ConfigDict, mesh, seed: int = 0, teacher_stride: int = 2,
                  state_layout: str = "default"):
     """(lowered, compiled, lower s, compile s) of the config's train step on `mesh`, lowered from
@@ -192,8 +200,7 @@ def compile_step(config: ml_collections.ConfigDict, mesh, seed: int = 0, teacher
     sharded = train.batch_sharding(mesh)
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharded)
              for k, v in config_batch(config, seed, teacher_stride).items()}
-    key = jax.eval_shape(jax.random.key, seed)
-    rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=train.replicated(mesh))
+    rng = _abstract_key(mesh, seed)
     t0 = time.perf_counter()
     lowered = train.make_train_step(config, nets, tx, mesh, state_layout=state_layout).lower(state, batch, rng)
     lower_s = time.perf_counter() - t0
@@ -211,8 +218,7 @@ def compile_init(config: ml_collections.ConfigDict, mesh, seed: int = 0):
 
     nets = Networks.from_config(config)
     tx = train.make_optimizer(config, steps_per_epoch=1000)
-    key = jax.eval_shape(jax.random.key, seed)
-    rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=train.replicated(mesh))
+    rng = _abstract_key(mesh, seed)
     with train.threefry_kernel_lowering():
         t0 = time.perf_counter()
         lowered = train.init_program(nets, tx, mesh).lower(rng)

@@ -158,7 +158,6 @@ def create_train_state(nets: Networks, tx, mesh: Mesh, rng, encoder_init: dict |
     with threefry_kernel_lowering():
         state = init(rng)
     if encoder_init:
-        _, shardings = abstract_train_state(nets, tx, mesh)
         params = dict(state.params)
         batch_stats = dict(state.batch_stats)
         for net, variables in encoder_init.items():
@@ -170,7 +169,7 @@ def create_train_state(nets: Networks, tx, mesh: Mesh, rng, encoder_init: dict |
         params = jax.device_put(params, replicated(mesh))
         batch_stats = jax.device_put(batch_stats, replicated(mesh))
         # Adam's moments are zeros either way; re-init keeps the tree identical.
-        opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+        opt_state = jax.jit(tx.init, out_shardings=replicated(mesh))(params)
         state = state.replace(params=params, batch_stats=batch_stats, opt_state=opt_state)
     return state
 
