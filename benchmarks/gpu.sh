@@ -12,9 +12,9 @@
 #        (conv kernels and Adam moments in cuDNN's filter order: no transposing update, no output
 #        copies; -2.6 % bytes in the deviceless census, benchmarks/RESULTS.md), against run 1/2
 #     7. the loss alone (benchmarks/loss_cost.py, 640x192 batch 12): XLA cost and time per call
-#     8. bf16, distillation on, cold, --config.distill.translator.output_stride=4 (the translator
-#        at the teacher's stride: +3.2 % of the bytes against +21.5 % in the deviceless census),
-#        against runs 1 and 3: the distillation-overhead target with the other translator
+#     8. bf16, distillation on, cold, --config.distill.translator.output_stride=1 (the
+#        full-resolution translator, the default until 2026-12-03: +21.5 % of the bytes against
+#        +3.2 % at the default stride 4 in the deviceless census), against runs 1 and 3
 #   (The init lowers its random draws to jaxlib's threefry GPU kernel in every run,
 #   `train.threefry_kernel_lowering`; an earlier run 8 set JAX_THREEFRY_GPU_KERNEL_LOWERING=1.)
 #   Run 2 also traces 5 steps: OUTDIR/profile/*/summary.md says where the device time goes (by
@@ -129,7 +129,7 @@ else
   echo "    loss_cost FAILED or timed out"; tail -n 5 "$OUTDIR/loss_cost.log"
 fi
 echo "cache entries written: $(ls "$CACHE" | wc -l)" | tee -a "$OUTDIR/summary.md"
-# The translator at the teacher's stride (not the default: it changes the method; README
-# "Ablations"): what distillation costs on the device with it.
-run bf16_distill_stride4_cold bfloat16 on 120 --config.distill.translator.output_stride=4
+# The full-resolution translator (the default until 2026-12-03; README "Ablations"): what
+# distillation costs on the device with it.
+run bf16_distill_stride1_cold bfloat16 on 120 --config.distill.translator.output_stride=1
 echo "done; results in $OUTDIR"

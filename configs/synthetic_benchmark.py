@@ -28,7 +28,7 @@ Ablations, by overrides on the X-Distill run (each its own workdir):
   hard/soft: --config.distill.mode=soft --config.distill.temperature=1.0
   lambda:    --config.distill.weight=0.01 | 0.03 | 0.3 | 1.0
   no depth gradient from the translator (translator trains alone): --config.distill.stop_gradient=true
-  translator at the teacher logits' stride (cheaper; benchmarks/RESULTS.md): --config.distill.translator.output_stride=4
+  full-resolution translator (the default until 2026-12-03; costlier, benchmarks/RESULTS.md): --config.distill.translator.output_stride=1
 
 Evaluate each run (the demo's protocols; W/eval/<split>-step<N>.json):
   xdistill eval --workdir RUN --split eigen --data DATA/world --gt DATA/test_gt.npz \

@@ -127,8 +127,8 @@ def test_cli_rejects_wrong_type_negative_lambda_and_batch_over_devices(tmp_path,
 def test_translator_fields_are_the_translators_defaults_and_override_from_the_command_line(tmp_path):
     """distill.translator spells out models.translator.Translator's defaults, so each field can be
     overridden like any key and reaches the network; a config.json saved when the group was empty
-    (= those defaults) loads with them filled in: no difference, overridable; a changed field is a
-    structural difference."""
+    (= the Translator's defaults of that time: full resolution) loads with those filled in, so
+    its checkpoint's translator is rebuilt as trained; a changed field is a structural difference."""
     import dataclasses
 
     import jax
@@ -140,23 +140,30 @@ def test_translator_fields_are_the_translators_defaults_and_override_from_the_co
     fields = {f.name: f.default for f in dataclasses.fields(Translator) if f.name in config.distill.translator}
     assert fields == config.distill.translator.to_dict() and len(fields) == 4
 
-    strided = config_utils.config_from_args(
-        str(CONFIGS / "synthetic_demo.py"),
-        ["--config.distill.translator.output_stride=4", "--config.distill.translator.dilations=(1, 2)"])
-    translator = Networks.from_config(strided).translator
-    assert (translator.output_stride, tuple(translator.dilations)) == (4, (1, 2))
-    h, w = strided.data.height, strided.data.width
-    variables = jax.eval_shape(translator.init, jax.random.key(0), jax.numpy.zeros((1, h, w, 1)))
-    logits = jax.eval_shape(translator.apply, variables, jax.numpy.zeros((2, h, w, 1)))
-    assert logits.shape[:3] == (2, h // 4, w // 4)
+    assert config.distill.translator.output_stride == 4  # the default since 2026-12-03
+    h, w = config.data.height, config.data.width
+    for overrides, stride, dilations in ((["--config.distill.translator.dilations=(1, 2)"], 4, (1, 2)),
+                                         (["--config.distill.translator.output_stride=1"], 1, (1, 2, 4))):
+        changed = config_utils.config_from_args(str(CONFIGS / "synthetic_demo.py"), overrides)
+        translator = Networks.from_config(changed).translator
+        assert (translator.output_stride, tuple(translator.dilations)) == (stride, dilations)
+        variables = jax.eval_shape(translator.init, jax.random.key(0), jax.numpy.zeros((1, h, w, 1)))
+        downs = ["down0", "down1"] if stride == 4 else []
+        assert sorted(variables["params"]) == sorted(downs + [f"conv{i}" for i in range(len(dilations))] + ["head"])
+        logits = jax.eval_shape(translator.apply, variables, jax.numpy.zeros((2, h, w, 1)))
+        assert logits.shape[:3] == (2, h // stride, w // stride)
 
     old = config_utils.apply_overrides(config, [])
     old.distill.translator = {}
     config_utils.save_config(old, tmp_path)
-    assert config_utils.structural_differences(config_utils.load_config(tmp_path), config) == []
-    assert list(config_utils.differences(config_utils.load_config(tmp_path), config)) == []  # the demo's check
+    loaded = config_utils.load_config(tmp_path)
+    assert loaded.distill.translator.to_dict() == {
+        "features": 32, "dilations": (1, 2, 4), "output_stride": 1, "multi_scale": False}
+    full_res = config_utils.config_from_args(str(CONFIGS / "synthetic_demo.py"),
+                                             ["--config.distill.translator.output_stride=1"])
+    assert config_utils.structural_differences(loaded, full_res) == []
+    assert list(config_utils.differences(loaded, full_res)) == []  # the demo's check
+    assert config_utils.structural_differences(loaded, config) == ["distill.translator.output_stride: 1 -> 4"]
     resumed = config_utils.apply_overrides(config_utils.load_config(tmp_path),
                                            ["--config.distill.translator.output_stride=4"])  # `xdistill train` resume
     assert resumed.distill.translator.output_stride == 4
-    assert config_utils.structural_differences(config_utils.load_config(tmp_path), strided) == [
-        "distill.translator.dilations: (1, 2, 4) -> (1, 2)", "distill.translator.output_stride: 1 -> 4"]

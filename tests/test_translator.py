@@ -21,10 +21,12 @@ def _disps(b=2, h=16, w=32, seed=0):
 
 
 @pytest.mark.parametrize("kwargs,count,out_hw", [
-    ({}, 19047, (16, 32)),
-    ({"multi_scale": True}, 19911, (16, 32)),
-    ({"output_stride": 4}, 37543, (4, 8)),
-    ({"input_scale": 1}, 19047, (8, 16)),
+    ({}, 37543, (4, 8)),  # the default: output_stride 4
+    ({"output_stride": 1}, 19047, (16, 32)),
+    ({"output_stride": 1, "multi_scale": True}, 19911, (16, 32)),
+    ({"multi_scale": True}, 38407, (4, 8)),
+    ({"output_stride": 1, "input_scale": 1}, 19047, (8, 16)),
+    ({"input_scale": 1}, 37543, (2, 4)),
 ])
 def test_param_count_and_output_shape(kwargs, count, out_hw):
     m = Translator(**kwargs)

@@ -229,11 +229,12 @@ def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
         raise ConfigError(f"{path} does not exist: is {workdir} a training workdir?")
     config = ml_collections.ConfigDict(_tuplify(json.loads(path.read_text())))
     # Files saved before distill.translator spelled out its fields (an empty group) meant the
-    # Translator's defaults: fill them in, so that comparisons and overrides see every field.
+    # Translator's defaults of that time (full resolution), not today's: fill those in, so that
+    # the checkpoint's translator is rebuilt as it was and comparisons and overrides see every field.
     if "distill" in config and "translator" in config.distill:
         for key, value in config_defaults.base_config().distill.translator.items():
             if key not in config.distill.translator:
-                config.distill.translator[key] = value
+                config.distill.translator[key] = config_defaults.LEGACY_TRANSLATOR.get(key, value)
     return config
 
 

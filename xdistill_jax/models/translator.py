@@ -5,20 +5,27 @@ it exists only at training time (predict and eval load the depth net alone). The
 give its size, so we choose a deliberately small network: it must not be able to segment
 on its own, so the semantic signal has to be carried by the disparity map.
 
-Architecture (defaults: ``features=32``, ``dilations=(1, 2, 4)``, ``output_stride=1``,
+Architecture (defaults: ``features=32``, ``dilations=(1, 2, 4)``, ``output_stride=4``,
 ``multi_scale=False``, ``num_groups=7``)::
 
     input   disparity at scale input_scale (default 0), (B,H,W,1)
                                                   [multi_scale: scales 0..3 bilinearly
                                                    upsampled to (H,W) and concatenated, 4 ch]
-    k = log2(output_stride) x [conv3x3 stride 2, features, ReLU]     (none by default)
-    for d in dilations: conv3x3 dilation d, features, ReLU           (receptive field 15 px)
+    k = log2(output_stride) x [conv3x3 stride 2, features, ReLU]     (2 by default; none at 1)
+    for d in dilations: conv3x3 dilation d, features, ReLU  (receptive field 15 px at stride 1,
+                                                             63 input px at stride 4)
     conv1x1 -> num_groups logits, float32, (B,H/output_stride,W/output_stride,G)
 
-Parameter count (3x3 conv = 9*cin*cout + cout):
-  default: stem 9*1*32+32 = 320, two dilated 2*(9*32*32+32) = 18,496, head 32*7+7 = 231
-  -> **19,047**; ``multi_scale=True`` -> 19,911; each stride-2 level adds 9,248 (output_stride=4:
-  37,543). Pinned in tests/test_translator.py.
+Parameter count (3x3 conv = 9*cin*cout + cout), output_stride=1: first conv 9*1*32+32 = 320,
+  two dilated 2*(9*32*32+32) = 18,496, head 32*7+7 = 231 -> 19,047; ``multi_scale=True`` ->
+  19,911; each stride-2 level adds 9,248: the default output_stride=4 -> **37,543**. Pinned in
+  tests/test_translator.py.
+
+Why stride 4 by default (full resolution until 2026-12-03): the teacher's logits are stored at
+stride 4, so a full-resolution translator only learns nearest-upsampled targets; in the demo's
+ablations (README "Demo results") the stride-4 translator left the depth net better than the
+full-resolution one in every run (4 of 4: two seeds, two VMs), and it adds about 3 % to the
+train step's memory traffic instead of 22 % (benchmarks/RESULTS.md, deviceless H100 census).
 
 Gradient: the translator takes the disparity exactly as DepthNet returns it, so the distillation
 gradient reaches the depth network. The ablation that stops it is `translate(...,
@@ -74,7 +81,7 @@ class Translator(nn.Module):
     num_groups: int = 7
     features: int = 32
     dilations: Sequence[int] = (1, 2, 4)
-    output_stride: int = 1
+    output_stride: int = 4
     multi_scale: bool = False
     input_scale: int = 0  # which DepthNet scale feeds it when not multi_scale (distill.scale)
     dtype: Any = jnp.float32
