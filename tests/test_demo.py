@@ -33,7 +33,8 @@ def _demo(workdir: pathlib.Path) -> subprocess.CompletedProcess:
     # networks than the README's demo figures come from (with rbg the quick translator ends at
     # the blind entropy, 1.491 vs 1.488 at 6ce3f79, 1.481 vs 1.488 before it; with the default
     # threefry 1.466 vs 1.557 with 0273ee1 on one VM, 1.433 vs 1.539 on another: the figures
-    # depend on the CPU XLA compiles for; 1.444 vs 1.546 on 2026-11-27)
+    # depend on the CPU XLA compiles for; 1.444 vs 1.546 on 2026-11-27. Those were the
+    # full-resolution translator; at its default stride 4 since 4401db5: 1.046 vs 1.544)
     env.pop("JAX_DEFAULT_PRNG_IMPL", None)
     proc = subprocess.run([sys.executable, "-m", "xdistill_jax", "demo", "--quick", "--workdir", str(workdir)],
                           capture_output=True, text=True, env=env, timeout=1800)

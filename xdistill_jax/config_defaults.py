@@ -67,8 +67,9 @@ def base_config() -> ml_collections.ConfigDict:
     # models.translator.Translator's architecture (its defaults; tests/test_config.py checks they
     # agree). output_stride 4 (the default since 2026-12-03; 1 before) puts the translator at the
     # teacher logits' stride (their store's default): in every demo ablation it left the depth
-    # net better than the full-resolution translator (4 of 4 runs, two seeds, two VMs), and it
-    # costs +3 % of the step's bytes against +22 % (README "Demo results", benchmarks/RESULTS.md).
+    # net better than the full-resolution translator (6 of 6 runs: two seeds on each of three
+    # VMs), and it costs +3 % of the step's bytes against +22 % (README "Demo results",
+    # benchmarks/RESULTS.md).
     # 1 = full resolution (--config.distill.translator.output_stride=1).
     c.distill.translator = ml_collections.ConfigDict()
     c.distill.translator.features = 32

@@ -24,8 +24,9 @@ Parameter count (3x3 conv = 9*cin*cout + cout), output_stride=1: first conv 9*1*
 Why stride 4 by default (full resolution until 2026-12-03): the teacher's logits are stored at
 stride 4, so a full-resolution translator only learns nearest-upsampled targets; in the demo's
 ablations (README "Demo results") the stride-4 translator left the depth net better than the
-full-resolution one in every run (4 of 4: two seeds, two VMs), and it adds about 3 % to the
-train step's memory traffic instead of 22 % (benchmarks/RESULTS.md, deviceless H100 census).
+full-resolution one in every run (6 of 6: two seeds on each of three VMs), and it adds about 3 %
+to the train step's memory traffic instead of 22 % (benchmarks/RESULTS.md, deviceless H100
+census).
 
 Gradient: the translator takes the disparity exactly as DepthNet returns it, so the distillation
 gradient reaches the depth network. The ablation that stops it is `translate(...,
