@@ -159,6 +159,9 @@ def test_translator_fields_are_the_translators_defaults_and_override_from_the_co
     loaded = config_utils.load_config(tmp_path)
     assert loaded.distill.translator.to_dict() == {
         "features": 32, "dilations": (1, 2, 4), "output_stride": 1, "multi_scale": False}
+    legacy = Networks.from_config(loaded).translator  # what a resume or demo_eval.load_run builds
+    variables = jax.eval_shape(legacy.init, jax.random.key(0), jax.numpy.zeros((1, h, w, 1)))
+    assert sorted(variables["params"]) == ["conv0", "conv1", "conv2", "head"]  # no stride-2 levels
     full_res = config_utils.config_from_args(str(CONFIGS / "synthetic_demo.py"),
                                              ["--config.distill.translator.output_stride=1"])
     assert config_utils.structural_differences(loaded, full_res) == []
