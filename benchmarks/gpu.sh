@@ -17,6 +17,8 @@
 #        +3.2 % at the default stride 4 in the deviceless census), against runs 1 and 3
 #   (The init lowers its random draws to jaxlib's threefry GPU kernel in every run,
 #   `train.threefry_kernel_lowering`; an earlier run 8 set JAX_THREEFRY_GPU_KERNEL_LOWERING=1.)
+#   summary.md ends with the targets' table (benchmarks/gpu_targets.py: each figure, its target,
+#   met or MISSED; "not measured" where a run is missing).
 #   Run 2 also traces 5 steps: OUTDIR/profile/*/summary.md says where the device time goes (by
 #   named scope: depth_net, pose_net, warp, reprojection, ..., optimizer; by kind of op; top ops),
 #   with the optimised HLO beside it to look the named ops up in.
@@ -132,4 +134,6 @@ echo "cache entries written: $(ls "$CACHE" | wc -l)" | tee -a "$OUTDIR/summary.m
 # The full-resolution translator (the default until 2026-12-03; README "Ablations"): what
 # distillation costs on the device with it.
 run bf16_distill_stride1_cold bfloat16 on 120 --config.distill.translator.output_stride=1
+# The issue's targets, each figure against its target (benchmarks/gpu_targets.py).
+{ echo; "$PY" benchmarks/gpu_targets.py "$OUTDIR"; } | tee -a "$OUTDIR/summary.md"
 echo "done; results in $OUTDIR"

@@ -227,3 +227,48 @@ def test_gpu_aot_names_a_bad_variant_flag(flag, value):
                           capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert proc.returncode == 2, proc.stderr
     assert f"argument {flag}: expected a comma list of" in proc.stderr, proc.stderr
+
+
+def _gpu_run_json(path, device="NVIDIA H100 80GB HBM3", **result):
+    base = {"height": 192, "width": 640, "batch": 12, "num_layers": 18, "images_per_s_median": None,
+            "step_ms_median": None, "cold_start_s": None, "peak_memory_bytes": None}
+    path.write_text(json.dumps({"kind": "train_step", "device": device, "results": [{**base, **result}]}))
+
+
+def test_gpu_targets_reads_each_figure_against_its_target(tmp_path):
+    """benchmarks/gpu_targets.py (the end of gpu.sh's summary.md) on hand-made run JSONs:
+    overheads are step-time ratios of the named runs, verdicts compare with the issue's targets,
+    absent runs or quantities say "not measured", another shape gives no verdicts."""
+    _gpu_run_json(tmp_path / "bf16_distill_cold.json", images_per_s_median=900.0, step_ms_median=11.0,
+                  cold_start_s=28.0, peak_memory_bytes=3.1e9)
+    _gpu_run_json(tmp_path / "bf16_distill_warm.json", images_per_s_median=1090.0, step_ms_median=11.0,
+                  cold_start_s=12.5, peak_memory_bytes=3.0e9)
+    _gpu_run_json(tmp_path / "bf16_nodistill_cold.json", step_ms_median=10.0, peak_memory_bytes=7.0e9)
+    _gpu_run_json(tmp_path / "bf16_distill_stride1_cold.json", step_ms_median=12.5)
+    (tmp_path / "notes.json").write_text(json.dumps({"kind": "loader", "results": [{}]}))  # not a step run
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_targets.py"), str(tmp_path)],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:] for line in proc.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| figure")}
+    assert rows["images/s, bf16, distillation on (bf16_distill_warm)"] == ["1,090.0", ">= 1,000", "met |"]
+    assert rows["images/s, fp32, distillation on"][0] == "not measured"
+    # 11 / 10 ms: +10.0 % meets "<= +10 %"; the full-resolution translator 12.5 / 10: +25.0 %
+    assert rows["distillation's step time, bf16 (median step, on vs off)"] == ["+10.0 %", "<= +10 %", "met |"]
+    assert rows["distillation's step time, bf16, full-resolution translator"][0] == "+25.0 %"
+    assert rows["distillation's step time, fp32"][0] == "not measured"
+    assert rows["peak device memory, largest of the runs"] == ["7.00 GB", "<= 6.6 GB", "MISSED |"]
+    assert rows["cold start (init + compile), empty cache"] == ["28.0 s", "<= 30 s", "met |"]
+    assert rows["start (init + compile), warm cache"] == ["12.5 s", "<= 10 s", "MISSED |"]
+    assert "Device: NVIDIA H100 80GB HBM3." in proc.stdout and "no verdicts" not in proc.stdout
+
+    _gpu_run_json(tmp_path / "bf16_nodistill_cold.json", step_ms_median=10.0, batch=2)
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_targets.py"), str(tmp_path)],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert "192x640 batch 2 ResNet-18; no verdicts" in proc.stdout
+    assert " met |" not in proc.stdout and "MISSED" not in proc.stdout
+
+    (tmp_path / "broken.json").write_text("{")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_targets.py"), str(tmp_path)],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 2 and "broken.json: not JSON" in proc.stderr
