@@ -3,8 +3,9 @@
     pip install "jax-cuda13-plugin==$JAXVER" "jax-cuda13-pjrt==$JAXVER"   # JAXVER: installed jax's
     python benchmarks/gpu_aot.py --config configs/kitti_resnet18_640x192.py --json aot.json
 
-XLA's GPU compiler runs on the host: given a description of the target (`--target-config`, a
-`stream_executor.GpuTargetConfigProto` text; default: `H100_SXM` below) it compiles the full
+XLA's GPU compiler runs on the host: given a description of the target (`--target h100|h200`, the
+texts `H100_SXM` and `H200_SXM` below; or `--target-config`, a `stream_executor.GpuTargetConfigProto`
+text file; default: the H100, the issue's device) it compiles the full
 X-Distill train step for that GPU without one being present. Per variant (compute dtype x
 distillation on/off) this prints what the compiled program is, not how fast it runs:
 
@@ -64,6 +65,22 @@ dnn_version_info { major: 9 minor: 7 }
 runtime_version { major: 13 minor: 0 }
 device_description_str: "NVIDIA H100 80GB HBM3"
 """
+
+# NVIDIA H200 SXM 141GB: the H100's GH100 chip (132 SMs, the same clocks and caches) with HBM3e at
+# 4.8 TB/s and 143,771 MiB; the GPU this project's sessions may be lent (benchmarks/gpu.sh), so its
+# census can be read beside a measured run (benchmarks/gpu_targets.py bounds the H100's from it).
+def _retarget(text: str, **fields: str) -> str:
+    """`text` with each top-level `field: value` line of a target description replaced (once each)."""
+    for key, value in fields.items():
+        text, n = re.subn(rf"^(\s*{key}:\s*).*$", lambda m: m.group(1) + value, text, flags=re.M)
+        if n != 1:
+            raise ValueError(f"target description: {n} lines for {key!r}, expected 1")
+    return text
+
+
+H200_SXM = _retarget(H100_SXM, memory_bandwidth="4800000000000", device_memory_size="150754820096",
+                     device_description_str='"NVIDIA H200"')
+TARGETS = {"h100": H100_SXM, "h200": H200_SXM}
 
 
 def target_facts(target_config: str) -> dict:
@@ -136,7 +153,8 @@ def main() -> None:
     p.add_argument("--dtypes", default="bfloat16,float32", type=_comma_list(("bfloat16", "float32")),
                    help="comma list of bfloat16,float32")
     p.add_argument("--distill", default="on,off", type=_comma_list(("on", "off")), help="comma list of on,off")
-    p.add_argument("--target-config", default=None, help="GpuTargetConfigProto text file (default: H100 SXM)")
+    p.add_argument("--target", choices=sorted(TARGETS), default="h100", help="built-in target description")
+    p.add_argument("--target-config", default=None, help="GpuTargetConfigProto text file (instead of --target)")
     p.add_argument("--scopes", action="store_true", help="also print each variant's census by scope and kind")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--hlo-dir", default=None, help="write each variant's optimised HLO text here")
@@ -153,7 +171,7 @@ def main() -> None:
     import xdistill_jax
     from xdistill_jax import benchmark, config_utils, hlo_census
 
-    target = open(args.target_config).read() if args.target_config else H100_SXM
+    target = open(args.target_config).read() if args.target_config else TARGETS[args.target]
     facts = target_facts(target)
     try:
         topology = topologies.get_topology_desc(platform="cuda", target_config=target, topology="1x1x1")
