@@ -232,7 +232,17 @@ def test_gpu_aot_names_a_bad_variant_flag(flag, value):
 def _gpu_run_json(path, device="NVIDIA H100 80GB HBM3", **result):
     base = {"height": 192, "width": 640, "batch": 12, "num_layers": 18, "images_per_s_median": None,
             "step_ms_median": None, "cold_start_s": None, "peak_memory_bytes": None}
-    path.write_text(json.dumps({"kind": "train_step", "device": device, "results": [{**base, **result}]}))
+    path.write_text(json.dumps({"kind": "train_step", "device": f"1 x {device} (gpu)", "device_kind": device,
+                                "results": [{**base, **result}]}))
+
+
+def _gpu_targets_rows(outdir):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_targets.py"), str(outdir)],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:] for line in proc.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| figure")}
+    return proc.stdout, rows
 
 
 def test_gpu_targets_reads_each_figure_against_its_target(tmp_path):
@@ -245,6 +255,7 @@ def test_gpu_targets_reads_each_figure_against_its_target(tmp_path):
                   cold_start_s=12.5, peak_memory_bytes=3.0e9)
     _gpu_run_json(tmp_path / "bf16_nodistill_cold.json", step_ms_median=10.0, peak_memory_bytes=7.0e9)
     _gpu_run_json(tmp_path / "bf16_distill_stride1_cold.json", step_ms_median=12.5)
+    _gpu_run_json(tmp_path / "bf16_distill_noautotune_cold.json", images_per_s_median=950.0, cold_start_s=21.0)
     (tmp_path / "notes.json").write_text(json.dumps({"kind": "loader", "results": [{}]}))  # not a step run
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_targets.py"), str(tmp_path)],
                           capture_output=True, text=True, timeout=60, cwd=ROOT)
@@ -260,7 +271,9 @@ def test_gpu_targets_reads_each_figure_against_its_target(tmp_path):
     assert rows["peak device memory, largest of the runs"] == ["7.00 GB", "<= 6.6 GB", "MISSED |"]
     assert rows["cold start (init + compile), empty cache"] == ["28.0 s", "<= 30 s", "met |"]
     assert rows["start (init + compile), warm cache"] == ["12.5 s", "<= 10 s", "MISSED |"]
-    assert "Device: NVIDIA H100 80GB HBM3." in proc.stdout and "no verdicts" not in proc.stdout
+    assert rows["cold start, no autotuning (bf16_distill_noautotune_cold)"] == ["21.0 s", "(reported)", "- |"]
+    assert rows["images/s, bf16, distillation on, no autotuning"] == ["950.0", "(reported)", "- |"]
+    assert "Device: 1 x NVIDIA H100 80GB HBM3 (gpu)." in proc.stdout and "no verdicts" not in proc.stdout
 
     _gpu_run_json(tmp_path / "bf16_nodistill_cold.json", step_ms_median=10.0, batch=2)
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_targets.py"), str(tmp_path)],
@@ -272,3 +285,36 @@ def test_gpu_targets_reads_each_figure_against_its_target(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_targets.py"), str(tmp_path)],
                           capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert proc.returncode == 2 and "broken.json: not JSON" in proc.stderr
+
+
+@pytest.mark.parametrize("ips, verdict", [(999.0, "MISSED (an H100 is not faster)"),
+                                          (1200.0, "undecided (an H100 may be up to 1.43x slower)"),
+                                          (1440.0, "met (an H100 is at most 1.43x slower)")])
+def test_gpu_targets_on_an_h200_bound_the_h100_verdict(tmp_path, ips, verdict):
+    """An H200 run (the H100's chip, 4.8 / 3.35 TB/s memory): its images/s decide the H100's target
+    only outside [1,000, 1,433); the other verdicts are marked as the H200's own."""
+    for name in ("bf16_distill_cold", "bf16_distill_warm"):
+        _gpu_run_json(tmp_path / f"{name}.json", "NVIDIA H200", images_per_s_median=ips, step_ms_median=10.5,
+                      cold_start_s=40.0, peak_memory_bytes=3.0e9)
+    _gpu_run_json(tmp_path / "bf16_nodistill_cold.json", "NVIDIA H200", step_ms_median=10.0)
+    out, rows = _gpu_targets_rows(tmp_path)
+    assert rows["images/s, bf16, distillation on (bf16_distill_warm)"][2] == verdict + " |"
+    assert rows["distillation's step time, bf16 (median step, on vs off)"] == ["+5.0 %", "<= +10 %", "met on the H200 |"]
+    assert rows["peak device memory, largest of the runs"][2] == "met on the H200 |"
+    assert rows["cold start (init + compile), empty cache"][2] == "MISSED on the H200 |"
+    assert "this NVIDIA H200 is its chip with 1.43x its memory bandwidth" in out
+
+
+def test_gpu_targets_give_no_verdict_for_another_device(tmp_path):
+    _gpu_run_json(tmp_path / "bf16_distill_warm.json", "NVIDIA A100-SXM4-80GB", images_per_s_median=1500.0,
+                  peak_memory_bytes=3.0e9)
+    out, rows = _gpu_targets_rows(tmp_path)
+    assert "not a NVIDIA A100-SXM4-80GB's: no verdicts" in out
+    assert rows["images/s, bf16, distillation on (bf16_distill_warm)"] == ["1,500.0", ">= 1,000", "does not apply (device) |"]
+    assert rows["peak device memory, largest of the runs"][2] == "does not apply (device) |"
+    assert " met" not in out and "MISSED" not in out
+
+    _gpu_run_json(tmp_path / "bf16_distill_cold.json", "NVIDIA H100 80GB HBM3", images_per_s_median=1500.0)
+    out, _ = _gpu_targets_rows(tmp_path)
+    assert "Runs from several devices (NVIDIA A100-SXM4-80GB, NVIDIA H100 80GB HBM3): no verdicts." in out
+    assert " met" not in out and "MISSED" not in out
