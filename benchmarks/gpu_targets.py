@@ -13,6 +13,9 @@ The H200 is the H100's GH100 chip with the same SMs, clocks and power, and more 
 (4.8 against 3.35 TB/s). A step cannot be faster on the H100, and is at most 4.8 / 3.35 = 1.43x
 slower there (if all of it were memory-bound). So H200 images/s below 1,000 miss the target on an
 H100 too, images/s at or above 1,433 meet it there too, and figures in between decide nothing.
+(The bound neglects two things: XLA compiles slightly different programs for the two targets,
+17.00 against 17.22 GB moved per bf16 step by the deviceless census, RESULTS.md; and the host,
+which launches the kernels, is assumed equally fast.)
 The other verdicts are the H200's own, marked so. On any other device no verdict is given.
 """
 
