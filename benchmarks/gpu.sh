@@ -15,6 +15,9 @@
 #     8. bf16, distillation on, cold, --config.distill.translator.output_stride=1 (the
 #        full-resolution translator, the default until 2026-12-03: +21.5 % of the bytes against
 #        +3.2 % at the default stride 4 in the deviceless census), against runs 1 and 3
+#     9. bf16, distillation on, cold, XLA_FLAGS=--xla_gpu_autotune_level=0: no autotuning of the
+#        cuDNN convolutions' algorithms while compiling (cuDNN's heuristic pick instead): what
+#        autotuning costs of run 1's cold start and what it buys in step time
 #   (The init lowers its random draws to jaxlib's threefry GPU kernel in every run,
 #   `train.threefry_kernel_lowering`; an earlier run 8 set JAX_THREEFRY_GPU_KERNEL_LOWERING=1.)
 #   summary.md ends with the targets' table (benchmarks/gpu_targets.py: each figure, its target,
@@ -28,7 +31,7 @@
 #
 # Run from the repository root:   bash benchmarks/gpu.sh [OUTDIR]
 # (runs that would start after DEADLINE_S seconds, default 540, are skipped and said to be, so a
-# caller's 600 s limit still sees the summary; runs 1-5 are the targets' figures, 6-8 extras).
+# caller's 600 s limit still sees the summary; runs 1-5 are the targets' figures, 6-9 extras).
 # (OUTDIR defaults to $OUT, else ./gpu_bench). It writes OUTDIR/*.json, OUTDIR/*.log and
 # OUTDIR/summary.md (the markdown tables, device named). Copy the figures into
 # benchmarks/RESULTS.md with the date and this command.
@@ -96,12 +99,13 @@ run() {  # name dtype distill [time limit s] [more bench arguments...]
     return 0
   fi
   [ "$limit" -gt "$left" ] && limit=$left
-  echo "=== $name: dtype=$dtype distill=$distill $* (limit ${limit}s)"
+  local flags="${XLA_FLAGS:+ XLA_FLAGS=$XLA_FLAGS}"
+  echo "=== $name: dtype=$dtype distill=$distill $*$flags (limit ${limit}s)"
   local start=$SECONDS
   if timeout "$limit" "$PY" -u -m xdistill_jax bench "${COMMON[@]}" --dtypes "$dtype" --distill "$distill" \
       "$@" "${EXTRA[@]}" --json "$OUTDIR/$name.json" >"$OUTDIR/$name.log" 2>&1; then
     echo "    process wall time $((SECONDS - start)) s (imports + init + compile + warm-up + timed steps)"
-    { echo "$name (process wall time $((SECONDS - start)) s):"; awk '/^[|]/{p=1; print; next} p{exit}' "$OUTDIR/$name.log"; echo; } \
+    { echo "$name (process wall time $((SECONDS - start)) s$flags):"; awk '/^[|]/{p=1; print; next} p{exit}' "$OUTDIR/$name.log"; echo; } \
       | tee -a "$OUTDIR/summary.md"
   else
     echo "    FAILED or timed out after $((SECONDS - start)) s; last lines of $OUTDIR/$name.log:"
@@ -134,6 +138,9 @@ echo "cache entries written: $(ls "$CACHE" | wc -l)" | tee -a "$OUTDIR/summary.m
 # The full-resolution translator (the default until 2026-12-03; README "Ablations"): what
 # distillation costs on the device with it.
 run bf16_distill_stride1_cold bfloat16 on 120 --config.distill.translator.output_stride=1
+# Cold start without autotuning: how much of run 1's compile is the algorithm search, and its worth.
+XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_autotune_level=0" \
+  run bf16_distill_noautotune_cold bfloat16 on 120
 # The issue's targets, each figure against its target (benchmarks/gpu_targets.py).
 { echo; "$PY" benchmarks/gpu_targets.py "$OUTDIR"; } | tee -a "$OUTDIR/summary.md"
 echo "done; results in $OUTDIR"

@@ -2,6 +2,7 @@
 (the train step and the benchmark import on an accelerator image without TFDS or grain)."""
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -47,6 +48,9 @@ def test_bench_prints_table_and_writes_json(bench_run):
 
     doc = json.loads(path.read_text())
     assert doc["platform"] == "cpu" and doc["kind"] == "train_step"
+    # the flags the run was compiled under (gpu.sh's run without autotuning sets some)
+    assert doc["xla_flags"] == os.environ.get("XLA_FLAGS", "")
+    assert ("(XLA_FLAGS=" in lines[header - 2]) == bool(doc["xla_flags"].strip())
     (r,) = doc["results"]
     assert (r["dtype"], r["distill"], r["batch"], r["height"], r["width"]) == ("float32", True, 2, 32, 64)
     assert r["steps"] == 3 and r["devices"] == 1

@@ -410,7 +410,8 @@ def markdown_table(results: Sequence[dict], device: str | None = None) -> str:
     if device is None:
         counts = {r["devices"] for r in results}
         device = device_description(num_devices=counts.pop() if len(counts) == 1 else None)
-    lines = [f"Train step benchmark on {device}", "",
+    flags = os.environ.get("XLA_FLAGS", "").strip()
+    lines = [f"Train step benchmark on {device}" + (f" (XLA_FLAGS={flags})" if flags else ""), "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in results:
         cells = [r["variant"], str(r["batch"]), f"{r['height']}x{r['width']}",
