@@ -14,15 +14,17 @@ The derivative is the same as jax.nn.relu's for every non-NaN x: y != 0 exactly 
 passes through instead of being zeroed. tests/test_models.py checks values and gradients against
 jax.nn.relu bitwise; benchmarks/RESULTS.md has the bytes it saves on an H100 target.
 
-`elu` (the depth decoder's activation) is `jax.nn.elu` with the derivative 1 where y > 0 and
-y + 1 elsewhere, which is bitwise what JAX's own rule gives (it differentiates expm1 as its
-output + 1, and y > 0 exactly when x > 0, NaN included). With the derivative taken from x, the
+`elu` (the depth decoder's activation) is `jax.nn.elu` with the derivative 1 where y > 0 and y + 1
+elsewhere, which is bitwise what JAX's own rule gave up to jax 0.11 (it differentiated expm1 as its
+output + 1, and y > 0 exactly when x > 0, NaN included). jax 0.12 differentiates expm1 as exp(x)
+instead, which differs from y + 1 by float rounding (within 2 ulp, tested); this rule stays, so the
+depth net's gradients do not move with the JAX version. With the derivative taken from x, the
 backward pass kept each decoder convolution's output and XLA computed the activation twice (into
 the next layer's padded input, and again beside it); from y, the activation is computed once and
-the backward reads it. On an H100 target that alone saved 0.23 GB of memory traffic per bf16
-step and 0.12 GB of XLA memory, but cost 0.28 GB in fp32, where XLA had recomputed the activation
-inside the padding; with the decoder's padded activation shared as well
-(`depth.elu_reflect_padded`) both dtypes gain (benchmarks/RESULTS.md).
+the backward reads it. On an H100 target that alone saved 0.23 GB of memory traffic per bf16 step
+and 0.12 GB of XLA memory, but cost 0.28 GB in fp32, where XLA had recomputed the activation inside
+the padding; with the decoder's padded activation shared as well (`depth.elu_reflect_padded`) both
+dtypes gain (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ def _relu_jvp(primals, tangents):
 @jax.custom_jvp
 def elu(x):
     """`jax.nn.elu(x)` (alpha 1), with the derivative taken from the output y: 1 where y > 0,
-    else y + 1 (= exp(x), which is how JAX differentiates expm1). The backward pass then needs
+    else y + 1 (= exp(x), as JAX up to 0.11 differentiated expm1). The backward pass then needs
     only y, which the next layer reads anyway, and not the pre-activation x."""
     return jax.nn.elu(x)
 
