@@ -66,9 +66,7 @@ runtime_version { major: 13 minor: 0 }
 device_description_str: "NVIDIA H100 80GB HBM3"
 """
 
-# NVIDIA H200 SXM 141GB: the H100's GH100 chip (132 SMs, the same clocks and caches) with HBM3e at
-# 4.8 TB/s and 143,771 MiB; the GPU this project's sessions may be lent (benchmarks/gpu.sh), so its
-# census can be read beside a measured run (benchmarks/gpu_targets.py bounds the H100's from it).
+
 def _retarget(text: str, **fields: str) -> str:
     """`text` with each top-level `field: value` line of a target description replaced (once each)."""
     for key, value in fields.items():
@@ -78,6 +76,9 @@ def _retarget(text: str, **fields: str) -> str:
     return text
 
 
+# NVIDIA H200 SXM 141GB: the H100's GH100 chip (132 SMs, the same clocks and caches) with HBM3e at
+# 4.8 TB/s and 143,771 MiB; the GPU this project's sessions may be lent (benchmarks/gpu.sh), so its
+# census can be read beside a measured run (benchmarks/gpu_targets.py bounds the H100's from it).
 H200_SXM = _retarget(H100_SXM, memory_bandwidth="4800000000000", device_memory_size="150754820096",
                      device_description_str='"NVIDIA H200"')
 TARGETS = {"h100": H100_SXM, "h200": H200_SXM}

@@ -261,11 +261,7 @@ def test_gpu_targets_reads_each_figure_against_its_target(tmp_path):
     _gpu_run_json(tmp_path / "bf16_distill_stride1_cold.json", step_ms_median=12.5)
     _gpu_run_json(tmp_path / "bf16_distill_noautotune_cold.json", images_per_s_median=950.0, cold_start_s=21.0)
     (tmp_path / "notes.json").write_text(json.dumps({"kind": "loader", "results": [{}]}))  # not a step run
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_targets.py"), str(tmp_path)],
-                          capture_output=True, text=True, timeout=60, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr
-    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:] for line in proc.stdout.splitlines()
-            if line.startswith("| ") and not line.startswith("| figure")}
+    out, rows = _gpu_targets_rows(tmp_path)
     assert rows["images/s, bf16, distillation on (bf16_distill_warm)"] == ["1,090.0", ">= 1,000", "met |"]
     assert rows["images/s, fp32, distillation on"][0] == "not measured"
     # 11 / 10 ms: +10.0 % meets "<= +10 %"; the full-resolution translator 12.5 / 10: +25.0 %
@@ -277,13 +273,12 @@ def test_gpu_targets_reads_each_figure_against_its_target(tmp_path):
     assert rows["start (init + compile), warm cache"] == ["12.5 s", "<= 10 s", "MISSED |"]
     assert rows["cold start, no autotuning (bf16_distill_noautotune_cold)"] == ["21.0 s", "(reported)", "- |"]
     assert rows["images/s, bf16, distillation on, no autotuning"] == ["950.0", "(reported)", "- |"]
-    assert "Device: 1 x NVIDIA H100 80GB HBM3 (gpu)." in proc.stdout and "no verdicts" not in proc.stdout
+    assert "Device: 1 x NVIDIA H100 80GB HBM3 (gpu)." in out and "no verdicts" not in out
 
     _gpu_run_json(tmp_path / "bf16_nodistill_cold.json", step_ms_median=10.0, batch=2)
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_targets.py"), str(tmp_path)],
-                          capture_output=True, text=True, timeout=60, cwd=ROOT)
-    assert "192x640 batch 2 ResNet-18; no verdicts" in proc.stdout
-    assert " met |" not in proc.stdout and "MISSED" not in proc.stdout
+    out, _ = _gpu_targets_rows(tmp_path)
+    assert "192x640 batch 2 ResNet-18; no verdicts" in out
+    assert " met |" not in out and "MISSED" not in out
 
     (tmp_path / "broken.json").write_text("{")
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_targets.py"), str(tmp_path)],

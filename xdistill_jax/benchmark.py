@@ -426,13 +426,15 @@ def markdown_table(results: Sequence[dict], device: str | None = None) -> str:
 
 
 def write_json(path: str | os.PathLike, results: Sequence[dict], **meta) -> pathlib.Path:
-    """Write {"device", "jax_version", "date", ..., "results"} atomically (temp name, rename)."""
+    """Write {"device", "jax_version", "xla_flags", "date", ..., "results"} atomically (temp name,
+    rename); xla_flags: the XLA_FLAGS the programs were compiled under ("" when unset)."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     counts = {r.get("devices") for r in results}
     n = counts.pop() if len(counts) == 1 and None not in counts else None
     doc = {"device": device_description(num_devices=n), "device_kind": jax.devices()[0].device_kind,
            "platform": jax.devices()[0].platform, "jax_version": jax.__version__,
+           "xla_flags": os.environ.get("XLA_FLAGS", ""),
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            **meta, "results": list(results)}
     tmp = path.with_name(path.name + ".tmp")

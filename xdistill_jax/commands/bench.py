@@ -13,7 +13,6 @@ Loader: examples/s per core through prepared TFDS shards + grain + augmentation 
 
 from __future__ import annotations
 
-import os
 import sys
 
 from xdistill_jax import config_defaults
@@ -134,7 +133,6 @@ def run(args) -> int:
             print(profile_summary.markdown(r["profile"]))
     if args.json:
         path = benchmark.write_json(args.json, results, kind="train_step", config=args.config,
-                                    overrides=list(args.extra_args), command=" ".join(sys.argv),
-                                    xla_flags=os.environ.get("XLA_FLAGS", ""))
+                                    overrides=list(args.extra_args), command=" ".join(sys.argv))
         print(f"\nwrote {path}")
     return 0
