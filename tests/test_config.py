@@ -66,6 +66,7 @@ def test_bad_overrides_name_the_key(args, key):
     (["--config.distill.translator.features=0"], "distill.translator.features"),
     (["--config.distill.translator.dilations=(1, 0)"], "distill.translator.dilations"),
     (["--config.run.state_layout=cudnn"], "run.state_layout"),
+    (["--config.model.kernel_layout=OIHW"], "model.kernel_layout"),
 ])
 def test_impossible_values_name_the_key(args, key):
     with pytest.raises(config_utils.ConfigError, match=key.replace(".", r"\.")):
@@ -170,3 +171,43 @@ def test_translator_fields_are_the_translators_defaults_and_override_from_the_co
     resumed = config_utils.apply_overrides(config_utils.load_config(tmp_path),
                                            ["--config.distill.translator.output_stride=4"])  # `xdistill train` resume
     assert resumed.distill.translator.output_stride == 4
+
+
+def test_kernel_layout_reaches_every_trained_conv_and_old_config_json_reads_hwio(tmp_path):
+    """model.kernel_layout (OHWI by default) is how the depth, pose and translator nets store
+    their conv kernels; a config.json saved before the field existed holds HWIO checkpoints (flax's
+    layout): it loads as HWIO, so resuming or evaluating it rebuilds the networks it trained, and
+    today's default is a structural difference (a resume must say HWIO)."""
+    import jax
+
+    from xdistill_jax import config_defaults
+    from xdistill_jax.models import conv
+    from xdistill_jax.objective import Networks
+
+    assert conv.KERNEL_LAYOUTS == config_defaults.KERNEL_LAYOUTS
+    config = config_utils.config_from_args(str(CONFIGS / "synthetic_demo.py"))
+    assert config.model.kernel_layout == "OHWI"
+
+    def kernel_shapes(cfg):
+        variables = jax.eval_shape(lambda: Networks.from_config(cfg).init(jax.random.key(0), 64, 64))
+        params = variables[0] if isinstance(variables, tuple) else variables["params"]
+        return {jax.tree_util.keystr(path): leaf.shape
+                for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0] if leaf.ndim == 4}
+
+    ohwi = kernel_shapes(config)
+    assert {k.split("]")[0] for k in ohwi} == {"['depth'", "['pose'", "['translator'"}
+    assert ohwi["['depth']['encoder']['conv1']['kernel']"] == (64, 7, 7, 3)
+    assert ohwi["['pose']['encoder']['conv1']['kernel']"] == (64, 7, 7, 6)
+    assert ohwi["['translator']['down0']['kernel']"] == (32, 3, 3, 1)
+
+    old = config_utils.apply_overrides(config, [])
+    del old.model["kernel_layout"]
+    config_utils.save_config(old, tmp_path)
+    loaded = config_utils.load_config(tmp_path)
+    assert loaded.model.kernel_layout == "HWIO"
+    hwio = kernel_shapes(loaded)
+    assert hwio.keys() == ohwi.keys()
+    assert all(hwio[k] == ohwi[k][1:] + ohwi[k][:1] for k in ohwi)  # OHWI -> HWIO, every kernel
+    assert config_utils.structural_differences(loaded, config) == ["model.kernel_layout: 'HWIO' -> 'OHWI'"]
+    resumed = config_utils.apply_overrides(loaded, [])
+    assert config_utils.structural_differences(loaded, resumed) == []

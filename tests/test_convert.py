@@ -15,15 +15,17 @@ torch = pytest.importorskip("torch")
 import torch_nets  # noqa: E402  (tests/ helper; needs torch)
 
 from xdistill_jax import cli, convert  # noqa: E402
+from xdistill_jax.models.conv import hwio_tree_to  # noqa: E402
 from xdistill_jax.models.depth import DepthNet  # noqa: E402
 from xdistill_jax.models.pose import PoseNet  # noqa: E402
 from xdistill_jax.models.resnet import ResNetEncoder  # noqa: E402
 
 H, W, B = 64, 192, 2
 
-depth_eval = jax.jit(DepthNet().apply)
-pose_eval = jax.jit(PoseNet().apply)
-depth_train = jax.jit(lambda v, x: DepthNet().apply(v, x, train=True, mutable=["batch_stats"]))
+# Converted weights hold flax's HWIO kernels; the networks that read them as they are:
+depth_eval = jax.jit(DepthNet(kernel_layout="HWIO").apply)
+pose_eval = jax.jit(PoseNet(kernel_layout="HWIO").apply)
+depth_train = jax.jit(lambda v, x: DepthNet(kernel_layout="HWIO").apply(v, x, train=True, mutable=["batch_stats"]))
 
 
 def _rand_images(seed, channels=3, b=B, h=H, w=W):
@@ -57,7 +59,7 @@ def converted(torch_folder):
 
 def test_load_monodepth2_structure(converted):
     assert (converted["num_layers"], converted["height"], converted["width"]) == (18, H, W)
-    for name, model, c in (("depth", DepthNet(), 3), ("pose", PoseNet(), 6)):
+    for name, model, c in (("depth", DepthNet(kernel_layout="HWIO"), 3), ("pose", PoseNet(kernel_layout="HWIO"), 6)):
         abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, c)))
         got = jax.tree.map(lambda a: (a.shape, a.dtype), converted[name])
         want = jax.tree.map(lambda a: (a.shape, a.dtype), abstract)
@@ -79,6 +81,12 @@ def test_depth_matches_torch_eval(torch_folder, converted):
         assert want.std() > 1e-3
     print("depth max abs diff per scale:", diffs)
     assert max(diffs.values()) < 1e-4, diffs
+    # The same weights put into the training default (OHWI kernels) compute the same disparities.
+    ohwi = {**converted["depth"], "params": hwio_tree_to("OHWI", converted["depth"]["params"])}
+    assert ohwi["params"]["encoder"]["conv1"]["kernel"].shape == (64, 7, 7, 3)
+    out_ohwi = jax.jit(DepthNet().apply)(ohwi, x)
+    for s in range(4):
+        np.testing.assert_allclose(out_ohwi[s], out[s], rtol=0, atol=1e-6)
 
 
 def test_pose_matches_torch_eval(torch_folder, converted):
@@ -138,7 +146,7 @@ def test_torchvision_resnet_conversion(torch_folder, converted, tmp_path):
                                   single["params"]["layer3_1"]["conv2"]["kernel"])
 
     # ImageNet-style start: a freshly initialised PoseNet gets the tiled encoder
-    pose_init = jax.eval_shape(PoseNet().init, jax.random.key(0), jnp.zeros((1, 64, 64, 6)))
+    pose_init = jax.eval_shape(PoseNet(kernel_layout="HWIO").init, jax.random.key(0), jnp.zeros((1, 64, 64, 6)))
     started = convert.insert_encoder(pose_init, double)
     assert started["params"]["encoder"] is double["params"]
     assert started["params"]["decoder"] is pose_init["params"]["decoder"]
@@ -157,7 +165,7 @@ def test_resnet50_matches_torch():
     with torch.no_grad():
         ref = enc(torch_nets.nchw(x))
     variables = convert.load_torchvision_resnet(enc.encoder.state_dict(), 50)
-    feats = jax.jit(ResNetEncoder(50).apply)(variables, x)
+    feats = jax.jit(ResNetEncoder(50, kernel_layout="HWIO").apply)(variables, x)
     for k, (f, r) in enumerate(zip(feats, ref)):
         r = torch_nets.nhwc(r)
         assert f.shape == r.shape, k

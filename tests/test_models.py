@@ -93,7 +93,7 @@ def test_scratch_init_is_torchvision_and_torch_default(depth_vars):
     p = depth_vars["params"]
     # ResNet convs: kaiming normal, fan_out, relu gain: std sqrt(2 / (9 * 256)) for a 3x3 256->256 conv
     k = np.asarray(p["encoder"]["layer3_1"]["conv1"]["kernel"])
-    assert k.shape == (3, 3, 256, 256)
+    assert k.shape == (256, 3, 3, 256)  # OHWI (models/conv.py)
     assert abs(k.std() / math.sqrt(2 / (9 * 256)) - 1) < 0.02
     assert np.abs(k).max() > 3.5 * k.std()  # untruncated (a 2-sigma truncation would cap it)
     assert "bias" not in p["encoder"]["layer3_1"]["conv1"]
@@ -155,7 +155,7 @@ def test_batchnorm_update_is_torchs(depth_vars):
     _, updates = jax.jit(lambda v, x: ResNetEncoder(18).apply(v, x, train=True, mutable=["batch_stats"]))(enc_vars, x)
     k = enc_vars["params"]["conv1"]["kernel"]
     y = jax.lax.conv_general_dilated((x - 0.45) / 0.225, k, (2, 2), ((3, 3), (3, 3)),
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+                                     dimension_numbers=("NHWC", "OHWI", "NHWC"))
     y = np.asarray(y, np.float64)
     n = y.size // y.shape[-1]
     assert n == 32

@@ -172,6 +172,35 @@ def nets_and_vars():
     return config, nets, params, batch_stats
 
 
+def test_kernel_layouts_train_the_same(runs_by_device_count):
+    """model.kernel_layout changes how the conv kernels are stored (OHWI, the default, or HWIO,
+    flax's and old checkpoints'), not what the step computes. From the same init the first step
+    gives bitwise the same weights and Adam moments (Adam's first update is lr * sign(g)), and
+    the 3 steps' losses the same; after that the two programs, which XLA:CPU lays out and fuses
+    differently, round differently (measured 2026-12-04: weights and BatchNorm statistics at
+    most 2.4e-7 apart after 3 steps, the losses bitwise equal)."""
+    from xdistill_jax.models.conv import to_hwio
+
+    config = tiny_config(distill_weight=0.1, **{"mesh.num_devices": 1, "model.kernel_layout": "HWIO"})
+    nets = Networks.from_config(config)
+    tx = train.make_optimizer(config, steps_per_epoch=100)
+    mesh = train.make_mesh(config)
+    hwio = _three_steps(train.make_train_step(config, nets, tx, mesh),
+                        train.create_train_state(nets, tx, mesh, jax.random.key(0)), mesh)
+    ohwi = runs_by_device_count[1]
+    as_hwio = lambda v: to_hwio("OHWI", v) if v.ndim == 4 else v  # noqa: E731
+    kernels = [k for k, v in ohwi["params"].items() if v.ndim == 4]
+    assert len(kernels) > 40 and all(k.endswith("['kernel']") for k in kernels)
+    for name in ("params", "mu"):
+        for k, v in ohwi["first"][name].items():
+            np.testing.assert_array_equal(hwio["first"][name][k], as_hwio(v), err_msg=f"{name} {k}")
+    np.testing.assert_allclose(hwio["losses"], ohwi["losses"], rtol=0, atol=1e-6)
+    for k, v in ohwi["params"].items():
+        np.testing.assert_allclose(hwio["params"][k], as_hwio(v), rtol=0, atol=1e-6, err_msg=k)
+    for k, v in ohwi["batch_stats"].items():
+        np.testing.assert_allclose(hwio["batch_stats"][k], v, rtol=0, atol=1e-6, err_msg=k)
+
+
 def test_pose_pairs_in_one_call_match_two_calls_in_a_row(nets_and_vars):
     """`predict_poses` runs both source pairs as one vmapped pose-net call; it must give what two
     pose-net calls in a row give (Monodepth2's code): per-pair BatchNorm statistics, and running
@@ -327,28 +356,36 @@ def test_two_processes_train_in_lockstep_like_one(runs_by_device_count, tmp_path
 
 def test_pretrained_encoder_init(tmp_path):
     """config.model.init: the msgpack encoder goes into the depth encoder as is and into the
-    two-image pose encoder with conv1 repeated over both images and halved (Monodepth2)."""
+    two-image pose encoder with conv1 repeated over both images and halved (Monodepth2). The file
+    holds HWIO kernels (as convert-weights writes them); the networks get them in
+    model.kernel_layout: OHWI by default, as they are with HWIO."""
     from xdistill_jax.convert import save_variables
+    from xdistill_jax.models.conv import hwio_tree_to
     from xdistill_jax.models.resnet import ResNetEncoder
 
-    enc = ResNetEncoder(18, 1).init(jax.random.key(5), jnp.zeros((1, 64, 64, 3)), train=False)
+    enc = ResNetEncoder(18, 1, kernel_layout="HWIO").init(jax.random.key(5), jnp.zeros((1, 64, 64, 3)), train=False)
     enc = jax.tree.map(lambda x: np.asarray(x) + 0.5, enc)  # distinct from any scratch init
     path = tmp_path / "resnet18.msgpack"
     save_variables(path, enc)
     config = tiny_config(distill_weight=0.0, **{"model.init": str(path)})
-    nets = Networks.from_config(config)
     tx = train.make_optimizer(config, steps_per_epoch=100)
     mesh = train.make_mesh(config)
-    state = train.create_train_state(nets, tx, mesh, jax.random.key(0), train.load_pretrained_encoders(config))
-    got = _flat(state.params["depth"]["encoder"])
-    want = _flat(enc["params"])
-    assert got.keys() == want.keys()
-    assert all(np.array_equal(got[k], want[k]) for k in want)
-    np.testing.assert_array_equal(state.batch_stats["depth"]["encoder"]["bn1"]["var"], enc["batch_stats"]["bn1"]["var"])
-    pose_conv1 = np.asarray(state.params["pose"]["encoder"]["conv1"]["kernel"])
-    np.testing.assert_allclose(pose_conv1, np.concatenate([enc["params"]["conv1"]["kernel"]] * 2, axis=2) / 2)
-    np.testing.assert_array_equal(state.params["pose"]["encoder"]["layer4_1"]["conv2"]["kernel"],
-                                  enc["params"]["layer4_1"]["conv2"]["kernel"])
+    for layout in ("OHWI", "HWIO"):
+        config = tiny_config(distill_weight=0.0, **{"model.init": str(path), "model.kernel_layout": layout})
+        nets = Networks.from_config(config)
+        state = train.create_train_state(nets, tx, mesh, jax.random.key(0), train.load_pretrained_encoders(config))
+        got = _flat(state.params["depth"]["encoder"])
+        want = _flat(hwio_tree_to(layout, enc["params"]))
+        assert got.keys() == want.keys()
+        assert all(np.array_equal(got[k], want[k]) for k in want), layout
+        assert got["['conv1']['kernel']"].shape == {"OHWI": (64, 7, 7, 3), "HWIO": (7, 7, 3, 64)}[layout]
+        np.testing.assert_array_equal(state.batch_stats["depth"]["encoder"]["bn1"]["var"],
+                                      enc["batch_stats"]["bn1"]["var"])
+        pose_conv1 = np.asarray(state.params["pose"]["encoder"]["conv1"]["kernel"])
+        tiled = np.concatenate([enc["params"]["conv1"]["kernel"]] * 2, axis=2) / 2  # HWIO, I = 6
+        np.testing.assert_allclose(pose_conv1, hwio_tree_to(layout, {"kernel": tiled})["kernel"])
+        np.testing.assert_array_equal(state.params["pose"]["encoder"]["layer4_1"]["conv2"]["kernel"],
+                                      got["['layer4_1']['conv2']['kernel']"])
     bad = tiny_config(distill_weight=0.0, **{"model.init": str(path), "model.num_layers": 34})
     with pytest.raises(ValueError, match="pretrained depth encoder"):
         train.create_train_state(Networks.from_config(bad), tx, mesh, jax.random.key(0),

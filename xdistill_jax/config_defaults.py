@@ -17,6 +17,11 @@ STATE_LAYOUTS = ("default", "auto")  # run.state_layout, train.make_train_step(s
 # output_stride has been 4 since 2026-12-03; those files trained a full-resolution translator.
 LEGACY_TRANSLATOR = {"features": 32, "dilations": (1, 2, 4), "output_stride": 1, "multi_scale": False}
 
+# The trained networks' conv kernels are stored OHWI since 2026-12-04 (models/conv.py); a
+# config.json without `model.kernel_layout` was written by a run whose kernels are flax's HWIO.
+KERNEL_LAYOUTS = ("OHWI", "HWIO")
+LEGACY_KERNEL_LAYOUT = "HWIO"
+
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -40,6 +45,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.pose_num_layers = 18     # pose encoder ResNet-18/50 (two-image input)
     c.model.dtype = "float32"        # compute dtype ("bfloat16"); params and losses stay fp32
     c.model.init = "scratch"         # "scratch" | path to a `convert-weights` ImageNet .msgpack
+    c.model.kernel_layout = "OHWI"   # how the depth, pose and translator nets store conv kernels:
+                                     # OHWI (cuDNN's; in-place Adam updates on a GPU) or HWIO (flax's)
 
     c.loss = ml_collections.ConfigDict()
     c.loss.smoothness_weight = 1e-3

@@ -30,6 +30,7 @@ STRUCTURAL_KEYS = (
     "data.width",
     "model.num_layers",
     "model.pose_num_layers",
+    "model.kernel_layout",
     "distill.grouping",
     "distill.num_groups",
     "distill.translator",
@@ -160,6 +161,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     _check(m.pose_num_layers in (18, 50), "model.pose_num_layers",
            f"must be 18 or 50 (two-image ResNet input), got {m.pose_num_layers}")
     _check(m.dtype in ("float32", "bfloat16"), "model.dtype", f"must be float32 or bfloat16, got {m.dtype!r}")
+    _check(m.kernel_layout in config_defaults.KERNEL_LAYOUTS, "model.kernel_layout",
+           f"must be one of {config_defaults.KERNEL_LAYOUTS}, got {m.kernel_layout!r}")
     _check(m.init == "scratch" or m.init.endswith(".msgpack"), "model.init",
            f"must be 'scratch' or a path to a converted .msgpack, got {m.init!r}")
     _check(0 < lo.min_depth < lo.max_depth, "loss.min_depth",
@@ -235,6 +238,9 @@ def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
         for key, value in config_defaults.base_config().distill.translator.items():
             if key not in config.distill.translator:
                 config.distill.translator[key] = config_defaults.LEGACY_TRANSLATOR.get(key, value)
+    # Files saved before model.kernel_layout existed hold checkpoints with HWIO kernels.
+    if "model" in config and "kernel_layout" not in config.model:
+        config.model.kernel_layout = config_defaults.LEGACY_KERNEL_LAYOUT
     return config
 
 

@@ -1,6 +1,8 @@
 """PyTorch -> Flax weight conversion (torchvision ResNets, Monodepth2 model folders) and msgpack I/O.
 
-Layouts: torch conv weights are OIHW, Flax kernels HWIO; BatchNorm ``weight``/``bias``/
+Layouts: torch conv weights are OIHW, the converted kernels HWIO (flax's; the networks are
+built with ``kernel_layout="HWIO"`` to read them as they are, and `models.conv.hwio_tree_to`
+puts them into a network that stores OHWI, the training default); BatchNorm ``weight``/``bias``/
 ``running_mean``/``running_var`` become params ``scale``/``bias`` and batch_stats ``mean``/``var``.
 The expected torch names and shapes are derived from the Flax modules themselves
 (`jax.eval_shape` of their init), so a converted tree has exactly the structure the modules
@@ -164,7 +166,7 @@ def _convert(state: Mapping[str, Any], abstract_vars: Mapping, key_fn, *, source
 
 
 def _abstract_encoder(num_layers: int, num_input_images: int) -> dict:
-    model = ResNetEncoder(num_layers, num_input_images)
+    model = ResNetEncoder(num_layers, num_input_images, kernel_layout="HWIO")
     x = jax.ShapeDtypeStruct((1, 64, 64, 3 * num_input_images), jnp.float32)
     return jax.eval_shape(model.init, jax.random.key(0), x)
 
@@ -228,8 +230,9 @@ def load_torchvision_resnet(path_or_state_dict, num_layers: int, num_input_image
     """torchvision resnet18/34/50 state dict (file or mapping) -> ResNetEncoder variables.
 
     Returns {"params": ..., "batch_stats": ...} of numpy float32 arrays for
-    ``ResNetEncoder(num_layers, num_input_images)``. ``fc.*`` and ``num_batches_tracked`` are
-    ignored. With ``num_input_images > 1`` a 3-channel conv1 is tiled and divided by n.
+    ``ResNetEncoder(num_layers, num_input_images, kernel_layout="HWIO")``. ``fc.*`` and
+    ``num_batches_tracked`` are ignored. With ``num_input_images > 1`` a 3-channel conv1 is tiled
+    and divided by n.
     """
     if num_layers not in LAYOUTS:
         raise ValueError(f"num_layers={num_layers}: supported ResNet depths are {sorted(LAYOUTS)}")
@@ -286,7 +289,7 @@ def load_monodepth2(folder, num_layers: int | None = None) -> dict:
     missing_meta = [k for k, v in (("height", height), ("width", width)) if v is None]
     problems.add(str(enc_path), missing_meta, [], [])
 
-    depth_abstract = _abstract_net(DepthNet(num_layers), 3)
+    depth_abstract = _abstract_net(DepthNet(num_layers, kernel_layout="HWIO"), 3)
     enc_vars = _convert(enc, {c: t["encoder"] for c, t in depth_abstract.items()}, _resnet_torch_key,
                         source=str(enc_path), prefix="encoder.", problems=problems)
     dec_vars = _convert(_torch_load(dec_path), {"params": depth_abstract["params"]["decoder"]},
@@ -296,7 +299,7 @@ def load_monodepth2(folder, num_layers: int | None = None) -> dict:
 
     pose = None
     if penc_path.is_file():
-        pose_abstract = _abstract_net(PoseNet(num_layers), 6)
+        pose_abstract = _abstract_net(PoseNet(num_layers, kernel_layout="HWIO"), 6)
         penc_vars = _convert(_torch_load(penc_path), {c: t["encoder"] for c, t in pose_abstract.items()},
                              _resnet_torch_key, source=str(penc_path), prefix="encoder.", problems=problems)
         pdec_vars = _convert(_torch_load(pdec_path), {"params": pose_abstract["params"]["decoder"]},

@@ -117,7 +117,9 @@ def load_monodepth2_model(folder) -> DepthModel:
     loaded = load_monodepth2(folder)
     n = loaded["num_layers"]
     pose = loaded["pose"]
-    return DepthModel(DepthNet(num_layers=n), loaded["depth"], PoseNet(num_layers=n) if pose else None, pose,
+    # Converted weights hold flax's HWIO kernels: the networks are built to read them as they are.
+    depth_net, pose_net = DepthNet(num_layers=n, kernel_layout="HWIO"), PoseNet(num_layers=n, kernel_layout="HWIO")
+    return DepthModel(depth_net, loaded["depth"], pose_net if pose else None, pose,
                       int(loaded["height"]), int(loaded["width"]), *MONODEPTH2_DEPTH_RANGE, None, str(folder))
 
 

@@ -62,13 +62,14 @@ class Networks:
         from xdistill_jax.models.translator import Translator
 
         dtype = _dtype(config.model.dtype)
+        layout = config.model.kernel_layout
         translator = None
         if config.distill.weight > 0:
             num_groups = semantics.get_grouping(config.distill.grouping).num_groups
             translator = Translator(num_groups=num_groups, input_scale=config.distill.scale,
-                                    dtype=dtype, **config.distill.translator.to_dict())
-        return cls(depth=DepthNet(num_layers=config.model.num_layers, dtype=dtype),
-                   pose=PoseNet(num_layers=config.model.pose_num_layers, dtype=dtype),
+                                    dtype=dtype, kernel_layout=layout, **config.distill.translator.to_dict())
+        return cls(depth=DepthNet(num_layers=config.model.num_layers, dtype=dtype, kernel_layout=layout),
+                   pose=PoseNet(num_layers=config.model.pose_num_layers, dtype=dtype, kernel_layout=layout),
                    translator=translator)
 
     def init(self, rng, height: int, width: int, batch: int = 1):

@@ -30,6 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from xdistill_jax import objective, platform_forms
 from xdistill_jax.config_defaults import STATE_LAYOUTS
+from xdistill_jax.models.conv import hwio_tree_to
 from xdistill_jax.objective import Networks
 
 # Initialise the networks at this size: all parameters are shape-independent (fully
@@ -194,7 +195,8 @@ def load_pretrained_encoders(config: ml_collections.ConfigDict) -> dict | None:
     The msgpack holds one-image encoder variables. The pose encoder takes two images: its first
     conv is the ImageNet conv1 repeated along the input channels and divided by 2 (Monodepth2's
     ResNetMultiImageInput). The pose encoder is only initialised from it when it has the same
-    depth (`model.pose_num_layers == model.num_layers`); otherwise it starts from scratch.
+    depth (`model.pose_num_layers == model.num_layers`); otherwise it starts from scratch. The
+    file's kernels are HWIO (flax's); they are returned in `model.kernel_layout`.
     """
     if config.model.init == "scratch":
         return None
@@ -213,7 +215,8 @@ def load_pretrained_encoders(config: ml_collections.ConfigDict) -> dict | None:
             kernel = parent[key]
             parent[key] = np.concatenate([kernel, kernel], axis=2) / 2.0
         out["pose"] = {"params": params, "batch_stats": variables.get("batch_stats", {})}
-    return out
+    # The file holds flax's HWIO kernels; the networks store theirs in model.kernel_layout.
+    return {net: {**v, "params": hwio_tree_to(config.model.kernel_layout, v["params"])} for net, v in out.items()}
 
 
 def _find_first_conv(params):

@@ -25,6 +25,7 @@ from flax import linen as nn
 
 from xdistill_jax import platform_forms
 from xdistill_jax.models.activations import elu
+from xdistill_jax.models.conv import Conv
 from xdistill_jax.models.resnet import ResNetEncoder, encoder_channels
 
 DECODER_CHANNELS = (16, 32, 64, 128, 256)
@@ -44,11 +45,11 @@ def torch_default_bias_init(fan_in: int):
 
 
 def torch_default_conv(features: int, in_features: int, kernel: int, *, name: str, dtype, param_dtype,
-                       padding: Any = "VALID") -> nn.Conv:
-    """An `nn.Conv` with bias and PyTorch's default init (needs `in_features` for the bias bound)."""
-    return nn.Conv(
+                       padding: Any = "VALID", kernel_layout: str = "OHWI") -> Conv:
+    """A `Conv` with bias and PyTorch's default init (needs `in_features` for the bias bound)."""
+    return Conv(
         features, (kernel, kernel), padding=padding, use_bias=True, dtype=dtype, param_dtype=param_dtype,
-        kernel_init=torch_default_kernel_init,
+        kernel_init=torch_default_kernel_init, kernel_layout=kernel_layout,
         bias_init=torch_default_bias_init(in_features * kernel * kernel), name=name,
     )
 
@@ -103,10 +104,11 @@ class DepthDecoder(nn.Module):
     scales: Sequence[int] = (0, 1, 2, 3)
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    kernel_layout: str = "OHWI"
 
     def _conv(self, features, in_features, name):
         return torch_default_conv(features, in_features, 3, name=name, dtype=self.dtype,
-                                  param_dtype=self.param_dtype)
+                                  param_dtype=self.param_dtype, kernel_layout=self.kernel_layout)
 
     @nn.compact
     def __call__(self, features: Sequence[jax.Array]) -> dict[int, jax.Array]:
@@ -151,6 +153,7 @@ class DepthNet(nn.Module):
     dtype: Any = jnp.float32
     scales: Sequence[int] = (0, 1, 2, 3)
     param_dtype: Any = jnp.float32
+    kernel_layout: str = "OHWI"  # conv kernels' storage (models/conv.py); "HWIO" for old checkpoints
 
     @nn.compact
     def __call__(self, images, train: bool = False) -> dict[int, jax.Array]:
@@ -158,6 +161,7 @@ class DepthNet(nn.Module):
         if h % 32 or w % 32:
             raise ValueError(f"DepthNet needs height and width divisible by 32, got {h}x{w}")
         features = ResNetEncoder(self.num_layers, 1, dtype=self.dtype, param_dtype=self.param_dtype,
-                                 name="encoder")(images, train=train)
+                                 kernel_layout=self.kernel_layout, name="encoder")(images, train=train)
         return DepthDecoder(encoder_channels(self.num_layers), tuple(self.scales), dtype=self.dtype,
-                            param_dtype=self.param_dtype, name="decoder")(features)
+                            param_dtype=self.param_dtype, kernel_layout=self.kernel_layout,
+                            name="decoder")(features)

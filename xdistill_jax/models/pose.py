@@ -30,12 +30,13 @@ class PoseDecoder(nn.Module):
     num_frames: int = 2
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    kernel_layout: str = "OHWI"
 
     @nn.compact
     def __call__(self, f4) -> tuple[jax.Array, jax.Array]:
         conv = lambda n, cin, k, name: torch_default_conv(  # noqa: E731
             n, cin, k, name=name, dtype=self.dtype, param_dtype=self.param_dtype,
-            padding=((k // 2, k // 2), (k // 2, k // 2)),
+            padding=((k // 2, k // 2), (k // 2, k // 2)), kernel_layout=self.kernel_layout,
         )
         x = relu(conv(256, f4.shape[-1], 1, "squeeze")(f4.astype(self.dtype)))
         x = relu(conv(256, 256, 3, "pose_0")(x))
@@ -57,12 +58,13 @@ class PoseNet(nn.Module):
     num_layers: int = 18
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    kernel_layout: str = "OHWI"  # conv kernels' storage (models/conv.py); "HWIO" for old checkpoints
 
     @nn.compact
     def __call__(self, pair, train: bool = False) -> tuple[jax.Array, jax.Array]:
         features = ResNetEncoder(self.num_layers, 2, dtype=self.dtype, param_dtype=self.param_dtype,
-                                 name="encoder")(pair, train=train)
+                                 kernel_layout=self.kernel_layout, name="encoder")(pair, train=train)
         axisangle, translation = PoseDecoder(2, dtype=self.dtype, param_dtype=self.param_dtype,
-                                             name="decoder")(features[-1])
+                                             kernel_layout=self.kernel_layout, name="decoder")(features[-1])
         return axisangle[:, 0, 0], translation[:, 0, 0]
 

@@ -31,6 +31,7 @@ from flax import linen as nn
 
 from xdistill_jax import platform_forms
 from xdistill_jax.models.activations import relu
+from xdistill_jax.models.conv import Conv
 
 ModuleDef = Any
 
@@ -307,8 +308,8 @@ class ResNetEncoder(nn.Module):
     num_input_images: int = 1
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    conv: ModuleDef = nn.Conv
     norm: ModuleDef = TorchBatchNorm
+    kernel_layout: str = "OHWI"  # models/conv.py: OHWI, or HWIO (flax's; the teacher's, old checkpoints)
 
     @nn.compact
     def __call__(self, images, train: bool = False) -> list[jax.Array]:
@@ -322,7 +323,7 @@ class ResNetEncoder(nn.Module):
             )
         stage_sizes, block_cls = LAYOUTS[self.num_layers]
         conv = functools.partial(
-            self.conv, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+            Conv, kernel_layout=self.kernel_layout, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
             kernel_init=torch_resnet_conv_init,
         )
         norm = functools.partial(

@@ -67,7 +67,8 @@ class SegmentationNet(nn.Module):
     def __call__(self, images, train: bool = False):
         if self.output_stride not in (1, 4):
             raise ValueError(f"segmentation output_stride must be 1 or 4, got {self.output_stride}")
-        feats = ResNetEncoder(num_layers=self.num_layers, dtype=self.dtype, name="encoder")(
+        feats = ResNetEncoder(num_layers=self.num_layers, dtype=self.dtype, kernel_layout="HWIO",
+                              name="encoder")(
             images, train=train)
         f1, f4 = feats[1], feats[4]
         block = functools.partial(ConvBNReLU, self.head_features, dtype=self.dtype)

@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 
 from xdistill_jax.models.activations import relu
+from xdistill_jax.models.conv import Conv
 
 
 def _stack_inputs(disps, multi_scale: bool, input_scale: int = 0):
@@ -86,13 +87,15 @@ class Translator(nn.Module):
     multi_scale: bool = False
     input_scale: int = 0  # which DepthNet scale feeds it when not multi_scale (distill.scale)
     dtype: Any = jnp.float32
+    kernel_layout: str = "OHWI"  # conv kernels' storage (models/conv.py); "HWIO" for old checkpoints
 
     @nn.compact
     def __call__(self, disps):
         if self.output_stride < 1 or 2 ** round(math.log2(self.output_stride)) != self.output_stride:
             raise ValueError(f"translator output_stride must be a power of 2, got {self.output_stride}")
         x = _stack_inputs(disps, self.multi_scale, self.input_scale).astype(self.dtype)
-        conv = lambda f, k, **kw: nn.Conv(f, (k, k), dtype=self.dtype, param_dtype=jnp.float32, **kw)
+        conv = lambda f, k, **kw: Conv(f, (k, k), dtype=self.dtype, param_dtype=jnp.float32,  # noqa: E731
+                                        kernel_layout=self.kernel_layout, **kw)
         for i in range(round(math.log2(self.output_stride))):
             x = relu(conv(self.features, 3, strides=2, padding=1, name=f"down{i}")(x))
         for i, d in enumerate(self.dilations):
