@@ -8,9 +8,11 @@
 #     3. bf16, distillation off -- cold
 #     4. fp32, distillation on  -- cold
 #     5. fp32, distillation off -- cold
-#     6. bf16, distillation on, cold, --state-layout auto: the train state's layouts left to XLA
-#        (conv kernels and Adam moments in cuDNN's filter order: no transposing update, no output
-#        copies; -2.6 % bytes in the deviceless census, benchmarks/RESULTS.md), against run 1/2
+#     6. bf16, distillation on, cold, --config.model.kernel_layout=HWIO: conv kernels stored in
+#        flax's order, as before 2026-12-04 (OHWI, cuDNN's, is the default: no transposing Adam
+#        updates and no copies; -17 % kernels and -4.1 % bytes in the deviceless census,
+#        benchmarks/RESULTS.md), against run 1. (Until then run 6 was --state-layout auto, which
+#        now compiles to run 1's program.)
 #     7. the loss alone (benchmarks/loss_cost.py, 640x192 batch 12): XLA cost and time per call
 #     8. bf16, distillation on, cold, --config.distill.translator.output_stride=1 (the
 #        full-resolution translator, the default until 2026-12-03: +21.5 % of the bytes against
@@ -123,7 +125,7 @@ done
 run bf16_nodistill_cold bfloat16 off 120
 run fp32_distill_cold float32 on 120
 run fp32_nodistill_cold float32 off 120
-run bf16_distill_auto_layout bfloat16 on 120 --state-layout auto
+run bf16_distill_hwio_cold bfloat16 on 120 --config.model.kernel_layout=HWIO
 # The loss work alone (no networks), forward + gradient, fp32: its share of the step.
 echo "=== loss alone (limit $((60 * LIMIT_SCALE))s)"
 if [ $((DEADLINE_S - SECONDS)) -lt $((60 * LIMIT_SCALE)) ]; then

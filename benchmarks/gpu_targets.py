@@ -109,6 +109,11 @@ def target_rows(runs: dict[str, dict], kind: str = TARGET_KIND) -> list[tuple[st
     rows.append(("cold start (init + compile), empty cache", fmt(cold, " s"), "<= 30 s", _verdict(cold, 30.0, False)))
     warm = _get(runs, "bf16_distill_warm", "cold_start_s")
     rows.append(("start (init + compile), warm cache", fmt(warm, " s"), "<= 10 s", _verdict(warm, 10.0, False)))
+    # gpu.sh run 6: run 1's step with the conv kernels stored HWIO (flax's order, the default before
+    # 2026-12-04): the step time OHWI kernels save, as run 6's median step against run 1's
+    hwio = _overhead(runs, "bf16_distill_hwio_cold", "bf16_distill_cold")
+    rows.append(("step time with HWIO kernels (bf16_distill_hwio_cold) vs run 1",
+                 "not measured" if hwio is None else f"{hwio:+.1f} %", "(reported)", "-"))
     # gpu.sh run 9: run 1's step compiled without autotuning (reported: the targets are the default's)
     rows.append(("cold start, no autotuning (bf16_distill_noautotune_cold)",
                  fmt(_get(runs, "bf16_distill_noautotune_cold", "cold_start_s"), " s"), "(reported)", "-"))

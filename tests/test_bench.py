@@ -260,6 +260,7 @@ def test_gpu_targets_reads_each_figure_against_its_target(tmp_path):
     _gpu_run_json(tmp_path / "bf16_nodistill_cold.json", step_ms_median=10.0, peak_memory_bytes=7.0e9)
     _gpu_run_json(tmp_path / "bf16_distill_stride1_cold.json", step_ms_median=12.5)
     _gpu_run_json(tmp_path / "bf16_distill_noautotune_cold.json", images_per_s_median=950.0, cold_start_s=21.0)
+    _gpu_run_json(tmp_path / "bf16_distill_hwio_cold.json", step_ms_median=12.1)
     (tmp_path / "notes.json").write_text(json.dumps({"kind": "loader", "results": [{}]}))  # not a step run
     out, rows = _gpu_targets_rows(tmp_path)
     assert rows["images/s, bf16, distillation on (bf16_distill_warm)"] == ["1,090.0", ">= 1,000", "met |"]
@@ -273,6 +274,7 @@ def test_gpu_targets_reads_each_figure_against_its_target(tmp_path):
     assert rows["start (init + compile), warm cache"] == ["12.5 s", "<= 10 s", "MISSED |"]
     assert rows["cold start, no autotuning (bf16_distill_noautotune_cold)"] == ["21.0 s", "(reported)", "- |"]
     assert rows["images/s, bf16, distillation on, no autotuning"] == ["950.0", "(reported)", "- |"]
+    assert rows["step time with HWIO kernels (bf16_distill_hwio_cold) vs run 1"] == ["+10.0 %", "(reported)", "- |"]
     assert "Device: 1 x NVIDIA H100 80GB HBM3 (gpu)." in out and "no verdicts" not in out
 
     _gpu_run_json(tmp_path / "bf16_nodistill_cold.json", step_ms_median=10.0, batch=2)
