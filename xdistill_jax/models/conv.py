@@ -1,7 +1,7 @@
 """A 2-D convolution whose kernel can be stored OHWI: the layout cuDNN computes it in.
 
-`flax.linen.Conv` stores its kernel HWIO (row-major). On a GPU, XLA runs bf16 NHWC convolutions
-through cuDNN with the filter in OHWI order, and cuDNN's filter gradient comes out OHWI. With
+`flax.linen.Conv` stores its kernel HWIO (row-major). On a GPU, XLA runs the NHWC convolutions
+through cuDNN with the filter in OHWI order (bf16 and, on the H100 target, fp32 too), and cuDNN's filter gradient comes out OHWI. With
 HWIO weights every trained convolution then pays, per step, a transposing Adam update that cannot
 update in place and a copy of each of the new weight, mu and nu into the donated buffers
 (benchmarks/RESULTS.md, "Where the other scope goes"). Stored OHWI they are plain in-place
@@ -9,7 +9,7 @@ elementwise updates.
 
 `Conv` is `flax.linen.Conv` (2-D, shared weights, no feature groups) with a `kernel_layout`:
 "OHWI" or "HWIO" (flax's, hence checkpoints written before the layout existed:
-`config_defaults.LEGACY_MODEL`). The kernel is drawn by `kernel_init` in HWIO and transposed, so
+`config_defaults.LEGACY_KERNEL_LAYOUT`). The kernel is drawn by `kernel_init` in HWIO and transposed, so
 both layouts hold the same numbers for the same key; the convolution is the same
 `lax.conv_general_dilated` with the kernel's dimension numbers, so the two compute the same
 function. They round alike, not always bitwise alike: XLA lays out and fuses the two programs
