@@ -27,10 +27,10 @@ import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 from flax.linen.linear import canonicalize_padding
 
-KERNEL_LAYOUTS = ("OHWI", "HWIO")
-# HWIO -> the layout, and back (jnp.transpose permutations).
+# HWIO -> the layout (transpose permutations), and back (the inverse permutations).
 TO_LAYOUT = {"OHWI": (3, 0, 1, 2), "HWIO": (0, 1, 2, 3)}
-FROM_LAYOUT = {"OHWI": (1, 2, 3, 0), "HWIO": (0, 1, 2, 3)}
+FROM_LAYOUT = {k: tuple(p.index(i) for i in range(4)) for k, p in TO_LAYOUT.items()}
+KERNEL_LAYOUTS = tuple(TO_LAYOUT)
 
 
 def check_kernel_layout(layout: str) -> str:

@@ -68,8 +68,7 @@ class SegmentationNet(nn.Module):
         if self.output_stride not in (1, 4):
             raise ValueError(f"segmentation output_stride must be 1 or 4, got {self.output_stride}")
         feats = ResNetEncoder(num_layers=self.num_layers, dtype=self.dtype, kernel_layout="HWIO",
-                              name="encoder")(
-            images, train=train)
+                              name="encoder")(images, train=train)
         f1, f4 = feats[1], feats[4]
         block = functools.partial(ConvBNReLU, self.head_features, dtype=self.dtype)
         branches = [block(kernel=1, name="aspp_1x1")(f4, train)]
