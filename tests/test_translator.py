@@ -97,3 +97,59 @@ def test_gradient_reaches_depth_decoder_params_and_stops():
     dec = jax.tree_util.tree_leaves(g["decoder"])
     assert float(sum(jnp.abs(x).sum() for x in dec)) > 0
     assert float(sum(jnp.abs(x).sum() for x in jax.tree_util.tree_leaves(g_stop))) == 0
+
+
+# (H, W, dilation, kernel, padding, kernel layout): odd sizes, per-axis dilation, strings,
+# asymmetric and negative padding
+DILATED_CASES = [(48, 160, 4, 3, ((4, 4), (4, 4)), "OHWI"),
+                 (13, 17, 2, 3, ((2, 2), (2, 2)), "HWIO"), (11, 9, 3, 3, "SAME", "OHWI"), (12, 10, (2, 3), 3, "VALID", "OHWI"),
+                 (9, 14, 2, 5, ((1, 3), (0, 4)), "HWIO"), (10, 10, 4, 3, ((-1, 2), (4, 4)), "OHWI")]
+
+
+@pytest.mark.parametrize("h,w,d,k,pad,layout", DILATED_CASES)
+def test_dilated_conv_as_space_to_batch_is_lax_dilated_conv(h, w, d, k, pad, layout):
+    """conv_nhwc's batched form computes lax's rhs_dilation convolution, values and gradients."""
+    from xdistill_jax.models.conv import conv_nhwc
+
+    dil = d if isinstance(d, tuple) else (d, d)
+    rng = np.random.default_rng(h * w + k)
+    with jax.enable_x64(True):
+        x = jnp.asarray(rng.standard_normal((2, h, w, 3)))
+        kern = jnp.asarray(rng.standard_normal((k, k, 3, 5)))
+        if layout == "OHWI":
+            kern = kern.transpose(3, 0, 1, 2)
+        ref = lambda x, kern: jax.lax.conv_general_dilated(  # noqa: E731
+            x, kern, (1, 1), pad, rhs_dilation=dil, dimension_numbers=("NHWC", layout, "NHWC"))
+        ours = lambda x, kern: conv_nhwc(x, kern, layout, (1, 1), pad, dil)  # noqa: E731
+        want, vjp_want = jax.vjp(ref, x, kern)
+        got, vjp_got = jax.vjp(ours, x, kern)
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+        g = jnp.asarray(rng.standard_normal(want.shape))
+        for a, b in zip(vjp_got(g), vjp_want(g)):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-10)
+
+
+def _convs(jaxpr):
+    from jax.extend.core import jaxprs_in_params
+
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "conv_general_dilated":
+            yield eqn
+        for sub in jaxprs_in_params(eqn.params):
+            yield from _convs(sub)
+
+
+def test_translator_has_no_dilated_convolution():
+    """The default translator (dilations 1, 2, 4) is built of undilated convolutions only: XLA:GPU
+    runs a dilated convolution's weight gradient as a forward convolution whose window is the
+    whole feature map (1.5 ms per layer on an H200 at 640x192, benchmarks/RESULTS.md)."""
+    module = Translator()
+    disp = jnp.full((2, 32, 64, 1), 0.5, jnp.float32)
+    params = module.init(jax.random.PRNGKey(0), disp)["params"]
+    jaxpr = jax.make_jaxpr(lambda p, d: translate(p, d, module=module))(params, disp).jaxpr
+    convs = list(_convs(jaxpr))
+    assert len(convs) == 6  # 2 stride-2, 3 dilated 3x3 (1, 2, 4), the 1x1 head
+    assert [tuple(e.params["rhs_dilation"]) for e in convs] == [(1, 1)] * 6
+    # the dilated ones ran on the batch of d*d sub-grids: 4 and 16 times the batch
+    assert sorted(e.invars[0].aval.shape[0] for e in convs) == [2] * 4 + [8, 32]

@@ -1,11 +1,11 @@
 """A 2-D convolution whose kernel can be stored OHWI: the layout cuDNN computes it in.
 
 `flax.linen.Conv` stores its kernel HWIO (row-major). On a GPU, XLA runs the NHWC convolutions
-through cuDNN with the filter in OHWI order (bf16 and, on the H100 target, fp32 too), and cuDNN's filter gradient comes out OHWI. With
-HWIO weights every trained convolution then pays, per step, a transposing Adam update that cannot
-update in place and a copy of each of the new weight, mu and nu into the donated buffers
-(benchmarks/RESULTS.md, "Where the other scope goes"). Stored OHWI they are plain in-place
-elementwise updates.
+through cuDNN with the filter in OHWI order (bf16 and, on the H100 target, fp32 too), and
+cuDNN's filter gradient comes out OHWI. With HWIO weights every trained convolution then pays,
+per step, a transposing Adam update that cannot update in place and a copy of each of the new
+weight, mu and nu into the donated buffers (benchmarks/RESULTS.md, "Where the other scope
+goes"). Stored OHWI they are plain in-place elementwise updates.
 
 `Conv` is `flax.linen.Conv` (2-D, shared weights, no feature groups) with a `kernel_layout`:
 "OHWI" or "HWIO" (flax's, hence checkpoints written before the layout existed:
@@ -15,6 +15,10 @@ both layouts hold the same numbers for the same key; the convolution is the same
 function. They round alike, not always bitwise alike: XLA lays out and fuses the two programs
 differently (on the CPU the first train step is bitwise the same, later ones differ at rounding
 level; tests/test_train_step.py).
+
+Dilated convolutions (the translator's) run as plain convolutions over the batch of the input's
+interleaved sub-grids (`conv_nhwc`): the same function, forward bitwise on the CPU, and on an
+H200 the train step 17 % faster (its weight gradients leave a slow path of XLA:GPU).
 """
 
 from __future__ import annotations
@@ -69,6 +73,47 @@ def _pair(x: int | Sequence[int]) -> tuple[int, int]:
     return (x, x) if isinstance(x, int) else tuple(x)
 
 
+def conv_nhwc(x, kernel, layout: str, strides=(1, 1), padding: Any = "SAME",
+              dilation=(1, 1), precision: Any = None) -> jax.Array:
+    """NHWC convolution of `x` with a kernel stored in `layout`; dilated ones as space-to-batch.
+
+    A stride-1 convolution with kernel dilation d is computed on the d x d interleaved sub-grids
+    of the padded input, stacked along the batch: a plain convolution (dilation 1, VALID) of
+    d*d times the batch, whose outputs interleave back into the dilated one (TensorFlow's
+    atrous convolution). The same sums, so the same function, with the same parameters.
+    Why: XLA:GPU does not turn the weight gradient of a dilated convolution into cuDNN's
+    backward-filter kernel; it runs it as a forward convolution whose window is the whole
+    feature map (48x160 for the translator at 640x192), 1.5 ms per layer on an H200
+    (benchmarks/RESULTS.md, 2026-12-04), against microseconds for the batched form.
+    Other strides keep lax's `rhs_dilation`.
+    """
+    dh, dw = dilation
+    strides = tuple(strides)
+    if (dh, dw) == (1, 1) or strides != (1, 1):
+        return jax.lax.conv_general_dilated(x, kernel, strides, padding, rhs_dilation=(dh, dw),
+                                            dimension_numbers=("NHWC", layout, "NHWC"),
+                                            precision=precision)
+    kh, kw = (kernel.shape[layout.index("H")], kernel.shape[layout.index("W")])
+    b, h, w, c = x.shape
+    if isinstance(padding, str):
+        padding = jax.lax.padtype_to_pads((h, w), ((kh - 1) * dh + 1, (kw - 1) * dw + 1),
+                                          (1, 1), padding)
+    (plh, phh), (plw, phw) = padding
+    hp, wp = h + plh + phh, w + plw + phw
+    out_h, out_w = hp - dh * (kh - 1), wp - dw * (kw - 1)
+    eh, ew = -hp % dh, -wp % dw  # pad the ends to multiples of d (outputs there are cropped)
+    x = jax.lax.pad(x, jnp.zeros((), x.dtype),
+                    ((0, 0, 0), (plh, phh + eh, 0), (plw, phw + ew, 0), (0, 0, 0)))
+    hq, wq = (hp + eh) // dh, (wp + ew) // dw
+    x = x.reshape(b, hq, dh, wq, dw, c).transpose(2, 4, 0, 1, 3, 5).reshape(dh * dw * b, hq, wq, c)
+    y = jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID",
+                                     dimension_numbers=("NHWC", layout, "NHWC"),
+                                     precision=precision)
+    _, oh, ow, f = y.shape
+    y = y.reshape(dh, dw, b, oh, ow, f).transpose(2, 3, 0, 4, 1, 5).reshape(b, oh * dh, ow * dw, f)
+    return y[:, :out_h, :out_w]
+
+
 class Conv(nn.Module):
     """NHWC 2-D convolution (+ bias), kernel stored in `kernel_layout`; see the module docstring."""
 
@@ -102,11 +147,9 @@ class Conv(nn.Module):
         bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
         inputs, kernel, bias = promote_dtype(inputs, kernel, bias, dtype=self.dtype)
 
-        y = jax.lax.conv_general_dilated(
-            inputs, kernel, _pair(self.strides), canonicalize_padding(self.padding, 2),
-            rhs_dilation=_pair(self.kernel_dilation),
-            dimension_numbers=("NHWC", layout, "NHWC"), precision=self.precision,
-        )
+        y = conv_nhwc(inputs, kernel, layout, _pair(self.strides),
+                      canonicalize_padding(self.padding, 2), _pair(self.kernel_dilation),
+                      self.precision)
         if bias is not None:
             y += bias.reshape((1, 1, 1, -1))
         return y
