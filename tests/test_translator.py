@@ -102,7 +102,8 @@ def test_gradient_reaches_depth_decoder_params_and_stops():
 # (H, W, dilation, kernel, padding, kernel layout): odd sizes, per-axis dilation, strings,
 # asymmetric and negative padding
 DILATED_CASES = [(48, 160, 4, 3, ((4, 4), (4, 4)), "OHWI"),
-                 (13, 17, 2, 3, ((2, 2), (2, 2)), "HWIO"), (11, 9, 3, 3, "SAME", "OHWI"), (12, 10, (2, 3), 3, "VALID", "OHWI"),
+                 (13, 17, 2, 3, ((2, 2), (2, 2)), "HWIO"), (11, 9, 3, 3, "SAME", "OHWI"),
+                 (12, 10, (2, 3), 3, "VALID", "OHWI"),
                  (9, 14, 2, 5, ((1, 3), (0, 4)), "HWIO"), (10, 10, 4, 3, ((-1, 2), (4, 4)), "OHWI")]
 
 
