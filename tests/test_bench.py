@@ -59,6 +59,9 @@ def test_bench_prints_table_and_writes_json(bench_run):
     assert row[4] == f"{r['images_per_s_pipelined']:.1f}" and r["images_per_s_pipelined"] > 0
     assert row[8] == f"{r['flops_per_step'] * 1e-9:.1f}"
     assert r["step_ms_min"] <= r["step_ms_median"] <= r["step_ms_max"]
+    assert len(r["step_ms_all"]) == r["steps"]
+    assert max(r["step_ms_all"]) == pytest.approx(r["step_ms_max"], abs=1e-3)
+    assert sorted(r["step_ms_all"])[r["steps"] // 2] == pytest.approx(r["step_ms_median"], abs=1e-3)
     assert r["images_per_s_median"] == pytest.approx(2 / (r["step_ms_median"] / 1e3))
     assert r["init_s"] > 0 and r["compile_s"] > 0 and r["cold_start_s"] == pytest.approx(r["init_s"] + r["compile_s"])
     # Two ResNet-18s forward+backward at 32x64 x2 images: far more than 1e8, far less than 1e11 FLOPs.
@@ -173,6 +176,22 @@ def test_peak_flops_table():
     assert benchmark.peak_flops(dev("NVIDIA H200")) == 989e12
     assert benchmark.peak_flops(dev("cpu", "cpu")) is None
     assert benchmark.peak_flops(dev("Some Future Chip")) is None
+
+
+def test_flops_are_counted_on_the_traced_program():
+    """The bench's FLOPs come from the lowered program: a convolution's 2*N*Ho*Wo*kh*kw*Cin*Cout
+    (worked out by hand), which the compiled program drops where the conv is a library call (cuDNN
+    on a GPU); on the CPU both count it the same."""
+    import jax
+    import jax.numpy as jnp
+
+    conv = jax.jit(lambda x, k: jax.lax.conv_general_dilated(
+        x, k, (1, 1), "VALID", dimension_numbers=("NHWC", "OHWI", "NHWC")))
+    x, k = jnp.ones((2, 12, 20, 8)), jnp.ones((16, 3, 3, 8))
+    lowered = conv.lower(x, k)
+    flops, _ = benchmark._cost(lowered)
+    assert flops == 2 * 2 * 10 * 18 * 3 * 3 * 8 * 16  # (XLA leaves out taps on SAME's padding)
+    assert benchmark._cost(lowered.compile())[0] == flops
 
 
 def test_variant_config():

@@ -136,9 +136,9 @@ def _block(tree) -> None:
     jax.block_until_ready(tree)
 
 
-def _cost(compiled) -> tuple[float | None, float | None]:
-    """(FLOPs, bytes accessed) of one device's program from XLA's cost analysis (None: unknown)."""
-    cost = compiled.cost_analysis()
+def _cost(stage) -> tuple[float | None, float | None]:
+    """(FLOPs, bytes accessed) from XLA's cost analysis of a Lowered or Compiled (None: unknown)."""
+    cost = stage.cost_analysis()
     if isinstance(cost, (list, tuple)):  # older jax: one dict per program
         cost = cost[0] if cost else None
     cost = cost or {}
@@ -298,18 +298,23 @@ def benchmark_step(config: ml_collections.ConfigDict, *, steps: int = 50, warmup
         if profile_dir:
             jax.config.update("jax_compilation_cache_include_metadata_in_key", True)
         if state_layout == "default":
-            compiled = step_fn.lower(state, batch, rng).compile()
+            lowered = step_fn.lower(state, batch, rng)
+            compiled = lowered.compile()
         else:  # compiled from abstract state, and the state moved into the chosen formats
             layout_step = train.LayoutStep(step_fn)
             state = layout_step.prepare(state, batch, rng)
             _block(state)
-            compiled = layout_step.compiled
+            lowered, compiled = layout_step.lowered, layout_step.compiled
     finally:
         jax.config.update("jax_compilation_cache_include_metadata_in_key", with_metadata)
     compile_s = time.perf_counter() - t0
     say(f"compile {compile_s:.2f} s")
-    flops_device, bytes_device = _cost(compiled)
-    flops = None if flops_device is None else flops_device * mesh.size
+    # FLOPs from the program as traced (whole mesh, before partitioning and optimisation): the
+    # compiled program's count leaves out what runs as library calls, e.g. every cuDNN convolution
+    # on a GPU (23 of the bf16 step's ~1,150 GFLOP on an H200, benchmarks/RESULTS.md). Bytes from
+    # the compiled, per device program (its fusions are what moves memory).
+    flops, _ = _cost(lowered)
+    _, bytes_device = _cost(compiled)
 
     t0 = time.perf_counter()
     state, metrics = compiled(state, batch, rng)
@@ -379,6 +384,9 @@ def benchmark_step(config: ml_collections.ConfigDict, *, steps: int = 50, warmup
         "step_ms_median": 1e3 * median,
         "step_ms_min": 1e3 * min(times),
         "step_ms_max": 1e3 * max(times),
+        # every timed step, in order: where an outlier falls (on an H200, one bf16 step with
+        # distillation on took ~10x the median in every such run; RESULTS.md, 2026-12-04)
+        "step_ms_all": [round(1e3 * t, 3) for t in times],
         "init_s": init_s,
         "compile_s": compile_s,
         "cold_start_s": init_s + compile_s,

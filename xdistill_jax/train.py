@@ -303,13 +303,14 @@ class LayoutStep:
     """
 
     def __init__(self, jitted: Callable):
-        self.jitted, self.compiled, self.state_formats = jitted, None, None
+        self.jitted, self.lowered, self.compiled, self.state_formats = jitted, None, None, None
 
     def prepare(self, state: TrainState, batch, rng) -> TrainState:
         """Compile for these arguments' shapes and shardings; return `state` in the chosen formats."""
         spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                             (state, batch, rng))
-        compiled = self.jitted.lower(*spec).compile()
+        self.lowered = self.jitted.lower(*spec)
+        compiled = self.lowered.compile()
         formats = compiled.input_formats[0][0]
         if jax.tree.leaves(compiled.output_formats[0]) != jax.tree.leaves(formats):
             # the returned state would not fit the next call: every step would need a relayout
