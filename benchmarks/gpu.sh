@@ -8,18 +8,24 @@
 #     3. bf16, distillation off -- cold
 #     4. fp32, distillation on  -- cold
 #     5. fp32, distillation off -- cold
-#     6. bf16, distillation on, cold, --config.model.kernel_layout=HWIO: conv kernels stored in
-#        flax's order, as before 2026-12-04 (OHWI, cuDNN's, is the default: no transposing Adam
-#        updates and no copies; -17 % kernels and -4.1 % bytes in the deviceless census,
-#        benchmarks/RESULTS.md), against run 1. (Until then run 6 was --state-layout auto, which
-#        now compiles to run 1's program.)
-#     7. the loss alone (benchmarks/loss_cost.py, 640x192 batch 12): XLA cost and time per call
-#     8. bf16, distillation on, cold, --config.distill.translator.output_stride=1 (the
-#        full-resolution translator, the default until 2026-12-03: +21.5 % of the bytes against
-#        +3.2 % at the default stride 4 in the deviceless census), against runs 1 and 3
-#     9. bf16, distillation on, cold, XLA_FLAGS=--xla_gpu_autotune_level=0: no autotuning of the
+#     6. bf16, distillation on, cold, XLA_FLAGS=--xla_gpu_autotune_level=0: no autotuning of the
 #        cuDNN convolutions' algorithms while compiling (cuDNN's heuristic pick instead): what
-#        autotuning costs of run 1's cold start and what it buys in step time
+#        autotuning costs of run 1's cold start (on an H200, 2026-12-04: ~70 of its 98 s of
+#        compile) and what it buys in step time (not yet measured: it was run 9, cut by DEADLINE_S)
+#     7. the loss alone (benchmarks/loss_cost.py, 640x192 batch 12): XLA cost and time per call
+#     8. bf16, distillation on, XLA_FLAGS=--xla_gpu_enable_command_buffer= (no CUDA graphs),
+#        profiled: with command buffers 38 % of run 2's profiled op time sat inside them,
+#        unattributed ("other"); without them every kernel is named by scope. Also what the
+#        command buffers buy in step time, against run 1.
+#     9. bf16, distillation on, cold, --config.distill.translator.output_stride=1 (the
+#        full-resolution translator, the default until 2026-12-03), against runs 1 and 3
+#    10. bf16, distillation on, cold, --config.model.kernel_layout=HWIO: conv kernels stored in
+#        flax's order, as before 2026-12-04 (OHWI is the default; HWIO took +3.8 % step time on
+#        an H200, 2026-12-04), against run 1
+#   Runs 3-10 are cold starts of their own programs, but XLA's autotuning results live in the
+#   compilation cache directory too (jax_persistent_cache_enable_xla_caches), so where they share
+#   run 1's convolutions they reuse its autotuning: only run 1 (and run 6, which does not
+#   autotune) times a first compile on a fresh machine.
 #   (The init lowers its random draws to jaxlib's threefry GPU kernel in every run,
 #   `train.threefry_kernel_lowering`; an earlier run 8 set JAX_THREEFRY_GPU_KERNEL_LOWERING=1.)
 #   summary.md ends with the targets' table (benchmarks/gpu_targets.py: each figure, its target,
@@ -33,7 +39,7 @@
 #
 # Run from the repository root:   bash benchmarks/gpu.sh [OUTDIR]
 # (runs that would start after DEADLINE_S seconds, default 540, are skipped and said to be, so a
-# caller's 600 s limit still sees the summary; runs 1-5 are the targets' figures, 6-9 extras).
+# caller's 600 s limit still sees the summary; runs 1-5 are the targets' figures, 6-10 extras).
 # (OUTDIR defaults to $OUT, else ./gpu_bench). It writes OUTDIR/*.json, OUTDIR/*.log and
 # OUTDIR/summary.md (the markdown tables, device named). Copy the figures into
 # benchmarks/RESULTS.md with the date and this command.
@@ -125,7 +131,9 @@ done
 run bf16_nodistill_cold bfloat16 off 120
 run fp32_distill_cold float32 on 120
 run fp32_nodistill_cold float32 off 120
-run bf16_distill_hwio_cold bfloat16 on 120 --config.model.kernel_layout=HWIO
+# Cold start without autotuning: how much of run 1's compile is the algorithm search, and its worth.
+XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_autotune_level=0" \
+  run bf16_distill_noautotune_cold bfloat16 on 120
 # The loss work alone (no networks), forward + gradient, fp32: its share of the step.
 echo "=== loss alone (limit $((60 * LIMIT_SCALE))s)"
 if [ $((DEADLINE_S - SECONDS)) -lt $((60 * LIMIT_SCALE)) ]; then
@@ -137,12 +145,16 @@ else
   echo "    loss_cost FAILED or timed out"; tail -n 5 "$OUTDIR/loss_cost.log"
 fi
 echo "cache entries written: $(ls "$CACHE" | wc -l)" | tee -a "$OUTDIR/summary.md"
+# Without command buffers: a profile whose every kernel is named by scope, and what CUDA graphs buy.
+XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_enable_command_buffer=" \
+  run bf16_distill_nocmdbuf bfloat16 on 120 --profile-dir "$OUTDIR/profile_nocmdbuf"
+for f in "$OUTDIR"/profile_nocmdbuf/*/summary.md; do
+  [ -f "$f" ] && { echo "Profile of bf16_distill_nocmdbuf ($f):"; echo; cat "$f"; echo; } | tee -a "$OUTDIR/summary.md"
+done
 # The full-resolution translator (the default until 2026-12-03; README "Ablations"): what
 # distillation costs on the device with it.
 run bf16_distill_stride1_cold bfloat16 on 120 --config.distill.translator.output_stride=1
-# Cold start without autotuning: how much of run 1's compile is the algorithm search, and its worth.
-XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_autotune_level=0" \
-  run bf16_distill_noautotune_cold bfloat16 on 120
+run bf16_distill_hwio_cold bfloat16 on 120 --config.model.kernel_layout=HWIO
 # The issue's targets, each figure against its target (benchmarks/gpu_targets.py).
 { echo; "$PY" benchmarks/gpu_targets.py "$OUTDIR"; } | tee -a "$OUTDIR/summary.md"
 echo "done; results in $OUTDIR"

@@ -95,6 +95,9 @@ def target_rows(runs: dict[str, dict], kind: str = TARGET_KIND) -> list[tuple[st
     bf16 = "bf16_distill_warm" if "bf16_distill_warm" in runs else "bf16_distill_cold"
     ips = _get(runs, bf16, "images_per_s_median")
     rows.append((f"images/s, bf16, distillation on ({bf16})", fmt(ips, ""), ">= 1,000", _images_verdict(ips, kind)))
+    # the same steps dispatched back to back, one block at the end: what the training loop sees
+    rows.append((f"images/s, bf16, distillation on, steps back to back ({bf16})",
+                 fmt(_get(runs, bf16, "images_per_s_pipelined"), ""), "(reported)", "-"))
     fp32 = _get(runs, "fp32_distill_cold", "images_per_s_median")
     rows.append(("images/s, fp32, distillation on", fmt(fp32, ""), "(reported)", "-"))
     for what, on, off, limit in OVERHEADS:
@@ -109,12 +112,16 @@ def target_rows(runs: dict[str, dict], kind: str = TARGET_KIND) -> list[tuple[st
     rows.append(("cold start (init + compile), empty cache", fmt(cold, " s"), "<= 30 s", _verdict(cold, 30.0, False)))
     warm = _get(runs, "bf16_distill_warm", "cold_start_s")
     rows.append(("start (init + compile), warm cache", fmt(warm, " s"), "<= 10 s", _verdict(warm, 10.0, False)))
-    # gpu.sh run 6: run 1's step with the conv kernels stored HWIO (flax's order, the default before
+    # gpu.sh run 8: run 1's step without command buffers (CUDA graphs), profiled
+    nocmd = _overhead(runs, "bf16_distill_nocmdbuf", "bf16_distill_cold")
+    rows.append(("step time without command buffers (bf16_distill_nocmdbuf) vs run 1",
+                 "not measured" if nocmd is None else f"{nocmd:+.1f} %", "(reported)", "-"))
+    # gpu.sh run 10: run 1's step with the conv kernels stored HWIO (flax's order, the default before
     # 2026-12-04): the step time OHWI kernels save, as run 6's median step against run 1's
     hwio = _overhead(runs, "bf16_distill_hwio_cold", "bf16_distill_cold")
     rows.append(("step time with HWIO kernels (bf16_distill_hwio_cold) vs run 1",
                  "not measured" if hwio is None else f"{hwio:+.1f} %", "(reported)", "-"))
-    # gpu.sh run 9: run 1's step compiled without autotuning (reported: the targets are the default's)
+    # gpu.sh run 6: run 1's step compiled without autotuning (reported: the targets are the default's)
     rows.append(("cold start, no autotuning (bf16_distill_noautotune_cold)",
                  fmt(_get(runs, "bf16_distill_noautotune_cold", "cold_start_s"), " s"), "(reported)", "-"))
     rows.append(("images/s, bf16, distillation on, no autotuning",

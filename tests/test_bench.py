@@ -275,7 +275,8 @@ def test_gpu_targets_reads_each_figure_against_its_target(tmp_path):
     _gpu_run_json(tmp_path / "bf16_distill_cold.json", images_per_s_median=900.0, step_ms_median=11.0,
                   cold_start_s=28.0, peak_memory_bytes=3.1e9)
     _gpu_run_json(tmp_path / "bf16_distill_warm.json", images_per_s_median=1090.0, step_ms_median=11.0,
-                  cold_start_s=12.5, peak_memory_bytes=3.0e9)
+                  cold_start_s=12.5, peak_memory_bytes=3.0e9, images_per_s_pipelined=1234.5)
+    _gpu_run_json(tmp_path / "bf16_distill_nocmdbuf.json", step_ms_median=11.55)
     _gpu_run_json(tmp_path / "bf16_nodistill_cold.json", step_ms_median=10.0, peak_memory_bytes=7.0e9)
     _gpu_run_json(tmp_path / "bf16_distill_stride1_cold.json", step_ms_median=12.5)
     _gpu_run_json(tmp_path / "bf16_distill_noautotune_cold.json", images_per_s_median=950.0, cold_start_s=21.0)
@@ -283,7 +284,11 @@ def test_gpu_targets_reads_each_figure_against_its_target(tmp_path):
     (tmp_path / "notes.json").write_text(json.dumps({"kind": "loader", "results": [{}]}))  # not a step run
     out, rows = _gpu_targets_rows(tmp_path)
     assert rows["images/s, bf16, distillation on (bf16_distill_warm)"] == ["1,090.0", ">= 1,000", "met |"]
+    assert rows["images/s, bf16, distillation on, steps back to back (bf16_distill_warm)"] == \
+        ["1,234.5", "(reported)", "- |"]
     assert rows["images/s, fp32, distillation on"][0] == "not measured"
+    assert rows["step time without command buffers (bf16_distill_nocmdbuf) vs run 1"] == \
+        ["+5.0 %", "(reported)", "- |"]
     # 11 / 10 ms: +10.0 % meets "<= +10 %"; the full-resolution translator 12.5 / 10: +25.0 %
     assert rows["distillation's step time, bf16 (median step, on vs off)"] == ["+10.0 %", "<= +10 %", "met |"]
     assert rows["distillation's step time, bf16, full-resolution translator"][0] == "+25.0 %"
