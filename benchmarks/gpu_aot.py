@@ -117,6 +117,7 @@ def measure(config, mesh, facts: dict, *, seed: int = 0, hlo_path: str | None = 
         "fusions": sum(1 for k in kernels if k["opcode"] == "fusion" and k["kind"] != "convolution/matmul"),
         "library_calls": count("convolution/matmul"),
         "copies": count("copy/transpose"),
+        "wide_convolutions": len(summary["wide_convolutions"]),
         "bytes": summary["bytes"], "roofline_ms": summary["roofline_ms"],
         "roofline_images_per_s": batch / (summary["roofline_ms"] / 1e3),
         "census": summary,
@@ -197,7 +198,11 @@ def main() -> None:
         rows.append(row)
         print(f"{name}: compile {row['compile_s']:.1f} s (init {row['init_compile_s']:.1f} s), "
               f"{row['kernels']} kernels, "
-              f"{row['bytes'] / 1e9:.2f} GB moved/step (est.), memory {row['memory_bytes'] / 1e9:.2f} GB", flush=True)
+              f"{row['bytes'] / 1e9:.2f} GB moved/step (est.), memory {row['memory_bytes'] / 1e9:.2f} GB, "
+              f"{row['wide_convolutions']} wide convolutions", flush=True)
+        for k in row["census"]["wide_convolutions"]:  # hlo_census: slow on the device, cheap in bytes
+            print(f"  wide convolution {k['name']} ({k['scope']}, {k['pass']}): window "
+                  f"{'x'.join(map(str, k['window']))}", flush=True)
         if args.scopes:
             print(hlo_census.markdown(row["census"]), "\n", flush=True)
     print()

@@ -66,6 +66,40 @@ def test_summary_totals_and_roofline():
     assert "3 kernels" in text and "| depth_net | 1 |" in text
 
 
+# GPU program lines as XLA writes them (optimised HLO of the 2026-12-04 H200 run, shapes cut down):
+# the translator's dilated-conv weight gradient as a forward convolution over a 48x160 window,
+# then an ordinary backward-filter and forward convolution with 3x3 windows.
+WIDE_HLO = """HloModule jit_train_step
+
+ENTRY %main.3 (a: bf16[12,56,168,32], g: bf16[12,48,160,32], w: bf16[32,3,3,32]) -> bf16[32,3,3,32] {
+  %a = bf16[12,56,168,32]{3,2,1,0} parameter(0)
+  %g = bf16[12,48,160,32]{3,2,1,0} parameter(1)
+  %w = bf16[32,3,3,32]{3,2,1,0} parameter(2)
+  %cudnn-conv.101 = (bf16[32,3,3,32]{3,2,1,0}, u8[15728656]{0}) custom-call(%a, %g), window={size=48x160 stride=4x4 pad=4_4x4_4}, dim_labels=b01f_o01i->b01f, custom_call_target="__cudnn$convForward", metadata={op_name="jit(train_step)/transpose(jvp(translator))/Translator/conv2/conv_general_dilated"}
+  %cudnn-conv-bw-filter.38 = (bf16[32,3,3,32]{3,2,1,0}, u8[0]{0}) custom-call(%a, %g), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_o01i->b01f, custom_call_target="__cudnn$convBackwardFilter", metadata={op_name="jit(train_step)/transpose(jvp(pose_net))/PoseNet/conv_general_dilated"}
+  %cudnn-conv.7 = (bf16[12,48,160,32]{3,2,1,0}, u8[0]{0}) custom-call(%g, %w), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_o01i->b01f, custom_call_target="__cudnn$convForward", metadata={op_name="jit(train_step)/jvp(depth_net)/DepthNet/conv_general_dilated"}
+  %gte = bf16[32,3,3,32]{3,2,1,0} get-tuple-element(%cudnn-conv.101), index=0
+  ROOT %add = bf16[32,3,3,32]{3,2,1,0} add(%gte, %w)
+}
+"""
+
+
+def test_wide_convolutions_are_listed():
+    """A convolution whose window is wider than any kernel of the networks is named: on a GPU it is
+    a weight gradient cuDNN's backward-filter kernel did not get (1.5 ms each on an H200)."""
+    ks = {k["name"]: k for k in hc.kernels(WIDE_HLO)}
+    assert ks["cudnn-conv.101"]["window"] == (48, 160)
+    assert ks["cudnn-conv-bw-filter.38"]["window"] == ks["cudnn-conv.7"]["window"] == (3, 3)
+    assert ks["add"]["window"] is None
+    s = hc.summarize(ks.values())
+    assert [(k["name"], k["scope"], k["pass"]) for k in s["wide_convolutions"]] == \
+        [("cudnn-conv.101", "translator", "bwd")]
+    text = hc.markdown(s)
+    assert "Wide convolutions (window over 7x7" in text and "): 1" in text
+    assert "- cudnn-conv.101 translator (bwd), window 48x160" in text
+    assert "): none" in hc.markdown(hc.summarize(hc.kernels(HLO)))
+
+
 def test_undefined_operand_and_loops_are_errors():
     with pytest.raises(ValueError, match="Arg_9"):
         hc.kernels(HLO.replace("fusion(%Arg_0.1, %Arg_0.1)", "fusion(%Arg_0.1, %Arg_9)"))

@@ -20,6 +20,13 @@ without a GPU (`benchmarks/gpu_aot.py`); only a run on the device measures time.
 Each kernel is attributed to a scope and pass (`profile_summary.scope_of`, the train step's
 `jax.named_scope`s) and a kind of work (`profile_summary.kind_of`).
 
+A **wide convolution** is a library convolution whose window is wider than `MAX_WINDOW` (7, the
+widest kernel of the networks here: the ResNet stem's): a weight gradient that XLA did not map to
+cuDNN's backward-filter kernel and runs as a forward convolution over the whole feature map. Its
+bytes look harmless, its time does not: the translator's two dilated 3x3 convolutions had such
+weight gradients, 1.5 ms each of a 23 ms step on an H200 (benchmarks/RESULTS.md, 2026-12-04).
+`summarize` lists them.
+
 Straight-line programs only: an entry computation with a `while`, `conditional` or `call`
 raises (the kernels of their bodies would run an unknown number of times).
 """
@@ -37,9 +44,11 @@ BYTES_PER_ELEMENT = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, 
                      "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1, "token": 0}
 NO_WORK = ("parameter", "constant", "tuple", "get-tuple-element", "bitcast")
 NOT_STRAIGHT = ("while", "conditional", "call")
+MAX_WINDOW = 7
 
 _ARRAY_RE = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]")
 _DEF_RE = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
+_WINDOW_RE = re.compile(r"window=\{size=([0-9x]+)")
 
 
 def shape_bytes(shape: str, *, scratch: bool = False) -> int:
@@ -93,7 +102,8 @@ def entry_lines(hlo_text: str) -> list[str]:
 
 def kernels(hlo_text: str) -> list[dict[str, Any]]:
     """The kernels of the entry computation, in program order: {"name", "opcode", "kind",
-    "scope", "pass", "bytes", "out_bytes"} (see the module docstring)."""
+    "scope", "pass", "bytes", "out_bytes", "window"} (see the module docstring; "window" is a
+    convolution's window size, e.g. (3, 3), else None)."""
     info = profile_summary.hlo_instructions(hlo_text)
     shapes: dict[str, str] = {}
     out = []
@@ -115,9 +125,11 @@ def kernels(hlo_text: str) -> list[dict[str, Any]]:
             raise ValueError(f"instruction {name}: operand {unknown[0]} is not defined before it")
         out_bytes = shape_bytes(shape)
         scope, direction = profile_summary.scope_of(info[name]["op_name"] if name in info else "")
+        window = _WINDOW_RE.search(line) if "conv" in opcode or "$conv" in line else None
         out.append({"name": name, "opcode": opcode, "kind": profile_summary.kind_of(info.get(name)),
                     "scope": scope, "pass": direction, "out_bytes": out_bytes,
-                    "bytes": out_bytes + sum(shape_bytes(shapes[o]) for o in operands)})
+                    "bytes": out_bytes + sum(shape_bytes(shapes[o]) for o in operands),
+                    "window": tuple(int(v) for v in window.group(1).split("x")) if window else None})
     return out
 
 
@@ -143,6 +155,8 @@ def summarize(kernel_list: Iterable[dict[str, Any]], *, bandwidth: float | None 
                    for s, v in sorted(scopes.items(), key=lambda kv: order.get(kv[0], len(order)))],
         "kinds": [{"kind": k, **v} for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]["bytes"])],
         "top": sorted(kernel_list, key=lambda k: -k["bytes"])[:top],
+        "wide_convolutions": [k for k in kernel_list
+                              if k.get("window") and max(k["window"]) > MAX_WINDOW],
     }
 
 
@@ -162,4 +176,9 @@ def markdown(summary: dict[str, Any]) -> str:
     lines += ["", "| kernel | scope (pass) | kind | MB |", "|---|---|---|---|"]
     for k in summary["top"]:
         lines.append(f"| {k['name']} | {k['scope']} ({k['pass']}) | {k['kind']} | {k['bytes'] / 1e6:.1f} |")
+    wide = summary.get("wide_convolutions", [])
+    lines += ["", f"Wide convolutions (window over {MAX_WINDOW}x{MAX_WINDOW}: a gradient run as a "
+                  f"forward convolution over the feature map): {len(wide) or 'none'}"]
+    lines += [f"- {k['name']} {k['scope']} ({k['pass']}), window {'x'.join(map(str, k['window']))}"
+              for k in wide]
     return "\n".join(lines)
