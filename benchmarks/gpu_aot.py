@@ -199,10 +199,9 @@ def main() -> None:
         print(f"{name}: compile {row['compile_s']:.1f} s (init {row['init_compile_s']:.1f} s), "
               f"{row['kernels']} kernels, "
               f"{row['bytes'] / 1e9:.2f} GB moved/step (est.), memory {row['memory_bytes'] / 1e9:.2f} GB, "
-              f"{row['wide_convolutions']} wide convolutions", flush=True)
-        for k in row["census"]["wide_convolutions"]:  # hlo_census: slow on the device, cheap in bytes
-            print(f"  wide convolution {k['name']} ({k['scope']}, {k['pass']}): window "
-                  f"{'x'.join(map(str, k['window']))}", flush=True)
+              f"{row['wide_convolutions']} wide convolutions (hlo_census: slow on the device, cheap in bytes)"
+              + "".join(f"; {k['name']} ({k['scope']}, {k['pass']}) {'x'.join(map(str, k['window']))}"
+                        for k in row["census"]["wide_convolutions"]), flush=True)
         if args.scopes:
             print(hlo_census.markdown(row["census"]), "\n", flush=True)
     print()

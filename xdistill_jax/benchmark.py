@@ -311,7 +311,7 @@ def benchmark_step(config: ml_collections.ConfigDict, *, steps: int = 50, warmup
     say(f"compile {compile_s:.2f} s")
     # FLOPs from the program as traced (whole mesh, before partitioning and optimisation): the
     # compiled program's count leaves out what runs as library calls, e.g. every cuDNN convolution
-    # on a GPU (23 of the bf16 step's ~1,150 GFLOP on an H200, benchmarks/RESULTS.md). Bytes from
+    # on a GPU (23 of the bf16 step's 1,228 GFLOP on an H200, benchmarks/RESULTS.md). Bytes from
     # the compiled, per device program (its fusions are what moves memory).
     flops, _ = _cost(lowered)
     _, bytes_device = _cost(compiled)

@@ -125,8 +125,9 @@ def kernels(hlo_text: str) -> list[dict[str, Any]]:
             raise ValueError(f"instruction {name}: operand {unknown[0]} is not defined before it")
         out_bytes = shape_bytes(shape)
         scope, direction = profile_summary.scope_of(info[name]["op_name"] if name in info else "")
-        window = _WINDOW_RE.search(line) if "conv" in opcode or "$conv" in line else None
-        out.append({"name": name, "opcode": opcode, "kind": profile_summary.kind_of(info.get(name)),
+        kind = profile_summary.kind_of(info.get(name))
+        window = _WINDOW_RE.search(line) if kind == "convolution/matmul" else None
+        out.append({"name": name, "opcode": opcode, "kind": kind,
                     "scope": scope, "pass": direction, "out_bytes": out_bytes,
                     "bytes": out_bytes + sum(shape_bytes(shapes[o]) for o in operands),
                     "window": tuple(int(v) for v in window.group(1).split("x")) if window else None})
