@@ -473,3 +473,32 @@ def test_layout_step_refuses_a_step_returning_other_layouts():
     step = train.LayoutStep(_toy_step(Format(Layout((1, 0)), w.sharding), Format(Layout((0, 1)), w.sharding)))
     with pytest.raises(RuntimeError, match="other layouts for the returned state"):
         step({"w": w, "n": jnp.int32(0)}, jnp.ones((3, 4)), None)
+
+
+def test_init_and_step_take_one_sharding_for_the_state_without_tracing_it(monkeypatch):
+    """The init and the default step replicate the whole state with one sharding (a pytree
+    prefix) instead of a tree built from `abstract_train_state` (an eval_shape of the whole
+    init, ~0.5 s of host time per call at ResNet-18): they do not call it, and the step lowers to
+    the same program as one given the tree. The "auto" layout step still needs the tree."""
+    config = tiny_config(distill_weight=0.1)
+    nets = Networks.from_config(config)
+    tx = train.make_optimizer(config, steps_per_epoch=100)
+    mesh = train.make_mesh(config)
+    abstract, tree = train.abstract_train_state(nets, tx, mesh)
+    calls = []
+    real = train.abstract_train_state
+    monkeypatch.setattr(train, "abstract_train_state", lambda *a: (calls.append(1), real(*a))[1])
+
+    state = train.create_train_state(nets, tx, mesh, jax.random.key(0))
+    assert jax.tree.structure(state) == jax.tree.structure(abstract)
+    assert all(x.sharding.is_equivalent_to(train.replicated(mesh), x.ndim) for x in jax.tree.leaves(state))
+    batch = train.global_batch(make_batch(config.optim.batch_size, config.data.height, config.data.width), mesh)
+    rng = jax.random.key(1)
+    lowered = train.make_train_step(config, nets, tx, mesh).lower(abstract, batch, rng).as_text()
+    assert calls == []
+    step = train.make_train_step(config, nets, tx, mesh, jit=False)
+    by_tree = jax.jit(step, in_shardings=(tree, train.batch_sharding(mesh), train.replicated(mesh)),
+                      out_shardings=(tree, train.replicated(mesh)), donate_argnums=(0,))
+    assert by_tree.lower(abstract, batch, rng).as_text() == lowered
+    train.make_train_step(config, nets, tx, mesh, state_layout="auto")
+    assert calls == [1]

@@ -143,8 +143,8 @@ def threefry_kernel_lowering():
 def init_program(nets: Networks, tx, mesh: Mesh):
     """The jitted init, rng -> TrainState replicated on the mesh (lower it inside
     `threefry_kernel_lowering`, as `create_train_state` does)."""
-    _, shardings = abstract_train_state(nets, tx, mesh)
-    return jax.jit(functools.partial(_init_fn, nets, tx), out_shardings=shardings)
+    # one sharding for the whole state (a pytree prefix): no abstract trace of the init needed
+    return jax.jit(functools.partial(_init_fn, nets, tx), out_shardings=replicated(mesh))
 
 
 def create_train_state(nets: Networks, tx, mesh: Mesh, rng, encoder_init: dict | None = None) -> TrainState:
@@ -281,11 +281,13 @@ def make_train_step(config: ml_collections.ConfigDict, nets: Networks, tx, mesh:
 
     if not jit:
         return train_step
-    _, state_shardings = abstract_train_state(nets, tx, mesh)
     if state_layout == "auto":
         from jax.experimental.layout import Format, Layout
 
+        _, state_shardings = abstract_train_state(nets, tx, mesh)
         state_shardings = jax.tree.map(lambda s: Format(Layout.AUTO, s), state_shardings)
+    else:  # one sharding for the whole state (a pytree prefix): no abstract trace of the init
+        state_shardings = replicated(mesh)
     return jax.jit(train_step,
                    in_shardings=(state_shardings, batch_sharding(mesh), replicated(mesh)),
                    out_shardings=(state_shardings, replicated(mesh)),

@@ -351,12 +351,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, data=None)
 
     nets = Networks.from_config(config)
     tx = train.make_optimizer(config, steps_per_epoch)
-    abstract_state, _ = train.abstract_train_state(nets, tx, mesh)
     ckpt = Checkpointer(workdir / "checkpoints", keep=config.run.keep, async_save=config.run.async_checkpoints)
     _fault.settle = ckpt.wait
     base_rng = jax.random.key(config.run.seed)
     init_rng, step_rng, val_rng = jax.random.split(base_rng, 3)
 
+    # the state's abstract tree (a trace of the whole init) only when there is a checkpoint to read
+    abstract_state = train.abstract_train_state(nets, tx, mesh)[0] if ckpt.all_steps() else None
     state, data_state, step = ckpt.restore(abstract_state)
     if state is None:
         state = train.create_train_state(nets, tx, mesh, init_rng, train.load_pretrained_encoders(config))
