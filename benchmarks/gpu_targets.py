@@ -3,7 +3,8 @@
     python benchmarks/gpu_targets.py OUTDIR      # OUTDIR of gpu.sh (its *.json); prints markdown
 
 gpu.sh appends this table to OUTDIR/summary.md, so a single GPU run says which targets it
-showed met or missed. Reads only the bench JSONs (`xdistill bench --json`), imports nothing
+showed met or missed. A second table gives each run's slowest timed step against its median,
+with Python's garbage collector's time in that step (`slowest_steps`). Reads only the bench JSONs (`xdistill bench --json`), imports nothing
 else from the project, and never invents a figure: a run that is missing or did not measure a
 quantity (e.g. peak memory on a CPU dry run) gives "not measured". The targets are for
 ResNet-18, 640x192, batch 12 on one H100 (SXM, 80 GB HBM3); runs at another shape are said to be.
@@ -129,6 +130,30 @@ def target_rows(runs: dict[str, dict], kind: str = TARGET_KIND) -> list[tuple[st
     return rows
 
 
+def slowest_steps(runs: dict[str, dict]) -> list[str]:
+    """Markdown table: each run's slowest timed step against its median, with the garbage
+    collector's time in that step and its collections over the run's timed and back-to-back
+    steps (bench JSON `step_ms_all`, `gc_ms_all`, `gc_collections`; runs without them are left
+    out, gc columns say "not recorded" for JSONs older than the recording)."""
+    lines = []
+    for name, r in runs.items():
+        times = r.get("step_ms_all")
+        if not times:
+            continue
+        i = max(range(len(times)), key=times.__getitem__)
+        gc_ms, counts = r.get("gc_ms_all"), r.get("gc_collections")
+        lines.append(f"| {name} | {r['step_ms_median']:.1f} | {times[i]:.1f} (step {i + 1} of {len(times)}) | "
+                     + ("not recorded" if not gc_ms else f"{gc_ms[i]:.1f}") + " | "
+                     + ("not recorded" if not counts else
+                        f"{counts.get('0', 0)} / {counts.get('1', 0)} / {counts.get('2', 0)}, "
+                        f"{r.get('gc_ms_total', 0.0):.1f} ms") + " |")
+    if not lines:
+        return []
+    return ["", "## Slowest timed step of each run", "",
+            "| run | median step ms | slowest step ms | garbage collection in it, ms | "
+            "collections gen 0 / 1 / 2 (timed + back to back), time |", "|---|---|---|---|---|", *lines]
+
+
 def render(runs: dict[str, dict]) -> str:
     if not runs:
         return "## Targets (issue #8)\n\nNo train-step results found: no target measured.\n"
@@ -160,6 +185,7 @@ def render(runs: dict[str, dict]) -> str:
         elif own and verdict in ("met", "MISSED"):
             verdict = f"{verdict} on the {kind.removeprefix('NVIDIA ')}"
         lines.append(f"| {what} | {value} | {target} | {verdict} |")
+    lines += slowest_steps(runs)
     return "\n".join(lines) + "\n"
 
 

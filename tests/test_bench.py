@@ -63,6 +63,13 @@ def test_bench_prints_table_and_writes_json(bench_run):
     assert max(r["step_ms_all"]) == pytest.approx(r["step_ms_max"], abs=1e-3)
     assert sorted(r["step_ms_all"])[r["steps"] // 2] == pytest.approx(r["step_ms_median"], abs=1e-3)
     assert r["images_per_s_median"] == pytest.approx(2 / (r["step_ms_median"] / 1e3))
+    # the garbage collector during the steps: the heap left by tracing and compiling was frozen
+    # (thousands of objects), each timed step's collection time is recorded, and the totals cover
+    # those steps (and the back-to-back ones)
+    assert r["gc_frozen_objects"] > 10_000
+    assert len(r["gc_ms_all"]) == r["steps"] and min(r["gc_ms_all"]) >= 0
+    assert set(r["gc_collections"]) == {"0", "1", "2"}
+    assert r["gc_ms_total"] >= sum(r["gc_ms_all"]) - 1e-2
     assert r["init_s"] > 0 and r["compile_s"] > 0 and r["cold_start_s"] == pytest.approx(r["init_s"] + r["compile_s"])
     # Two ResNet-18s forward+backward at 32x64 x2 images: far more than 1e8, far less than 1e11 FLOPs.
     assert 1e8 < r["flops_per_step"] < 1e11
@@ -276,11 +283,13 @@ def test_gpu_targets_reads_each_figure_against_its_target(tmp_path):
                   cold_start_s=28.0, peak_memory_bytes=3.1e9)
     _gpu_run_json(tmp_path / "bf16_distill_warm.json", images_per_s_median=1090.0, step_ms_median=11.0,
                   cold_start_s=12.5, peak_memory_bytes=3.0e9, images_per_s_pipelined=1234.5)
-    _gpu_run_json(tmp_path / "bf16_distill_nocmdbuf.json", step_ms_median=11.55)
+    _gpu_run_json(tmp_path / "bf16_distill_nocmdbuf.json", step_ms_median=11.55, step_ms_all=[11.5, 11.6])
     _gpu_run_json(tmp_path / "bf16_nodistill_cold.json", step_ms_median=10.0, peak_memory_bytes=7.0e9)
     _gpu_run_json(tmp_path / "bf16_distill_stride1_cold.json", step_ms_median=12.5)
     _gpu_run_json(tmp_path / "bf16_distill_noautotune_cold.json", images_per_s_median=950.0, cold_start_s=21.0)
-    _gpu_run_json(tmp_path / "bf16_distill_hwio_cold.json", step_ms_median=12.1)
+    _gpu_run_json(tmp_path / "bf16_distill_hwio_cold.json", step_ms_median=12.1,
+                  step_ms_all=[12.0, 250.4, 12.1], gc_ms_all=[0.0, 231.25, 0.5],
+                  gc_collections={"0": 7, "1": 1, "2": 1}, gc_ms_total=232.0)
     (tmp_path / "notes.json").write_text(json.dumps({"kind": "loader", "results": [{}]}))  # not a step run
     out, rows = _gpu_targets_rows(tmp_path)
     assert rows["images/s, bf16, distillation on (bf16_distill_warm)"] == ["1,090.0", ">= 1,000", "met |"]
@@ -300,6 +309,10 @@ def test_gpu_targets_reads_each_figure_against_its_target(tmp_path):
     assert rows["images/s, bf16, distillation on, no autotuning"] == ["950.0", "(reported)", "- |"]
     assert rows["step time with HWIO kernels (bf16_distill_hwio_cold) vs run 1"] == ["+10.0 %", "(reported)", "- |"]
     assert "Device: 1 x NVIDIA H100 80GB HBM3 (gpu)." in out and "no verdicts" not in out
+    # the slowest timed step of each run that lists its steps, and the garbage collector in it
+    assert rows["bf16_distill_hwio_cold"] == ["12.1", "250.4 (step 2 of 3)", "231.2", "7 / 1 / 1, 232.0 ms |"]
+    assert "bf16_distill_cold" not in rows  # no step list: not in that table
+    assert rows["bf16_distill_nocmdbuf"] == ["11.6", "11.6 (step 2 of 2)", "not recorded", "not recorded |"]
 
     _gpu_run_json(tmp_path / "bf16_nodistill_cold.json", step_ms_median=10.0, batch=2)
     out, _ = _gpu_targets_rows(tmp_path)

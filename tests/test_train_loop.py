@@ -3,7 +3,9 @@ checkpoint + resume, SIGTERM, non-finite loss, incompatible workdirs; and on a s
 world prepared as TFDS splits: training lowers the val loss, a val GT of another split fails
 through `xdistill train` before anything compiles."""
 
+import gc
 import json
+import logging
 import os
 import re
 import signal
@@ -63,14 +65,37 @@ def ckpt_steps(workdir):
     return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
 
 
+class _Messages(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+HEAP_LOG = {}  # resumed_run's: the loop's heap-freeze log lines and the freeze count after each run
+
+
 @pytest.fixture(scope="module")
 def resumed_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("run")
     config = tiny_config(distill_weight=0.1)
-    first = training_loop.train_and_evaluate(config, workdir, data=make_data())
-    after_first = ckpt_steps(workdir)
-    config.optim.num_steps = 4
-    second = training_loop.train_and_evaluate(config, workdir, data=make_data())
+    messages, logger = _Messages(), logging.getLogger(training_loop.__name__)
+    level = logger.level
+    logger.addHandler(messages)
+    logger.setLevel(logging.INFO)
+    try:
+        first = training_loop.train_and_evaluate(config, workdir, data=make_data())
+        HEAP_LOG["freeze_count_after"] = [gc.get_freeze_count()]
+        after_first = ckpt_steps(workdir)
+        config.optim.num_steps = 4
+        second = training_loop.train_and_evaluate(config, workdir, data=make_data())
+        HEAP_LOG["freeze_count_after"].append(gc.get_freeze_count())
+    finally:
+        logger.removeHandler(messages)
+        logger.setLevel(level)
+    HEAP_LOG["lines"] = [m for m in messages.lines if "heap frozen" in m]
     return workdir, first, after_first, second
 
 
@@ -89,6 +114,15 @@ def test_smoke_run_checkpoints_and_resumes(resumed_run):
     assert (workdir / "images" / "val_disp_step4.png").is_file()
     assert (workdir / "images" / "val_translator_step4.png").is_file()
     assert any(p.name.startswith("events.out.tfevents") for p in (workdir / "tensorboard").iterdir())
+
+
+def test_the_heap_is_frozen_from_the_first_step_on_and_given_back(resumed_run):
+    """Each run froze the garbage collector's heap once, right after its first step (step 1; the
+    resumed run's first is step 3), and unfroze it on return."""
+    lines = HEAP_LOG["lines"]
+    assert [m.split(":")[0] for m in lines] == ["step 1", "step 3"], lines
+    assert all(int(m.split("(")[1].split()[0]) > 10_000 for m in lines), lines
+    assert HEAP_LOG["freeze_count_after"] == [0, 0]
 
 
 def test_resume_continues_the_data_order(resumed_run):

@@ -17,6 +17,9 @@ scale, float16 teacher logits at half resolution) is placed on the mesh once.
 
 Then the same number of steps back to back with one block at the end ("pipelined": the host
 dispatches step n+1 while the device runs step n, as in the training loop).
+From the end of the first step on, Python's heap is frozen as in the training loop
+(`gc_pauses.frozen_heap`), and the garbage collector's pauses are recorded: its time in each
+timed step, its collections over the timed and back-to-back steps.
 
 Reported per variant: median, mean and pipelined images/s, median step time, init and compile seconds,
 FLOPs (and bytes accessed) per step from XLA's cost analysis of the compiled step (per-device
@@ -44,6 +47,8 @@ from typing import Any, Iterable, Sequence
 import jax
 import ml_collections
 import numpy as np
+
+from xdistill_jax import gc_pauses
 
 # Peak dense bf16 FLOP/s by device kind substring (vendor data sheets; SXM parts). The fraction of
 # peak is always against the bf16 tensor-core peak, also for fp32 runs (which use TF32/fp32 units).
@@ -320,47 +325,54 @@ def benchmark_step(config: ml_collections.ConfigDict, *, steps: int = 50, warmup
     state, metrics = compiled(state, batch, rng)
     _block(metrics)
     first_step_s = time.perf_counter() - t0
-    for _ in range(warmup):
-        state, metrics = compiled(state, batch, rng)
-    _block((state, metrics))
-
-    times = []
-    with jax.transfer_guard("disallow"):
-        loop_start = time.perf_counter()
-        for _ in range(steps):
-            t = time.perf_counter()
-            state, metrics = compiled(state, batch, rng)
-            _block(metrics)
-            times.append(time.perf_counter() - t)
-        _block(state)
-        loop_s = time.perf_counter() - loop_start
-    # The same steps back to back, blocking once at the end: what the training loop sees (the
-    # host dispatches step n+1 while the device runs step n), against the per-step timing above.
-    with jax.transfer_guard("disallow"):
-        t = time.perf_counter()
-        for _ in range(steps):
+    # As the training loop does after its first step: the heap that tracing and compiling left
+    # frozen (gc_pauses), and every collection during the steps recorded.
+    with gc_pauses.frozen_heap() as frozen, gc_pauses.Recorder() as gc_record:
+        for _ in range(warmup):
             state, metrics = compiled(state, batch, rng)
         _block((state, metrics))
-        pipelined_s = time.perf_counter() - t
-    profile = None
-    if profile_dir:
-        with jax.profiler.trace(str(profile_dir)):
-            for _ in range(profile_steps):
+
+        times, gc_ms, gc_before = [], [], (gc_record.total_ms, dict(gc_record.count))
+        with jax.transfer_guard("disallow"):
+            loop_start = time.perf_counter()
+            for _ in range(steps):
+                t = time.perf_counter()
+                before = gc_record.total_ms
+                state, metrics = compiled(state, batch, rng)
+                _block(metrics)
+                times.append(time.perf_counter() - t)
+                gc_ms.append(gc_record.total_ms - before)
+            _block(state)
+            loop_s = time.perf_counter() - loop_start
+        # The same steps back to back, blocking once at the end: what the training loop sees (the
+        # host dispatches step n+1 while the device runs step n), against the per-step timing above.
+        with jax.transfer_guard("disallow"):
+            t = time.perf_counter()
+            for _ in range(steps):
                 state, metrics = compiled(state, batch, rng)
             _block((state, metrics))
-        from xdistill_jax import profile_summary
+            pipelined_s = time.perf_counter() - t
+        gc_loops_ms = gc_record.total_ms - gc_before[0]
+        gc_loops_count = {g: n - gc_before[1][g] for g, n in gc_record.count.items()}
+        profile = None
+        if profile_dir:
+            with jax.profiler.trace(str(profile_dir)):
+                for _ in range(profile_steps):
+                    state, metrics = compiled(state, batch, rng)
+                _block((state, metrics))
+            from xdistill_jax import profile_summary
 
-        hlo_text = compiled.as_text()
-        # the optimised HLO, to look up any op the summary names (its fusion, shapes, op_name)
-        with gzip.open(pathlib.Path(profile_dir) / "optimized_hlo.txt.gz", "wt") as f:
-            f.write(hlo_text)
-        try:
-            profile = profile_summary.summarize_trace(profile_dir, hlo_text, profile_steps,
-                                                      wall_ms_per_step=1e3 * statistics.median(times))
-        except Exception as e:  # noqa: BLE001 - e.g. a GPU image without CUPTI: no device events
-            # the timings above stand; say why there is no breakdown instead of losing them
-            profile = {"error": f"{type(e).__name__}: {e}"}
-        (pathlib.Path(profile_dir) / "summary.md").write_text(profile_summary.markdown(profile) + "\n")
+            hlo_text = compiled.as_text()
+            # the optimised HLO, to look up any op the summary names (its fusion, shapes, op_name)
+            with gzip.open(pathlib.Path(profile_dir) / "optimized_hlo.txt.gz", "wt") as f:
+                f.write(hlo_text)
+            try:
+                profile = profile_summary.summarize_trace(profile_dir, hlo_text, profile_steps,
+                                                          wall_ms_per_step=1e3 * statistics.median(times))
+            except Exception as e:  # noqa: BLE001 - e.g. a GPU image without CUPTI: no device events
+                # the timings above stand; say why there is no breakdown instead of losing them
+                profile = {"error": f"{type(e).__name__}: {e}"}
+            (pathlib.Path(profile_dir) / "summary.md").write_text(profile_summary.markdown(profile) + "\n")
     loss = float(jax.device_get(metrics["loss"]))
     if not np.isfinite(loss):
         raise FloatingPointError(f"benchmark step produced a non-finite loss {loss}")
@@ -387,6 +399,13 @@ def benchmark_step(config: ml_collections.ConfigDict, *, steps: int = 50, warmup
         # every timed step, in order: where an outlier falls (on an H200, one bf16 step with
         # distillation on took ~10x the median in every such run; RESULTS.md, 2026-12-04)
         "step_ms_all": [round(1e3 * t, 3) for t in times],
+        # Python's garbage collector (gc_pauses): objects frozen after the first step; its time
+        # in each timed step; collections by generation and their time over the timed and the
+        # back-to-back steps
+        "gc_frozen_objects": frozen,
+        "gc_ms_all": [round(ms, 3) for ms in gc_ms],
+        "gc_collections": {str(g): n for g, n in gc_loops_count.items()},
+        "gc_ms_total": round(gc_loops_ms, 3),
         "init_s": init_s,
         "compile_s": compile_s,
         "cold_start_s": init_s + compile_s,

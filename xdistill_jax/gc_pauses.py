@@ -1,0 +1,75 @@
+"""Python's garbage collector in the hot loop: freeze the heap, and see the pauses.
+
+    with gc_pauses.frozen_heap() as frozen:   # after the step compiled: init, tracing, compiling
+        ...                                   # have left ~0.4-1 M long-lived objects
+    with gc_pauses.Recorder() as rec:
+        ...
+        rec.total_ms, rec.count                # collection time and count so far
+
+A full (generation 2) collection walks every tracked object. After the train step is traced and
+compiled the process holds hundreds of thousands of them (jaxprs, lowering caches, flax module
+trees): one full collection then takes ~100 ms on this project's CPU VM (benchmarks/RESULTS.md),
+several GPU steps, and CPython starts one whenever enough objects have survived younger
+collections, at a time nobody chose. `frozen_heap` runs one collection and then moves every
+object still alive into the permanent generation (`gc.freeze`), which later collections skip;
+objects created afterwards are collected as usual. Leaving the block unfreezes, so frozen
+objects that die later (when the caller drops its step, say) are collected again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import time
+
+
+@contextlib.contextmanager
+def frozen_heap():
+    """One full collection, then `gc.freeze()` for the block; yields the number of objects
+    frozen. On exit `gc.unfreeze()` (frozen objects return to the oldest generation), unless the
+    heap was already frozen on entry (by the caller's process: then it stays frozen)."""
+    already = gc.get_freeze_count() > 0
+    gc.collect()
+    gc.freeze()
+    try:
+        yield gc.get_freeze_count()
+    finally:
+        if not already:
+            gc.unfreeze()
+
+
+class Recorder:
+    """Records the garbage collector's pauses while the block runs (`gc.callbacks`).
+
+    `total_ms`: milliseconds spent in collections so far; `count`: collections so far, by
+    generation; `pauses`: (generation, ms) of each one, in order.
+    """
+
+    def __init__(self):
+        self.pauses: list[tuple[int, float]] = []
+        self._start: float | None = None
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        elif self._start is not None:
+            self.pauses.append((int(info["generation"]), 1e3 * (time.perf_counter() - self._start)))
+            self._start = None
+
+    @property
+    def total_ms(self) -> float:
+        return sum(ms for _, ms in self.pauses)
+
+    @property
+    def count(self) -> dict[int, int]:
+        counts = {0: 0, 1: 0, 2: 0}
+        for generation, _ in self.pauses:
+            counts[generation] += 1
+        return counts
+
+    def __enter__(self) -> "Recorder":
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self._callback)
