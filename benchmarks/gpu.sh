@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The train-step benchmark matrix on one GPU, in about 5 minutes (issue #8).
+# The train-step benchmark matrix on one GPU, in about 9 minutes (issue #8).
 #
 #   ResNet-18, 640x192, batch 12 (configs/kitti_resnet18_640x192.py), full X-Distill step
 #   (depth net + 2 pose passes + warping + losses [+ translator + distillation] + Adam):
@@ -19,13 +19,18 @@
 #        command buffers buy in step time, against run 1.
 #     9. bf16, distillation on, cold, --config.distill.translator.output_stride=1 (the
 #        full-resolution translator, the default until 2026-12-03), against runs 1 and 3
-#    10. bf16, distillation on, cold, --config.model.kernel_layout=HWIO: conv kernels stored in
+#    10. bf16, distillation on, cold with an empty cache of its own,
+#        XLA_FLAGS=--xla_gpu_autotune_level=1: autotuning without initialising, re-initialising
+#        and cross-checking the candidates' buffers (the default is level 4, all three): whether
+#        those checks are a large part of the ~70 s of autotuning, and the step time it picks
+#    11. bf16, distillation on, cold, --config.model.kernel_layout=HWIO: conv kernels stored in
 #        flax's order, as before 2026-12-04 (OHWI is the default; HWIO took +3.8 % step time on
-#        an H200, 2026-12-04), against run 1
-#   Runs 3-10 are cold starts of their own programs, but XLA's autotuning results live in the
+#        an H200, 2026-12-04), against run 1; measured once already, so last: the first run
+#        DEADLINE_S cuts
+#   Runs 3-11 are cold starts of their own programs, but XLA's autotuning results live in the
 #   compilation cache directory too (jax_persistent_cache_enable_xla_caches), so where they share
 #   run 1's convolutions they reuse its autotuning: only run 1 (and run 6, which does not
-#   autotune) times a first compile on a fresh machine.
+#   autotune, and run 10, which has a cache of its own) times a first compile on a fresh machine.
 #   (The init lowers its random draws to jaxlib's threefry GPU kernel in every run,
 #   `train.threefry_kernel_lowering`; an earlier run 8 set JAX_THREEFRY_GPU_KERNEL_LOWERING=1.)
 #   summary.md ends with the targets' table (benchmarks/gpu_targets.py: each figure, its target,
@@ -39,7 +44,7 @@
 #
 # Run from the repository root:   bash benchmarks/gpu.sh [OUTDIR]
 # (runs that would start after DEADLINE_S seconds, default 540, are skipped and said to be, so a
-# caller's 600 s limit still sees the summary; runs 1-5 are the targets' figures, 6-10 extras).
+# caller's 600 s limit still sees the summary; runs 1-5 are the targets' figures, 6-11 extras).
 # (OUTDIR defaults to $OUT, else ./gpu_bench). It writes OUTDIR/*.json, OUTDIR/*.log and
 # OUTDIR/summary.md (the markdown tables, device named). Copy the figures into
 # benchmarks/RESULTS.md with the date and this command.
@@ -154,6 +159,12 @@ done
 # The full-resolution translator (the default until 2026-12-03; README "Ablations"): what
 # distillation costs on the device with it.
 run bf16_distill_stride1_cold bfloat16 on 120 --config.distill.translator.output_stride=1
+# Autotuning without its buffer initialisation and cross-checks, from an empty cache of its own
+# (run 1's autotuning results would otherwise be read back).
+CACHE10="$(mktemp -d "${TMPDIR:-/tmp}/xdistill-gpu-cache10.XXXXXX")"
+trap 'rm -rf "$CACHE" "$CACHE10"' EXIT
+XDISTILL_COMPILATION_CACHE="$CACHE10" XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_autotune_level=1" \
+  run bf16_distill_autotune1_cold bfloat16 on 140
 run bf16_distill_hwio_cold bfloat16 on 120 --config.model.kernel_layout=HWIO
 # The issue's targets, each figure against its target (benchmarks/gpu_targets.py).
 { echo; "$PY" benchmarks/gpu_targets.py "$OUTDIR"; } | tee -a "$OUTDIR/summary.md"

@@ -287,6 +287,7 @@ def test_gpu_targets_reads_each_figure_against_its_target(tmp_path):
     _gpu_run_json(tmp_path / "bf16_nodistill_cold.json", step_ms_median=10.0, peak_memory_bytes=7.0e9)
     _gpu_run_json(tmp_path / "bf16_distill_stride1_cold.json", step_ms_median=12.5)
     _gpu_run_json(tmp_path / "bf16_distill_noautotune_cold.json", images_per_s_median=950.0, cold_start_s=21.0)
+    _gpu_run_json(tmp_path / "bf16_distill_autotune1_cold.json", images_per_s_median=1010.0, cold_start_s=44.5)
     _gpu_run_json(tmp_path / "bf16_distill_hwio_cold.json", step_ms_median=12.1,
                   step_ms_all=[12.0, 250.4, 12.1], gc_ms_all=[0.0, 231.25, 0.5],
                   gc_collections={"0": 7, "1": 1, "2": 1}, gc_ms_total=232.0)
@@ -307,6 +308,8 @@ def test_gpu_targets_reads_each_figure_against_its_target(tmp_path):
     assert rows["start (init + compile), warm cache"] == ["12.5 s", "<= 10 s", "MISSED |"]
     assert rows["cold start, no autotuning (bf16_distill_noautotune_cold)"] == ["21.0 s", "(reported)", "- |"]
     assert rows["images/s, bf16, distillation on, no autotuning"] == ["950.0", "(reported)", "- |"]
+    assert rows["cold start, autotuning level 1 (bf16_distill_autotune1_cold)"] == ["44.5 s", "(reported)", "- |"]
+    assert rows["images/s, bf16, distillation on, autotuning level 1"] == ["1,010.0", "(reported)", "- |"]
     assert rows["step time with HWIO kernels (bf16_distill_hwio_cold) vs run 1"] == ["+10.0 %", "(reported)", "- |"]
     assert "Device: 1 x NVIDIA H100 80GB HBM3 (gpu)." in out and "no verdicts" not in out
     # the slowest timed step of each run that lists its steps, and the garbage collector in it
