@@ -4,8 +4,8 @@
 
 gpu.sh appends this table to OUTDIR/summary.md, so a single GPU run says which targets it
 showed met or missed. A second table gives each run's slowest timed step against its median,
-with Python's garbage collector's time in that step (`slowest_steps`). Reads only the bench JSONs (`xdistill bench --json`), imports nothing
-else from the project, and never invents a figure: a run that is missing or did not measure a
+with Python's garbage collector's time in that step (`slowest_steps`). Reads only the bench
+JSONs (`xdistill bench --json`), imports nothing else from the project, and never invents a figure: a run that is missing or did not measure a
 quantity (e.g. peak memory on a CPU dry run) gives "not measured". The targets are for
 ResNet-18, 640x192, batch 12 on one H100 (SXM, 80 GB HBM3); runs at another shape are said to be.
 

@@ -1,19 +1,20 @@
 """Python's garbage collector in the hot loop: freeze the heap, and see the pauses.
 
-    with gc_pauses.frozen_heap() as frozen:   # after the step compiled: init, tracing, compiling
-        ...                                   # have left ~0.4-1 M long-lived objects
+    with gc_pauses.frozen_heap() as frozen:   # after the step compiled: init, tracing and
+        ...                                   # compiling have left ~350,000 objects or more
     with gc_pauses.Recorder() as rec:
         ...
         rec.total_ms, rec.count                # collection time and count so far
 
 A full (generation 2) collection walks every tracked object. After the train step is traced and
 compiled the process holds hundreds of thousands of them (jaxprs, lowering caches, flax module
-trees): one full collection then takes ~100 ms on this project's CPU VM (benchmarks/RESULTS.md),
+trees): one full collection then takes 92-333 ms on this project's CPU VM (benchmarks/RESULTS.md),
 several GPU steps, and CPython starts one whenever enough objects have survived younger
 collections, at a time nobody chose. `frozen_heap` runs one collection and then moves every
 object still alive into the permanent generation (`gc.freeze`), which later collections skip;
-objects created afterwards are collected as usual. Leaving the block unfreezes, so frozen
-objects that die later (when the caller drops its step, say) are collected again.
+objects created afterwards are collected as usual. (A frozen object whose last reference goes
+is still freed at once; only reference cycles among frozen objects wait.) Leaving the block
+unfreezes, so such cycles that became garbage meanwhile are collected again.
 """
 
 from __future__ import annotations
