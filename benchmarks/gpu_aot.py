@@ -15,7 +15,9 @@ distillation on/off) this prints what the compiled program is, not how fast it r
     of a cold start's compiling);
   * device memory by XLA's buffer assignment: arguments + temporaries + outputs not aliased to
     donated arguments (the runtime adds its allocator's slack and library handles);
-  * kernels: fusions, cuDNN / cuBLAS calls, copies (`xdistill_jax.hlo_census`);
+  * kernels: fusions, cuDNN / cuBLAS calls, copies (`xdistill_jax.hlo_census`), and the
+    distinct cuDNN / cuBLAS configurations among the calls: what a GPU's cold compile autotunes,
+    one configuration at a time;
   * bytes moved per step (an estimate, see hlo_census) and the memory roofline: bytes /
     bandwidth of the target, a lower bound on the step time of a memory-bound step, and the
     images/s it would allow (XLA's cost analysis, hence FLOPs, is not available from the
@@ -116,6 +118,7 @@ def measure(config, mesh, facts: dict, *, seed: int = 0, hlo_path: str | None = 
         "kernels": summary["kernels"],
         "fusions": sum(1 for k in kernels if k["opcode"] == "fusion" and k["kind"] != "convolution/matmul"),
         "library_calls": count("convolution/matmul"),
+        "library_configs": summary["library_configs"],
         "copies": count("copy/transpose"),
         "wide_convolutions": len(summary["wide_convolutions"]),
         "bytes": summary["bytes"], "roofline_ms": summary["roofline_ms"],
@@ -198,6 +201,7 @@ def main() -> None:
         rows.append(row)
         print(f"{name}: compile {row['compile_s']:.1f} s (init {row['init_compile_s']:.1f} s), "
               f"{row['kernels']} kernels, "
+              f"{row['library_configs']} distinct cuDNN/cuBLAS configurations to autotune, "
               f"{row['bytes'] / 1e9:.2f} GB moved/step (est.), memory {row['memory_bytes'] / 1e9:.2f} GB, "
               f"{row['wide_convolutions']} wide convolutions (hlo_census: slow on the device, cheap in bytes)"
               + "".join(f"; {k['name']} ({k['scope']}, {k['pass']}) {'x'.join(map(str, k['window']))}"

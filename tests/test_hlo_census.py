@@ -77,7 +77,9 @@ ENTRY %main.3 (a: bf16[12,56,168,32], g: bf16[12,48,160,32], w: bf16[32,3,3,32])
   %w = bf16[32,3,3,32]{3,2,1,0} parameter(2)
   %cudnn-conv.101 = (bf16[32,3,3,32]{3,2,1,0}, u8[15728656]{0}) custom-call(%a, %g), window={size=48x160 stride=4x4 pad=4_4x4_4}, dim_labels=b01f_o01i->b01f, custom_call_target="__cudnn$convForward", metadata={op_name="jit(train_step)/transpose(jvp(translator))/Translator/conv2/conv_general_dilated"}
   %cudnn-conv-bw-filter.38 = (bf16[32,3,3,32]{3,2,1,0}, u8[0]{0}) custom-call(%a, %g), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_o01i->b01f, custom_call_target="__cudnn$convBackwardFilter", metadata={op_name="jit(train_step)/transpose(jvp(pose_net))/PoseNet/conv_general_dilated"}
-  %cudnn-conv.7 = (bf16[12,48,160,32]{3,2,1,0}, u8[0]{0}) custom-call(%g, %w), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_o01i->b01f, custom_call_target="__cudnn$convForward", metadata={op_name="jit(train_step)/jvp(depth_net)/DepthNet/conv_general_dilated"}
+  %cudnn-conv.7 = (bf16[12,48,160,32]{3,2,1,0}, u8[0]{0}) custom-call(%g, %w), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_o01i->b01f, custom_call_target="__cudnn$convForward", metadata={op_name="jit(train_step)/jvp(depth_net)/DepthNet/conv_general_dilated"}, backend_config={"operation_queue_id":"0","cudnn_conv_backend_config":{"activation_mode":"kNone"}}
+  %cudnn-conv.8 = (bf16[12,48,160,32]{3,2,1,0}, u8[0]{0}) custom-call(%g, %w), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_o01i->b01f, custom_call_target="__cudnn$convForward", metadata={op_name="jit(train_step)/jvp(pose_net)/PoseNet/conv_general_dilated"}, backend_config={"operation_queue_id":"1","cudnn_conv_backend_config":{"activation_mode":"kNone"}}
+  %cudnn-conv.9 = (bf16[12,48,160,32]{3,2,1,0}, u8[0]{0}) custom-call(%g, %w), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_o01i->b01f, custom_call_target="__cudnn$convForward", metadata={op_name="jit(train_step)/jvp(pose_net)/PoseNet/conv_general_dilated"}, backend_config={"operation_queue_id":"0","cudnn_conv_backend_config":{"activation_mode":"kRelu"}}
   %gte = bf16[32,3,3,32]{3,2,1,0} get-tuple-element(%cudnn-conv.101), index=0
   ROOT %add = bf16[32,3,3,32]{3,2,1,0} add(%gte, %w)
 }
@@ -98,6 +100,23 @@ def test_wide_convolutions_are_listed():
     assert "Wide convolutions (window over 7x7" in text and "): 1" in text
     assert "- cudnn-conv.101 translator (bwd), window 48x160" in text
     assert "): none" in hc.markdown(hc.summarize(hc.kernels(HLO)))
+
+
+def test_library_calls_are_counted_by_distinct_configuration():
+    """cudnn-conv.7 and .8 are the same convolution (names, metadata and queue aside): a GPU
+    autotunes it once; .9 fuses a ReLU (another backend config), the two others differ in shapes
+    or target: 5 calls, 4 configurations. Fusions are not library calls."""
+    ks = {k["name"]: k for k in hc.kernels(WIDE_HLO)}
+    assert ks["cudnn-conv.7"]["config"] == ks["cudnn-conv.8"]["config"]
+    assert "bf16[12,48,160,32]{3,2,1,0}" in ks["cudnn-conv.7"]["config"] and "%g" not in ks["cudnn-conv.7"]["config"]
+    assert len({ks[n]["config"] for n in ("cudnn-conv.7", "cudnn-conv.9", "cudnn-conv.101",
+                                           "cudnn-conv-bw-filter.38")}) == 4
+    assert ks["add"]["config"] is None
+    s = hc.summarize(ks.values())
+    assert (s["library_calls"], s["library_configs"]) == (5, 4)
+    assert "5 cuDNN/cuBLAS calls in 4 distinct configurations" in hc.markdown(s)
+    s = hc.summarize(hc.kernels(HLO))
+    assert (s["library_calls"], s["library_configs"]) == (1, 1)  # its one convolution
 
 
 def test_undefined_operand_and_loops_are_errors():

@@ -20,6 +20,14 @@ without a GPU (`benchmarks/gpu_aot.py`); only a run on the device measures time.
 Each kernel is attributed to a scope and pass (`profile_summary.scope_of`, the train step's
 `jax.named_scope`s) and a kind of work (`profile_summary.kind_of`).
 
+A **library call** is a cuDNN convolution or cuBLAS gemm (`custom-call` to `__cudnn$...` or
+`__cublas$...`). On a GPU, XLA autotunes each distinct configuration once per compile (with an
+empty cache: times each candidate algorithm on the device), so the number of distinct
+configurations is what a cold start's autotuning grows with (about 0.5 s each on an H200,
+benchmarks/RESULTS.md). Two calls share a configuration when their target, operand and result
+shapes and layouts, window, dimension labels and backend config agree (`config_key`, which
+leaves out names, metadata and the scheduling queue).
+
 A **wide convolution** is a library convolution whose window is wider than `MAX_WINDOW` (7, the
 widest kernel of the networks here: the ResNet stem's): a weight gradient that XLA did not map to
 cuDNN's backward-filter kernel and runs as a forward convolution over the whole feature map. Its
@@ -49,6 +57,15 @@ MAX_WINDOW = 7
 _ARRAY_RE = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]")
 _DEF_RE = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
 _WINDOW_RE = re.compile(r"window=\{size=([0-9x]+)")
+_LIBRARY_RE = re.compile(r'custom_call_target="(__cudnn\$[^"]*|__cublas\$[^"]*)"')
+
+
+def config_key(rhs: str, shapes: dict[str, str]) -> str:
+    """A library call's configuration: its definition (right-hand side) with each operand name
+    replaced by that operand's shape, and without metadata and the scheduling queue."""
+    text = re.sub(r",?\s*metadata=\{[^}]*\}", "", rhs)
+    text = re.sub(r'"operation_queue_id":"[^"]*",?', "", text)
+    return re.sub(r"%([\w.\-]+)", lambda m: shapes.get(m.group(1), m.group(0)), text)
 
 
 def shape_bytes(shape: str, *, scratch: bool = False) -> int:
@@ -102,8 +119,9 @@ def entry_lines(hlo_text: str) -> list[str]:
 
 def kernels(hlo_text: str) -> list[dict[str, Any]]:
     """The kernels of the entry computation, in program order: {"name", "opcode", "kind",
-    "scope", "pass", "bytes", "out_bytes", "window"} (see the module docstring; "window" is a
-    convolution's window size, e.g. (3, 3), else None)."""
+    "scope", "pass", "bytes", "out_bytes", "window", "config"} (see the module docstring;
+    "window" is a convolution's window size, e.g. (3, 3), else None; "config" a library call's
+    `config_key`, else None)."""
     info = profile_summary.hlo_instructions(hlo_text)
     shapes: dict[str, str] = {}
     out = []
@@ -127,10 +145,12 @@ def kernels(hlo_text: str) -> list[dict[str, Any]]:
         scope, direction = profile_summary.scope_of(info[name]["op_name"] if name in info else "")
         kind = profile_summary.kind_of(info.get(name))
         window = _WINDOW_RE.search(line) if kind == "convolution/matmul" else None
+        library = _LIBRARY_RE.search(line) if opcode == "custom-call" else None
         out.append({"name": name, "opcode": opcode, "kind": kind,
                     "scope": scope, "pass": direction, "out_bytes": out_bytes,
                     "bytes": out_bytes + sum(shape_bytes(shapes[o]) for o in operands),
-                    "window": tuple(int(v) for v in window.group(1).split("x")) if window else None})
+                    "window": tuple(int(v) for v in window.group(1).split("x")) if window else None,
+                    "config": config_key(match.group(2), shapes) if library else None})
     return out
 
 
@@ -158,6 +178,8 @@ def summarize(kernel_list: Iterable[dict[str, Any]], *, bandwidth: float | None 
         "top": sorted(kernel_list, key=lambda k: -k["bytes"])[:top],
         "wide_convolutions": [k for k in kernel_list
                               if k.get("window") and max(k["window"]) > MAX_WINDOW],
+        "library_calls": sum(1 for k in kernel_list if k.get("config")),
+        "library_configs": len({k["config"] for k in kernel_list if k.get("config")}),
     }
 
 
@@ -167,6 +189,9 @@ def markdown(summary: dict[str, Any]) -> str:
     head = f"{summary['kernels']} kernels, {total / 1e9:.2f} GB moved per step (estimate)"
     if summary.get("roofline_ms") is not None:
         head += f", memory roofline {summary['roofline_ms']:.2f} ms"
+    if "library_calls" in summary:
+        head += (f"; {summary['library_calls']} cuDNN/cuBLAS calls in {summary['library_configs']} "
+                 "distinct configurations (each autotuned once on a GPU)")
     lines = [head, "", "| scope | kernels | fwd GB | bwd GB | GB (%) |", "|---|---|---|---|---|"]
     for s in summary["scopes"]:
         lines.append(f"| {s['scope']} | {s['kernels']} | {s['fwd_bytes'] / 1e9:.3f} | "
