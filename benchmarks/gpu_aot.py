@@ -107,7 +107,6 @@ def measure(config, mesh, facts: dict, *, seed: int = 0, hlo_path: str | None = 
     mem = compiled.memory_analysis()
     kernels = hlo_census.kernels(compiled.as_text())
     summary = hlo_census.summarize(kernels, bandwidth=facts["bandwidth"])
-    count = lambda *kinds: sum(1 for k in kernels if k["kind"] in kinds)  # noqa: E731
     batch = config.optim.batch_size
     return {
         "lower_s": lower_s, "compile_s": compile_s,
@@ -116,10 +115,11 @@ def measure(config, mesh, facts: dict, *, seed: int = 0, hlo_path: str | None = 
                             + mem.output_size_in_bytes - mem.alias_size_in_bytes),
         "argument_bytes": int(mem.argument_size_in_bytes), "temp_bytes": int(mem.temp_size_in_bytes),
         "kernels": summary["kernels"],
-        "fusions": sum(1 for k in kernels if k["opcode"] == "fusion" and k["kind"] != "convolution/matmul"),
-        "library_calls": count("convolution/matmul"),
+        # XLA's own dot fusions are fusions; cuDNN/cuBLAS calls are hlo_census's library calls
+        "fusions": sum(1 for k in kernels if k["opcode"] == "fusion"),
+        "library_calls": summary["library_calls"],
         "library_configs": summary["library_configs"],
-        "copies": count("copy/transpose"),
+        "copies": sum(1 for k in kernels if k["kind"] == "copy/transpose"),
         "wide_convolutions": len(summary["wide_convolutions"]),
         "bytes": summary["bytes"], "roofline_ms": summary["roofline_ms"],
         "roofline_images_per_s": batch / (summary["roofline_ms"] / 1e3),

@@ -17,9 +17,9 @@ scale, float16 teacher logits at half resolution) is placed on the mesh once.
 
 Then the same number of steps back to back with one block at the end ("pipelined": the host
 dispatches step n+1 while the device runs step n, as in the training loop).
-From the end of the first step on, Python's heap is frozen as in the training loop
-(`gc_pauses.frozen_heap`), and the garbage collector's pauses are recorded: its time in each
-timed step, its collections over the timed and back-to-back steps.
+For the warm-up, timed and back-to-back steps, Python's heap is frozen as in the training loop
+after its first step (`gc_pauses.frozen_heap`), and the garbage collector's pauses are recorded:
+its time in each timed step, its collections over the timed and back-to-back steps.
 
 Reported per variant: median, mean and pipelined images/s, median step time, init and compile seconds,
 FLOPs (and bytes accessed) per step from XLA's cost analysis of the compiled step (per-device
@@ -332,16 +332,16 @@ def benchmark_step(config: ml_collections.ConfigDict, *, steps: int = 50, warmup
             state, metrics = compiled(state, batch, rng)
         _block((state, metrics))
 
-        times, gc_ms, gc_before = [], [], (gc_record.total_ms, dict(gc_record.count))
+        times, gc_ms, first_pause = [], [], len(gc_record.pauses)
         with jax.transfer_guard("disallow"):
             loop_start = time.perf_counter()
             for _ in range(steps):
+                n = len(gc_record.pauses)
                 t = time.perf_counter()
-                before = gc_record.total_ms
                 state, metrics = compiled(state, batch, rng)
                 _block(metrics)
                 times.append(time.perf_counter() - t)
-                gc_ms.append(gc_record.total_ms - before)
+                gc_ms.append(gc_record.tally(n)[1])
             _block(state)
             loop_s = time.perf_counter() - loop_start
         # The same steps back to back, blocking once at the end: what the training loop sees (the
@@ -352,27 +352,26 @@ def benchmark_step(config: ml_collections.ConfigDict, *, steps: int = 50, warmup
                 state, metrics = compiled(state, batch, rng)
             _block((state, metrics))
             pipelined_s = time.perf_counter() - t
-        gc_loops_ms = gc_record.total_ms - gc_before[0]
-        gc_loops_count = {g: n - gc_before[1][g] for g, n in gc_record.count.items()}
-        profile = None
-        if profile_dir:
-            with jax.profiler.trace(str(profile_dir)):
-                for _ in range(profile_steps):
-                    state, metrics = compiled(state, batch, rng)
-                _block((state, metrics))
-            from xdistill_jax import profile_summary
+        gc_loops_count, gc_loops_ms = gc_record.tally(first_pause)
+    profile = None
+    if profile_dir:
+        with jax.profiler.trace(str(profile_dir)):
+            for _ in range(profile_steps):
+                state, metrics = compiled(state, batch, rng)
+            _block((state, metrics))
+        from xdistill_jax import profile_summary
 
-            hlo_text = compiled.as_text()
-            # the optimised HLO, to look up any op the summary names (its fusion, shapes, op_name)
-            with gzip.open(pathlib.Path(profile_dir) / "optimized_hlo.txt.gz", "wt") as f:
-                f.write(hlo_text)
-            try:
-                profile = profile_summary.summarize_trace(profile_dir, hlo_text, profile_steps,
-                                                          wall_ms_per_step=1e3 * statistics.median(times))
-            except Exception as e:  # noqa: BLE001 - e.g. a GPU image without CUPTI: no device events
-                # the timings above stand; say why there is no breakdown instead of losing them
-                profile = {"error": f"{type(e).__name__}: {e}"}
-            (pathlib.Path(profile_dir) / "summary.md").write_text(profile_summary.markdown(profile) + "\n")
+        hlo_text = compiled.as_text()
+        # the optimised HLO, to look up any op the summary names (its fusion, shapes, op_name)
+        with gzip.open(pathlib.Path(profile_dir) / "optimized_hlo.txt.gz", "wt") as f:
+            f.write(hlo_text)
+        try:
+            profile = profile_summary.summarize_trace(profile_dir, hlo_text, profile_steps,
+                                                      wall_ms_per_step=1e3 * statistics.median(times))
+        except Exception as e:  # noqa: BLE001 - e.g. a GPU image without CUPTI: no device events
+            # the timings above stand; say why there is no breakdown instead of losing them
+            profile = {"error": f"{type(e).__name__}: {e}"}
+        (pathlib.Path(profile_dir) / "summary.md").write_text(profile_summary.markdown(profile) + "\n")
     loss = float(jax.device_get(metrics["loss"]))
     if not np.isfinite(loss):
         raise FloatingPointError(f"benchmark step produced a non-finite loss {loss}")

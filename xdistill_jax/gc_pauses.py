@@ -42,8 +42,9 @@ def frozen_heap():
 class Recorder:
     """Records the garbage collector's pauses while the block runs (`gc.callbacks`).
 
-    `total_ms`: milliseconds spent in collections so far; `count`: collections so far, by
-    generation; `pauses`: (generation, ms) of each one, in order.
+    `pauses`: (generation, ms) of each collection, in order; `tally(start)`: the collections by
+    generation and their milliseconds from `pauses[start]` on; `count`, `total_ms`: the whole
+    tally so far.
     """
 
     def __init__(self):
@@ -57,16 +58,19 @@ class Recorder:
             self.pauses.append((int(info["generation"]), 1e3 * (time.perf_counter() - self._start)))
             self._start = None
 
+    def tally(self, start: int = 0) -> tuple[dict[int, int], float]:
+        counts = {0: 0, 1: 0, 2: 0}
+        for generation, _ in self.pauses[start:]:
+            counts[generation] += 1
+        return counts, sum(ms for _, ms in self.pauses[start:])
+
     @property
     def total_ms(self) -> float:
-        return sum(ms for _, ms in self.pauses)
+        return self.tally()[1]
 
     @property
     def count(self) -> dict[int, int]:
-        counts = {0: 0, 1: 0, 2: 0}
-        for generation, _ in self.pauses:
-            counts[generation] += 1
-        return counts
+        return self.tally()[0]
 
     def __enter__(self) -> "Recorder":
         gc.callbacks.append(self._callback)

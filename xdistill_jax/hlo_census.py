@@ -189,9 +189,8 @@ def markdown(summary: dict[str, Any]) -> str:
     head = f"{summary['kernels']} kernels, {total / 1e9:.2f} GB moved per step (estimate)"
     if summary.get("roofline_ms") is not None:
         head += f", memory roofline {summary['roofline_ms']:.2f} ms"
-    if "library_calls" in summary:
-        head += (f"; {summary['library_calls']} cuDNN/cuBLAS calls in {summary['library_configs']} "
-                 "distinct configurations (each autotuned once on a GPU)")
+    head += (f"; {summary['library_calls']} cuDNN/cuBLAS calls in {summary['library_configs']} "
+             "distinct configurations (each autotuned once on a GPU)")
     lines = [head, "", "| scope | kernels | fwd GB | bwd GB | GB (%) |", "|---|---|---|---|---|"]
     for s in summary["scopes"]:
         lines.append(f"| {s['scope']} | {s['kernels']} | {s['fwd_bytes'] / 1e9:.3f} | "
@@ -202,7 +201,7 @@ def markdown(summary: dict[str, Any]) -> str:
     lines += ["", "| kernel | scope (pass) | kind | MB |", "|---|---|---|---|"]
     for k in summary["top"]:
         lines.append(f"| {k['name']} | {k['scope']} ({k['pass']}) | {k['kind']} | {k['bytes'] / 1e6:.1f} |")
-    wide = summary.get("wide_convolutions", [])
+    wide = summary["wide_convolutions"]
     lines += ["", f"Wide convolutions (window over {MAX_WINDOW}x{MAX_WINDOW}: a gradient run as a "
                   f"forward convolution over the feature map): {len(wide) or 'none'}"]
     lines += [f"- {k['name']} {k['scope']} ({k['pass']}), window {'x'.join(map(str, k['window']))}"
