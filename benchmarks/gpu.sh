@@ -39,7 +39,10 @@
 #   named scope: depth_net, pose_net, warp, reprojection, ..., optimizer; by kind of op; top ops),
 #   with the optimised HLO beside it to look the named ops up in.
 #   Each run is its own process, so "peak mem GB" (device.memory_stats peak_bytes_in_use) is that
-#   variant's peak, and "init s" / "compile s" are what a fresh `xdistill train` would pay.
+#   variant's peak, and "start s" is what a fresh `xdistill train` would pay before its first
+#   step: the step compiling on a thread while the init compiles and runs, as the training loop
+#   starts ("init s" and "compile s" are each one's own time; until 2026-12-04, night, the
+#   start was their sum: `xdistill bench --start sequential`).
 #   Median images/s over 50 steps after 5 warm-up steps, on device-resident synthetic batches.
 #
 # Run from the repository root:   bash benchmarks/gpu.sh [OUTDIR]

@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import signal
+import threading
 
 import jax
 import numpy as np
@@ -74,7 +75,7 @@ class _Messages(logging.Handler):
         self.lines.append(record.getMessage())
 
 
-HEAP_LOG = {}  # resumed_run's: the loop's heap-freeze log lines and the freeze count after each run
+HEAP_LOG = {}  # resumed_run's: the loop's log lines (heap freeze, compile) and what it did at the start
 
 
 @pytest.fixture(scope="module")
@@ -85,17 +86,29 @@ def resumed_run(tmp_path_factory):
     level = logger.level
     logger.addHandler(messages)
     logger.setLevel(logging.INFO)
-    try:
-        first = training_loop.train_and_evaluate(config, workdir, data=make_data())
-        HEAP_LOG["freeze_count_after"] = [gc.get_freeze_count()]
-        after_first = ckpt_steps(workdir)
-        config.optim.num_steps = 4
-        second = training_loop.train_and_evaluate(config, workdir, data=make_data())
-        HEAP_LOG["freeze_count_after"].append(gc.get_freeze_count())
-    finally:
-        logger.removeHandler(messages)
-        logger.setLevel(level)
+    from xdistill_jax import train
+
+    real_init = train.create_train_state
+    HEAP_LOG["compiling_at_init"] = []
+
+    def init_spy(*args, **kwargs):  # is the step compiling on its thread when the init starts?
+        HEAP_LOG["compiling_at_init"].append(any(t.name == "xdistill-step-compile" for t in threading.enumerate()))
+        return real_init(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train, "create_train_state", init_spy)
+        try:
+            first = training_loop.train_and_evaluate(config, workdir, data=make_data())
+            HEAP_LOG["freeze_count_after"] = [gc.get_freeze_count()]
+            after_first = ckpt_steps(workdir)
+            config.optim.num_steps = 4
+            second = training_loop.train_and_evaluate(config, workdir, data=make_data())
+            HEAP_LOG["freeze_count_after"].append(gc.get_freeze_count())
+        finally:
+            logger.removeHandler(messages)
+            logger.setLevel(level)
     HEAP_LOG["lines"] = [m for m in messages.lines if "heap frozen" in m]
+    HEAP_LOG["compile_lines"] = [m for m in messages.lines if "background thread" in m]
     return workdir, first, after_first, second
 
 
@@ -123,6 +136,17 @@ def test_the_heap_is_frozen_from_the_first_step_on_and_given_back(resumed_run):
     assert [m.split(":")[0] for m in lines] == ["step 1", "step 3"], lines
     assert all(int(m.split("(")[1].split()[0]) > 10_000 for m in lines), lines
     assert HEAP_LOG["freeze_count_after"] == [0, 0]
+
+
+def test_the_step_compiles_while_the_state_is_initialised(resumed_run):
+    """The fresh run's init started while the step was compiling on its thread; the resumed run
+    restored instead (no init). Each run's first step logged the compile's parts."""
+    assert HEAP_LOG["compiling_at_init"] == [True]
+    lines = HEAP_LOG["compile_lines"]
+    assert [m.split(":")[0] for m in lines] == ["step 1", "step 3"], lines
+    for m in lines:
+        lower, compile_, start = (float(x) for x in re.findall(r"([0-9.]+) s", m))
+        assert 0 < lower and 0 < compile_ and lower + compile_ < start, m
 
 
 def test_resume_continues_the_data_order(resumed_run):
@@ -347,15 +371,15 @@ def _final_state(workdir, step):
 
 def test_state_layout_auto_trains_checkpoints_and_resumes_like_the_default(resumed_run, tmp_path,
                                                                           monkeypatch):
-    """run.state_layout="auto": the loop compiles the step ahead (`train.LayoutStep`), puts the
+    """run.state_layout="auto": the loop compiles the step ahead (`AheadStep` with relayout), puts the
     fresh, then the restored, state into the formats XLA chose, trains, writes checkpoints
     (async), validates and resumes, and ends bitwise where `resumed_run` (same config and data,
     default layouts) does. This CPU's XLA resolves Layout.AUTO to row-major; moving a state into
-    other layouts and back through a step is `test_train_step.py::test_layout_step_*`'s."""
-    from xdistill_jax import train
+    other layouts and back through a step is `test_background_compile.py::test_relayout_*`'s."""
+    from xdistill_jax.background_compile import AheadStep
 
     steps = []
-    call = train.LayoutStep.__call__
+    call = AheadStep.__call__
 
     def spy(self, state, batch, rng):
         out = call(self, state, batch, rng)
@@ -363,14 +387,14 @@ def test_state_layout_auto_trains_checkpoints_and_resumes_like_the_default(resum
                      jax.tree.leaves(self.state_formats) == [x.format for x in jax.tree.leaves(out[0])])
         return out
 
-    monkeypatch.setattr(train.LayoutStep, "__call__", spy)
+    monkeypatch.setattr(AheadStep, "__call__", spy)
     workdir = tmp_path / "run"
     config = tiny_config(distill_weight=0.1, **{"run.state_layout": "auto", "run.async_checkpoints": True})
     assert training_loop.train_and_evaluate(config, workdir, data=make_data()) == training_loop.EXIT_OK
     config.optim.num_steps = 4
     assert training_loop.train_and_evaluate(config, workdir, data=make_data()) == training_loop.EXIT_OK
 
-    assert steps == [True] * 4  # 2 steps, then 2 more after the resume, all through LayoutStep
+    assert steps == [True] * 4  # 2 steps, then 2 more after the resume, all through AheadStep
     assert ckpt_steps(workdir) == ckpt_steps(resumed_run[0]) == [2, 3, 4]
     ref, got = _final_state(resumed_run[0], 4), _final_state(workdir, 4)
     assert got.keys() == ref.keys()

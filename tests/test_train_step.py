@@ -425,54 +425,19 @@ def test_init_lowers_its_draws_to_the_gpu_threefry_kernel(monkeypatch):
     seen = []
     real = train.init_program
 
-    def spy(*args):
-        program = real(*args)
-        return lambda rng: (seen.append(jax.config.jax_threefry_gpu_kernel_lowering), program(rng))[1]
+    class Spy:  # the init program, noting the option while it is lowered
+        def __init__(self, program):
+            self.program = program
 
-    monkeypatch.setattr(train, "init_program", spy)
+        def lower(self, rng):
+            seen.append(jax.config.jax_threefry_gpu_kernel_lowering)
+            return self.program.lower(rng)
+
+    monkeypatch.setattr(train, "init_program", lambda *args: Spy(real(*args)))
     key = jax.random.key(0, impl="threefry2x32")
     state = train.create_train_state(nets, tx, mesh, key)
     assert seen == [True] and not jax.config.jax_threefry_gpu_kernel_lowering
     assert same(state, jax.jit(lambda k: train._init_fn(nets, tx, k))(key))  # the CPU's values are untouched
-
-
-def _toy_step(state_format, out_format):
-    """A donated-state step in the train step's shape, (state, batch, rng) -> (state, metrics)."""
-    return jax.jit(lambda s, b, r: ({"w": s["w"] - 0.5 * b, "n": s["n"] + 1}, {"sum": jnp.sum(s["w"])}),
-                   in_shardings=({"w": state_format, "n": None}, None, None),
-                   out_shardings=({"w": out_format, "n": None}, None), donate_argnums=(0,))
-
-
-def test_layout_step_puts_the_state_into_the_chosen_layout_once():
-    """`train.LayoutStep` compiles at the first call, moves the default-layout state it is given
-    into the compiled step's format (here column-major, as a GPU stores some kernels), and the
-    steps return it in that format, so later calls pass it through; values are unchanged."""
-    from jax.experimental.layout import Format, Layout
-
-    w = jnp.arange(12.0).reshape(3, 4)
-    col = Format(Layout((1, 0)), w.sharding)
-    step = train.LayoutStep(_toy_step(col, col))
-    state = {"w": w, "n": jnp.int32(0)}
-    assert state["w"].format.layout.major_to_minor == (0, 1)
-    b = jnp.ones((3, 4))
-    for i in range(3):
-        state, metrics = step(state, b, None)
-        assert state["w"].format.layout.major_to_minor == (1, 0)
-        np.testing.assert_array_equal(np.asarray(state["w"]), np.arange(12.0).reshape(3, 4) - 0.5 * (i + 1))
-        assert int(state["n"]) == i + 1
-    assert float(metrics["sum"]) == float(np.sum(np.arange(12.0) - 1.0))
-    assert step.state_formats["w"].layout.major_to_minor == (1, 0)
-
-
-def test_layout_step_refuses_a_step_returning_other_layouts():
-    """A step whose returned state is laid out differently from the donated one would need a
-    relayout every step: LayoutStep says so at the first call instead."""
-    from jax.experimental.layout import Format, Layout
-
-    w = jnp.arange(12.0).reshape(3, 4)
-    step = train.LayoutStep(_toy_step(Format(Layout((1, 0)), w.sharding), Format(Layout((0, 1)), w.sharding)))
-    with pytest.raises(RuntimeError, match="other layouts for the returned state"):
-        step({"w": w, "n": jnp.int32(0)}, jnp.ones((3, 4)), None)
 
 
 def test_init_and_step_take_one_sharding_for_the_state_without_tracing_it(monkeypatch):

@@ -5,10 +5,13 @@
     print(markdown_table(results))
 
 What one measurement (`benchmark_step`) does, timed separately:
-  init     `create_train_state` (eval_shape + one jitted init, outputs replicated on the mesh),
-           until the state is on the device;
-  compile  `make_train_step(...).lower(state, batch, rng).compile()` (the persistent compilation
-           cache, when enabled, turns this into a read);
+  start    as the training loop starts: the init lowered (`train.lower_init`), the step
+           lowered and compiled from the state's abstract tree on a background thread
+           (`background_compile.AheadStep`, the persistent compilation cache, when enabled,
+           turning the compile into a read) while the init compiles and runs (one jitted call,
+           outputs replicated on the mesh). Reported: init (until the state is on the
+           device), compile (the thread's lower + compile) and the start itself (until both
+           are done, `cold_start_s`). start="sequential" compiles after the init instead;
   steps    `warmup` steps, then `steps` steps each timed to completion (`block_until_ready`)
            under `jax.transfer_guard("disallow")`: an implicit host<->device transfer inside the
            loop raises instead of silently costing a sync.
@@ -21,7 +24,7 @@ For the warm-up, timed and back-to-back steps, Python's heap is frozen as in the
 after its first step (`gc_pauses.frozen_heap`), and the garbage collector's pauses are recorded:
 its time in each timed step, its collections over the timed and back-to-back steps.
 
-Reported per variant: median, mean and pipelined images/s, median step time, init and compile seconds,
+Reported per variant: median, mean and pipelined images/s, median step time, init, compile and start seconds,
 FLOPs (and bytes accessed) per step from XLA's cost analysis of the compiled step (per-device
 program x devices),
 the fraction of the device's peak FLOP/s (table `PEAK_FLOPS`, bf16 dense; n/a where unknown,
@@ -62,8 +65,10 @@ PEAK_FLOPS = {
 # Monodepth2's fixed normalised intrinsics (KITTI), as the loader uses by default.
 MONODEPTH2_K = np.array([[0.58, 0, 0.5, 0], [0, 1.92, 0.5, 0], [0, 0, 1, 0], [0, 0, 0, 1]], np.float32)
 
+STARTS = ("overlapped", "sequential")
+
 COLUMNS = ("variant", "batch", "HxW", "images/s (median)", "images/s (pipelined)", "step ms (median)", "init s",
-           "compile s", "GFLOP/step", "% of peak", "peak mem GB", "XLA mem GB", "GB accessed/step")
+           "compile s", "start s", "GFLOP/step", "% of peak", "peak mem GB", "XLA mem GB", "GB accessed/step")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,7 +221,7 @@ def compile_step(config: ml_collections.ConfigDict, mesh, seed: int = 0, teacher
 
 def compile_init(config: ml_collections.ConfigDict, mesh, seed: int = 0):
     """(lower s, compile s, compiled) of the config's train-state init as `create_train_state`
-    lowers it (`train.threefry_kernel_lowering`), from an abstract key: nothing runs, so `mesh`
+    lowers it (`train.lower_init`), from an abstract key: nothing runs, so `mesh`
     may be of compile-only devices (benchmarks/gpu_aot.py)."""
     from xdistill_jax import train
     from xdistill_jax.objective import Networks
@@ -224,23 +229,12 @@ def compile_init(config: ml_collections.ConfigDict, mesh, seed: int = 0):
     nets = Networks.from_config(config)
     tx = train.make_optimizer(config, steps_per_epoch=1000)
     rng = _abstract_key(mesh, seed)
-    with train.threefry_kernel_lowering():
-        t0 = time.perf_counter()
-        lowered = train.init_program(nets, tx, mesh).lower(rng)
-        lower_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        compiled = lowered.compile()
+    t0 = time.perf_counter()
+    lowered = train.lower_init(nets, tx, mesh, rng)
+    lower_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    compiled = lowered.compile()
     return lower_s, time.perf_counter() - t0, compiled
-
-
-def init_state(config: ml_collections.ConfigDict, mesh, seed: int = 0):
-    """(nets, optimizer, train state) of the config, as the benchmarks build them."""
-    from xdistill_jax import train
-    from xdistill_jax.objective import Networks
-
-    nets = Networks.from_config(config)
-    tx = train.make_optimizer(config, steps_per_epoch=1000)
-    return nets, tx, train.create_train_state(nets, tx, mesh, jax.random.key(seed))
 
 
 def device_inputs(host_batch: dict, mesh, seed: int = 0):
@@ -254,13 +248,17 @@ def device_inputs(host_batch: dict, mesh, seed: int = 0):
 def benchmark_step(config: ml_collections.ConfigDict, *, steps: int = 50, warmup: int = 5,
                    seed: int = 0, teacher_stride: int = 2, progress=None,
                    profile_dir: str | None = None, profile_steps: int = 5,
-                   state_layout: str = "default") -> dict[str, Any]:
+                   state_layout: str = "default", start: str = "overlapped") -> dict[str, Any]:
     """Measures one config's train step (see the module docstring); returns a JSON-able dict.
+
+    start: "overlapped" (the training loop's start) compiles the step on a background thread
+      while the init compiles and runs (`background_compile.AheadStep`); "sequential" compiles
+      it after the init, as before (A/B).
 
     state_layout: "auto" compiles the step with the state's device layouts left to XLA
       (`train.make_train_step`) and puts the initialised state into the compiled step's input
-      formats before the first step (`train.LayoutStep.prepare`, inside the compile time: a
-      relayout once, as after init or a restore);
+      formats before the first step (`AheadStep.prepare`, inside the start time: a relayout
+      once, as after init or a restore);
       the variant's name then ends in "state=auto".
 
     progress: optional callable(str) told when init and compile finish (for long runs' logs).
@@ -271,49 +269,58 @@ def benchmark_step(config: ml_collections.ConfigDict, *, steps: int = 50, warmup
       (optimized_hlo.txt.gz) to look the named ops up in.
     """
     say = progress or (lambda message: None)
-    from xdistill_jax import train
+    from xdistill_jax import config_utils, train
+    from xdistill_jax.background_compile import AheadStep
+    from xdistill_jax.objective import Networks
 
     if steps < 1 or warmup < 0:
         raise ValueError(f"steps must be >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
+    if start not in STARTS:
+        raise ValueError(f"start must be one of {STARTS}, got {start!r}")
     mesh = train.make_mesh(config)
-    from xdistill_jax import config_utils
 
     config_utils.validate(config, num_devices=mesh.size)
     b, h, w = config.optim.batch_size, config.data.height, config.data.width
     distill = config.distill.weight > 0
     host_batch = config_batch(config, seed, teacher_stride)
 
-    t0 = time.perf_counter()
-    nets, tx, state = init_state(config, mesh, seed)
-    _block(state)
-    init_s = time.perf_counter() - t0
-    say(f"init {init_s:.2f} s")
-
+    # The batch and key on the mesh first: the start below is init + compile, as in the loop.
     batch, rng = device_inputs(host_batch, mesh, seed)
     _block((batch, rng))
+    init_rng = jax.random.key(seed)
 
     # With a profile, op metadata goes into the persistent cache's key: by default the key leaves
     # it out, so a program compiled before a named scope was added (same math) would be read back
     # with its old op names and the profile attributed to stale scopes. (gpu.sh sets it for every
     # run, so that its profiled warm run still reads the cold run's entries.)
     with_metadata = jax.config.jax_compilation_cache_include_metadata_in_key
-    t0 = time.perf_counter()
-    step_fn = train.make_train_step(config, nets, tx, mesh, state_layout=state_layout)
     try:
         if profile_dir:
             jax.config.update("jax_compilation_cache_include_metadata_in_key", True)
-        if state_layout == "default":
-            lowered = step_fn.lower(state, batch, rng)
-            compiled = lowered.compile()
-        else:  # compiled from abstract state, and the state moved into the chosen formats
-            layout_step = train.LayoutStep(step_fn)
-            state = layout_step.prepare(state, batch, rng)
-            _block(state)
-            lowered, compiled = layout_step.lowered, layout_step.compiled
+        t0 = time.perf_counter()
+        nets = Networks.from_config(config)
+        tx = train.make_optimizer(config, steps_per_epoch=1000)
+        lowered_init = train.lower_init(nets, tx, mesh, init_rng)
+        step_fn = train.make_train_step(config, nets, tx, mesh, state_layout=state_layout)
+        start_step = lambda background: AheadStep(  # noqa: E731
+            step_fn, lowered_init.out_info, batch, rng, relayout=state_layout != "default", background=background)
+        if start == "overlapped":  # as the training loop: the step compiles while the init runs
+            ahead = start_step(True)
+        state = train.create_train_state(nets, tx, mesh, init_rng, lowered=lowered_init)
+        _block(state)
+        init_s = time.perf_counter() - t0
+        say(f"init {init_s:.2f} s")
+        if start == "sequential":
+            ahead = start_step(False)
+        # "auto" layouts: the state moved into the chosen formats once, inside the start time
+        state = ahead.prepare(state)
+        _block(state)
+        start_s = time.perf_counter() - t0
     finally:
         jax.config.update("jax_compilation_cache_include_metadata_in_key", with_metadata)
-    compile_s = time.perf_counter() - t0
-    say(f"compile {compile_s:.2f} s")
+    lowered, compiled = ahead.lowered, ahead.compiled
+    compile_s = ahead.lower_s + ahead.compile_s
+    say(f"compile {compile_s:.2f} s; start {start_s:.2f} s ({start})")
     # FLOPs from the program as traced (whole mesh, before partitioning and optimisation): the
     # compiled program's count leaves out what runs as library calls, e.g. every cuDNN convolution
     # on a GPU (23 of the bf16 step's 1,228 GFLOP on an H200, benchmarks/RESULTS.md). Bytes from
@@ -405,9 +412,12 @@ def benchmark_step(config: ml_collections.ConfigDict, *, steps: int = 50, warmup
         "gc_ms_all": [round(ms, 3) for ms in gc_ms],
         "gc_collections": {str(g): n for g, n in gc_loops_count.items()},
         "gc_ms_total": round(gc_loops_ms, 3),
+        # the start (init + the step's compile, overlapped or one after the other, `start`): init
+        # from the start until the state is on the device, compile the step's own lower + compile
+        "start": start,
         "init_s": init_s,
         "compile_s": compile_s,
-        "cold_start_s": init_s + compile_s,
+        "cold_start_s": start_s,
         "first_step_s": first_step_s,
         "flops_per_step": flops,
         "bytes_accessed_per_step": None if bytes_device is None else bytes_device * mesh.size,
@@ -443,7 +453,7 @@ def markdown_table(results: Sequence[dict], device: str | None = None) -> str:
         cells = [r["variant"], str(r["batch"]), f"{r['height']}x{r['width']}",
                  _fmt(r["images_per_s_median"], ".1f"), _fmt(r["images_per_s_pipelined"], ".1f"),
                  _fmt(r["step_ms_median"], ".1f"),
-                 _fmt(r["init_s"], ".2f"), _fmt(r["compile_s"], ".2f"),
+                 _fmt(r["init_s"], ".2f"), _fmt(r["compile_s"], ".2f"), _fmt(r.get("cold_start_s"), ".2f"),
                  _fmt(r["flops_per_step"], ".1f", 1e-9), _fmt(r["fraction_of_peak"], ".2f", 100.0),
                  _fmt(r["peak_memory_bytes"], ".2f", 1e-9), _fmt(r["xla_memory_bytes"], ".2f", 1e-9),
                  _fmt(r.get("bytes_accessed_per_step"), ".2f", 1e-9)]

@@ -391,8 +391,8 @@ class DevicePrefetchIterator:
     def __iter__(self) -> Iterator[dict[str, jax.Array]]:
         return self
 
-    def _fill(self) -> None:
-        while len(self._queue) < self._size:
+    def _fill(self, size: int | None = None) -> None:
+        while len(self._queue) < (self._size if size is None else size):
             state = copy.deepcopy(self._it.get_state())
             try:
                 batch = next(self._it)
@@ -407,6 +407,12 @@ class DevicePrefetchIterator:
         _, batch = self._queue.popleft()
         self._fill()  # start the transfers of the next batches before the caller computes
         return batch
+
+    def peek(self) -> dict[str, jax.Array] | None:
+        """The batch the next `next()` returns, without taking it (None when there is none):
+        its shapes are what the train step compiles for (`background_compile`)."""
+        self._fill(1)
+        return self._queue[0][1] if self._queue else None
 
     def get_state(self) -> dict:
         if self._queue:

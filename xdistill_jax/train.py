@@ -7,9 +7,12 @@ global-batch statistics, so the result does not depend on how many devices ran t
     mesh = make_mesh(config)
     nets = Networks.from_config(config)
     tx = make_optimizer(config, steps_per_epoch)
-    state = create_train_state(config, nets, tx, mesh, rng)            # jitted init, no eager init
+    state = create_train_state(nets, tx, mesh, rng)                     # jitted init, no eager init
     step = make_train_step(config, nets, tx, mesh)                      # jitted, donates the state
     state, metrics = step(state, batch, rng)                            # per-step key fold_in(rng, step)
+
+The training loop compiles the step on a background thread while the state is initialised
+(`xdistill_jax.background_compile`).
 
 The training loop (`train_and_evaluate`) lives in `xdistill_jax.training_loop`.
 """
@@ -114,6 +117,17 @@ def abstract_train_state(nets: Networks, tx, mesh: Mesh):
 _THREEFRY_KERNEL = "jax_threefry_gpu_kernel_lowering"
 
 
+def _threefry_kernel_state():
+    """JAX's own setting object for the option, whose call is a per-thread context (None where
+    this jax has no such object)."""
+    try:
+        from jax._src import config as jax_config
+    except ImportError:
+        return None
+    state = getattr(jax_config, "threefry_gpu_kernel_lowering", None)
+    return state if callable(state) else None
+
+
 @contextlib.contextmanager
 def threefry_kernel_lowering():
     """Inside the block, threefry random bits lower on GPU to jaxlib's one ThreeFry2x32 kernel
@@ -126,9 +140,18 @@ def threefry_kernel_lowering():
     target compiled on a 2-core CPU VM, benchmarks/RESULTS.md): most of the issue's 30 s
     cold-start budget. The train step keeps the default: its tie-break noise fuses into the
     kernels that use it, while the kernel would write the bits out (+0.4 GB per step in the
-    same census). Sets the global option for the block and restores it (not for concurrent
-    compiles on other threads); a no-op with a jax that has no such option.
+    same census).
+
+    The setting is the calling thread's only (JAX's per-thread context for the option), so the
+    step compiling meanwhile on another thread (`background_compile`) keeps the default. With a
+    jax that has no such context the global option is set for the block and restored; with one
+    that has no such option at all, a no-op.
     """
+    state = _threefry_kernel_state()
+    if state is not None:
+        with state(True):
+            yield
+        return
     if not hasattr(jax.config, _THREEFRY_KERNEL):
         yield
         return
@@ -142,22 +165,32 @@ def threefry_kernel_lowering():
 
 def init_program(nets: Networks, tx, mesh: Mesh):
     """The jitted init, rng -> TrainState replicated on the mesh (lower it inside
-    `threefry_kernel_lowering`, as `create_train_state` does)."""
+    `threefry_kernel_lowering`, as `lower_init` does)."""
     # one sharding for the whole state (a pytree prefix): no abstract trace of the init needed
     return jax.jit(functools.partial(_init_fn, nets, tx), out_shardings=replicated(mesh))
 
 
-def create_train_state(nets: Networks, tx, mesh: Mesh, rng, encoder_init: dict | None = None) -> TrainState:
+def lower_init(nets: Networks, tx, mesh: Mesh, rng) -> jax.stages.Lowered:
+    """The init program lowered for `rng` (its draws with `threefry_kernel_lowering`). Its
+    `out_info` is the state's abstract tree, which the step can compile from
+    (`background_compile.AheadStep`) before the init has compiled or run."""
+    with threefry_kernel_lowering():
+        return init_program(nets, tx, mesh).lower(rng)
+
+
+def create_train_state(nets: Networks, tx, mesh: Mesh, rng, encoder_init: dict | None = None, *,
+                       lowered: jax.stages.Lowered | None = None) -> TrainState:
     """Fresh state, initialised by one jitted call whose outputs are replicated on the mesh
     (its random draws lowered with `threefry_kernel_lowering`).
 
     encoder_init: optional {"depth": encoder variables, "pose": encoder variables} (numpy
     trees with "params" and "batch_stats", see `load_pretrained_encoders`) that replace the
     scratch encoder weights; shapes are checked leaf by leaf.
+    lowered: `lower_init(nets, tx, mesh, rng)` when the caller has it already.
     """
-    init = init_program(nets, tx, mesh)
-    with threefry_kernel_lowering():
-        state = init(rng)
+    if lowered is None:
+        lowered = lower_init(nets, tx, mesh, rng)
+    state = lowered.compile()(rng)
     if encoder_init:
         params = dict(state.params)
         batch_stats = dict(state.batch_stats)
@@ -248,8 +281,9 @@ def make_train_step(config: ml_collections.ConfigDict, nets: Networks, tx, mesh:
     `Layout.AUTO`): on a GPU it stores convolution kernels and their Adam moments in cuDNN's
     filter order, so the update needs no transpose and no output copies (benchmarks/RESULTS.md).
     Such a step must be lowered and compiled ahead of time, and the state put into the
-    compiled step's `input_formats[0][0]` before the first call: `LayoutStep` does both (the
-    training loop with `run.state_layout="auto"`; `xdistill bench --state-layout auto`).
+    compiled step's `input_formats[0][0]` before the first call:
+    `background_compile.AheadStep(..., relayout=True)` does both (the training loop with
+    `run.state_layout="auto"`; `xdistill bench --state-layout auto`).
     """
     if state_layout not in STATE_LAYOUTS:
         raise ValueError(f"state_layout must be one of {STATE_LAYOUTS}, got {state_layout!r}")
@@ -292,39 +326,6 @@ def make_train_step(config: ml_collections.ConfigDict, nets: Networks, tx, mesh:
                    in_shardings=(state_shardings, batch_sharding(mesh), replicated(mesh)),
                    out_shardings=(state_shardings, replicated(mesh)),
                    donate_argnums=(0,))
-
-
-class LayoutStep:
-    """A `make_train_step(..., state_layout="auto")` step, callable like the default one.
-
-    The first call compiles it ahead of time for that call's shapes and shardings, and puts the
-    state it was given (fresh or restored from a checkpoint, in default layouts) into the layouts
-    XLA chose, `state_formats`; the steps return the state in those same layouts, so later calls
-    pass it straight through. Checkpoints are written from these arrays and restored in default
-    layouts (orbax reads and writes host arrays), so a run may resume with either setting.
-    """
-
-    def __init__(self, jitted: Callable):
-        self.jitted, self.lowered, self.compiled, self.state_formats = jitted, None, None, None
-
-    def prepare(self, state: TrainState, batch, rng) -> TrainState:
-        """Compile for these arguments' shapes and shardings; return `state` in the chosen formats."""
-        spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                            (state, batch, rng))
-        self.lowered = self.jitted.lower(*spec)
-        compiled = self.lowered.compile()
-        formats = compiled.input_formats[0][0]
-        if jax.tree.leaves(compiled.output_formats[0]) != jax.tree.leaves(formats):
-            # the returned state would not fit the next call: every step would need a relayout
-            raise RuntimeError("state_layout='auto': XLA chose other layouts for the returned "
-                               "state than for the donated one")
-        self.compiled, self.state_formats = compiled, formats
-        return jax.device_put(state, formats)
-
-    def __call__(self, state: TrainState, batch, rng):
-        if self.compiled is None:
-            state = self.prepare(state, batch, rng)
-        return self.compiled(state, batch, rng)
 
 
 def make_eval_step(config: ml_collections.ConfigDict, nets: Networks, mesh: Mesh) -> Callable:

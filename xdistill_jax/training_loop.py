@@ -14,6 +14,10 @@ Exit statuses (returned, and used by `xdistill train`):
 
 Workdir: config.json, checkpoints/<step>/, metrics.jsonl, tensorboard/, images/*.png.
 
+Start: the step compiles on a background thread from the state's abstract tree and the first
+batch's shapes while the state is initialised or restored (`background_compile`); the first
+step waits for it, and the log says how long each part took.
+
 Python's garbage collector: after the first step (the step has been traced and compiled) the
 heap is frozen for the rest of the loop (`gc_pauses.frozen_heap`), so that a full collection
 does not walk the hundreds of thousands of objects tracing left behind (92-333 ms each on this
@@ -332,6 +336,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, data=None)
     benchmarks); by default `tfds_training_data(config)`.
     """
     global _fault
+    t_call = time.time()
     _fault = _FaultHook(os.environ.get("XDISTILL_TEST_FAULT"))
     maybe_initialize_distributed(config)
     workdir = pathlib.Path(workdir)
@@ -365,14 +370,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, data=None)
     # the state's abstract tree (a trace of the whole init) only when there is a checkpoint to read
     abstract_state = train.abstract_train_state(nets, tx, mesh)[0] if ckpt.all_steps() else None
     state, data_state, step = ckpt.restore(abstract_state)
+    lowered_init = encoder_init = None
     if state is None:
-        state = train.create_train_state(nets, tx, mesh, init_rng, train.load_pretrained_encoders(config))
+        # a wrong weights file fails here, before anything compiles
+        encoder_init = train.load_pretrained_encoders(config)
+        lowered_init = train.lower_init(nets, tx, mesh, init_rng)
+        abstract_state = lowered_init.out_info  # the state's tree, without another trace
         data_state, step = {}, 0
-        log.info("starting from %s", config.model.init)
     else:
         log.info("resuming from %s at step %d", ckpt.directory / str(step), step)
         if is_main:
             print(f"resuming from {ckpt.directory / str(step)} at step {step}", flush=True)
+    from xdistill_jax.background_compile import AheadStep
     from xdistill_jax.input_pipeline import DevicePrefetchIterator
 
     host_iter = data.make_train_iterator()
@@ -382,14 +391,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, data=None)
         host_iter = _BatchLog(host_iter, os.environ["XDISTILL_TEST_BATCH_LOG"], step)
     train_iter = DevicePrefetchIterator(host_iter, mesh)
     skipped = int(data_state.get("skipped", 0))
+    step_rng = jax.device_put(step_rng, train.replicated(mesh))
+
+    # The step compiles on a background thread from the state's abstract tree and the first
+    # batch's shapes, while the state is initialised (background_compile).
+    state_layout = config.run.get("state_layout", "default")  # .get: an older config.json
+    train_step = None
+    if step < num_steps:
+        first = train_iter.peek()
+        if first is None:
+            raise ValueError(f"config.data.train_split={config.data.train_split!r}: the training data "
+                             f"gave no batch of config.optim.batch_size={config.optim.batch_size}")
+        train_step = AheadStep(train.make_train_step(config, nets, tx, mesh, state_layout=state_layout),
+                               abstract_state, first, step_rng, relayout=state_layout == "auto")
+    if lowered_init is not None:
+        state = train.create_train_state(nets, tx, mesh, init_rng, encoder_init, lowered=lowered_init)
+        log.info("starting from %s", config.model.init)
 
     writer = MetricWriter(workdir, enabled=is_main)
     kept = writer.truncate_after(step)
-    state_layout = config.run.get("state_layout", "default")  # .get: an older config.json
-    train_step = train.make_train_step(config, nets, tx, mesh, state_layout=state_layout)
-    if state_layout == "auto":
-        train_step = train.LayoutStep(train_step)
-    step_rng = jax.device_put(step_rng, train.replicated(mesh))
 
     def save(at_step):
         ckpt.save(at_step, state, {"loader": train_iter.get_state(), "skipped": skipped})
@@ -403,6 +423,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, data=None)
         val_due = bool(config.run.get("val_at_start", False))
     eval_step = train.make_eval_step(config, nets, mesh) if data.make_val_iterator is not None else None
     if val_due and data.make_val_iterator is not None and _any_process(is_main and (step, "val") not in kept):
+        if train_step is not None:
+            train_step.wait()  # the eval step compiles next, not while the step autotunes (GPU)
         validate(config, eval_step, mesh, state, data.make_val_iterator, writer, step, val_rng, gt)
 
     pending, checked_step = [], step
@@ -418,6 +440,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, data=None)
                     state, metrics = train_step(state, next(train_iter), step_rng)
                 step += 1
                 if frozen is None:  # the step has compiled: what tracing left is frozen (gc_pauses)
+                    log.info("step %d: the step was lowered in %.2f s and compiled in %.2f s on a background "
+                             "thread; %.2f s from the call to the first step", step, train_step.lower_s,
+                             train_step.compile_s, time.time() - t_call)
                     frozen = heap.enter_context(gc_pauses.frozen_heap())
                     log.info("step %d: heap frozen for the loop (%d objects)", step, frozen)
                 _fault.at("step", step)

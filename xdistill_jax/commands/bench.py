@@ -6,8 +6,10 @@
   xdistill bench --loader --loader-format jpeg --loader-examples 48
 
 Train step: prints a markdown table (device named) of median images/s over --steps steps after
---warmup, init and compile seconds, GFLOP per step (XLA cost analysis), % of the device's peak,
-peak and XLA-estimated memory, for each dtype x distillation variant; --json writes the figures.
+--warmup, init, compile and start seconds (the step compiling while the init runs, as in
+training; --start sequential for one after the other), GFLOP per step (XLA cost analysis), % of
+the device's peak, peak and XLA-estimated memory, for each dtype x distillation variant; --json
+writes the figures.
 Loader: examples/s per core through prepared TFDS shards + grain + augmentation + teacher join.
 """
 
@@ -35,6 +37,9 @@ def add_arguments(parser):
                         help="auto: the train state's device layouts chosen by XLA (on a GPU, "
                              "convolution kernels in cuDNN's filter order); training: "
                              "--config.run.state_layout")
+    parser.add_argument("--start", choices=("overlapped", "sequential"), default="overlapped",
+                        help="overlapped: the step compiles on a background thread while the init "
+                             "runs, as in training; sequential: after it (A/B)")
     parser.add_argument("--json", default=None, help="write the results here (JSON)")
     parser.add_argument("--profile-dir", default=None,
                         help="trace 5 extra steps per variant with jax.profiler into DIR/<variant> and print "
@@ -119,10 +124,11 @@ def run(args) -> int:
                                      progress=lambda m, v=v: print(f"{v.name}: {m}", flush=True),
                                      profile_dir=(None if not args.profile_dir else
                                                   f"{args.profile_dir}/{v.dtype}_distill_{int(v.distill)}"),
-                                     state_layout=args.state_layout)
+                                     state_layout=args.state_layout, start=args.start)
         results.append(r)
         print(f"{r['variant']}: {r['images_per_s_median']:.1f} images/s (median of {args.steps}), "
-              f"init {r['init_s']:.2f} s, compile {r['compile_s']:.2f} s", flush=True)
+              f"init {r['init_s']:.2f} s, compile {r['compile_s']:.2f} s, start {r['cold_start_s']:.2f} s "
+              f"({r['start']})", flush=True)
     print()
     print(benchmark.markdown_table(results))
     if args.profile_dir:
