@@ -142,3 +142,36 @@ def test_the_inits_threefry_option_stays_on_its_thread():
         release.set()
         ahead.wait()
     assert seen == [False]
+
+
+def test_a_process_failing_meanwhile_exits_with_its_status_once_the_compile_is_done(tmp_path):
+    """The main thread raises while the step compiles: the process exits with Python's status
+    for the error (1) after the compile has finished, which the compile's last act (a file)
+    shows. A daemon thread would be cut off at exit instead, inside XLA's C++ when the compile
+    is long, and that aborts the process (SIGABRT)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    marker = tmp_path / "compiled"
+    script = textwrap.dedent(f"""
+        import pathlib, time
+        import jax, jax.numpy as jnp
+        from xdistill_jax.background_compile import AheadStep
+
+        def step(state, batch, rng):
+            time.sleep(1.0)  # a compile that outlives the main thread
+            return state + batch, {{}}
+
+        class Marked(AheadStep):
+            def _compile(self):
+                super()._compile()
+                pathlib.Path({str(marker)!r}).write_text("done")
+
+        Marked(jax.jit(step), jnp.zeros(3), jnp.zeros(3), None)
+        raise ValueError("config.model.init: bad file")
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1, run.stderr[-2000:]
+    assert "ValueError: config.model.init: bad file" in run.stderr
+    assert marker.read_text() == "done"

@@ -149,6 +149,26 @@ def test_the_step_compiles_while_the_state_is_initialised(resumed_run):
         assert 0 < lower and 0 < compile_ and lower + compile_ < start, m
 
 
+def test_pretrained_weights_that_do_not_fit_fail_before_the_step_compiles(tmp_path, monkeypatch):
+    """config.model.init of a ResNet-18 for a ResNet-34 config: the loop names the parameters
+    before the step's compile starts (a process that failed after it would wait for it)."""
+    import jax.numpy as jnp
+
+    from xdistill_jax import background_compile
+    from xdistill_jax.convert import save_variables
+    from xdistill_jax.models.resnet import ResNetEncoder
+
+    path = tmp_path / "resnet18.msgpack"
+    save_variables(path, ResNetEncoder(18, 1, kernel_layout="HWIO").init(
+        jax.random.key(5), jnp.zeros((1, 64, 64, 3)), train=False))
+    started = []
+    monkeypatch.setattr(background_compile, "AheadStep", lambda *a, **k: started.append(1))
+    config = tiny_config(distill_weight=0.1, **{"model.init": str(path), "model.num_layers": 34})
+    with pytest.raises(ValueError, match=r"pretrained depth encoder params: \d+ missing .*layer1_2"):
+        training_loop.train_and_evaluate(config, tmp_path / "run", data=make_data())
+    assert not started
+
+
 def test_resume_continues_the_data_order(resumed_run):
     """The loader state saved at step 2 resumes at the third batch of an unbroken iterator."""
     from xdistill_jax.checkpoints import Checkpointer

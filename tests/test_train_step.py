@@ -390,6 +390,12 @@ def test_pretrained_encoder_init(tmp_path):
     with pytest.raises(ValueError, match="pretrained depth encoder"):
         train.create_train_state(Networks.from_config(bad), tx, mesh, jax.random.key(0),
                                  train.load_pretrained_encoders(bad))
+    # the same check against the abstract state, before anything compiles (the training loop's)
+    abstract = train.lower_init(Networks.from_config(bad), tx, mesh, jax.random.key(0)).out_info
+    with pytest.raises(ValueError, match=r"pretrained depth encoder params: \d+ missing"):
+        train.check_pretrained_encoders(abstract, train.load_pretrained_encoders(bad))
+    train.check_pretrained_encoders(train.lower_init(nets, tx, mesh, jax.random.key(0)).out_info,
+                                    train.load_pretrained_encoders(config))  # the one that fits
 
 
 def test_init_lowers_its_draws_to_the_gpu_threefry_kernel(monkeypatch):

@@ -23,8 +23,11 @@ times cuDNN's algorithms on the device, and a concurrent program would skew the 
 training loop therefore waits for the step before its first validation (whose eval step
 compiles too).
 
-The thread is a daemon: a process that fails before its first step exits without waiting for
-the compile.
+The thread is not a daemon: a process that fails after the compile has started (the message
+is printed at once) exits when the compile is done. A daemon thread would be stopped inside
+XLA's C++ at interpreter exit, and that aborts the process (SIGABRT, "FATAL: exception not
+rethrown" on this project's CPU VM) instead of leaving with the error's exit status. Checks of
+the user's input belong before the compile starts (the training loop's are).
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ class AheadStep:
         self._error: BaseException | None = None
         self._prepared = False
         if background:
-            self._thread = threading.Thread(target=self._compile, name="xdistill-step-compile", daemon=True)
+            self._thread = threading.Thread(target=self._compile, name="xdistill-step-compile")
             self._thread.start()
         else:
             self._thread = None

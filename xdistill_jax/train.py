@@ -208,8 +208,9 @@ def create_train_state(nets: Networks, tx, mesh: Mesh, rng, encoder_init: dict |
     return state
 
 
-def _checked_replace(target, source, what: str):
-    """`source` as arrays, after checking it has exactly `target`'s tree and shapes."""
+def _check_same_tree(target, source, what: str) -> None:
+    """ValueError unless `source` has exactly `target`'s tree and shapes (target: arrays or
+    ShapeDtypeStructs)."""
     t_leaves = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(target)[0]}
     s_leaves = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(source)[0]}
     if set(t_leaves) != set(s_leaves):
@@ -219,7 +220,23 @@ def _checked_replace(target, source, what: str):
     for k, x in t_leaves.items():
         if tuple(np.shape(s_leaves[k])) != tuple(x.shape):
             raise ValueError(f"pretrained {what}{k}: shape {np.shape(s_leaves[k])}, model expects {x.shape}")
+
+
+def _checked_replace(target, source, what: str):
+    """`source` as arrays, after checking it has exactly `target`'s tree and shapes."""
+    _check_same_tree(target, source, what)
     return jax.tree.map(lambda t, s: np.asarray(s, dtype=t.dtype), target, source)
+
+
+def check_pretrained_encoders(state, encoder_init: dict | None) -> None:
+    """Raise the ValueError `create_train_state` would for `encoder_init` (see there) against
+    `state`, a TrainState of arrays or its abstract tree (`lower_init(...).out_info`): the
+    training loop checks before the step starts compiling."""
+    for net, variables in (encoder_init or {}).items():
+        _check_same_tree(state.params[net]["encoder"], variables["params"], f"{net} encoder params")
+        if "batch_stats" in variables:
+            _check_same_tree(state.batch_stats[net]["encoder"], variables["batch_stats"],
+                             f"{net} encoder batch_stats")
 
 
 def load_pretrained_encoders(config: ml_collections.ConfigDict) -> dict | None:

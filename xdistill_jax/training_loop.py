@@ -372,10 +372,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, data=None)
     state, data_state, step = ckpt.restore(abstract_state)
     lowered_init = encoder_init = None
     if state is None:
-        # a wrong weights file fails here, before anything compiles
         encoder_init = train.load_pretrained_encoders(config)
         lowered_init = train.lower_init(nets, tx, mesh, init_rng)
         abstract_state = lowered_init.out_info  # the state's tree, without another trace
+        # a weights file that does not fit fails here, before the step starts compiling
+        train.check_pretrained_encoders(abstract_state, encoder_init)
         data_state, step = {}, 0
     else:
         log.info("resuming from %s at step %d", ckpt.directory / str(step), step)
