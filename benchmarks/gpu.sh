@@ -5,6 +5,8 @@
 #   (depth net + 2 pose passes + warping + losses [+ translator + distillation] + Adam):
 #     1. bf16, distillation on  -- cold start: empty compilation cache
 #     2. bf16, distillation on  -- warm start: the cache written by run 1
+#    2b. the same warm start with the init and the step's compile one after the other
+#        (`--start sequential`, 5 steps): the A/B of the overlapped start runs 1 and 2 use
 #     3. bf16, distillation off -- cold
 #     4. fp32, distillation on  -- cold
 #     5. fp32, distillation off -- cold
@@ -136,6 +138,7 @@ run bf16_distill_warm bfloat16 on 70 --profile-dir "$OUTDIR/profile"
 for f in "$OUTDIR"/profile/*/summary.md; do
   [ -f "$f" ] && { echo "Profile of bf16_distill_warm ($f):"; echo; cat "$f"; echo; } | tee -a "$OUTDIR/summary.md"
 done
+run bf16_distill_warm_sequential bfloat16 on 60 --start sequential --steps 5 --warmup 1
 run bf16_nodistill_cold bfloat16 off 120
 run fp32_distill_cold float32 on 120
 run fp32_nodistill_cold float32 off 120

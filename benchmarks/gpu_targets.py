@@ -113,6 +113,9 @@ def target_rows(runs: dict[str, dict], kind: str = TARGET_KIND) -> list[tuple[st
     rows.append(("cold start (init + compile), empty cache", fmt(cold, " s"), "<= 30 s", _verdict(cold, 30.0, False)))
     warm = _get(runs, "bf16_distill_warm", "cold_start_s")
     rows.append(("start (init + compile), warm cache", fmt(warm, " s"), "<= 10 s", _verdict(warm, 10.0, False)))
+    # gpu.sh run 2b: run 2's warm start with the init, then the compile (the A/B of the overlap)
+    rows.append(("start, warm cache, init then compile (bf16_distill_warm_sequential)",
+                 fmt(_get(runs, "bf16_distill_warm_sequential", "cold_start_s"), " s"), "(reported)", "-"))
     # gpu.sh run 8: run 1's step without command buffers (CUDA graphs), profiled
     nocmd = _overhead(runs, "bf16_distill_nocmdbuf", "bf16_distill_cold")
     rows.append(("step time without command buffers (bf16_distill_nocmdbuf) vs run 1",

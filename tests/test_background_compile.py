@@ -43,11 +43,6 @@ def test_the_step_compiles_on_a_thread_while_the_caller_goes_on():
     np.testing.assert_array_equal(np.asarray(state["w"]), [2.0, 3.0, 4.0])
     assert traced_on == ["xdistill-step-compile"]
 
-    release, traced_on = threading.Event(), []
-    release.set()
-    step = AheadStep(_waiting_step(release, traced_on), *spec, background=False)
-    assert step.done and traced_on == [threading.current_thread().name]
-
 
 def test_a_failed_compile_raises_in_the_caller():
     def broken(state, batch, rng):

@@ -292,6 +292,7 @@ def test_gpu_targets_reads_each_figure_against_its_target(tmp_path):
                   cold_start_s=28.0, peak_memory_bytes=3.1e9)
     _gpu_run_json(tmp_path / "bf16_distill_warm.json", images_per_s_median=1090.0, step_ms_median=11.0,
                   cold_start_s=12.5, peak_memory_bytes=3.0e9, images_per_s_pipelined=1234.5)
+    _gpu_run_json(tmp_path / "bf16_distill_warm_sequential.json", cold_start_s=14.3)
     _gpu_run_json(tmp_path / "bf16_distill_nocmdbuf.json", step_ms_median=11.55, step_ms_all=[11.5, 11.6])
     _gpu_run_json(tmp_path / "bf16_nodistill_cold.json", step_ms_median=10.0, peak_memory_bytes=7.0e9)
     _gpu_run_json(tmp_path / "bf16_distill_stride1_cold.json", step_ms_median=12.5)
@@ -315,6 +316,8 @@ def test_gpu_targets_reads_each_figure_against_its_target(tmp_path):
     assert rows["peak device memory, largest of the runs"] == ["7.00 GB", "<= 6.6 GB", "MISSED |"]
     assert rows["cold start (init + compile), empty cache"] == ["28.0 s", "<= 30 s", "met |"]
     assert rows["start (init + compile), warm cache"] == ["12.5 s", "<= 10 s", "MISSED |"]
+    assert rows["start, warm cache, init then compile (bf16_distill_warm_sequential)"] == \
+        ["14.3 s", "(reported)", "- |"]
     assert rows["cold start, no autotuning (bf16_distill_noautotune_cold)"] == ["21.0 s", "(reported)", "- |"]
     assert rows["images/s, bf16, distillation on, no autotuning"] == ["950.0", "(reported)", "- |"]
     assert rows["cold start, autotuning level 1 (bf16_distill_autotune1_cold)"] == ["44.5 s", "(reported)", "- |"]

@@ -11,6 +11,11 @@ cold, most of it autotuning convolutions on the GPU; ~5 s from a warm cache). XL
 reads the persistent cache and runs programs with Python's GIL released, so the step's compile
 on a thread overlaps them; the two traces (Python) still take turns.
 
+The trace's source locations differ from a trace in the caller's thread (the thread's frames):
+with `jax_compilation_cache_include_metadata_in_key` (off by default; gpu.sh sets it) the cache
+key differs too, so whatever compiles a step to share cache entries with this one compiles it
+here (the bench's sequential start starts its AheadStep after the init and waits).
+
 The step is lowered from abstract arguments (`jax.ShapeDtypeStruct`s: their shapes and dtypes
 only, the jitted function's in_shardings place them), so it can start before the state
 exists. Later calls must match them: the compiled executable raises a TypeError naming the
@@ -56,26 +61,20 @@ class AheadStep:
       chooses the state's device layouts, the state is moved into them once (`prepare`, done by
       the first call) and the steps return it in them. A compile whose returned state is laid
       out unlike the donated one is refused (a relayout every step).
-    background: False compiles in the caller's thread, at once (the bench's sequential start).
 
     After `wait()`: `lowered`, `compiled`, `lower_s` and `compile_s` (the thread's own time
     for each), `state_formats` (the compiled step's state formats).
     """
 
-    def __init__(self, jitted: Callable, state: Any, batch: Any, rng: Any, *, relayout: bool = False,
-                 background: bool = True):
+    def __init__(self, jitted: Callable, state: Any, batch: Any, rng: Any, *, relayout: bool = False):
         self.jitted, self.relayout = jitted, relayout
         self.specs = (abstract(state), abstract(batch), abstract(rng))
         self.lowered = self.compiled = self.state_formats = None
         self.lower_s = self.compile_s = None
         self._error: BaseException | None = None
         self._prepared = False
-        if background:
-            self._thread = threading.Thread(target=self._compile, name="xdistill-step-compile")
-            self._thread.start()
-        else:
-            self._thread = None
-            self._compile()
+        self._thread = threading.Thread(target=self._compile, name="xdistill-step-compile")
+        self._thread.start()
 
     def _compile(self) -> None:
         try:
@@ -97,12 +96,11 @@ class AheadStep:
     @property
     def done(self) -> bool:
         """Whether the compile has finished (or failed)."""
-        return self._thread is None or not self._thread.is_alive()
+        return not self._thread.is_alive()
 
     def wait(self):
         """Block until compiled; returns the `jax.stages.Compiled`, or raises what the compile raised."""
-        if self._thread is not None:
-            self._thread.join()
+        self._thread.join()
         if self._error is not None:
             raise self._error
         return self.compiled

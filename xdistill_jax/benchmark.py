@@ -302,16 +302,17 @@ def benchmark_step(config: ml_collections.ConfigDict, *, steps: int = 50, warmup
         tx = train.make_optimizer(config, steps_per_epoch=1000)
         lowered_init = train.lower_init(nets, tx, mesh, init_rng)
         step_fn = train.make_train_step(config, nets, tx, mesh, state_layout=state_layout)
-        start_step = lambda background: AheadStep(  # noqa: E731
-            step_fn, lowered_init.out_info, batch, rng, relayout=state_layout != "default", background=background)
+        start_step = lambda: AheadStep(  # noqa: E731
+            step_fn, lowered_init.out_info, batch, rng, relayout=state_layout != "default")
         if start == "overlapped":  # as the training loop: the step compiles while the init runs
-            ahead = start_step(True)
+            ahead = start_step()
         state = train.create_train_state(nets, tx, mesh, init_rng, lowered=lowered_init)
         _block(state)
         init_s = time.perf_counter() - t0
         say(f"init {init_s:.2f} s")
-        if start == "sequential":
-            ahead = start_step(False)
+        if start == "sequential":  # on the thread too (the same trace, so the same cache key), after
+            ahead = start_step()
+            ahead.wait()
         # "auto" layouts: the state moved into the chosen formats once, inside the start time
         state = ahead.prepare(state)
         _block(state)

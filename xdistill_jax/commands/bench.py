@@ -39,7 +39,7 @@ def add_arguments(parser):
                              "--config.run.state_layout")
     parser.add_argument("--start", choices=("overlapped", "sequential"), default="overlapped",
                         help="overlapped: the step compiles on a background thread while the init "
-                             "runs, as in training; sequential: after it (A/B)")
+                             "runs, as in training; sequential: after the init (A/B)")
     parser.add_argument("--json", default=None, help="write the results here (JSON)")
     parser.add_argument("--profile-dir", default=None,
                         help="trace 5 extra steps per variant with jax.profiler into DIR/<variant> and print "
