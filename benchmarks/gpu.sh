@@ -37,6 +37,7 @@
 #   `train.threefry_kernel_lowering`; an earlier run 8 set JAX_THREEFRY_GPU_KERNEL_LOWERING=1.)
 #   summary.md ends with the targets' table (benchmarks/gpu_targets.py: each figure, its target,
 #   met or MISSED; "not measured" where a run is missing).
+#   OUTDIR/autotune_cache_run1 keeps what run 1's compile autotuned (XLA's per-fusion cache).
 #   Run 2 also traces 5 steps: OUTDIR/profile/*/summary.md says where the device time goes (by
 #   named scope: depth_net, pose_net, warp, reprojection, ..., optimizer; by kind of op; top ops),
 #   with the optimised HLO beside it to look the named ops up in.
@@ -134,6 +135,17 @@ run() {  # name dtype distill [time limit s] [more bench arguments...]
 echo "# GPU train-step benchmark ($(date -u +%F), $("$PY" -c 'import jax; print(jax.devices()[0].device_kind)'))" >"$OUTDIR/summary.md"
 echo "" >>"$OUTDIR/summary.md"
 run bf16_distill_cold bfloat16 on 140
+# What run 1's compile autotuned: XLA's per-fusion autotune cache, which JAX keeps in the
+# compilation cache directory (jax_persistent_cache_enable_xla_caches), one file per autotuned
+# convolution or fusion configuration with the algorithm chosen. Kept with the results (small
+# text files), to set against gpu_aot.py's count of distinct cuDNN configurations (133).
+if [ -d "$CACHE/xla_gpu_per_fusion_autotune_cache_dir" ]; then
+  cp -r "$CACHE/xla_gpu_per_fusion_autotune_cache_dir" "$OUTDIR/autotune_cache_run1"
+  echo "XLA autotune cache entries after run 1: $(find "$OUTDIR/autotune_cache_run1" -type f | wc -l) (OUTDIR/autotune_cache_run1)" \
+    | tee -a "$OUTDIR/summary.md"
+else
+  echo "XLA autotune cache after run 1: none (no autotuning here, or a jax that does not keep it)" | tee -a "$OUTDIR/summary.md"
+fi
 run bf16_distill_warm bfloat16 on 70 --profile-dir "$OUTDIR/profile"
 for f in "$OUTDIR"/profile/*/summary.md; do
   [ -f "$f" ] && { echo "Profile of bf16_distill_warm ($f):"; echo; cat "$f"; echo; } | tee -a "$OUTDIR/summary.md"
