@@ -25,13 +25,18 @@
 #        XLA_FLAGS=--xla_gpu_autotune_level=1: autotuning without initialising, re-initialising
 #        and cross-checking the candidates' buffers (the default is level 4, all three): whether
 #        those checks are a large part of the ~70 s of autotuning, and the step time it picks
-#    11. bf16, distillation on, cold, --config.model.kernel_layout=HWIO: conv kernels stored in
+#    11. as run 6, with --xla_gpu_enable_llvm_module_compilation_parallelism=true: XLA:GPU's
+#        LLVM modules compiled on several threads (off by default; JAX turns it on only with its
+#        kernel cache): what is left of run 6's compile (27.8 s on an H200, 2026-12-04) with the
+#        host's cores. The deviceless H200 compile on a 2-core VM did not change with it
+#        (21.5 vs 21.7 s; benchmarks/gpu_aot.py)
+#    12. bf16, distillation on, cold, --config.model.kernel_layout=HWIO: conv kernels stored in
 #        flax's order, as before 2026-12-04 (OHWI is the default; HWIO took +3.8 % step time on
 #        an H200, 2026-12-04), against run 1; measured once already, so last: the first run
 #        DEADLINE_S cuts
-#   Runs 3-11 are cold starts of their own programs, but XLA's autotuning results live in the
+#   Runs 3-12 are cold starts of their own programs, but XLA's autotuning results live in the
 #   compilation cache directory too (jax_persistent_cache_enable_xla_caches), so where they share
-#   run 1's convolutions they reuse its autotuning: only run 1 (and run 6, which does not
+#   run 1's convolutions they reuse its autotuning: only run 1 (and runs 6 and 11, which do not
 #   autotune, and run 10, which has a cache of its own) times a first compile on a fresh machine.
 #   (The init lowers its random draws to jaxlib's threefry GPU kernel in every run,
 #   `train.threefry_kernel_lowering`; an earlier run 8 set JAX_THREEFRY_GPU_KERNEL_LOWERING=1.)
@@ -50,7 +55,8 @@
 #
 # Run from the repository root:   bash benchmarks/gpu.sh [OUTDIR]
 # (runs that would start after DEADLINE_S seconds, default 540, are skipped and said to be, so a
-# caller's 600 s limit still sees the summary; runs 1-5 are the targets' figures, 6-11 extras).
+# caller's 600 s limit still sees the summary; runs 1-5 are the targets' figures, 2b and 6-12
+# extras).
 # (OUTDIR defaults to $OUT, else ./gpu_bench). It writes OUTDIR/*.json, OUTDIR/*.log and
 # OUTDIR/summary.md (the markdown tables, device named). Copy the figures into
 # benchmarks/RESULTS.md with the date and this command.
@@ -183,6 +189,9 @@ CACHE10="$(mktemp -d "${TMPDIR:-/tmp}/xdistill-gpu-cache10.XXXXXX")"
 trap 'rm -rf "$CACHE" "$CACHE10"' EXIT
 XDISTILL_COMPILATION_CACHE="$CACHE10" XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_autotune_level=1" \
   run bf16_distill_autotune1_cold bfloat16 on 140
+# Run 6 with XLA's LLVM modules compiled on several threads: what is left of the compile.
+XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_autotune_level=0 --xla_gpu_enable_llvm_module_compilation_parallelism=true" \
+  run bf16_distill_noautotune_parallel_cold bfloat16 on 90 --steps 5 --warmup 1
 run bf16_distill_hwio_cold bfloat16 on 120 --config.model.kernel_layout=HWIO
 # The issue's targets, each figure against its target (benchmarks/gpu_targets.py).
 { echo; "$PY" benchmarks/gpu_targets.py "$OUTDIR"; } | tee -a "$OUTDIR/summary.md"

@@ -120,7 +120,7 @@ def target_rows(runs: dict[str, dict], kind: str = TARGET_KIND) -> list[tuple[st
     nocmd = _overhead(runs, "bf16_distill_nocmdbuf", "bf16_distill_cold")
     rows.append(("step time without command buffers (bf16_distill_nocmdbuf) vs run 1",
                  "not measured" if nocmd is None else f"{nocmd:+.1f} %", "(reported)", "-"))
-    # gpu.sh run 11: run 1's step with the conv kernels stored HWIO (flax's order, the default before
+    # gpu.sh run 12: run 1's step with the conv kernels stored HWIO (flax's order, the default before
     # 2026-12-04): the step time OHWI kernels save, as its median step against run 1's
     hwio = _overhead(runs, "bf16_distill_hwio_cold", "bf16_distill_cold")
     rows.append(("step time with HWIO kernels (bf16_distill_hwio_cold) vs run 1",
@@ -130,6 +130,11 @@ def target_rows(runs: dict[str, dict], kind: str = TARGET_KIND) -> list[tuple[st
                  fmt(_get(runs, "bf16_distill_noautotune_cold", "cold_start_s"), " s"), "(reported)", "-"))
     rows.append(("images/s, bf16, distillation on, no autotuning",
                  fmt(_get(runs, "bf16_distill_noautotune_cold", "images_per_s_median"), ""), "(reported)", "-"))
+    # gpu.sh run 11: run 6 with XLA's LLVM modules compiled in parallel, against run 6's compile
+    rows.append(("compile, no autotuning (bf16_distill_noautotune_cold)",
+                 fmt(_get(runs, "bf16_distill_noautotune_cold", "compile_s"), " s"), "(reported)", "-"))
+    rows.append(("compile, no autotuning, parallel LLVM modules (bf16_distill_noautotune_parallel_cold)",
+                 fmt(_get(runs, "bf16_distill_noautotune_parallel_cold", "compile_s"), " s"), "(reported)", "-"))
     # gpu.sh run 10: autotuning at level 1 (no buffer init / re-init / cross-check), empty cache
     rows.append(("cold start, autotuning level 1 (bf16_distill_autotune1_cold)",
                  fmt(_get(runs, "bf16_distill_autotune1_cold", "cold_start_s"), " s"), "(reported)", "-"))

@@ -296,7 +296,9 @@ def test_gpu_targets_reads_each_figure_against_its_target(tmp_path):
     _gpu_run_json(tmp_path / "bf16_distill_nocmdbuf.json", step_ms_median=11.55, step_ms_all=[11.5, 11.6])
     _gpu_run_json(tmp_path / "bf16_nodistill_cold.json", step_ms_median=10.0, peak_memory_bytes=7.0e9)
     _gpu_run_json(tmp_path / "bf16_distill_stride1_cold.json", step_ms_median=12.5)
-    _gpu_run_json(tmp_path / "bf16_distill_noautotune_cold.json", images_per_s_median=950.0, cold_start_s=21.0)
+    _gpu_run_json(tmp_path / "bf16_distill_noautotune_cold.json", images_per_s_median=950.0, cold_start_s=21.0,
+                  compile_s=18.2)
+    _gpu_run_json(tmp_path / "bf16_distill_noautotune_parallel_cold.json", compile_s=9.4)
     _gpu_run_json(tmp_path / "bf16_distill_autotune1_cold.json", images_per_s_median=1010.0, cold_start_s=44.5)
     _gpu_run_json(tmp_path / "bf16_distill_hwio_cold.json", step_ms_median=12.1,
                   step_ms_all=[12.0, 250.4, 12.1], gc_ms_all=[0.0, 231.25, 0.5],
@@ -320,6 +322,9 @@ def test_gpu_targets_reads_each_figure_against_its_target(tmp_path):
         ["14.3 s", "(reported)", "- |"]
     assert rows["cold start, no autotuning (bf16_distill_noautotune_cold)"] == ["21.0 s", "(reported)", "- |"]
     assert rows["images/s, bf16, distillation on, no autotuning"] == ["950.0", "(reported)", "- |"]
+    assert rows["compile, no autotuning (bf16_distill_noautotune_cold)"] == ["18.2 s", "(reported)", "- |"]
+    assert rows["compile, no autotuning, parallel LLVM modules (bf16_distill_noautotune_parallel_cold)"] == \
+        ["9.4 s", "(reported)", "- |"]
     assert rows["cold start, autotuning level 1 (bf16_distill_autotune1_cold)"] == ["44.5 s", "(reported)", "- |"]
     assert rows["images/s, bf16, distillation on, autotuning level 1"] == ["1,010.0", "(reported)", "- |"]
     assert rows["step time with HWIO kernels (bf16_distill_hwio_cold) vs run 1"] == ["+10.0 %", "(reported)", "- |"]
