@@ -92,15 +92,20 @@ def target_rows(runs: dict[str, dict], kind: str = TARGET_KIND) -> list[tuple[st
     def fmt(value, unit, digits=1):
         return "not measured" if value is None else f"{value:,.{digits}f}{unit}"
 
+    def reported(what, run, key, unit):  # one run's figure, no target
+        rows.append((what, fmt(_get(runs, run, key), unit), "(reported)", "-"))
+
+    def reported_vs_run1(what, run):  # one run's median step against run 1's, no target
+        over = _overhead(runs, run, "bf16_distill_cold")
+        rows.append((what, "not measured" if over is None else f"{over:+.1f} %", "(reported)", "-"))
+
     # the warm run times the same program as the cold one; take it when present (no compile noise)
     bf16 = "bf16_distill_warm" if "bf16_distill_warm" in runs else "bf16_distill_cold"
     ips = _get(runs, bf16, "images_per_s_median")
     rows.append((f"images/s, bf16, distillation on ({bf16})", fmt(ips, ""), ">= 1,000", _images_verdict(ips, kind)))
     # the same steps dispatched back to back, one block at the end: what the training loop sees
-    rows.append((f"images/s, bf16, distillation on, steps back to back ({bf16})",
-                 fmt(_get(runs, bf16, "images_per_s_pipelined"), ""), "(reported)", "-"))
-    fp32 = _get(runs, "fp32_distill_cold", "images_per_s_median")
-    rows.append(("images/s, fp32, distillation on", fmt(fp32, ""), "(reported)", "-"))
+    reported(f"images/s, bf16, distillation on, steps back to back ({bf16})", bf16, "images_per_s_pipelined", "")
+    reported("images/s, fp32, distillation on", "fp32_distill_cold", "images_per_s_median", "")
     for what, on, off, limit in OVERHEADS:
         over = _overhead(runs, on, off)
         rows.append((f"distillation's step time, {what}", "not measured" if over is None else f"{over:+.1f} %",
@@ -112,34 +117,29 @@ def target_rows(runs: dict[str, dict], kind: str = TARGET_KIND) -> list[tuple[st
     cold = _get(runs, "bf16_distill_cold", "cold_start_s")
     rows.append(("cold start (init + compile), empty cache", fmt(cold, " s"), "<= 30 s", _verdict(cold, 30.0, False)))
     warm = _get(runs, "bf16_distill_warm", "cold_start_s")
-    rows.append(("start (init + compile), warm cache", fmt(warm, " s"), "<= 10 s", _verdict(warm, 10.0, False)))
-    # gpu.sh run 2b: run 2's warm start with the init, then the compile (the A/B of the overlap)
-    rows.append(("start, warm cache, init then compile (bf16_distill_warm_sequential)",
-                 fmt(_get(runs, "bf16_distill_warm_sequential", "cold_start_s"), " s"), "(reported)", "-"))
+    rows.append(("start (init + compile), warm cache", fmt(warm, " s"), "<= 10 s", _verdict(warm, 10.0, False)))    # gpu.sh run 2b: run 2's warm start with the init, then the compile (the A/B of the overlap)
+    reported("start, warm cache, init then compile (bf16_distill_warm_sequential)",
+             "bf16_distill_warm_sequential", "cold_start_s", " s")
     # gpu.sh run 8: run 1's step without command buffers (CUDA graphs), profiled
-    nocmd = _overhead(runs, "bf16_distill_nocmdbuf", "bf16_distill_cold")
-    rows.append(("step time without command buffers (bf16_distill_nocmdbuf) vs run 1",
-                 "not measured" if nocmd is None else f"{nocmd:+.1f} %", "(reported)", "-"))
+    reported_vs_run1("step time without command buffers (bf16_distill_nocmdbuf) vs run 1", "bf16_distill_nocmdbuf")
     # gpu.sh run 12: run 1's step with the conv kernels stored HWIO (flax's order, the default before
     # 2026-12-04): the step time OHWI kernels save, as its median step against run 1's
-    hwio = _overhead(runs, "bf16_distill_hwio_cold", "bf16_distill_cold")
-    rows.append(("step time with HWIO kernels (bf16_distill_hwio_cold) vs run 1",
-                 "not measured" if hwio is None else f"{hwio:+.1f} %", "(reported)", "-"))
+    reported_vs_run1("step time with HWIO kernels (bf16_distill_hwio_cold) vs run 1", "bf16_distill_hwio_cold")
     # gpu.sh run 6: run 1's step compiled without autotuning (reported: the targets are the default's)
-    rows.append(("cold start, no autotuning (bf16_distill_noautotune_cold)",
-                 fmt(_get(runs, "bf16_distill_noautotune_cold", "cold_start_s"), " s"), "(reported)", "-"))
-    rows.append(("images/s, bf16, distillation on, no autotuning",
-                 fmt(_get(runs, "bf16_distill_noautotune_cold", "images_per_s_median"), ""), "(reported)", "-"))
+    reported("cold start, no autotuning (bf16_distill_noautotune_cold)",
+             "bf16_distill_noautotune_cold", "cold_start_s", " s")
+    reported("images/s, bf16, distillation on, no autotuning", "bf16_distill_noautotune_cold",
+             "images_per_s_median", "")
     # gpu.sh run 11: run 6 with XLA's LLVM modules compiled in parallel, against run 6's compile
-    rows.append(("compile, no autotuning (bf16_distill_noautotune_cold)",
-                 fmt(_get(runs, "bf16_distill_noautotune_cold", "compile_s"), " s"), "(reported)", "-"))
-    rows.append(("compile, no autotuning, parallel LLVM modules (bf16_distill_noautotune_parallel_cold)",
-                 fmt(_get(runs, "bf16_distill_noautotune_parallel_cold", "compile_s"), " s"), "(reported)", "-"))
+    reported("compile, no autotuning (bf16_distill_noautotune_cold)", "bf16_distill_noautotune_cold",
+             "compile_s", " s")
+    reported("compile, no autotuning, parallel LLVM modules (bf16_distill_noautotune_parallel_cold)",
+             "bf16_distill_noautotune_parallel_cold", "compile_s", " s")
     # gpu.sh run 10: autotuning at level 1 (no buffer init / re-init / cross-check), empty cache
-    rows.append(("cold start, autotuning level 1 (bf16_distill_autotune1_cold)",
-                 fmt(_get(runs, "bf16_distill_autotune1_cold", "cold_start_s"), " s"), "(reported)", "-"))
-    rows.append(("images/s, bf16, distillation on, autotuning level 1",
-                 fmt(_get(runs, "bf16_distill_autotune1_cold", "images_per_s_median"), ""), "(reported)", "-"))
+    reported("cold start, autotuning level 1 (bf16_distill_autotune1_cold)",
+             "bf16_distill_autotune1_cold", "cold_start_s", " s")
+    reported("images/s, bf16, distillation on, autotuning level 1", "bf16_distill_autotune1_cold",
+             "images_per_s_median", "")
     return rows
 
 
