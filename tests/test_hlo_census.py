@@ -143,3 +143,25 @@ def test_kernels_of_a_compiled_function():
     assert [k["bytes"] for k in ks if k["scope"] == "optimizer"] == [8000]
     # the reduction reads all of x and writes (at least) the scalar
     assert sum(k["bytes"] for k in ks if k["scope"] == "warp") >= 64 * 128 * 4 + 4
+
+
+def test_collectives_of_a_sharded_program():
+    """collectives: what a program compiled for several devices communicates, async ones once,
+    with the operation each came from; a one-device program has none."""
+    text = """HloModule m
+%region (a: f32[], b: f32[]) -> f32[] {
+  ROOT %add = f32[] add(%a, %b)
+}
+ENTRY %main (p: f32[2,8]) -> f32[8,8] {
+  %p = f32[2,8]{1,0} parameter(0)
+  %all-reduce = f32[2,8]{1,0} all-reduce(%p), replica_groups={{0,1,2,3}}, to_apply=%region, metadata={op_name="jit(f)/transpose(jvp(depth_net))/reduce_sum"}
+  %all-gather-start = (f32[2,8]{1,0}, f32[8,8]{1,0}) all-gather-start(%all-reduce), dimensions={0}, metadata={op_name="jit(f)/jvp(pose_net)/reshape"}
+  ROOT %all-gather-done = f32[8,8]{1,0} all-gather-done(%all-gather-start)
+}
+"""
+    assert hc.collectives(text) == [
+        {"opcode": "all-reduce", "shape": "f32[2,8]{1,0}", "op_name": "jit(f)/transpose(jvp(depth_net))/reduce_sum"},
+        {"opcode": "all-gather", "shape": "(f32[2,8]{1,0}, f32[8,8]{1,0})", "op_name": "jit(f)/jvp(pose_net)/reshape"},
+    ]
+    one_device = jax.jit(lambda x: jnp.sum(x * 2)).lower(jnp.ones((4, 4))).compile().as_text()
+    assert hc.collectives(one_device) == []

@@ -494,3 +494,32 @@ def test_depthnet_gradients_with_the_output_masked_relu(monkeypatch):
     monkeypatch.setattr(resnet, "relu", jax.nn.relu)
     grads_ref = jax.jit(jax.grad(loss))(variables["params"], images, weights)
     assert_leaves_close(grads, grads_ref, 1e-5)
+
+
+def test_batchnorm_groups_are_calls_in_a_row():
+    """`TorchBatchNorm(batch_groups=G)` on G batches interleaved example-major is G calls in a
+    row: each group normalised with its own statistics, the running statistics updated once per
+    group in order (the pose net's two pairs, objective.predict_poses)."""
+    from xdistill_jax.models.resnet import TorchBatchNorm
+
+    groups, b = 3, 4
+    x = jax.random.normal(jax.random.key(0), (b * groups, 5, 7, 6)) * 2.0 + jnp.arange(6.0)
+    x = x + jnp.tile(jnp.arange(groups, dtype=x.dtype), b)[:, None, None, None]  # group g: + g
+    bn = TorchBatchNorm()
+    variables = {"params": {"scale": jnp.linspace(0.5, 1.5, 6), "bias": jnp.linspace(-1.0, 1.0, 6)},
+                 "batch_stats": {"mean": jnp.linspace(-0.3, 0.3, 6), "var": jnp.linspace(0.5, 2.0, 6)}}
+    got, upd = TorchBatchNorm(batch_groups=groups).apply(variables, x, mutable=["batch_stats"])
+    stats, want = variables["batch_stats"], []
+    for g in range(groups):  # group g = rows g, g + G, g + 2G, ...
+        y, u = bn.apply({"params": variables["params"], "batch_stats": stats}, x[g::groups], mutable=["batch_stats"])
+        stats = u["batch_stats"]
+        want.append(y)
+    want = jnp.stack(want, axis=1).reshape(x.shape)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    for k in ("mean", "var"):
+        np.testing.assert_allclose(np.asarray(upd["batch_stats"][k]), np.asarray(stats[k]), rtol=1e-6, atol=1e-7)
+    # the groups' statistics differ, so one 12-example batch would not pass the check above
+    plain = bn.apply(variables, x, mutable=["batch_stats"])[0]
+    assert float(jnp.max(jnp.abs(plain - want))) > 1e-2
+    with pytest.raises(ValueError, match="batch_groups=3 must divide the batch"):
+        TorchBatchNorm(batch_groups=groups).apply(variables, x[:10], mutable=["batch_stats"])

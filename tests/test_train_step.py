@@ -201,10 +201,15 @@ def test_kernel_layouts_train_the_same(runs_by_device_count):
         np.testing.assert_allclose(hwio["batch_stats"][k], v, rtol=0, atol=1e-6, err_msg=k)
 
 
-def test_pose_pairs_in_one_call_match_two_calls_in_a_row(nets_and_vars):
-    """`predict_poses` runs both source pairs as one vmapped pose-net call; it must give what two
-    pose-net calls in a row give (Monodepth2's code): per-pair BatchNorm statistics, and running
-    statistics updated first by the (-1, 0) pair, then by the (0, +1) pair."""
+@pytest.mark.parametrize("devices", [1, None], ids=["one-device vmap", "sharded: interleaved"])
+def test_pose_pairs_in_one_call_match_two_calls_in_a_row(nets_and_vars, devices):
+    """`predict_poses` runs both source pairs as one pose-net call, in either form (a vmap over
+    the pairs for a batch on one device; pairs interleaved with BatchNorm statistics per pair
+    otherwise); it must give what two pose-net calls in a row give (Monodepth2's code):
+    per-pair BatchNorm statistics, and running statistics updated first by the (-1, 0) pair,
+    then by the (0, +1) pair."""
+    from xdistill_jax import platform_forms
+
     _, nets, params, batch_stats = nets_and_vars
     aug = jnp.asarray(make_batch(B, H, W, seed=9)["color_aug"]).astype(jnp.float32) / 255.0
     # running statistics far from their init, so that the order of the two updates shows
@@ -212,7 +217,9 @@ def test_pose_pairs_in_one_call_match_two_calls_in_a_row(nets_and_vars):
 
     @jax.jit
     def both(p, bs, aug):
-        cam_T_cam, new_stats, raw = objective.predict_poses(nets, p, bs, aug, train=True)
+        with platform_forms.target(None, devices=devices):
+            cam_T_cam, new_stats, raw = objective.predict_poses(nets, p, bs, aug, train=True)
+            eval_raw = objective.predict_poses(nets, p, bs, aug, train=False)[2]
         pairs = {-1: jnp.concatenate((aug[:, 0], aug[:, 1]), -1), 1: jnp.concatenate((aug[:, 1], aug[:, 2]), -1)}
         ref_raw, stats, swapped = {}, bs, bs
         for f, pair in pairs.items():  # in order: (-1, 0) first
@@ -222,7 +229,6 @@ def test_pose_pairs_in_one_call_match_two_calls_in_a_row(nets_and_vars):
         for f in (1, -1):  # the wrong order, to show that the tolerance below can tell
             swapped = nets.pose.apply({"params": p, "batch_stats": swapped}, pairs[f], train=True,
                                       mutable=["batch_stats"])[1]["batch_stats"]
-        eval_raw = objective.predict_poses(nets, p, bs, aug, train=False)[2]
         eval_ref = {f: nets.pose.apply({"params": p, "batch_stats": bs}, pair, train=False)
                     for f, pair in pairs.items()}
         return raw, new_stats, ref_raw, stats, swapped, eval_raw, eval_ref
@@ -242,6 +248,38 @@ def test_pose_pairs_in_one_call_match_two_calls_in_a_row(nets_and_vars):
         assert np.any(flat_ref[key] != flat_old[key]), key
         np.testing.assert_allclose(flat_new[key], flat_ref[key], rtol=1e-6, atol=1e-6, err_msg=key)
         assert np.max(np.abs(flat_swapped[key] - flat_ref[key])) > 1e-5, key
+
+
+def _communication(hlo_text):
+    from xdistill_jax import hlo_census
+
+    return sorted({(c["opcode"], c["op_name"].split("/", 1)[-1]) for c in hlo_census.collectives(hlo_text)})
+
+
+def test_sharded_steps_communicate_by_all_reduce_only():
+    """Data parallelism as DESIGN.md decides it: parameters replicated, the batch sharded, every
+    device computing on its own examples. Compiled for 4 devices, the train and eval steps may
+    then only all-reduce (gradients, BatchNorm statistics, loss means). Until 2026-12-05 they
+    all-gathered: the pose net's input and output (its two pairs vmapped in front of the batch
+    axis), the translator's sub-grid batches (sub-grid-major) and, in the gradient, rows of the
+    disparity upsampling's edge padding (`jnp.pad(mode="edge")` slices every axis): every device
+    ran the pose net and the translator on the whole batch."""
+    from xdistill_jax import benchmark
+
+    config = tiny_config(distill_weight=0.1, **{"mesh.num_devices": 4})
+    mesh = train.make_mesh(config)
+    _, compiled, _, _ = benchmark.compile_step(config, mesh)
+    step_ops = _communication(compiled.as_text())
+    assert step_ops and {op for op, _ in step_ops} == {"all-reduce"}, step_ops
+
+    nets = Networks.from_config(config)
+    state, _ = train.abstract_train_state(nets, train.make_optimizer(config, 100), mesh)
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=train.batch_sharding(mesh))
+             for k, v in benchmark.config_batch(config).items()}
+    rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=train.replicated(mesh))
+    eval_step = train.make_eval_step(config, nets, mesh)
+    eval_ops = _communication(eval_step.lower(state.params, state.batch_stats, batch, rng).compile().as_text())
+    assert {op for op, _ in eval_ops} <= {"all-reduce"}, eval_ops
 
 
 def test_lambda_zero_is_exactly_monodepth2(nets_and_vars):

@@ -322,9 +322,12 @@ def _resize_axis(x, axis: int, out_size: int):
     # relative to k for every k, so each phase p is two shifted slices of the edge-padded input and
     # the phases interleave by a reshape. Unlike a gather, its gradient needs no scatter-add.
     f = out_size // in_size
-    pad = [(0, 0)] * x.ndim
-    pad[axis] = (1, 1)
-    xp = jnp.pad(x, pad, mode="edge")  # xp[j] = x[clip(j - 1, 0, n - 1)]
+    # xp[j] = x[clip(j - 1, 0, n - 1)]. Not jnp.pad(mode="edge"): it slices and concatenates
+    # along every axis, the batch too, and its gradient then shifts rows between the devices a
+    # sharded batch lives on (collective-permutes).
+    n = x.shape[axis]
+    xp = jnp.concatenate([jax.lax.slice_in_dim(x, 0, 1, axis=axis), x,
+                          jax.lax.slice_in_dim(x, n - 1, n, axis=axis)], axis=axis)
     phases = []
     for p in range(f):
         offset = np.float32((p + 0.5) / f - 0.5)  # source position of output k*f + p, minus k

@@ -37,6 +37,12 @@ weight gradients, 1.5 ms each of a 23 ms step on an H200 (benchmarks/RESULTS.md,
 
 Straight-line programs only: an entry computation with a `while`, `conditional` or `call`
 raises (the kernels of their bodies would run an unknown number of times).
+
+**Collectives** (`collectives`): the cross-device communication of a program compiled for a
+mesh of several devices (all-reduce, all-gather, ...), anywhere in the module, with the
+operation each came from. A data-parallel step with replicated parameters needs only
+all-reduces (gradients, BatchNorm statistics, loss means); an all-gather there means some part
+of the step ran on the whole batch on every device (tests/test_train_step.py).
 """
 
 from __future__ import annotations
@@ -52,6 +58,8 @@ BYTES_PER_ELEMENT = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, 
                      "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1, "token": 0}
 NO_WORK = ("parameter", "constant", "tuple", "get-tuple-element", "bitcast")
 NOT_STRAIGHT = ("while", "conditional", "call")
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute",
+               "collective-broadcast", "ragged-all-to-all")
 MAX_WINDOW = 7
 
 _ARRAY_RE = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]")
@@ -105,6 +113,26 @@ def split_definition(rhs: str) -> tuple[str, str, str]:
         if depth == 0:
             break
     return shape, match.group(1), rest[start + 1:i]
+
+
+def collectives(hlo_text: str) -> list[dict[str, str]]:
+    """The collectives of a compiled program, anywhere in the module, in text order: {"opcode"
+    (without an async "-start"), "shape", "op_name" (the operation of the jaxpr it came from,
+    "" if none)}. An async collective counts once (its "-start"; "-done" is skipped)."""
+    out = []
+    for line in hlo_text.splitlines():
+        match = _DEF_RE.match(line)
+        if match is None or not any(c in line for c in COLLECTIVES):
+            continue
+        try:
+            shape, opcode, _ = split_definition(match.group(2))
+        except ValueError:
+            continue
+        base = opcode[:-len("-start")] if opcode.endswith("-start") else opcode
+        if base in COLLECTIVES:
+            op_name = re.search(r'op_name="([^"]*)"', line)
+            out.append({"opcode": base, "shape": shape, "op_name": op_name.group(1) if op_name else ""})
+    return out
 
 
 def entry_lines(hlo_text: str) -> list[str]:

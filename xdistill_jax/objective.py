@@ -16,9 +16,10 @@ Networks and their inputs follow the original code (reference §1, §3.3):
 - the depth net runs once, on the colour-augmented target frame `color_aug[:, 1]`;
 - the pose net runs once PER SOURCE PAIR, batch B each, frames in temporal order:
   (I-1, I0) for f = -1 (its transform is inverted: the net predicts -1 -> 0, we need 0 -> -1)
-  and (I0, I+1) for f = +1. Both calls are one `vmap` over the pair axis (`predict_poses`):
-  each pair still gets its own BatchNorm statistics over its B examples (one 2B batch would
-  change them), and the running statistics are updated as by two calls in a row, as in torch.
+  and (I0, I+1) for f = +1. Both calls are one call on the 2B pairs (`predict_poses`, a form
+  for one device and one for a sharded batch): each pair still gets its own BatchNorm
+  statistics over its B examples (one plain 2B batch would change them), and the running
+  statistics are updated as by two calls in a row, as in torch.
 - all losses use the un-augmented `color` frames; uint8 is divided by 255 in float32.
 
 Parameter and state layout (dicts, so optax and orbax see plain pytrees):
@@ -36,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from xdistill_jax import distillation, geometry, losses, semantics
+from xdistill_jax import distillation, geometry, losses, platform_forms, semantics
 from xdistill_jax.models.resnet import BN_MOMENTUM
 
 FRAMES = (-1, 0, 1)  # order of the frame axis in batch["color"] / ["color_aug"]
@@ -129,33 +130,60 @@ def predict_poses(nets: Networks, params, batch_stats, color_aug, train: bool):
     color_aug: (B,3,H,W,3) float32 in [0,1], frames (-1, 0, +1).
     Returns (cam_T_cam, new pose batch_stats, {frame: (axisangle, translation)}).
 
-    The two pairs go through one `vmap`ped call (one set of convolutions over 2B images, traced
-    and compiled once) with the values of two separate calls: under `vmap` every BatchNorm takes
-    its mean and variance over one pair's B examples. Torch updates the running statistics
-    twice, r1 = m r0 + (1-m) s1, then r2 = m r1 + (1-m) s2; the vmapped call starts from zero
-    running statistics, so it returns each pair's own term (1-m) s_i, and r2 is assembled from
-    them in that order, the same operations as two calls in a row.
+    The two pairs go through one call (one set of convolutions over 2B images, traced and
+    compiled once) with the values of two separate calls: BatchNorm takes its mean and variance
+    over one pair's B examples, and the running statistics are updated once per pair in order,
+    r1 = m r0 + (1-m) s1, then r2 = m r1 + (1-m) s2, as torch's two calls in a row. Two forms:
+    - the batch on one device (`platform_forms.batch_devices() == 1`): a `vmap` over a leading
+      pair axis. Each pair's call starts from zero running statistics and returns its own
+      term (1-m) s_i; r2 is assembled from them in that order.
+    - otherwise (a batch sharded over devices, or unknown): the pairs interleaved example-major,
+      row 2b + i = example b's pair i, and the pose net's BatchNorms take `batch_groups=2`
+      (`TorchBatchNorm`). Each device then runs the pose net on its own examples. The vmap's
+      convolutions merge the pair axis in front of the sharded batch axis, which XLA's
+      partitioner could only do by gathering the whole batch onto every device: every device
+      ran the pose net on the global batch (until 2026-12-05). On one device the vmap is kept:
+      its BatchNorm reductions are XLA:GPU's plain ones, where statistics per interleaved group
+      moved 0.75 GB more per bf16 step on the H200 target (benchmarks/RESULTS.md), and the CPU's
+      step stays the one the demo's figures were measured with.
     """
-    prev, cur, nxt = color_aug[:, 0], color_aug[:, 1], color_aug[:, 2]
-    pairs = jnp.stack([jnp.concatenate((prev, cur), axis=-1), jnp.concatenate((cur, nxt), axis=-1)])
-    if train:
-        zeros = jax.tree.map(jnp.zeros_like, batch_stats)
+    b = color_aug.shape[0]
+    if platform_forms.batch_devices() == 1:
+        prev, cur, nxt = color_aug[:, 0], color_aug[:, 1], color_aug[:, 2]
+        pairs = jnp.stack([jnp.concatenate((prev, cur), axis=-1), jnp.concatenate((cur, nxt), axis=-1)])
+        if train:
+            zeros = jax.tree.map(jnp.zeros_like, batch_stats)
 
-        def one_pair(x):
-            out, updates = nets.pose.apply({"params": params, "batch_stats": zeros}, x, train=True,
-                                           mutable=["batch_stats"])
-            return out, updates["batch_stats"]
+            def one_pair(x):
+                out, updates = nets.pose.apply({"params": params, "batch_stats": zeros}, x, train=True,
+                                               mutable=["batch_stats"])
+                return out, updates["batch_stats"]
 
-        (axisangles, translations), terms = jax.vmap(one_pair)(pairs)
-        m = BN_MOMENTUM
-        stats = jax.tree.map(lambda r0, t: m * (m * r0 + t[0]) + t[1], batch_stats, terms)
+            (axisangles, translations), terms = jax.vmap(one_pair)(pairs)
+            m = BN_MOMENTUM
+            stats = jax.tree.map(lambda r0, t: m * (m * r0 + t[0]) + t[1], batch_stats, terms)
+        else:
+            axisangles, translations = jax.vmap(
+                lambda x: nets.pose.apply({"params": params, "batch_stats": batch_stats}, x, train=False))(pairs)
+            stats = batch_stats
+        by_pair = [(axisangles[i], translations[i]) for i in range(2)]
     else:
-        axisangles, translations = jax.vmap(
-            lambda x: nets.pose.apply({"params": params, "batch_stats": batch_stats}, x, train=False))(pairs)
-        stats = batch_stats
+        # (B, 2, H, W, 6): pair 0 = frames (-1, 0), pair 1 = frames (0, +1), earlier frame first
+        pairs = jnp.concatenate((color_aug[:, :2], color_aug[:, 1:]), axis=-1)
+        pairs = pairs.reshape((2 * b,) + pairs.shape[2:])
+        pose = nets.pose.clone(batch_groups=2)
+        variables = {"params": params, "batch_stats": batch_stats}
+        if train:
+            (axisangles, translations), updates = pose.apply(variables, pairs, train=True, mutable=["batch_stats"])
+            stats = updates["batch_stats"]
+        else:
+            axisangles, translations = pose.apply(variables, pairs, train=False)
+            stats = batch_stats
+        axisangles, translations = axisangles.reshape(b, 2, -1), translations.reshape(b, 2, -1)
+        by_pair = [(axisangles[:, i], translations[:, i]) for i in range(2)]
     cam_T_cam, raw = {}, {}
-    for i, f in enumerate((-1, 1)):
-        axisangle, translation = axisangles[i].astype(jnp.float32), translations[i].astype(jnp.float32)
+    for (axisangle, translation), f in zip(by_pair, (-1, 1)):
+        axisangle, translation = axisangle.astype(jnp.float32), translation.astype(jnp.float32)
         raw[f] = (axisangle, translation)
         cam_T_cam[f] = geometry.pose_from_axisangle(axisangle, translation, invert=(f < 0))
     return cam_T_cam, stats, raw

@@ -16,6 +16,10 @@ and carries them through autodiff and vmap as a `cond` on the platform: that was
 the train step's tracing, time every cold start pays (ResNet-18, 640x192, idle 2-core VM:
 traced and lowered for its CPU in 4.0 -> 2.2 s, for an H100 target 4.6 -> 2.6 s;
 benchmarks/RESULTS.md).
+
+`target` also carries the number of devices the step's batch is sharded over
+(`batch_devices`), for a piece whose best form on one device is not one a partitioned batch
+can keep (the pose net's two source pairs, `objective.predict_poses`).
 """
 
 from __future__ import annotations
@@ -27,22 +31,32 @@ from typing import Callable
 import jax
 
 _TARGET: contextvars.ContextVar[str | None] = contextvars.ContextVar("xdistill_target_platform", default=None)
+_DEVICES: contextvars.ContextVar[int | None] = contextvars.ContextVar("xdistill_batch_devices", default=None)
 
 
 @contextlib.contextmanager
-def target(platform: str | None):
+def target(platform: str | None, devices: int | None = None):
     """Within the block, `choose` applies the form for `platform` ("cpu", "gpu", "cuda", "rocm",
     "tpu", ...: the CPU's form for "cpu", the other one for anything else); None: decided at
     lowering again. Per thread (a context variable), so a trace elsewhere is not affected.
 
     JAX's trace caches do not see it: a function jitted once and traced outside the block
     keeps that trace inside it. Enter the block inside the function that is traced, as the
-    train and eval steps do (their bodies are fresh closures per step built)."""
-    token = _TARGET.set(platform)
+    train and eval steps do (their bodies are fresh closures per step built).
+
+    `devices`: how many devices the batch is sharded over (`batch_devices`); None: unknown."""
+    token, devices_token = _TARGET.set(platform), _DEVICES.set(devices)
     try:
         yield
     finally:
+        _DEVICES.reset(devices_token)
         _TARGET.reset(token)
+
+
+def batch_devices() -> int | None:
+    """The number of devices the batch of the step being traced is sharded over (`target`'s
+    `devices`); None outside a `target` block or where it was not given."""
+    return _DEVICES.get()
 
 
 def choose(*args, cpu: Callable, default: Callable):

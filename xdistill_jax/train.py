@@ -309,7 +309,8 @@ def make_train_step(config: ml_collections.ConfigDict, nets: Networks, tx, mesh:
     platform = mesh_platform(mesh)
 
     def train_step(state: TrainState, batch, rng):
-        with platform_forms.target(platform):  # each piece's form for the mesh's platform, in Python
+        # each piece's form for the mesh's platform and device count, chosen in Python
+        with platform_forms.target(platform, devices=mesh.size):
             return _train_step(state, batch, rng)
 
     def _train_step(state: TrainState, batch, rng):
@@ -354,7 +355,7 @@ def make_eval_step(config: ml_collections.ConfigDict, nets: Networks, mesh: Mesh
     platform = mesh_platform(mesh)
 
     def eval_step(params, batch_stats, batch, rng):
-        with platform_forms.target(platform):
+        with platform_forms.target(platform, devices=mesh.size):
             _, (_, metrics) = objective.loss_fn(nets, config, params, batch_stats, batch, rng, train=False)
         return metrics
 

@@ -105,12 +105,14 @@ def conv_nhwc(x, kernel, layout: str, strides=(1, 1), padding: Any = "SAME",
     x = jax.lax.pad(x, jnp.zeros((), x.dtype),
                     ((0, 0, 0), (plh, phh + eh, 0), (plw, phw + ew, 0), (0, 0, 0)))
     hq, wq = (hp + eh) // dh, (wp + ew) // dw
-    x = x.reshape(b, hq, dh, wq, dw, c).transpose(2, 4, 0, 1, 3, 5).reshape(dh * dw * b, hq, wq, c)
+    # example-major (b, dh, dw): each example's sub-grids stay with it, so a batch sharded over
+    # devices stays sharded (sub-grid-major needed an all-gather of the whole batch)
+    x = x.reshape(b, hq, dh, wq, dw, c).transpose(0, 2, 4, 1, 3, 5).reshape(b * dh * dw, hq, wq, c)
     y = jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID",
                                      dimension_numbers=("NHWC", layout, "NHWC"),
                                      precision=precision)
     _, oh, ow, f = y.shape
-    y = y.reshape(dh, dw, b, oh, ow, f).transpose(2, 3, 0, 4, 1, 5).reshape(b, oh * dh, ow * dw, f)
+    y = y.reshape(b, dh, dw, oh, ow, f).transpose(0, 3, 1, 4, 2, 5).reshape(b, oh * dh, ow * dw, f)
     return y[:, :out_h, :out_w]
 
 

@@ -53,17 +53,22 @@ class PoseNet(nn.Module):
     Returns the first of the decoder's two transforms, as Monodepth2 uses it; turn it into a
     matrix with ``geometry.pose_from_axisangle(axisangle, translation, invert=(frame < 0))``.
     Variables: {"params": {"encoder", "decoder"}, "batch_stats": {"encoder"}}.
+
+    `batch_groups` G > 1: the batch holds G batches of pairs interleaved example-major, each
+    normalised with its own BatchNorm statistics, as G calls in a row (`TorchBatchNorm`).
     """
 
     num_layers: int = 18
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     kernel_layout: str = "OHWI"  # conv kernels' storage (models/conv.py); "HWIO" for old checkpoints
+    batch_groups: int = 1
 
     @nn.compact
     def __call__(self, pair, train: bool = False) -> tuple[jax.Array, jax.Array]:
         features = ResNetEncoder(self.num_layers, 2, dtype=self.dtype, param_dtype=self.param_dtype,
-                                 kernel_layout=self.kernel_layout, name="encoder")(pair, train=train)
+                                 kernel_layout=self.kernel_layout, batch_groups=self.batch_groups,
+                                 name="encoder")(pair, train=train)
         axisangle, translation = PoseDecoder(2, dtype=self.dtype, param_dtype=self.param_dtype,
                                              kernel_layout=self.kernel_layout, name="decoder")(features[-1])
         return axisangle[:, 0, 0], translation[:, 0, 0]

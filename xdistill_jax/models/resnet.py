@@ -22,7 +22,9 @@ Variable names mirror torchvision's so `xdistill_jax.convert` can map them one t
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 from typing import Any, Callable
 
 import jax
@@ -45,17 +47,49 @@ INPUT_STD = 0.225
 BN_MOMENTUM = 0.9  # weight of the old running value in every BatchNorm here: torch momentum 0.1
 
 
+@dataclasses.dataclass(frozen=True)
+class GroupedBatch:
+    """Moments' `axes` for a batch of `groups` batches interleaved example-major (row r is of
+    group r % groups, `TorchBatchNorm.batch_groups`): statistics per group and channel, (G, C),
+    summed per example first, then per group (each reduction one XLA reduces in a single
+    kernel; one over the group axis in the middle of (B, G, H, W, C) is not), and `rows` gives
+    each row its group's statistic, (N, 1, 1, C), to broadcast against the activations
+    (`_expand`). Its gradient still moves more than a plain BatchNorm's on a GPU: one bf16
+    pose-encoder layer (24x24x80x128) 272 MB against 107 MB (benchmarks/RESULTS.md)."""
+
+    groups: int
+
+    def mean(self, v):
+        rows, channels = v.shape[0], v.shape[-1]
+        per_example = jnp.sum(v, axis=tuple(range(1, v.ndim - 1)))  # (N, C)
+        per_group = jnp.sum(per_example.reshape(rows // self.groups, self.groups, channels), axis=0)
+        return per_group / ((rows // self.groups) * math.prod(v.shape[1:-1]))
+
+    def rows(self, stat, x):
+        per_row = jnp.tile(stat, (x.shape[0] // self.groups, 1))  # row r: group r % groups
+        return per_row.reshape((x.shape[0],) + (1,) * (x.ndim - 2) + (stat.shape[-1],))
+
+
+def _mean(v, axes):
+    return axes.mean(v) if isinstance(axes, GroupedBatch) else jnp.mean(v, axis=axes)
+
+
+def _expand(stat, axes, x):
+    """A statistic as it broadcasts against `x`: per row for `GroupedBatch`, else as it is."""
+    return axes.rows(stat, x) if isinstance(axes, GroupedBatch) else stat
+
+
 def _moments_two_pass(x, shift, axes):
     del shift
-    mean = jnp.mean(x, axis=axes)
-    return mean, jnp.mean(jnp.square(x - mean), axis=axes)
+    mean = _mean(x, axes)
+    return mean, _mean(jnp.square(x - _expand(mean, axes, x)), axes)
 
 
 def _moments_shifted(x, shift, axes):
     # E[(x-K)^2] - E[x-K]^2: one pass over the activation (both sums fuse into one reduction)
     xs = x - shift
-    m = jnp.mean(xs, axis=axes)
-    return m + shift, jnp.maximum(jnp.mean(jnp.square(xs), axis=axes) - jnp.square(m), 0.0)
+    m = _mean(xs, axes)
+    return m + shift, jnp.maximum(_mean(jnp.square(xs), axes) - jnp.square(m), 0.0)
 
 
 def _normalise(x, mean, var, scale, bias, epsilon: float):
@@ -65,14 +99,15 @@ def _normalise(x, mean, var, scale, bias, epsilon: float):
 
 def _batch_norm_train(x, shift, scale, bias, *, axes, epsilon: float, moments):
     mean, var = moments(x, shift, axes)
-    return _normalise(x, mean, var, scale, bias, epsilon), mean, var
+    return _normalise(x, _expand(mean, axes, x), _expand(var, axes, x), scale, bias, epsilon), mean, var
 
 
 def _batch_norm(x, shift, scale, bias, *, axes, epsilon: float):
     """(normalised x, batch mean, biased batch variance) over `axes`: the moments two-pass on
     the CPU and shifted one-pass elsewhere (`TorchBatchNorm`'s docstring). `shift` is a
     per-channel constant near the mean. The whole normalisation is in each branch: with only the
-    moments there, XLA:CPU fused the step differently and rounded it differently."""
+    moments there, XLA:CPU fused the step differently and rounded it differently. `axes`: a
+    tuple, or `GroupedBatch` for statistics per group ((G, C) moments)."""
     branch = functools.partial(_batch_norm_train, axes=axes, epsilon=epsilon)
     return platform_forms.choose(x, shift, scale, bias,
                                  cpu=functools.partial(branch, moments=_moments_two_pass),
@@ -99,12 +134,19 @@ class TorchBatchNorm(nn.Module):
     Statistics and the affine transform are computed in float32; the result is cast to `dtype`.
 
     Under `jit` with the batch sharded over devices, the means are over the global batch.
+
+    `batch_groups` G > 1: the batch holds G batches interleaved example-major (row b * G + g is
+    example b of batch g), normalised each with its own statistics, and the running statistics
+    are updated G times in batch order: what G calls in a row do, in one call. Monodepth2's pose
+    encoder runs once per source pair; its two pairs go through one call this way
+    (`objective.predict_poses`), so that a batch sharded over devices stays sharded.
     """
 
     use_running_average: bool = False
     momentum: float = BN_MOMENTUM
     epsilon: float = 1e-5
     use_fast_variance: bool = False
+    batch_groups: int = 1
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     scale_init: Callable = nn.initializers.ones
@@ -121,6 +163,8 @@ class TorchBatchNorm(nn.Module):
         xf = x.astype(jnp.float32)
         if self.use_running_average:
             return _normalise(xf, ra_mean.value, ra_var.value, scale, bias, self.epsilon).astype(self.dtype)
+        if self.batch_groups != 1:
+            return self._grouped(xf, ra_mean, ra_var, scale, bias)
         axes = tuple(range(x.ndim - 1))
         if self.use_fast_variance:
             y, mean, var = _batch_norm_train(xf, jnp.zeros((features,), jnp.float32), scale, bias, axes=axes,
@@ -133,6 +177,25 @@ class TorchBatchNorm(nn.Module):
             unbiased = var * (n / max(n - 1, 1))
             ra_mean.value = self.momentum * ra_mean.value + (1.0 - self.momentum) * mean
             ra_var.value = self.momentum * ra_var.value + (1.0 - self.momentum) * unbiased
+        return y.astype(self.dtype)
+
+    def _grouped(self, xf, ra_mean, ra_var, scale, bias):
+        """Training-mode normalisation with statistics per group (`batch_groups`)."""
+        groups, features = self.batch_groups, xf.shape[-1]
+        if groups < 1 or xf.shape[0] % groups:
+            raise ValueError(f"TorchBatchNorm: batch_groups={groups} must divide the batch, got shape {xf.shape}")
+        axes = GroupedBatch(groups)
+        if self.use_fast_variance:
+            y, mean, var = _batch_norm_train(xf, jnp.zeros((features,), jnp.float32), scale, bias, axes=axes,
+                                             epsilon=self.epsilon, moments=_moments_shifted)
+        else:
+            y, mean, var = _batch_norm(xf, jax.lax.stop_gradient(ra_mean.value), scale, bias, axes=axes,
+                                       epsilon=self.epsilon)
+        if not self.is_initializing():
+            n = xf.size // (groups * features)
+            for g in range(groups):  # as `groups` calls in a row
+                ra_mean.value = self.momentum * ra_mean.value + (1.0 - self.momentum) * mean[g]
+                ra_var.value = self.momentum * ra_var.value + (1.0 - self.momentum) * (var[g] * (n / max(n - 1, 1)))
         return y.astype(self.dtype)
 
 
@@ -310,6 +373,7 @@ class ResNetEncoder(nn.Module):
     param_dtype: Any = jnp.float32
     norm: ModuleDef = TorchBatchNorm
     kernel_layout: str = "OHWI"  # models/conv.py: OHWI, or HWIO (flax's; the teacher's, old checkpoints)
+    batch_groups: int = 1  # > 1: BatchNorm statistics per interleaved group (TorchBatchNorm's)
 
     @nn.compact
     def __call__(self, images, train: bool = False) -> list[jax.Array]:
@@ -329,6 +393,7 @@ class ResNetEncoder(nn.Module):
         norm = functools.partial(
             self.norm, use_running_average=not train, momentum=BN_MOMENTUM, epsilon=1e-5,
             dtype=self.dtype, param_dtype=self.param_dtype,
+            **({"batch_groups": self.batch_groups} if self.batch_groups != 1 else {}),
         )
 
         x = (images.astype(jnp.float32) - INPUT_MEAN) / INPUT_STD
