@@ -21,7 +21,11 @@ distillation on/off) this prints what the compiled program is, not how fast it r
   * bytes moved per step (an estimate, see hlo_census) and the memory roofline: bytes /
     bandwidth of the target, a lower bound on the step time of a memory-bound step, and the
     images/s it would allow (XLA's cost analysis, hence FLOPs, is not available from the
-    compile-only client; `xdistill bench` reports FLOPs where the step runs).
+    compile-only client; `xdistill bench` reports FLOPs where the step runs);
+  * with `--devices N` (N GPUs of the target, the batch sharded over them; give the global
+    batch, e.g. `--config.optim.batch_size=48` for 12 per GPU): the figures are one GPU's, and
+    its collectives are counted by kind (`hlo_census.collectives`). A data-parallel step
+    should only all-reduce: an all-gather means every GPU computes something on the whole batch.
 
 Only a run on the device measures time (benchmarks/gpu.sh). The CUDA plugin is needed, not a GPU,
 a driver or cuDNN: `JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1` (set here) skips the plugin's check for the
@@ -31,6 +35,7 @@ CUDA libraries; ptxas must be on PATH (CUDA toolkit) or in the pip nvidia-cuda-n
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
 import os
@@ -122,13 +127,16 @@ def measure(config, mesh, facts: dict, *, seed: int = 0, hlo_path: str | None = 
         "copies": sum(1 for k in kernels if k["kind"] == "copy/transpose"),
         "wide_convolutions": len(summary["wide_convolutions"]),
         "bytes": summary["bytes"], "roofline_ms": summary["roofline_ms"],
-        "roofline_images_per_s": batch / (summary["roofline_ms"] / 1e3),
+        "roofline_images_per_s": batch / (summary["roofline_ms"] / 1e3),  # the devices in parallel
+        "collectives": dict(collections.Counter(c["opcode"] for c in hlo_census.collectives(compiled.as_text()))),
         "census": summary,
     }
 
 
 def table(rows: list[dict], facts: dict) -> str:
-    out = [f"Train step compiled for {facts['device']} on this host (deviceless; nothing ran on a GPU)", "",
+    devices = rows[0].get("devices", 1) if rows else 1
+    per = f", {devices} of them, figures per GPU, batch global" if devices > 1 else ""
+    out = [f"Train step compiled for {facts['device']}{per} on this host (deviceless; nothing ran on a GPU)", "",
            "| variant | batch | HxW | compile s | init compile s | memory GB (XLA) | kernels | fusions | cuDNN/cuBLAS "
            "| copies | GB moved/step (est.) | memory roofline ms | images/s at roofline |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -164,6 +172,7 @@ def main() -> None:
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--hlo-dir", default=None, help="write each variant's optimised HLO text here")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--devices", type=int, default=1, help="GPUs of the target the batch is sharded over")
     p.add_argument("--state-layout", choices=config_defaults.STATE_LAYOUTS, default="default",
                    help="auto: the train state's layouts chosen by XLA (train.make_train_step)")
     args, overrides = p.parse_known_args()
@@ -179,18 +188,19 @@ def main() -> None:
     target = open(args.target_config).read() if args.target_config else TARGETS[args.target]
     facts = target_facts(target)
     try:
-        topology = topologies.get_topology_desc(platform="cuda", target_config=target, topology="1x1x1")
+        topology = topologies.get_topology_desc(platform="cuda", target_config=target,
+                                                topology=f"1x1x{args.devices}")
     except NotImplementedError as e:
         raise SystemExit(f"gpu_aot: no CUDA compiler in this jax ({e}); install jax-cuda13-plugin and "
                          f"jax-cuda13-pjrt of jax's version ({jax.__version__})") from e
-    mesh = topologies.make_mesh(topology, (1,), ("data",))
-    base = config_utils.config_from_args(args.config, overrides + ["--config.mesh.num_devices=1"])
+    mesh = topologies.make_mesh(topology, (args.devices,), ("data",))
+    base = config_utils.config_from_args(args.config, overrides + [f"--config.mesh.num_devices={args.devices}"])
     chosen = benchmark.variants(args.dtypes, [x == "on" for x in args.distill])
     rows = []
     for variant in chosen:
         config = benchmark.variant_config(base, variant)
         name = dataclasses.replace(variant, state_layout=args.state_layout).name
-        row = {"variant": name, "batch": config.optim.batch_size,
+        row = {"variant": name, "batch": config.optim.batch_size, "devices": args.devices,
                "hw": f"{config.data.height}x{config.data.width}"}
         hlo_path = None
         if args.hlo_dir:
@@ -204,6 +214,8 @@ def main() -> None:
               f"{row['library_configs']} distinct cuDNN/cuBLAS configurations to autotune, "
               f"{row['bytes'] / 1e9:.2f} GB moved/step (est.), memory {row['memory_bytes'] / 1e9:.2f} GB, "
               f"{row['wide_convolutions']} wide convolutions (hlo_census: slow on the device, cheap in bytes)"
+              + (f"; collectives per step: {', '.join(f'{n} {op}' for op, n in sorted(row['collectives'].items())) or 'none'}"
+                 if args.devices > 1 else "")
               + "".join(f"; {k['name']} ({k['scope']}, {k['pass']}) {'x'.join(map(str, k['window']))}"
                         for k in row["census"]["wide_convolutions"]), flush=True)
         if args.scopes:

@@ -258,14 +258,51 @@ def test_core_imports_without_tfds_and_grain():
     assert "core imports without TFDS and grain" in proc.stdout
 
 
+@pytest.mark.parametrize("script", ["gpu_aot.py", "tpu_aot.py"])
 @pytest.mark.parametrize("flag, value", [("--dtypes", "bf16"), ("--distill", "yes"), ("--dtypes", "")])
-def test_gpu_aot_names_a_bad_variant_flag(flag, value):
-    """benchmarks/gpu_aot.py rejects an unknown dtype or distill value before importing jax,
-    naming the flag and what it accepts (it used to fail deep in the config with a KeyError)."""
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_aot.py"), f"{flag}={value}"],
+def test_aot_scripts_name_a_bad_variant_flag(script, flag, value):
+    """benchmarks/gpu_aot.py and tpu_aot.py reject an unknown dtype or distill value before
+    importing jax, naming the flag and what it accepts (gpu_aot used to fail deep in the config
+    with a KeyError)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), f"{flag}={value}"],
                           capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert proc.returncode == 2, proc.stderr
     assert f"argument {flag}: expected a comma list of" in proc.stderr, proc.stderr
+
+
+def test_tpu_aot_without_libtpu_says_what_to_install():
+    """Without libtpu (the test environment has none) tpu_aot stops at the topology, naming it
+    and the package, before compiling anything."""
+    import importlib.util
+
+    if importlib.util.find_spec("libtpu") is not None:
+        pytest.skip("libtpu is installed here")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tpu_aot.py"), "--topology", "v5e:2x2"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 1, proc.stderr
+    assert "tpu_aot: no TPU topology 'v5e:2x2'" in proc.stderr and "libtpu" in proc.stderr, proc.stderr
+
+
+def test_aot_tables_say_per_device_figures():
+    """The deviceless tables of a multi-device target say that their figures are one device's
+    and list the collectives (what benchmarks/RESULTS.md quotes)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_aot
+        import tpu_aot
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    row = {"variant": "bf16 distill=on", "batch": 12, "hw": "192x640", "compile_s": 185.8,
+           "memory_bytes": 2.67e9, "flops": 3.46e11, "bytes_accessed": 1.62e12, "collectives": {"all-reduce": 35}}
+    text = tpu_aot.table([row], "TPU v5 lite", 4)
+    assert "4 x TPU v5 lite" in text and "figures per chip, batch global" in text
+    assert "| bf16 distill=on | 12 | 192x640 | 185.8 | 2.67 | 346 | 1620 | 35 all-reduce |" in text
+    assert "| none |" in tpu_aot.table([{**row, "collectives": {}}], "TPU v5 lite", 4)
+    gpu_row = {"variant": "bf16 distill=on", "batch": 48, "hw": "192x640", "compile_s": 22.2, "init_compile_s": 4.0,
+               "memory_bytes": 2.71e9, "kernels": 1803, "fusions": 1439, "library_calls": 190, "copies": 20,
+               "bytes": 19.4e9, "roofline_ms": 4.04, "roofline_images_per_s": 11881, "devices": 4}
+    assert "NVIDIA H200, 4 of them, figures per GPU, batch global" in gpu_aot.table([gpu_row], {"device": "NVIDIA H200"})
+    assert "4 of them" not in gpu_aot.table([{**gpu_row, "devices": 1}], {"device": "NVIDIA H200"})
 
 
 def _gpu_run_json(path, device="NVIDIA H100 80GB HBM3", **result):

@@ -192,6 +192,24 @@ def test_upsample_bilinear(ref):
         np.testing.assert_allclose(up, nhwc(ref[f"full_mid_disp_up_s{s}"]), atol=1e-6)
 
 
+def test_upsample_forms_for_one_device_and_a_sharded_batch():
+    """The integer-factor upsampling pads the resized axis by its edge values with jnp.pad for a
+    batch on one device, by a concatenation along that axis otherwise (jnp.pad's edge mode
+    slices every axis, and its gradient then moves rows between the devices of a sharded
+    batch). The same values; gradients equal up to float32 rounding."""
+    from xdistill_jax import platform_forms
+
+    x = jnp.asarray(np.random.default_rng(4).standard_normal((3, 5, 7, 1)), jnp.float32)
+    w = jnp.asarray(np.random.default_rng(5).standard_normal((3, 40, 56, 1)), jnp.float32)
+    loss = lambda x: jnp.sum(w * G.upsample_bilinear(x, (40, 56)) ** 2)  # noqa: E731
+    out = {}
+    for devices in (1, None):
+        with platform_forms.target(None, devices=devices):
+            out[devices] = (G.upsample_bilinear(x, (40, 56)), jax.grad(loss)(x))
+    np.testing.assert_array_equal(out[1][0], out[None][0])
+    np.testing.assert_allclose(out[1][1], out[None][1], rtol=1e-6, atol=1e-6)
+
+
 def test_bad_inputs_name_the_argument(ref):
     depth = nhwc(ref["warp_depth"])
     src = nhwc(ref["warp_src"])

@@ -107,9 +107,13 @@ DILATED_CASES = [(48, 160, 4, 3, ((4, 4), (4, 4)), "OHWI"),
                  (9, 14, 2, 5, ((1, 3), (0, 4)), "HWIO"), (10, 10, 4, 3, ((-1, 2), (4, 4)), "OHWI")]
 
 
+@pytest.mark.parametrize("devices", [1, None], ids=["sub-grid-major", "example-major"])
 @pytest.mark.parametrize("h,w,d,k,pad,layout", DILATED_CASES)
-def test_dilated_conv_as_space_to_batch_is_lax_dilated_conv(h, w, d, k, pad, layout):
-    """conv_nhwc's batched form computes lax's rhs_dilation convolution, values and gradients."""
+def test_dilated_conv_as_space_to_batch_is_lax_dilated_conv(h, w, d, k, pad, layout, devices):
+    """conv_nhwc's batched form computes lax's rhs_dilation convolution, values and gradients,
+    with the sub-grids stacked sub-grid-major (a batch on one device) or example-major (a batch
+    sharded over devices, or of unknown sharding: each device keeps its examples' sub-grids)."""
+    from xdistill_jax import platform_forms
     from xdistill_jax.models.conv import conv_nhwc
 
     dil = d if isinstance(d, tuple) else (d, d)
@@ -123,7 +127,8 @@ def test_dilated_conv_as_space_to_batch_is_lax_dilated_conv(h, w, d, k, pad, lay
             x, kern, (1, 1), pad, rhs_dilation=dil, dimension_numbers=("NHWC", layout, "NHWC"))
         ours = lambda x, kern: conv_nhwc(x, kern, layout, (1, 1), pad, dil)  # noqa: E731
         want, vjp_want = jax.vjp(ref, x, kern)
-        got, vjp_got = jax.vjp(ours, x, kern)
+        with platform_forms.target(None, devices=devices):
+            got, vjp_got = jax.vjp(ours, x, kern)
         assert got.shape == want.shape
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
         g = jnp.asarray(rng.standard_normal(want.shape))

@@ -322,12 +322,19 @@ def _resize_axis(x, axis: int, out_size: int):
     # relative to k for every k, so each phase p is two shifted slices of the edge-padded input and
     # the phases interleave by a reshape. Unlike a gather, its gradient needs no scatter-add.
     f = out_size // in_size
-    # xp[j] = x[clip(j - 1, 0, n - 1)]. Not jnp.pad(mode="edge"): it slices and concatenates
-    # along every axis, the batch too, and its gradient then shifts rows between the devices a
-    # sharded batch lives on (collective-permutes).
-    n = x.shape[axis]
-    xp = jnp.concatenate([jax.lax.slice_in_dim(x, 0, 1, axis=axis), x,
-                          jax.lax.slice_in_dim(x, n - 1, n, axis=axis)], axis=axis)
+    # xp[j] = x[clip(j - 1, 0, n - 1)]. jnp.pad(mode="edge") slices and concatenates along every
+    # axis, the batch too, and its gradient then shifts rows between the devices a sharded batch
+    # lives on (collective-permutes); so a concatenation along `axis` alone, the same values.
+    # A batch on one device keeps jnp.pad: the gradient rounds alike, not bitwise alike, and the
+    # one-device step stays the program the demo's figures were measured with.
+    if platform_forms.batch_devices() == 1:
+        pad = [(0, 0)] * x.ndim
+        pad[axis] = (1, 1)
+        xp = jnp.pad(x, pad, mode="edge")
+    else:
+        n = x.shape[axis]
+        xp = jnp.concatenate([jax.lax.slice_in_dim(x, 0, 1, axis=axis), x,
+                              jax.lax.slice_in_dim(x, n - 1, n, axis=axis)], axis=axis)
     phases = []
     for p in range(f):
         offset = np.float32((p + 0.5) / f - 0.5)  # source position of output k*f + p, minus k

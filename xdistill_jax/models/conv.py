@@ -31,6 +31,8 @@ import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 from flax.linen.linear import canonicalize_padding
 
+from xdistill_jax import platform_forms
+
 # HWIO -> the layout (transpose permutations), and back (the inverse permutations).
 TO_LAYOUT = {"OHWI": (3, 0, 1, 2), "HWIO": (0, 1, 2, 3)}
 FROM_LAYOUT = {k: tuple(p.index(i) for i in range(4)) for k, p in TO_LAYOUT.items()}
@@ -105,15 +107,23 @@ def conv_nhwc(x, kernel, layout: str, strides=(1, 1), padding: Any = "SAME",
     x = jax.lax.pad(x, jnp.zeros((), x.dtype),
                     ((0, 0, 0), (plh, phh + eh, 0), (plw, phw + ew, 0), (0, 0, 0)))
     hq, wq = (hp + eh) // dh, (wp + ew) // dw
-    # example-major (b, dh, dw): each example's sub-grids stay with it, so a batch sharded over
-    # devices stays sharded (sub-grid-major needed an all-gather of the whole batch)
-    x = x.reshape(b, hq, dh, wq, dw, c).transpose(0, 2, 4, 1, 3, 5).reshape(b * dh * dw, hq, wq, c)
+    x = x.reshape(b, hq, dh, wq, dw, c)
+    # Example-major (b, dh, dw): each example's sub-grids stay with it, so a batch sharded over
+    # devices stays sharded (sub-grid-major needs an all-gather of the whole batch). A batch on
+    # one device keeps sub-grid-major: the same sums, but the weight gradient adds them in
+    # another order, and the one-device step stays the program the demo's figures were measured
+    # with.
+    example_major = platform_forms.batch_devices() != 1
+    x = x.transpose((0, 2, 4, 1, 3, 5) if example_major else (2, 4, 0, 1, 3, 5)).reshape(b * dh * dw, hq, wq, c)
     y = jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID",
                                      dimension_numbers=("NHWC", layout, "NHWC"),
                                      precision=precision)
     _, oh, ow, f = y.shape
-    y = y.reshape(b, dh, dw, oh, ow, f).transpose(0, 3, 1, 4, 2, 5).reshape(b, oh * dh, ow * dw, f)
-    return y[:, :out_h, :out_w]
+    if example_major:
+        y = y.reshape(b, dh, dw, oh, ow, f).transpose(0, 3, 1, 4, 2, 5)
+    else:
+        y = y.reshape(dh, dw, b, oh, ow, f).transpose(2, 3, 0, 4, 1, 5)
+    return y.reshape(b, oh * dh, ow * dw, f)[:, :out_h, :out_w]
 
 
 class Conv(nn.Module):
