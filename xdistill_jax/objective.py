@@ -143,9 +143,9 @@ def predict_poses(nets: Networks, params, batch_stats, color_aug, train: bool):
       convolutions merge the pair axis in front of the sharded batch axis, which XLA's
       partitioner could only do by gathering the whole batch onto every device: every device
       ran the pose net on the global batch (until 2026-12-05). On one device the vmap is kept:
-      its BatchNorm reductions are XLA:GPU's plain ones, where statistics per interleaved group
-      moved 0.75 GB more per bf16 step on the H200 target (benchmarks/RESULTS.md), and the CPU's
-      step stays the one the demo's figures were measured with.
+      its BatchNorm reductions are XLA:GPU's plain ones, where statistics per interleaved pair
+      move 0.8 GB more per 12 images in the bf16 step on the H200 target (benchmarks/RESULTS.md),
+      and the CPU's step stays the one the demo's figures were measured with.
     """
     b = color_aug.shape[0]
     if platform_forms.batch_devices() == 1:

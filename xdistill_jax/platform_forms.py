@@ -18,8 +18,11 @@ traced and lowered for its CPU in 4.0 -> 2.2 s, for an H100 target 4.6 -> 2.6 s;
 benchmarks/RESULTS.md).
 
 `target` also carries the number of devices the step's batch is sharded over
-(`batch_devices`), for a piece whose best form on one device is not one a partitioned batch
-can keep (the pose net's two source pairs, `objective.predict_poses`).
+(`batch_devices`), for a piece whose one-device form a partitioned batch cannot keep without
+gathering it onto every device: the pose net's two source pairs (`objective.predict_poses`),
+the translator's sub-grids (`models.conv.conv_nhwc`), the upsampling's edge padding
+(`geometry.upsample_bilinear`). Their sharded forms compute the same; the one-device forms
+are kept for the programs the figures were measured with.
 """
 
 from __future__ import annotations
