@@ -106,11 +106,12 @@ def measure(config, mesh, facts: dict, *, seed: int = 0, hlo_path: str | None = 
 
     _, compiled, lower_s, compile_s = benchmark.compile_step(config, mesh, seed, state_layout=state_layout)
     _, init_compile_s, _ = benchmark.compile_init(config, mesh, seed)
+    text = compiled.as_text()
     if hlo_path:
         with open(hlo_path, "w") as f:
-            f.write(compiled.as_text())
+            f.write(text)
     mem = compiled.memory_analysis()
-    kernels = hlo_census.kernels(compiled.as_text())
+    kernels = hlo_census.kernels(text)
     summary = hlo_census.summarize(kernels, bandwidth=facts["bandwidth"])
     batch = config.optim.batch_size
     return {
@@ -128,7 +129,7 @@ def measure(config, mesh, facts: dict, *, seed: int = 0, hlo_path: str | None = 
         "wide_convolutions": len(summary["wide_convolutions"]),
         "bytes": summary["bytes"], "roofline_ms": summary["roofline_ms"],
         "roofline_images_per_s": batch / (summary["roofline_ms"] / 1e3),  # the devices in parallel
-        "collectives": dict(collections.Counter(c["opcode"] for c in hlo_census.collectives(compiled.as_text()))),
+        "collectives": dict(collections.Counter(c["opcode"] for c in hlo_census.collectives(text))),
         "census": summary,
     }
 

@@ -41,17 +41,14 @@ def measure(config, mesh, seed: int = 0) -> dict:
 
     _, compiled, lower_s, compile_s = benchmark.compile_step(config, mesh, seed)
     mem = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    text = compiled.as_text()
+    flops, accessed = benchmark._cost(compiled)
     return {
         "lower_s": lower_s, "compile_s": compile_s,
-        "memory_bytes": int(mem.argument_size_in_bytes + mem.temp_size_in_bytes
-                            + mem.output_size_in_bytes - mem.alias_size_in_bytes),
+        "memory_bytes": benchmark._xla_memory_bytes(compiled),
         "argument_bytes": int(mem.argument_size_in_bytes), "temp_bytes": int(mem.temp_size_in_bytes),
-        "flops": float(cost.get("flops", math.nan)),
-        "bytes_accessed": float(cost.get("bytes accessed", math.nan)),
-        "collectives": dict(collections.Counter(c["opcode"] for c in hlo_census.collectives(text))),
+        "flops": math.nan if flops is None else flops,
+        "bytes_accessed": math.nan if accessed is None else accessed,
+        "collectives": dict(collections.Counter(c["opcode"] for c in hlo_census.collectives(compiled.as_text()))),
     }
 
 

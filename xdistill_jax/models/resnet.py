@@ -163,9 +163,10 @@ class TorchBatchNorm(nn.Module):
         xf = x.astype(jnp.float32)
         if self.use_running_average:
             return _normalise(xf, ra_mean.value, ra_var.value, scale, bias, self.epsilon).astype(self.dtype)
-        if self.batch_groups != 1:
-            return self._grouped(xf, ra_mean, ra_var, scale, bias)
-        axes = tuple(range(x.ndim - 1))
+        groups = self.batch_groups
+        if groups < 1 or x.shape[0] % groups:
+            raise ValueError(f"TorchBatchNorm: batch_groups={groups} must divide the batch, got shape {x.shape}")
+        axes = tuple(range(x.ndim - 1)) if groups == 1 else GroupedBatch(groups)
         if self.use_fast_variance:
             y, mean, var = _batch_norm_train(xf, jnp.zeros((features,), jnp.float32), scale, bias, axes=axes,
                                              epsilon=self.epsilon, moments=_moments_shifted)
@@ -173,29 +174,12 @@ class TorchBatchNorm(nn.Module):
             y, mean, var = _batch_norm(xf, jax.lax.stop_gradient(ra_mean.value), scale, bias, axes=axes,
                                        epsilon=self.epsilon)
         if not self.is_initializing():
-            n = x.size // features
-            unbiased = var * (n / max(n - 1, 1))
-            ra_mean.value = self.momentum * ra_mean.value + (1.0 - self.momentum) * mean
-            ra_var.value = self.momentum * ra_var.value + (1.0 - self.momentum) * unbiased
-        return y.astype(self.dtype)
-
-    def _grouped(self, xf, ra_mean, ra_var, scale, bias):
-        """Training-mode normalisation with statistics per group (`batch_groups`)."""
-        groups, features = self.batch_groups, xf.shape[-1]
-        if groups < 1 or xf.shape[0] % groups:
-            raise ValueError(f"TorchBatchNorm: batch_groups={groups} must divide the batch, got shape {xf.shape}")
-        axes = GroupedBatch(groups)
-        if self.use_fast_variance:
-            y, mean, var = _batch_norm_train(xf, jnp.zeros((features,), jnp.float32), scale, bias, axes=axes,
-                                             epsilon=self.epsilon, moments=_moments_shifted)
-        else:
-            y, mean, var = _batch_norm(xf, jax.lax.stop_gradient(ra_mean.value), scale, bias, axes=axes,
-                                       epsilon=self.epsilon)
-        if not self.is_initializing():
-            n = xf.size // (groups * features)
-            for g in range(groups):  # as `groups` calls in a row
-                ra_mean.value = self.momentum * ra_mean.value + (1.0 - self.momentum) * mean[g]
-                ra_var.value = self.momentum * ra_var.value + (1.0 - self.momentum) * (var[g] * (n / max(n - 1, 1)))
+            n = x.size // (groups * features)
+            per_group = [(mean, var)] if groups == 1 else [(mean[g], var[g]) for g in range(groups)]
+            for mean_g, var_g in per_group:  # as `groups` calls in a row
+                unbiased = var_g * (n / max(n - 1, 1))
+                ra_mean.value = self.momentum * ra_mean.value + (1.0 - self.momentum) * mean_g
+                ra_var.value = self.momentum * ra_var.value + (1.0 - self.momentum) * unbiased
         return y.astype(self.dtype)
 
 
