@@ -165,3 +165,44 @@ ENTRY %main (p: f32[2,8]) -> f32[8,8] {
     ]
     one_device = jax.jit(lambda x: jnp.sum(x * 2)).lower(jnp.ones((4, 4))).compile().as_text()
     assert hc.collectives(one_device) == []
+
+
+# A combined all-reduce's result cut apart as XLA:GPU writes it (the 4 x H200 train step's
+# lines, shapes cut down): two `wrapped_slice` fusions, and a slice inside a bigger fusion.
+SLICE_HLO = """HloModule jit_train_step
+
+%wrapped_slice_computation.1 (param_0.1: f32[1000]) -> f32[64] {
+  %param_0.1 = f32[1000]{0} parameter(0), metadata={scheduling_name="param_0.1"}
+  ROOT %slice.1 = f32[64]{0} slice(%param_0.1), slice={[0:64]}, metadata={op_name="jit(train_step)/transpose(jvp(depth_net))/DepthNet/encoder/bn1/reduce_sum"}
+}
+
+%wrapped_slice_computation.2 (param_0.2: f32[1000]) -> f32[936] {
+  %param_0.2 = f32[1000]{0} parameter(0)
+  ROOT %slice.2 = f32[936]{0} slice(%param_0.2), slice={[64:1000]}
+}
+
+%fused_slice_exp (param_0.3: f32[1000]) -> f32[64] {
+  %param_0.3 = f32[1000]{0} parameter(0)
+  %slice.3 = f32[64]{0} slice(%param_0.3), slice={[0:64]}
+  ROOT %exp.1 = f32[64]{0} exponential(%slice.3)
+}
+
+ENTRY %main.4 (p: f32[1000]) -> (f32[64], f32[936], f32[64], f32[10]) {
+  %p = f32[1000]{0} parameter(0)
+  %wrapped_slice.1 = f32[64]{0} fusion(%p), kind=kLoop, calls=%wrapped_slice_computation.1
+  %wrapped_slice.2 = f32[936]{0} fusion(%p), kind=kLoop, calls=%wrapped_slice_computation.2
+  %loop_slice_exp_fusion = f32[64]{0} fusion(%p), kind=kLoop, calls=%fused_slice_exp
+  %slice.4 = f32[10]{0} slice(%p), slice={[0:10]}
+  ROOT %tuple = (f32[64]{0}, f32[936]{0}, f32[64]{0}, f32[10]{0}) tuple(%wrapped_slice.1, %wrapped_slice.2, %loop_slice_exp_fusion, %slice.4)
+}
+"""
+
+
+def test_a_kernel_that_is_only_a_slice_reads_what_it_writes():
+    """Slicing a buffer reads only the slice: the two wrapped slices move 2 x 64 and 2 x 936
+    floats, not the whole 1000-float buffer each (which counted 2.0 GB too many in a 4-GPU
+    step). A fusion that does more than slice keeps the whole-operand charge (an estimate)."""
+    assert hc.slice_computations(SLICE_HLO) == {"wrapped_slice_computation.1", "wrapped_slice_computation.2"}
+    ks = {k["name"]: k["bytes"] for k in hc.kernels(SLICE_HLO)}
+    assert ks == {"wrapped_slice.1": 2 * 64 * 4, "wrapped_slice.2": 2 * 936 * 4,
+                  "loop_slice_exp_fusion": 64 * 4 + 1000 * 4, "slice.4": 2 * 10 * 4}

@@ -12,7 +12,11 @@ Its **bytes** are those of its result plus those of each distinct operand: what 
 from device memory if it reads every operand element once and keeps nothing between kernels
 (`u8` scratch of library calls is not counted). That is an estimate, not XLA's cost model: a
 kernel that reads a slice of an operand is charged the whole operand, one that reads an element
-twice is charged once. Summed over the step it is the traffic of the memory roofline: a
+twice is charged once. Except a kernel that is nothing but a slice (a `slice`, or a fusion of
+one, like the `wrapped_slice` fusions XLA cuts a combined all-reduce's result into): it reads
+what it writes, so it is charged its result twice. (Charging those the whole buffer counted
+2.0 GB of a 4 x H200 train step's 19.4 GB that no kernel moves: 331 slices of all-reduces up
+to 60 MB; benchmarks/RESULTS.md, 2026-12-05.) Summed over the step it is the traffic of the memory roofline: a
 memory-bound step cannot run faster than bytes / bandwidth. The benchmarks use it to compare
 two versions of a program compiled for the same target, and to read a GPU program compiled
 without a GPU (`benchmarks/gpu_aot.py`); only a run on the device measures time.
@@ -145,12 +149,35 @@ def entry_lines(hlo_text: str) -> list[str]:
     return [line for line in body[:end].splitlines()[1:] if " = " in line]
 
 
+def slice_computations(hlo_text: str) -> set[str]:
+    """The names of the computations whose only work is one `slice` of a parameter (what a
+    fusion of a lone slice calls)."""
+    found, current, ops = set(), None, []
+    for line in hlo_text.splitlines():
+        stripped = line.strip()
+        if stripped.endswith("{") and " = " not in stripped and not stripped.startswith("HloModule"):
+            current, ops = stripped.split()[1 if stripped.startswith("ENTRY") else 0].lstrip("%"), []
+        elif stripped == "}" and current is not None:
+            if [op for op in ops if op != "parameter"] == ["slice"]:
+                found.add(current)
+            current = None
+        elif current is not None:
+            match = _DEF_RE.match(stripped)
+            if match:
+                try:
+                    ops.append(split_definition(match.group(2))[1])
+                except ValueError:
+                    ops.append("?")
+    return found
+
+
 def kernels(hlo_text: str) -> list[dict[str, Any]]:
     """The kernels of the entry computation, in program order: {"name", "opcode", "kind",
     "scope", "pass", "bytes", "out_bytes", "window", "config"} (see the module docstring;
     "window" is a convolution's window size, e.g. (3, 3), else None; "config" a library call's
     `config_key`, else None)."""
     info = profile_summary.hlo_instructions(hlo_text)
+    slices = slice_computations(hlo_text)
     shapes: dict[str, str] = {}
     out = []
     for line in entry_lines(hlo_text):
@@ -170,13 +197,17 @@ def kernels(hlo_text: str) -> list[dict[str, Any]]:
         if unknown:
             raise ValueError(f"instruction {name}: operand {unknown[0]} is not defined before it")
         out_bytes = shape_bytes(shape)
+        calls = re.search(r"\bcalls=%?([\w.\-]+)", line)
+        only_a_slice = opcode == "slice" or (opcode == "fusion" and calls is not None
+                                             and calls.group(1) in slices)
         scope, direction = profile_summary.scope_of(info[name]["op_name"] if name in info else "")
         kind = profile_summary.kind_of(info.get(name))
         window = _WINDOW_RE.search(line) if kind == "convolution/matmul" else None
         library = _LIBRARY_RE.search(line) if opcode == "custom-call" else None
         out.append({"name": name, "opcode": opcode, "kind": kind,
                     "scope": scope, "pass": direction, "out_bytes": out_bytes,
-                    "bytes": out_bytes + sum(shape_bytes(shapes[o]) for o in operands),
+                    "bytes": 2 * out_bytes if only_a_slice else
+                    out_bytes + sum(shape_bytes(shapes[o]) for o in operands),
                     "window": tuple(int(v) for v in window.group(1).split("x")) if window else None,
                     "config": config_key(match.group(2), shapes) if library else None})
     return out
