@@ -24,8 +24,9 @@ distillation on/off) this prints what the compiled program is, not how fast it r
     compile-only client; `xdistill bench` reports FLOPs where the step runs);
   * with `--devices N` (N GPUs of the target, the batch sharded over them; give the global
     batch, e.g. `--config.optim.batch_size=48` for 12 per GPU): the figures are one GPU's, and
-    its collectives are counted by kind (`hlo_census.collectives`). A data-parallel step
-    should only all-reduce: an all-gather means every GPU computes something on the whole batch.
+    its collectives are counted by kind, with their elements by type (`hlo_census.collectives`).
+    A data-parallel step should only all-reduce, in float32: an all-gather means every GPU
+    computes something on the whole batch, bf16 elements that gradients are summed in bf16.
 
 Only a run on the device measures time (benchmarks/gpu.sh). The CUDA plugin is needed, not a GPU,
 a driver or cuDNN: `JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1` (set here) skips the plugin's check for the
@@ -35,7 +36,6 @@ CUDA libraries; ptxas must be on PATH (CUDA toolkit) or in the pip nvidia-cuda-n
 from __future__ import annotations
 
 import argparse
-import collections
 import dataclasses
 import json
 import os
@@ -129,7 +129,7 @@ def measure(config, mesh, facts: dict, *, seed: int = 0, hlo_path: str | None = 
         "wide_convolutions": len(summary["wide_convolutions"]),
         "bytes": summary["bytes"], "roofline_ms": summary["roofline_ms"],
         "roofline_images_per_s": batch / (summary["roofline_ms"] / 1e3),  # the devices in parallel
-        "collectives": dict(collections.Counter(c["opcode"] for c in hlo_census.collectives(text))),
+        "collectives": hlo_census.collective_totals(hlo_census.collectives(text)),
         "census": summary,
     }
 
@@ -215,7 +215,7 @@ def main() -> None:
               f"{row['library_configs']} distinct cuDNN/cuBLAS configurations to autotune, "
               f"{row['bytes'] / 1e9:.2f} GB moved/step (est.), memory {row['memory_bytes'] / 1e9:.2f} GB, "
               f"{row['wide_convolutions']} wide convolutions (hlo_census: slow on the device, cheap in bytes)"
-              + (f"; collectives per step: {', '.join(f'{n} {op}' for op, n in sorted(row['collectives'].items())) or 'none'}"
+              + (f"; collectives per step: {hlo_census.describe_collectives(row['collectives'])}"
                  if args.devices > 1 else "")
               + "".join(f"; {k['name']} ({k['scope']}, {k['pass']}) {'x'.join(map(str, k['window']))}"
                         for k in row["census"]["wide_convolutions"]), flush=True)

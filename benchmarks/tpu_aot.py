@@ -14,10 +14,11 @@ variant (compute dtype x distillation on/off) this prints, for one chip's progra
   * XLA's cost analysis of the compiled program: FLOPs (convolutions included, unlike the GPU's
     compile-only client) and "bytes accessed", XLA's own estimate (it counts what each
     operation's tiled layout touches; not a measured traffic);
-  * the collectives per step by kind (`hlo_census.collectives`): a data-parallel step should
-    only all-reduce (gradients, BatchNorm statistics, loss means). An all-gather means every
-    chip computed something on the whole batch: until 2026-12-05 the pose net and the
-    translator did (benchmarks/RESULTS.md).
+  * the collectives per step by kind, with their elements by type (`hlo_census.collectives`,
+    `collective_totals`): a data-parallel step should only all-reduce (gradients, BatchNorm
+    statistics, loss means), in float32. An all-gather means every chip computed something on
+    the whole batch: until 2026-12-05 the pose net and the translator did; bf16 elements meant
+    the weight gradients were summed in bf16, until models/grad_sum.py (benchmarks/RESULTS.md).
 
 Nothing runs on a TPU: only a run on one measures time.
 """
@@ -25,7 +26,6 @@ Nothing runs on a TPU: only a run on one measures time.
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import math
 import os
@@ -48,17 +48,19 @@ def measure(config, mesh, seed: int = 0) -> dict:
         "argument_bytes": int(mem.argument_size_in_bytes), "temp_bytes": int(mem.temp_size_in_bytes),
         "flops": math.nan if flops is None else flops,
         "bytes_accessed": math.nan if accessed is None else accessed,
-        "collectives": dict(collections.Counter(c["opcode"] for c in hlo_census.collectives(compiled.as_text()))),
+        "collectives": hlo_census.collective_totals(hlo_census.collectives(compiled.as_text())),
     }
 
 
 def table(rows: list[dict], device: str, chips: int) -> str:
+    from xdistill_jax import hlo_census
+
     out = [f"Train step compiled for {chips} x {device} on this host (deviceless; nothing ran on a TPU); "
            "figures per chip, batch global", "",
            "| variant | batch | HxW | compile s | memory GB (XLA) | GFLOP/step | GB accessed (XLA est.) | collectives |",
            "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        coll = ", ".join(f"{n} {op}" for op, n in sorted(r["collectives"].items())) or "none"
+        coll = hlo_census.describe_collectives(r["collectives"])
         out.append(f"| {r['variant']} | {r['batch']} | {r['hw']} | {r['compile_s']:.1f} | "
                    f"{r['memory_bytes'] / 1e9:.2f} | {r['flops'] / 1e9:.0f} | {r['bytes_accessed'] / 1e9:.0f} | {coll} |")
     return "\n".join(out)
@@ -81,7 +83,7 @@ def main() -> None:
     from jax.experimental import topologies
 
     import xdistill_jax
-    from xdistill_jax import benchmark, config_utils
+    from xdistill_jax import benchmark, config_utils, hlo_census
 
     try:
         topology = topologies.get_topology_desc(topology_name=args.topology, platform="tpu")
@@ -100,7 +102,7 @@ def main() -> None:
         row.update(measure(config, mesh, seed=args.seed))
         rows.append(row)
         print(f"{variant.name}: compile {row['compile_s']:.1f} s, memory {row['memory_bytes'] / 1e9:.2f} GB per chip, "
-              f"{row['flops'] / 1e9:.0f} GFLOP per chip-step, collectives {row['collectives'] or 'none'}", flush=True)
+              f"{row['flops'] / 1e9:.0f} GFLOP per chip-step, collectives {hlo_census.describe_collectives(row['collectives'])}", flush=True)
     device = topology.devices[0].device_kind
     print()
     print(f"{xdistill_jax.__file__}, jax {jax.__version__}, {args.topology}, {args.config} {' '.join(overrides)} "

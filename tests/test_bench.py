@@ -293,10 +293,12 @@ def test_aot_tables_say_per_device_figures():
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
     row = {"variant": "bf16 distill=on", "batch": 12, "hw": "192x640", "compile_s": 185.8,
-           "memory_bytes": 2.67e9, "flops": 3.46e11, "bytes_accessed": 1.62e12, "collectives": {"all-reduce": 35}}
+           "memory_bytes": 2.67e9, "flops": 3.46e11, "bytes_accessed": 1.62e12,
+           "collectives": {"all-reduce": {"count": 35, "elements": {"f32": 26_980_000, "bf16": 12_000}}}}
     text = tpu_aot.table([row], "TPU v5 lite", 4)
     assert "4 x TPU v5 lite" in text and "figures per chip, batch global" in text
-    assert "| bf16 distill=on | 12 | 192x640 | 185.8 | 2.67 | 346 | 1620 | 35 all-reduce |" in text
+    assert ("| bf16 distill=on | 12 | 192x640 | 185.8 | 2.67 | 346 | 1620 | "
+            "35 all-reduce (26.98 M f32, 0.01 M bf16) |") in text
     assert "| none |" in tpu_aot.table([{**row, "collectives": {}}], "TPU v5 lite", 4)
     gpu_row = {"variant": "bf16 distill=on", "batch": 48, "hw": "192x640", "compile_s": 22.2, "init_compile_s": 4.0,
                "memory_bytes": 2.71e9, "kernels": 1803, "fusions": 1439, "library_calls": 190, "copies": 20,

@@ -160,11 +160,22 @@ ENTRY %main (p: f32[2,8]) -> f32[8,8] {
 }
 """
     assert hc.collectives(text) == [
-        {"opcode": "all-reduce", "shape": "f32[2,8]{1,0}", "op_name": "jit(f)/transpose(jvp(depth_net))/reduce_sum"},
-        {"opcode": "all-gather", "shape": "(f32[2,8]{1,0}, f32[8,8]{1,0})", "op_name": "jit(f)/jvp(pose_net)/reshape"},
+        {"opcode": "all-reduce", "shape": "f32[2,8]{1,0}", "result": "f32[2,8]{1,0}",
+         "op_name": "jit(f)/transpose(jvp(depth_net))/reduce_sum"},
+        {"opcode": "all-gather", "shape": "(f32[2,8]{1,0}, f32[8,8]{1,0})", "result": "f32[8,8]{1,0}",
+         "op_name": "jit(f)/jvp(pose_net)/reshape"},
     ]
+    # by opcode, the elements of the results by type: the gather's 64, not its operand's 16 too
+    assert hc.collective_totals(hc.collectives(text)) == {
+        "all-reduce": {"count": 1, "elements": {"f32": 16}}, "all-gather": {"count": 1, "elements": {"f32": 64}}}
     one_device = jax.jit(lambda x: jnp.sum(x * 2)).lower(jnp.ones((4, 4))).compile().as_text()
     assert hc.collectives(one_device) == []
+    combined = ("ENTRY %m (a: f32[3], b: bf16[5]) -> (f32[3], bf16[5]) {\n"
+                "  ROOT %all-reduce-start.1 = (f32[3]{0}, bf16[5]{0}) all-reduce-start(%a, %b), to_apply=%r\n}")
+    totals = hc.collective_totals(hc.collectives(combined))
+    assert totals == {"all-reduce": {"count": 1, "elements": {"f32": 3, "bf16": 5}}}
+    assert hc.describe_collectives(totals) == "1 all-reduce (0.00 M bf16, 0.00 M f32)"
+    assert hc.describe_collectives({}) == "none"
 
 
 # A combined all-reduce's result cut apart as XLA:GPU writes it (the 4 x H200 train step's

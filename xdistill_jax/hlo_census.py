@@ -121,22 +121,58 @@ def split_definition(rhs: str) -> tuple[str, str, str]:
 
 def collectives(hlo_text: str) -> list[dict[str, str]]:
     """The collectives of a compiled program, anywhere in the module, in text order: {"opcode"
-    (without an async "-start"), "shape", "op_name" (the operation of the jaxpr it came from,
-    "" if none)}. An async collective counts once (its "-start"; "-done" is skipped)."""
-    out = []
+    (without an async "-start"), "shape" (the instruction's: an async start's holds its operands
+    too), "result" (the shape of what it returns: an async collective's "-done"), "op_name" (the
+    operation of the jaxpr it came from, "" if none)}. An async collective counts once (its
+    "-start"; "-done" is skipped)."""
+    out, starts = [], {}
     for line in hlo_text.splitlines():
         match = _DEF_RE.match(line)
         if match is None or not any(c in line for c in COLLECTIVES):
             continue
         try:
-            shape, opcode, _ = split_definition(match.group(2))
+            shape, opcode, operands = split_definition(match.group(2))
         except ValueError:
+            continue
+        if opcode.endswith("-done"):
+            start = starts.get(operands.strip().lstrip("%"))
+            if start is not None:
+                start["result"] = shape
             continue
         base = opcode[:-len("-start")] if opcode.endswith("-start") else opcode
         if base in COLLECTIVES:
             op_name = re.search(r'op_name="([^"]*)"', line)
-            out.append({"opcode": base, "shape": shape, "op_name": op_name.group(1) if op_name else ""})
+            out.append({"opcode": base, "shape": shape, "result": shape,
+                        "op_name": op_name.group(1) if op_name else ""})
+            if opcode.endswith("-start"):
+                starts[match.group(1)] = out[-1]
     return out
+
+
+def collective_totals(found: Iterable[dict[str, str]]) -> dict[str, dict[str, Any]]:
+    """`collectives`' list by opcode: {opcode: {"count", "elements": {dtype: elements}}}, the
+    elements of each collective's result (all of a tuple's arrays) by element type: a
+    data-parallel step's all-reduces carry its gradients and statistics in these types."""
+    out: dict[str, dict[str, Any]] = {}
+    for c in found:
+        entry = out.setdefault(c["opcode"], {"count": 0, "elements": {}})
+        entry["count"] += 1
+        for dtype, dims in _ARRAY_RE.findall(c["result"]):
+            n = 1
+            for d in filter(None, dims.split(",")):
+                n *= int(d)
+            entry["elements"][dtype] = entry["elements"].get(dtype, 0) + n
+    return out
+
+
+def describe_collectives(totals: dict[str, dict[str, Any]]) -> str:
+    """`collective_totals` in words, e.g. "35 all-reduce (26.98 M f32, 0.01 M bf16)"; "none"."""
+    parts = []
+    for op, entry in sorted(totals.items()):
+        sizes = ", ".join(f"{n / 1e6:.2f} M {dtype}" for dtype, n in
+                          sorted(entry["elements"].items(), key=lambda kv: -kv[1]))
+        parts.append(f"{entry['count']} {op}" + (f" ({sizes})" if sizes else ""))
+    return ", ".join(parts) or "none"
 
 
 def entry_lines(hlo_text: str) -> list[str]:
