@@ -22,7 +22,9 @@ benchmarks/RESULTS.md).
 gathering it onto every device: the pose net's two source pairs (`objective.predict_poses`),
 the translator's sub-grids (`models.conv.conv_nhwc`), the upsampling's edge padding
 (`geometry.upsample_bilinear`). Their sharded forms compute the same; the one-device forms
-are kept for the programs the figures were measured with.
+are kept for the programs the figures were measured with. With the step's `mesh`, `data_mesh`
+gives it to pieces that compute each device's share explicitly: the convolutions' weight
+gradients of a low-precision step, summed across devices in float32 (`models.grad_sum`).
 """
 
 from __future__ import annotations
@@ -35,10 +37,11 @@ import jax
 
 _TARGET: contextvars.ContextVar[str | None] = contextvars.ContextVar("xdistill_target_platform", default=None)
 _DEVICES: contextvars.ContextVar[int | None] = contextvars.ContextVar("xdistill_batch_devices", default=None)
+_MESH: contextvars.ContextVar = contextvars.ContextVar("xdistill_batch_mesh", default=None)
 
 
 @contextlib.contextmanager
-def target(platform: str | None, devices: int | None = None):
+def target(platform: str | None, devices: int | None = None, mesh=None):
     """Within the block, `choose` applies the form for `platform` ("cpu", "gpu", "cuda", "rocm",
     "tpu", ...: the CPU's form for "cpu", the other one for anything else); None: decided at
     lowering again. Per thread (a context variable), so a trace elsewhere is not affected.
@@ -47,19 +50,33 @@ def target(platform: str | None, devices: int | None = None):
     keeps that trace inside it. Enter the block inside the function that is traced, as the
     train and eval steps do (their bodies are fresh closures per step built).
 
-    `devices`: how many devices the batch is sharded over (`batch_devices`); None: unknown."""
-    token, devices_token = _TARGET.set(platform), _DEVICES.set(devices)
+    `devices`: how many devices the batch is sharded over (`batch_devices`); None: unknown.
+    `mesh`: the step's `jax.sharding.Mesh`, the batch sharded over all its axes (the train step's
+    1-D "data" mesh); it gives `devices` (its size) and `data_mesh`."""
+    if mesh is not None:
+        if devices not in (None, mesh.size):
+            raise ValueError(f"target: devices={devices} but the mesh has {mesh.size}")
+        devices = mesh.size
+    tokens = _TARGET.set(platform), _DEVICES.set(devices), _MESH.set(mesh)
     try:
         yield
     finally:
-        _DEVICES.reset(devices_token)
-        _TARGET.reset(token)
+        for var, token in zip((_TARGET, _DEVICES, _MESH)[::-1], tokens[::-1]):
+            var.reset(token)
 
 
 def batch_devices() -> int | None:
     """The number of devices the batch of the step being traced is sharded over (`target`'s
     `devices`); None outside a `target` block or where it was not given."""
     return _DEVICES.get()
+
+
+def data_mesh():
+    """The mesh of the step being traced (`target`'s `mesh`) when it has more than one device,
+    else None (one device, or no mesh given): for a piece that computes each device's share of
+    the batch explicitly (`jax.shard_map` over all the mesh's axes)."""
+    mesh = _MESH.get()
+    return mesh if mesh is not None and mesh.size > 1 else None
 
 
 def choose(*args, cpu: Callable, default: Callable):

@@ -310,7 +310,7 @@ def make_train_step(config: ml_collections.ConfigDict, nets: Networks, tx, mesh:
 
     def train_step(state: TrainState, batch, rng):
         # each piece's form for the mesh's platform and device count, chosen in Python
-        with platform_forms.target(platform, devices=mesh.size):
+        with platform_forms.target(platform, mesh=mesh):
             return _train_step(state, batch, rng)
 
     def _train_step(state: TrainState, batch, rng):
@@ -355,7 +355,7 @@ def make_eval_step(config: ml_collections.ConfigDict, nets: Networks, mesh: Mesh
     platform = mesh_platform(mesh)
 
     def eval_step(params, batch_stats, batch, rng):
-        with platform_forms.target(platform, devices=mesh.size):
+        with platform_forms.target(platform, mesh=mesh):
             _, (_, metrics) = objective.loss_fn(nets, config, params, batch_stats, batch, rng, train=False)
         return metrics
 

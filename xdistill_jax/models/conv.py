@@ -19,6 +19,10 @@ level; tests/test_train_step.py).
 Dilated convolutions (the translator's) run as plain convolutions over the batch of the input's
 interleaved sub-grids (`conv_nhwc`): the same function, forward bitwise on the CPU, and on an
 H200 about 3 ms off a 23 ms bf16 step (their weight gradients leave a slow path of XLA:GPU).
+
+With a low-precision `dtype` (bf16 over float32 weights) and the batch sharded over several
+devices (`platform_forms.data_mesh`), the devices' weight and bias gradients are summed in
+float32 (`models.grad_sum`), not in bf16 where XLA's partitioner would add them.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from flax.linen.dtypes import promote_dtype
 from flax.linen.linear import canonicalize_padding
 
 from xdistill_jax import platform_forms
+from xdistill_jax.models import grad_sum
 
 # HWIO -> the layout (transpose permutations), and back (the inverse permutations).
 TO_LAYOUT = {"OHWI": (3, 0, 1, 2), "HWIO": (0, 1, 2, 3)}
@@ -157,11 +162,20 @@ class Conv(nn.Module):
 
         kernel = self.param("kernel", init, shape, self.param_dtype)
         bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
-        inputs, kernel, bias = promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+        x, low_kernel, low_bias = promote_dtype(inputs, kernel, bias, dtype=self.dtype)
 
-        y = conv_nhwc(inputs, kernel, layout, _pair(self.strides),
-                      canonicalize_padding(self.padding, 2), _pair(self.kernel_dilation),
-                      self.precision)
-        if bias is not None:
-            y += bias.reshape((1, 1, 1, -1))
-        return y
+        def apply(x, kernel, bias):
+            y = conv_nhwc(x, kernel, layout, _pair(self.strides),
+                          canonicalize_padding(self.padding, 2), _pair(self.kernel_dilation),
+                          self.precision)
+            if bias is not None:
+                y += bias.reshape((1, 1, 1, -1))
+            return y
+
+        mesh = platform_forms.data_mesh()
+        if mesh is not None and low_kernel.dtype != kernel.dtype and x.dtype == low_kernel.dtype:
+            # a batch sharded over devices, weights cast down: the devices' weight gradients
+            # are summed in float32, not in the compute dtype (models/grad_sum.py)
+            return grad_sum.apply_summing_grads_in_float32(
+                lambda x, p: apply(x, *p), mesh, x, (kernel, bias))
+        return apply(x, low_kernel, low_bias)
