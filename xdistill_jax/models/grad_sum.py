@@ -4,11 +4,12 @@ A bf16 train step keeps float32 master weights and casts them to bf16 for each c
 (`models.conv.Conv`); the weight gradient is computed in bf16 (cuDNN's backward-filter kernel,
 the TPU's convolution) and cast back. With the batch sharded over N devices, each device's
 weight gradient is a partial sum, and XLA's partitioner adds the partials where it likes. It
-adds them in bf16: the compiled 4 x H200 and TPU v5e 2x2 train steps all-reduce 26.85 M bf16
-weight-gradient elements (benchmarks/gpu_aot.py, benchmarks/tpu_aot.py; benchmarks/RESULTS.md),
-so every addition of two devices' partials is rounded to bf16 again, N - 1 more roundings than
-one device's step, growing with the pod. (PyTorch's DistributedDataParallel under autocast
-all-reduces the float32 `.grad`: one bf16 rounding per device.)
+added them in bf16: without this module the compiled 4 x H200 and TPU v5e 2x2 train steps
+all-reduce 26.85 M bf16 weight-gradient elements (benchmarks/gpu_aot.py, benchmarks/tpu_aot.py;
+benchmarks/RESULTS.md, 2026-12-05), so every addition of two devices' partials is rounded
+to bf16 again, N - 1 more roundings than one device's step, growing with the pod. (PyTorch's
+DistributedDataParallel under autocast all-reduces the float32 `.grad`: one bf16 rounding per
+device.)
 
 `apply_summing_grads_in_float32` computes each device's own weight gradient explicitly
 (`jax.shard_map` over the mesh), rounds it to the compute dtype once, as the one-device step
