@@ -1,15 +1,17 @@
 """One process of the two-process lockstep test (tests/test_train_loop.py); not a test itself.
 
-usage: python distributed_worker.py OUT.npz PROCESS_ID NUM_PROCESSES PORT
+usage: python distributed_worker.py OUT.npz PROCESS_ID NUM_PROCESSES PORT [DTYPE]
 Each process has one CPU device, joins `jax.distributed`, feeds ITS half of the same global
 batches with `make_array_from_process_local_data`, runs 3 train steps and saves the replicated
 parameters and losses. NUM_PROCESSES=1 with 2 local devices gives the single-process reference.
+DTYPE: the model's compute dtype (`model.dtype`, default float32).
 """
 
 import os
 import sys
 
 out, pid, nproc, port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+dtype = sys.argv[5] if len(sys.argv) > 5 else "float32"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["JAX_DEFAULT_PRNG_IMPL"] = "rbg"
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={2 if nproc == 1 else 1}"
@@ -26,7 +28,7 @@ from train_fixtures import make_batch, tiny_config  # noqa: E402
 from xdistill_jax import train  # noqa: E402
 from xdistill_jax.objective import Networks  # noqa: E402
 
-config = tiny_config(distill_weight=0.1)
+config = tiny_config(distill_weight=0.1, **{"model.dtype": dtype})
 nets = Networks.from_config(config)
 tx = train.make_optimizer(config, steps_per_epoch=100)
 mesh = train.make_mesh(config)

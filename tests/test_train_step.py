@@ -393,10 +393,8 @@ def test_lr_schedule_drops_after_14_epochs_like_the_original_code():
     assert train.total_steps(config, 3317) == 66340
 
 
-def test_two_processes_train_in_lockstep_like_one(runs_by_device_count, tmp_path):
-    """Two `jax.distributed` CPU processes (one device each, loopback), each feeding its half of
-    the global batch, end with the losses of the 2-device single-process run and its weights to
-    within the tie floor."""
+def _two_processes(tmp_path, dtype: str = "float32"):
+    """The losses and parameters of `distributed_worker.py` in two `jax.distributed` processes."""
     import pathlib
     import socket
     import subprocess
@@ -406,8 +404,8 @@ def test_two_processes_train_in_lockstep_like_one(runs_by_device_count, tmp_path
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
     worker = pathlib.Path(__file__).with_name("distributed_worker.py")
-    out = tmp_path / "params.npz"
-    procs = [subprocess.Popen([sys.executable, str(worker), str(out), str(i), "2", port],
+    out = tmp_path / f"params_{dtype}.npz"
+    procs = [subprocess.Popen([sys.executable, str(worker), str(out), str(i), "2", port, dtype],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(2)]
     logs = [p.communicate(timeout=600)[0] for p in procs]
@@ -415,12 +413,40 @@ def test_two_processes_train_in_lockstep_like_one(runs_by_device_count, tmp_path
         assert p.returncode == 0, log[-3000:]
     lines = [next(line for line in log.splitlines() if line.startswith("done")) for log in logs]
     assert lines[0].split(" ", 2)[2] == lines[1].split(" ", 2)[2]  # same losses on both processes
+    return np.load(out)
+
+
+def test_two_processes_train_in_lockstep_like_one(runs_by_device_count, tmp_path):
+    """Two `jax.distributed` CPU processes (one device each, loopback), each feeding its half of
+    the global batch, end with the losses of the 2-device single-process run and its weights to
+    within the tie floor."""
+    got = _two_processes(tmp_path)
     ref = runs_by_device_count[2]
-    got = np.load(out)
     np.testing.assert_allclose(got["losses"], ref["losses"], rtol=0, atol=1e-5)
     worst = max(float(np.max(np.abs(got[k] - ref["params"][k]))) for k in ref["params"])
     floor = _tie_floor(runs_by_device_count, lambda r: r["params"])  # see test_same_result_on_1_2_4_devices
     assert worst <= max(PARAM_ATOL, FLOOR_FACTOR * floor), (worst, floor)
+
+
+def test_two_processes_in_bf16_are_bitwise_one_process_of_two_devices(tmp_path):
+    """The bf16 step across two processes, where each convolution's weight gradients are summed
+    over the devices inside a `shard_map` (models/grad_sum.py; a TPU pod's case), against the same
+    step in one process with two devices: measured 2026-12-05, the same program, bitwise (losses
+    and weights after 3 steps)."""
+    import pathlib
+    import subprocess
+    import sys
+
+    got = _two_processes(tmp_path, "bfloat16")
+    worker = pathlib.Path(__file__).with_name("distributed_worker.py")
+    out = tmp_path / "one_process.npz"
+    run = subprocess.run([sys.executable, str(worker), str(out), "0", "1", "0", "bfloat16"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    ref = np.load(out)
+    assert set(got.files) == set(ref.files)
+    for k in ref.files:
+        np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
 
 
 def test_pretrained_encoder_init(tmp_path):
