@@ -52,6 +52,7 @@ of the step ran on the whole batch on every device (tests/test_train_step.py).
 from __future__ import annotations
 
 import collections
+import math
 import re
 from typing import Any, Iterable
 
@@ -80,20 +81,21 @@ def config_key(rhs: str, shapes: dict[str, str]) -> str:
     return re.sub(r"%([\w.\-]+)", lambda m: shapes.get(m.group(1), m.group(0)), text)
 
 
+def _arrays(shape: str) -> list[tuple[str, int]]:
+    """(element type, element count) of each array of an HLO shape (a tuple's arrays in order)."""
+    return [(dtype, math.prod(int(d) for d in dims.split(",") if d))
+            for dtype, dims in _ARRAY_RE.findall(shape)]
+
+
 def shape_bytes(shape: str, *, scratch: bool = False) -> int:
     """Bytes of an HLO shape (`f32[12,192,640]{2,1,0}` or a tuple of them); `u8` arrays (library
     scratch) count only with scratch=True. Token and opaque types count 0."""
     total = 0
-    for dtype, dims in _ARRAY_RE.findall(shape):
+    for dtype, n in _arrays(shape):
         if dtype not in BYTES_PER_ELEMENT:
             raise ValueError(f"unknown HLO element type {dtype!r} in shape {shape!r}")
-        if dtype == "u8" and not scratch:
-            continue
-        n = 1
-        for d in dims.split(","):
-            if d:
-                n *= int(d)
-        total += n * BYTES_PER_ELEMENT[dtype]
+        if dtype != "u8" or scratch:
+            total += n * BYTES_PER_ELEMENT[dtype]
     return total
 
 
@@ -157,10 +159,7 @@ def collective_totals(found: Iterable[dict[str, str]]) -> dict[str, dict[str, An
     for c in found:
         entry = out.setdefault(c["opcode"], {"count": 0, "elements": {}})
         entry["count"] += 1
-        for dtype, dims in _ARRAY_RE.findall(c["result"]):
-            n = 1
-            for d in filter(None, dims.split(",")):
-                n *= int(d)
+        for dtype, n in _arrays(c["result"]):
             entry["elements"][dtype] = entry["elements"].get(dtype, 0) + n
     return out
 
@@ -188,23 +187,15 @@ def entry_lines(hlo_text: str) -> list[str]:
 def slice_computations(hlo_text: str) -> set[str]:
     """The names of the computations whose only work is one `slice` of a parameter (what a
     fusion of a lone slice calls)."""
-    found, current, ops = set(), None, []
-    for line in hlo_text.splitlines():
-        stripped = line.strip()
-        if stripped.endswith("{") and " = " not in stripped and not stripped.startswith("HloModule"):
-            current, ops = stripped.split()[1 if stripped.startswith("ENTRY") else 0].lstrip("%"), []
-        elif stripped == "}" and current is not None:
-            if [op for op in ops if op != "parameter"] == ["slice"]:
-                found.add(current)
-            current = None
-        elif current is not None:
-            match = _DEF_RE.match(stripped)
-            if match:
-                try:
-                    ops.append(split_definition(match.group(2))[1])
-                except ValueError:
-                    ops.append("?")
-    return found
+    ops: dict[str, list[str]] = collections.defaultdict(list)
+    for computation, line in profile_summary.computation_lines(hlo_text):
+        match = _DEF_RE.match(line)
+        if match:
+            try:
+                ops[computation].append(split_definition(match.group(2))[1])
+            except ValueError:
+                ops[computation].append("?")
+    return {c for c, found in ops.items() if [op for op in found if op != "parameter"] == ["slice"]}
 
 
 def kernels(hlo_text: str) -> list[dict[str, Any]]:
@@ -233,9 +224,7 @@ def kernels(hlo_text: str) -> list[dict[str, Any]]:
         if unknown:
             raise ValueError(f"instruction {name}: operand {unknown[0]} is not defined before it")
         out_bytes = shape_bytes(shape)
-        calls = re.search(r"\bcalls=%?([\w.\-]+)", line)
-        only_a_slice = opcode == "slice" or (opcode == "fusion" and calls is not None
-                                             and calls.group(1) in slices)
+        only_a_slice = opcode == "slice" or (opcode == "fusion" and info.get(name, {}).get("calls") in slices)
         scope, direction = profile_summary.scope_of(info[name]["op_name"] if name in info else "")
         kind = profile_summary.kind_of(info.get(name))
         window = _WINDOW_RE.search(line) if kind == "convolution/matmul" else None

@@ -53,27 +53,33 @@ def hlo_module_name(hlo_text: str) -> str | None:
     return m.group(1) if m else None
 
 
+def computation_lines(hlo_text: str):
+    """(computation name, stripped line) for each line of optimised HLO text after a
+    computation's header (`%name (...) -> ... {` or `ENTRY %name ... {`), up to the next one."""
+    current = None
+    for line in hlo_text.splitlines():
+        stripped = line.strip()
+        if stripped.endswith("{") and " = " not in stripped and not stripped.startswith("HloModule"):
+            current = stripped.split()[1 if stripped.startswith("ENTRY") else 0].lstrip("%")
+        elif current is not None:
+            yield current, stripped
+
+
 def hlo_instructions(hlo_text: str) -> dict[str, dict[str, str]]:
-    """{instruction name: {"opcode", "kind", "backend", "calls_dot", "op_name"}} from optimised
+    """{instruction name: {"opcode", "calls", "kind", "backend", "calls_dot", "op_name"}} from optimised
     HLO text (`compiled.as_text()`).
 
     kind: the fusion kind (kLoop, kInput, kOutput, kCustom) or the custom-call target, else "";
-    backend: a custom fusion's kind (e.g. "__triton_gemm", "__cudnn$fusion"); calls_dot: "1" when
-    the computation the instruction calls holds a convolution or dot.
+    backend: a custom fusion's kind (e.g. "__triton_gemm", "__cudnn$fusion"); calls: the name of
+    the computation the instruction calls (a fusion's), else ""; calls_dot: "1" when that
+    computation holds a convolution or dot.
     """
     out = {}
     # op_name of each computation's ROOT (else its first op with one): a fusion instruction often
     # carries no metadata itself, the instructions of the computation it calls do.
     comp_op_name: dict[str, str] = {}
     comp_has_dot: set[str] = set()  # computations holding a convolution or dot
-    current = None
-    for line in hlo_text.splitlines():
-        stripped = line.strip()
-        if stripped.endswith("{") and " = " not in stripped and not stripped.startswith("HloModule"):
-            current = stripped.split()[1 if stripped.startswith("ENTRY") else 0].lstrip("%")
-            continue
-        if current is None:
-            continue
+    for current, stripped in computation_lines(hlo_text):
         if re.search(r"\s(convolution|dot)\(", stripped):
             comp_has_dot.add(current)
         op_name = re.search(r'op_name="([^"]*)"', stripped)
@@ -97,6 +103,7 @@ def hlo_instructions(hlo_text: str) -> dict[str, dict[str, str]]:
         op_name = found.group(1) if found else comp_op_name.get(calls.group(1), "") if calls else ""
         out[name] = {
             "opcode": op.group(1),
+            "calls": calls.group(1) if calls else "",
             "kind": kind.group(1) if kind else (target.group(1) if target else ""),
             "backend": backend.group(1) if backend else "",
             "calls_dot": "1" if calls and calls.group(1) in comp_has_dot else "",

@@ -173,7 +173,7 @@ class Conv(nn.Module):
             return y
 
         mesh = platform_forms.data_mesh()
-        if mesh is not None and low_kernel.dtype != kernel.dtype and x.dtype == low_kernel.dtype:
+        if mesh is not None and low_kernel.dtype != kernel.dtype:
             # a batch sharded over devices, weights cast down: the devices' weight gradients
             # are summed in float32, not in the compute dtype (models/grad_sum.py)
             return grad_sum.apply_summing_grads_in_float32(
