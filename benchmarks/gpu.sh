@@ -8,36 +8,43 @@
 #    2b. the same warm start with the init and the step's compile one after the other
 #        (`--start sequential`, 5 steps): the A/B of the overlapped start runs 1 and 2 use
 #     3. bf16, distillation off -- cold
-#     4. fp32, distillation on  -- cold
-#     5. fp32, distillation off -- cold
-#     6. bf16, distillation on, cold, XLA_FLAGS=--xla_gpu_autotune_level=0: no autotuning of the
+#     4. bf16, distillation on, cold, XLA_FLAGS=--xla_gpu_autotune_level=0: no autotuning of the
 #        cuDNN convolutions' algorithms while compiling (cuDNN's heuristic pick instead): what
 #        autotuning costs of run 1's cold start (on an H200, 2026-12-04: ~70 of its 98 s of
-#        compile) and what it buys in step time (not yet measured: it was run 9, cut by DEADLINE_S)
-#     7. the loss alone (benchmarks/loss_cost.py, 640x192 batch 12): XLA cost and time per call
-#     8. bf16, distillation on, XLA_FLAGS=--xla_gpu_enable_command_buffer= (no CUDA graphs),
-#        profiled: with command buffers 38 % of run 2's profiled op time sat inside them,
-#        unattributed ("other"); without them every kernel is named by scope. Also what the
-#        command buffers buy in step time, against run 1.
-#     9. bf16, distillation on, cold, --config.distill.translator.output_stride=1 (the
-#        full-resolution translator, the default until 2026-12-03), against runs 1 and 3
-#    10. bf16, distillation on, cold with an empty cache of its own,
+#        compile) and what it buys in step time (not yet measured: cut by DEADLINE_S then)
+#     5. bf16, distillation on, cold with an empty cache of its own,
 #        XLA_FLAGS=--xla_gpu_autotune_level=1: autotuning without initialising, re-initialising
 #        and cross-checking the candidates' buffers (the default is level 4, all three): whether
 #        those checks are a large part of the ~70 s of autotuning, and the step time it picks
-#    11. as run 6, with --xla_gpu_enable_llvm_module_compilation_parallelism=true: XLA:GPU's
+#     6. as run 4, with --xla_gpu_enable_llvm_module_compilation_parallelism=true: XLA:GPU's
 #        LLVM modules compiled on several threads (off by default; JAX turns it on only with its
-#        kernel cache): what is left of run 6's compile (27.8 s on an H200, 2026-12-04) with the
+#        kernel cache): what is left of run 4's compile (27.8 s on an H200, 2026-12-04) with the
 #        host's cores. The deviceless H200 compile on a 2-core VM did not change with it
 #        (21.5 vs 21.7 s; benchmarks/gpu_aot.py)
+#     7. fp32, distillation on  -- cold
+#     8. fp32, distillation off -- cold
+#     9. the loss alone (benchmarks/loss_cost.py, 640x192 batch 12): XLA cost and time per call
+#    10. bf16, distillation on, XLA_FLAGS=--xla_gpu_enable_command_buffer= (no CUDA graphs),
+#        profiled: with command buffers 38 % of run 2's profiled op time sat inside them,
+#        unattributed ("other"); without them every kernel is named by scope. Also what the
+#        command buffers buy in step time, against run 1.
+#    11. bf16, distillation on, cold, --config.distill.translator.output_stride=1 (the
+#        full-resolution translator, the default until 2026-12-03), against runs 1 and 3
 #    12. bf16, distillation on, cold, --config.model.kernel_layout=HWIO: conv kernels stored in
 #        flax's order, as before 2026-12-04 (OHWI is the default; HWIO took +3.8 % step time on
 #        an H200, 2026-12-04), against run 1; measured once already, so last: the first run
 #        DEADLINE_S cuts
+#   The order (since 2026-12-05) puts what decides the open targets first: the cold start's
+#   three experiments (4-6) right after the targets' bf16 runs, then fp32. One device call of
+#   540 s was estimated to reach about run 8 on an H200 (the first H200 machine ran 9 runs of
+#   the old order in 450 s, its cold run 1 alone about 125 s); runs 9-12 are what it cuts.
+#   (Before 2026-12-05 runs 4-6 were numbered 6, 10 and 11, fp32 4 and 5, the loss alone 7, the
+#   profile without command buffers 8 and the full-resolution translator 9; the JSON and log
+#   files are named by run, not number.)
 #   Runs 3-12 are cold starts of their own programs, but XLA's autotuning results live in the
 #   compilation cache directory too (jax_persistent_cache_enable_xla_caches), so where they share
-#   run 1's convolutions they reuse its autotuning: only run 1 (and runs 6 and 11, which do not
-#   autotune, and run 10, which has a cache of its own) times a first compile on a fresh machine.
+#   run 1's convolutions they reuse its autotuning: only run 1 (and runs 4 and 6, which do not
+#   autotune, and run 5, which has a cache of its own) times a first compile on a fresh machine.
 #   (The init lowers its random draws to jaxlib's threefry GPU kernel in every run,
 #   `train.threefry_kernel_lowering`; an earlier run 8 set JAX_THREEFRY_GPU_KERNEL_LOWERING=1.)
 #   summary.md ends with the targets' table (benchmarks/gpu_targets.py: each figure, its target,
@@ -55,8 +62,8 @@
 #
 # Run from the repository root:   bash benchmarks/gpu.sh [OUTDIR]
 # (runs that would start after DEADLINE_S seconds, default 540, are skipped and said to be, so a
-# caller's 600 s limit still sees the summary; runs 1-5 are the targets' figures, 2b and 6-12
-# extras).
+# caller's 600 s limit still sees the summary; runs 1-3, 7 and 8 are the targets' figures, 2b,
+# 4-6 and 9-12 experiments).
 # (OUTDIR defaults to $OUT, else ./gpu_bench). It writes OUTDIR/*.json, OUTDIR/*.log and
 # OUTDIR/summary.md (the markdown tables, device named). Copy the figures into
 # benchmarks/RESULTS.md with the date and this command.
@@ -158,11 +165,20 @@ for f in "$OUTDIR"/profile/*/summary.md; do
 done
 run bf16_distill_warm_sequential bfloat16 on 60 --start sequential --steps 5 --warmup 1
 run bf16_nodistill_cold bfloat16 off 120
-run fp32_distill_cold float32 on 120
-run fp32_nodistill_cold float32 off 120
 # Cold start without autotuning: how much of run 1's compile is the algorithm search, and its worth.
 XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_autotune_level=0" \
   run bf16_distill_noautotune_cold bfloat16 on 120
+# Autotuning without its buffer initialisation and cross-checks, from an empty cache of its own
+# (run 1's autotuning results would otherwise be read back).
+CACHE_L1="$(mktemp -d "${TMPDIR:-/tmp}/xdistill-gpu-cache-l1.XXXXXX")"
+trap 'rm -rf "$CACHE" "$CACHE_L1"' EXIT
+XDISTILL_COMPILATION_CACHE="$CACHE_L1" XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_autotune_level=1" \
+  run bf16_distill_autotune1_cold bfloat16 on 140
+# Run 4 with XLA's LLVM modules compiled on several threads: what is left of the compile.
+XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_autotune_level=0 --xla_gpu_enable_llvm_module_compilation_parallelism=true" \
+  run bf16_distill_noautotune_parallel_cold bfloat16 on 90 --steps 5 --warmup 1
+run fp32_distill_cold float32 on 120
+run fp32_nodistill_cold float32 off 120
 # The loss work alone (no networks), forward + gradient, fp32: its share of the step.
 echo "=== loss alone (limit $((60 * LIMIT_SCALE))s)"
 if [ $((DEADLINE_S - SECONDS)) -lt $((60 * LIMIT_SCALE)) ]; then
@@ -183,15 +199,6 @@ done
 # The full-resolution translator (the default until 2026-12-03; README "Ablations"): what
 # distillation costs on the device with it.
 run bf16_distill_stride1_cold bfloat16 on 120 --config.distill.translator.output_stride=1
-# Autotuning without its buffer initialisation and cross-checks, from an empty cache of its own
-# (run 1's autotuning results would otherwise be read back).
-CACHE10="$(mktemp -d "${TMPDIR:-/tmp}/xdistill-gpu-cache10.XXXXXX")"
-trap 'rm -rf "$CACHE" "$CACHE10"' EXIT
-XDISTILL_COMPILATION_CACHE="$CACHE10" XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_autotune_level=1" \
-  run bf16_distill_autotune1_cold bfloat16 on 140
-# Run 6 with XLA's LLVM modules compiled on several threads: what is left of the compile.
-XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_autotune_level=0 --xla_gpu_enable_llvm_module_compilation_parallelism=true" \
-  run bf16_distill_noautotune_parallel_cold bfloat16 on 90 --steps 5 --warmup 1
 run bf16_distill_hwio_cold bfloat16 on 120 --config.model.kernel_layout=HWIO
 # The issue's targets, each figure against its target (benchmarks/gpu_targets.py).
 { echo; "$PY" benchmarks/gpu_targets.py "$OUTDIR"; } | tee -a "$OUTDIR/summary.md"
