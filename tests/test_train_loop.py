@@ -381,6 +381,55 @@ def test_cli_val_ground_truth_of_another_split_exits_2_before_compiling(world_ru
     assert after == before
 
 
+def _world_config(base, **more):
+    from eval_workdir import REPO, TRAIN_OVERRIDES
+
+    config = config_utils.load_config_file(str(REPO / "configs" / "synthetic_demo.py") + ":smoke")
+    overrides = dict(TRAIN_OVERRIDES, **{"data.dataset_dir": base / "tfds"}, **more)
+    return config_utils.apply_overrides(config, [f"--config.{k}={v}" for k, v in overrides.items()])
+
+
+def test_a_split_prepared_at_another_size_is_named_before_the_workdir_is_made(world_run, tmp_path):
+    """The batches come at the split's stored size and the step compiles for them: a config of
+    another size would train at the split's size while config.json (hence eval) said its own."""
+    base, _, _ = world_run
+    config = _world_config(base, **{"data.height": 2 * H, "data.width": 2 * W})
+    with pytest.raises(config_utils.ConfigError,
+                       match=rf"config\.data\.height/width: {2 * H}x{2 * W}, but split 'train' in "
+                             rf".* was prepared at {H}x{W}; set --config\.data\.height={H} "
+                             rf"--config\.data\.width={W}"):
+        training_loop.train_and_evaluate(config, tmp_path / "workdir")
+    assert not (tmp_path / "workdir").exists()
+    # the val split is checked too (the train split at the config's size)
+    config = _world_config(base, **{"data.val_split": "val"})
+    assert training_loop.tfds_training_data(config).num_examples > 0
+
+
+def test_a_teacher_store_of_another_grouping_is_named(world_run, tmp_path):
+    """geometric and cityscapes_categories both have 7 groups: the shapes agree, so only the
+    store's recorded grouping can tell that the run would distill the other one."""
+    from data_pipelines.kitti.tfds_builder import open_split
+    from data_pipelines.teacher import store
+    from xdistill_jax import semantics
+
+    base, _, _ = world_run
+    n = len(open_split(base / "tfds", "train"))
+    other = semantics.get_grouping("cityscapes_categories")
+    path = store.write_store(tmp_path / "teacher", n, lambda idx: ([str(i) for i in idx],
+                             np.zeros((len(idx), H // 4, W // 4, other.num_groups), np.float32)),
+                             grouping=other.name, group_names=other.group_names,
+                             height=H // 4, width=W // 4, progress=False)
+    config = _world_config(base, **{"distill.weight": 0.1, "data.teacher_dir": path})
+    assert config.distill.grouping == "geometric"
+    with pytest.raises(config_utils.ConfigError,
+                       match=r"config\.distill\.grouping: 'geometric', but the teacher store .*teacher "
+                             r"\(config\.data\.teacher_dir\) holds 'cityscapes_categories' groups"):
+        training_loop.tfds_training_data(config)
+    config = _world_config(base, **{"distill.weight": 0.1, "data.teacher_dir": path,
+                                    "distill.grouping": "cityscapes_categories"})
+    assert training_loop.tfds_training_data(config).num_examples == n
+
+
 def _final_state(workdir, step):
     from xdistill_jax.checkpoints import Checkpointer
 

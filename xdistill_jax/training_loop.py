@@ -115,9 +115,36 @@ def tfds_training_data(config: ml_collections.ConfigDict) -> TrainingData:
             raise config_utils.ConfigError(f"config.{key}: distill.weight > 0 needs a teacher store "
                                            "(or set --config.distill.weight=0)")
         from data_pipelines.teacher.store import TeacherLogitsSource
-        return TeacherLogitsSource(path)
+        from xdistill_jax import semantics
 
-    train_source = open_split(d.dataset_dir, d.train_split)
+        source = TeacherLogitsSource(path)
+        # two groupings can have the same number of groups (geometric and cityscapes_categories
+        # both 7): the shapes would agree and the run would distill the other grouping
+        wanted = semantics.get_grouping(config.distill.grouping).name
+        if source.grouping != wanted:
+            raise config_utils.ConfigError(
+                f"config.distill.grouping: {config.distill.grouping!r}, but the teacher store "
+                f"{path} (config.{key}) holds {source.grouping!r} groups (its teacher.json); "
+                f"set --config.distill.grouping={source.grouping} or precompute the store again "
+                f"with --grouping {wanted}")
+        return source
+
+    def split(name):
+        source = open_split(d.dataset_dir, name)
+        # the batches come at the size the split was prepared at, and the step compiles for the
+        # first batch's shapes: without this check a mismatch would train at the split's size
+        # while config.json (hence eval and predict) says the config's
+        if len(source):
+            h, w = np.shape(source[0]["image_0"])[:2]
+            if (h, w) != (d.height, d.width):
+                raise config_utils.ConfigError(
+                    f"config.data.height/width: {d.height}x{d.width}, but split {name!r} in "
+                    f"{d.dataset_dir} was prepared at {h}x{w}; set --config.data.height={h} "
+                    f"--config.data.width={w} or prepare the split again at the config's size "
+                    "(xdistill prepare --height --width)")
+        return source
+
+    train_source = split(d.train_split)
     train_teacher = teacher(d.teacher_dir, "data.teacher_dir")
 
     def make_train_iterator():
@@ -128,7 +155,7 @@ def tfds_training_data(config: ml_collections.ConfigDict) -> TrainingData:
 
     make_val = val_id = num_val = None
     if d.val_split:
-        val_source = open_split(d.dataset_dir, d.val_split)
+        val_source = split(d.val_split)
         val_teacher = teacher(d.val_teacher_dir, "data.val_teacher_dir") if d.val_teacher_dir else None
 
         def make_val():
