@@ -369,6 +369,28 @@ def test_distillation_term_is_lambda_times_distillation_loss(nets_and_vars):
     np.testing.assert_allclose(float(total), float(photometric) + 0.1 * float(d), rtol=1e-6)
 
 
+def test_validation_without_teacher_logits_is_the_photometric_loss(nets_and_vars):
+    """config.data.val_teacher_dir "" (the default) validates a distillation run on batches
+    without teacher logits: the photometric loss alone. Until 2026-12-05 the eval step raised,
+    so the paper config's run died at its first validation, and again at every resume."""
+    config, nets, params, batch_stats = nets_and_vars
+    batch = {k: jnp.asarray(v) for k, v in make_batch(B, H, W, seed=6).items()}
+    no_teacher = {k: v for k, v in batch.items() if k != "teacher"}
+
+    def run(b, train):
+        total, (_, m) = objective.loss_fn(nets, config, params, batch_stats, b, jax.random.key(0), train=train)
+        return total, m
+
+    total, m = jax.jit(lambda b: run(b, False))(no_teacher)
+    assert float(total) == float(m["photometric_loss"])
+    assert "distill_loss" not in m and "translator_logits" not in m
+    with_teacher, m2 = jax.jit(lambda b: run(b, False))(batch)
+    assert float(m2["photometric_loss"]) == float(m["photometric_loss"])
+    assert float(with_teacher) > float(total)  # the distillation term is there when the logits are
+    with pytest.raises(ValueError, match=r"training batch has no 'teacher' logits .*config\.data\.teacher_dir"):
+        run(no_teacher, True)
+
+
 def test_gradients_finite_and_nonzero_for_every_parameter(nets_and_vars):
     config, nets, params, batch_stats = nets_and_vars
     batch = {k: jnp.asarray(v) for k, v in make_batch(B, H, W, seed=8).items()}

@@ -270,9 +270,11 @@ def loss_fn(nets: Networks, config: ml_collections.ConfigDict, params, batch_sta
     metrics["disp_mean"] = jnp.mean(disps[0])
     metrics["disp"] = disps[0]
     total = photometric
-    if nets.translator is not None:
+    # Validation without a val teacher store (config.data.val_teacher_dir ""): the photometric
+    # loss alone, as config_defaults documents. Training always needs the teacher.
+    if nets.translator is not None and ("teacher" in batch or train):
         if "teacher" not in batch:
-            raise ValueError("distill.weight > 0 but the batch has no 'teacher' logits "
+            raise ValueError("distill.weight > 0 but the training batch has no 'teacher' logits "
                              "(set config.data.teacher_dir, or --config.distill.weight=0)")
         from xdistill_jax.models.translator import translate
 
