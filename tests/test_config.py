@@ -67,10 +67,32 @@ def test_bad_overrides_name_the_key(args, key):
     (["--config.distill.translator.dilations=(1, 0)"], "distill.translator.dilations"),
     (["--config.run.state_layout=cudnn"], "run.state_layout"),
     (["--config.model.kernel_layout=OIHW"], "model.kernel_layout"),
+    (["--config.distill.grouping=geometirc"], "distill.grouping"),
+    (["--config.optim.b1=1.5"], "optim.b1"),
+    (["--config.optim.b2=-0.1"], "optim.b2"),
+    (["--config.optim.eps=0"], "optim.eps"),
 ])
 def test_impossible_values_name_the_key(args, key):
     with pytest.raises(config_utils.ConfigError, match=key.replace(".", r"\.")):
         config_utils.config_from_args(str(CONFIGS / "synthetic_demo.py"), args)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("synthetic_demo.py:smok", r"config '.*synthetic_demo\.py:smok': get_config\('smok'\) failed: ValueError"),
+    ("kitti_resnet18_640x192.py:x", r"config '.*kitti_resnet18_640x192\.py:x': get_config\('x'\) failed: TypeError"),
+])
+def test_a_config_variant_that_does_not_exist_is_a_config_error(spec, message):
+    """Exit status 2 with the spec named (a ConfigError), not a traceback from get_config."""
+    with pytest.raises(config_utils.ConfigError, match=message):
+        config_utils.load_config_file(str(CONFIGS / spec))
+
+
+def test_more_devices_than_exist_is_a_config_error():
+    from xdistill_jax import train
+
+    config = config_utils.config_from_args(str(CONFIGS / "synthetic_demo.py"), ["--config.mesh.num_devices=4096"])
+    with pytest.raises(config_utils.ConfigError, match=r"config\.mesh\.num_devices=4096 but only"):
+        train.make_mesh(config)
 
 
 def test_batch_must_divide_over_devices():

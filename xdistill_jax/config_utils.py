@@ -54,7 +54,13 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
     mod_spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
         raise ConfigError(f"config file {path!r} defines no get_config()")
-    config = module.get_config(arg) if sep else module.get_config()
+    try:
+        config = module.get_config(arg) if sep else module.get_config()
+    except ConfigError:
+        raise
+    except (TypeError, ValueError, KeyError) as e:  # e.g. an unknown variant, or one not taken
+        what = f"get_config({arg!r})" if sep else "get_config()"
+        raise ConfigError(f"config {spec!r}: {what} failed: {type(e).__name__}: {e}") from e
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigError(f"{path}: get_config() returned {type(config).__name__}, not a ConfigDict")
     return config
@@ -169,6 +175,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
            f"need 0 < min_depth < max_depth, got {lo.min_depth} and {lo.max_depth}")
     _check(lo.smoothness_weight >= 0, "loss.smoothness_weight", f"must be >= 0, got {lo.smoothness_weight}")
     _check(ds.weight >= 0, "distill.weight", f"must be >= 0, got {ds.weight}")
+    from xdistill_jax import semantics  # numpy + jax.numpy only
+
+    _check(ds.grouping in semantics.GROUPINGS, "distill.grouping",
+           f"must be one of {', '.join(sorted(semantics.GROUPINGS))}, got {ds.grouping!r}")
     _check(ds.mode in ("hard", "soft"), "distill.mode", f"must be 'hard' or 'soft', got {ds.mode!r}")
     _check(ds.temperature > 0, "distill.temperature", f"must be > 0, got {ds.temperature}")
     for key in ("depth_grad_start", "depth_grad_ramp"):
@@ -184,6 +194,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
            "distill.translator.output_stride", f"must be a power of 2 from 1 to 32, got {stride!r}")
     _check(isinstance(t.multi_scale, bool), "distill.translator.multi_scale", f"must be true or false, got {t.multi_scale!r}")
     _check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
+    for key in ("b1", "b2"):
+        _check(0 <= o[key] < 1, f"optim.{key}", f"must be in [0, 1), got {o[key]}")
+    _check(o.eps > 0, "optim.eps", f"must be > 0, got {o.eps}")
     _check(o.batch_size > 0, "optim.batch_size", f"must be > 0, got {o.batch_size}")
     _check(o.epochs > 0 or o.num_steps > 0, "optim.num_steps", "set optim.epochs or optim.num_steps > 0")
     _check(0 < o.lr_decay_factor <= 1, "optim.lr_decay_factor", f"must be in (0, 1], got {o.lr_decay_factor}")

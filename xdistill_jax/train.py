@@ -55,7 +55,9 @@ def make_mesh(config: ml_collections.ConfigDict) -> Mesh:
     n = config.mesh.num_devices
     if n > 0:
         if n > len(devices):
-            raise ValueError(f"config.mesh.num_devices={n} but only {len(devices)} devices exist")
+            from xdistill_jax.config_utils import ConfigError
+
+            raise ConfigError(f"config.mesh.num_devices={n} but only {len(devices)} devices exist")
         devices = devices[:n]
     return Mesh(np.asarray(devices), ("data",))
 
