@@ -277,8 +277,11 @@ def test_synthetic_world_through_prepare_and_the_loader(tmp_path):
             line = lines[int(idx)]
             calib = raw.read_calib_file(world / line.folder.split("/")[0] / "calib_cam_to_cam.txt")
             P = calib[f"P_rect_0{line.camera}"].reshape(3, 4)
-            fx, cx = P[0, 0] / synth_world_tiny.WIDTH, P[0, 2] / synth_world_tiny.WIDTH
-            fy, cy = P[1, 1] / synth_world_tiny.HEIGHT, P[1, 2] / synth_world_tiny.HEIGHT
+            # P_rect's principal point is 1-based (KITTI's convention, which the world follows):
+            # 0-based it is the world's true (W/2, H/2), Monodepth2's normalised K exactly
+            fx, cx = P[0, 0] / synth_world_tiny.WIDTH, (P[0, 2] - 1) / synth_world_tiny.WIDTH
+            fy, cy = P[1, 1] / synth_world_tiny.HEIGHT, (P[1, 2] - 1) / synth_world_tiny.HEIGHT
+            assert (cx, cy) == (0.5, 0.5)
             np.testing.assert_allclose(batch["K"][j, 0, [0, 1, 0, 1], [0, 1, 2, 2]],
                                        [fx * 96, fy * 32, cx * 96, cy * 32], rtol=1e-5)
             aug = ip.sample_augmentation(ip.example_rng(0, 0, int(idx)))
@@ -287,6 +290,28 @@ def test_synthetic_world_through_prepare_and_the_loader(tmp_path):
                     want = np.asarray(im.convert("RGB").resize((96, 32), Image.LANCZOS))
                 np.testing.assert_array_equal(batch["color"][j, f], want[:, ::-1] if aug.flip else want)
                 np.testing.assert_array_equal(batch["color_aug"][j, f], ip.color_jitter(batch["color"][j, f], aug))
+
+
+def test_a_flip_mirrors_an_off_centre_principal_point_and_leaves_monodepth2s_k():
+    """KITTI's calibrated cx (~0.49 of the width) belongs to the unflipped image: a flipped
+    example's is 1 - cx. Monodepth2's fixed K (cx 0.5) is the same either way, bit for bit."""
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (32, 96, 3), np.uint8)
+    record = {k: image for k in ip.IMAGE_KEYS}
+    record["index"] = 0
+    for cx, flipped_cx in ((0.4908, 1 - np.float32(0.4908)), (0.5, 0.5)):
+        K = np.array([[0.58, 0, cx, 0], [0, 1.92, 0.5, 0], [0, 0, 1, 0], [0, 0, 0, 1]], np.float32)
+        out = {flip: ip.make_example(dict(record, K=K), ip.Augmentation(flip=flip))
+               for flip in (False, True)}
+        assert out[False]["K"][0, 0, 2] == np.float32(cx) * 96
+        assert out[True]["K"][0, 0, 2] == np.float32(flipped_cx) * 96
+        for s in range(4):  # every scale from the mirrored normalised K
+            assert out[True]["K"][s, 0, 2] == np.float32(flipped_cx) * (96 // 2**s)
+        np.testing.assert_array_equal(out[True]["inv_K"][0], np.linalg.pinv(out[True]["K"][0]))
+        np.testing.assert_array_equal(out[True]["color"][1], image[:, ::-1])
+    # cx 0.5: the flipped example's K and inv_K are the unflipped one's, bit for bit
+    np.testing.assert_array_equal(out[True]["K"], out[False]["K"])
+    np.testing.assert_array_equal(out[True]["inv_K"], out[False]["inv_K"])
 
 
 # ------------------------------------------------------------- fast paths, exact to the PIL ops

@@ -86,8 +86,9 @@ def test_jpeg_calib_intrinsics_worker_pool_and_shards(tree, tmp_path):
     for i, line in enumerate(lines):
         record = source[i]
         cam = 2 if line.endswith(" l") else 3
-        # P_rect_0X intrinsics divided by the native 100x30 image size, worked out by hand.
-        fx, cx, fy, cy = 721.5377 / 100, 609.5593 / 100, 721.5377 / 30, 172.854 / 30
+        # P_rect_0X intrinsics divided by the native 100x30 image size, worked out by hand; the
+        # principal point from KITTI's 1-based pixel coordinates to 0-based.
+        fx, cx, fy, cy = 721.5377 / 100, 608.5593 / 100, 721.5377 / 30, 171.854 / 30
         want = np.array([[fx, 0, cx, 0], [0, fy, cy, 0], [0, 0, 1, 0], [0, 0, 0, 1]], np.float32)
         np.testing.assert_allclose(record["K"], want, rtol=1e-6)
         ref = kitti_tiny.resized_source(raw, line, 0, H, W).astype(np.float64)

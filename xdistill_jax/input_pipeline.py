@@ -112,6 +112,14 @@ def make_example(record: dict[str, Any], aug: Augmentation, teacher_logits=None,
     for s in range(1, NUM_SCALES):
         out[f"color_s{s}"] = np.stack([chain[s - 1] for chain in chains])
     K_norm = np.ascontiguousarray(record["K"], dtype=np.float32)
+    if aug.flip and K_norm[0, 2] != 0.5:
+        # A mirrored image's principal point is mirrored too: cx -> 1 - cx (normalised). Only a
+        # split prepared with per-drive calibration (`--intrinsics calib`, KITTI's cx ~0.49)
+        # has cx off the centre; Monodepth2's fixed K (cx 0.5, which it never mirrors, its
+        # comment asking for a centred K) is left bit for bit. Not mirroring put flipped KITTI
+        # examples' principal point 11.8 px off at 640 wide.
+        K_norm = K_norm.copy()
+        K_norm[0, 2] = np.float32(1.0) - K_norm[0, 2]
     out["K"], out["inv_K"] = _intrinsics_cached(K_norm.tobytes(), height, width)
     out["index"] = np.int32(record["index"])
     if teacher_logits is not None:

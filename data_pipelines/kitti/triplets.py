@@ -120,7 +120,10 @@ def calib_intrinsics(calib_path: pathlib.Path, camera: int, image_size: tuple[in
     `image_size` is (width, height) of the native image the calibration belongs to; row 0 of
     the 3x3 intrinsic part of P_rect is divided by the width and row 1 by the height, as
     Monodepth2 normalises its fixed K. The baseline column of P_rect is not intrinsics and is
-    dropped.
+    dropped. P_rect's principal point is in KITTI's 1-based pixel coordinates (the devkit's;
+    Monodepth2's `generate_depth_map` subtracts 1 after projecting with it); the networks'
+    pixel grid is 0-based, so 1 is subtracted from cx and cy first (the synthetic world, whose
+    true K is Monodepth2's, then reads cx = cy = 0.5 exactly).
     """
     from data_pipelines.kitti import raw
 
@@ -132,6 +135,8 @@ def calib_intrinsics(calib_path: pathlib.Path, camera: int, image_size: tuple[in
     width, height = image_size
     K = np.eye(4, dtype=np.float64)
     K[:3, :3] = p_rect[:, :3]
+    K[0, 2] -= 1.0
+    K[1, 2] -= 1.0
     K[0, :] /= width
     K[1, :] /= height
     return K.astype(np.float32)

@@ -29,7 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--intrinsics",
         choices=("monodepth2", "calib"),
         default="monodepth2",
-        help="monodepth2: its fixed normalised KITTI K; calib: per drive from calib_cam_to_cam.txt",
+        help="monodepth2: its fixed normalised KITTI K; calib: per drive from calib_cam_to_cam.txt "
+             "(P_rect's 1-based principal point made 0-based; mirrored on flipped examples)",
     )
     parser.add_argument("--target-scales", action="store_true",
                         help="also store the target frame's 1/2, 1/4, 1/8 LANCZOS images (raw, "
