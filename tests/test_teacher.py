@@ -81,6 +81,36 @@ def test_store_resume_after_interruption(tmp_path):
         store.write_store(tmp_path / "s", 8, counting, **{**kw, "fingerprint": "abc"})
 
 
+def test_store_of_another_teacher_is_refused_complete_or_not(tmp_path):
+    """The teacher (the backend's description) is checked like the settings: a rerun with
+    another teacher found the complete store and kept the old logits; a resumed interrupted one
+    wrote the rest with the new teacher and labelled the whole store with it."""
+    ids = _ids(6)
+    kw = dict(grouping="geometric", group_names=GROUPS7, height=3, width=5, shard_size=3,
+              batch_size=3, progress=False)
+    # (a tuple in the description is a list once stored: A still resumes)
+    a = {"teacher": {"backend": "onnx:A.onnx", "input_size": (4, 8)}}
+    b = {"teacher": {"backend": "onnx:B.onnx", "input_size": (4, 8)}}
+
+    def dies_in_shard_1(idx):
+        if idx[0] >= 3:
+            raise KeyboardInterrupt
+        return _fake_batch(ids)(idx)
+
+    with pytest.raises(KeyboardInterrupt):
+        store.write_store(tmp_path / "s", 6, dies_in_shard_1, extra_metadata=a, **kw)
+    message = (r"teacher\.json: existing store has teacher=\{'backend': 'onnx:A\.onnx', .*\}, this run "
+               r"has \{'backend': 'onnx:B\.onnx', .*\}")
+    with pytest.raises(ValueError, match=message):
+        store.write_store(tmp_path / "s", 6, _fake_batch(ids), extra_metadata=b, **kw)
+    assert len(list((tmp_path / "s").glob("logits-*.array_record"))) == 1  # nothing written by B
+    store.write_store(tmp_path / "s", 6, _fake_batch(ids), extra_metadata=a, **kw)  # A resumes
+    assert store.TeacherLogitsSource(tmp_path / "s").metadata["teacher"] == {"backend": "onnx:A.onnx",
+                                                                             "input_size": [4, 8]}
+    with pytest.raises(ValueError, match=message):  # and a complete store too
+        store.write_store(tmp_path / "s", 6, _fake_batch(ids), extra_metadata=b, **kw)
+
+
 def test_store_rejects_non_finite_logits(tmp_path):
     def inf_in_example_1(idx):
         out = _fake_logits(idx)

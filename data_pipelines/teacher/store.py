@@ -18,7 +18,7 @@ logits in (h,w,G) C order; array_record with group_size 1 (cheap random access) 
 Resumable: the writer saves teacher.json with "complete": false first; each shard is written to a
 temporary name and renamed when whole, so a shard file that exists is complete and is not
 recomputed on resume; the store is marked complete only after the last shard. Resuming with
-different settings (grouping, size, split fingerprint) is an error naming the field.
+different settings (grouping, size, split fingerprint, teacher) is an error naming the field.
 
 Size: at most h*w*G*2 bytes of logits + the id + ~2.6 kB of array_record framing per example.
 At the default resolution (a quarter of the 640x192 input in each dimension: 160x48) and 7
@@ -141,7 +141,10 @@ class TeacherLogitsWriter:
       height, width: stored logits resolution.
       shard_size: examples per shard.
       fingerprint: identifies the source split (e.g. its split-file hash); a resume must match.
-      extra_metadata: JSON-able facts to keep (backend, dataset, split); not checked on resume.
+      extra_metadata: JSON-able facts to keep (backend, dataset, split). Its "teacher" entry
+        (the backend's description: which teacher, its options, a flax checkpoint's step) must
+        match an existing store's, as the keys above: a rerun with another teacher would find a
+        complete store and keep the old logits, and a resumed one would mix two teachers.
     """
 
     def __init__(self, path, num_examples: int, *, grouping: str, group_names: Sequence[str],
@@ -169,12 +172,13 @@ class TeacherLogitsWriter:
         meta_path = self.path / METADATA_FILE
         if meta_path.is_file():
             old = json.loads(meta_path.read_text())
+            new = json.loads(json.dumps(self.meta))  # as stored: tuples are lists there
             for key in ("format", "grouping", "num_groups", "height", "width", "num_examples",
-                        "shard_size", "fingerprint"):
-                if old.get(key) != self.meta[key]:
+                        "shard_size", "fingerprint", "teacher"):
+                if old.get(key) != new.get(key):
                     raise ValueError(
                         f"{meta_path}: existing store has {key}={old.get(key)!r}, this run has "
-                        f"{self.meta[key]!r}; use another --out or delete the old store")
+                        f"{self.meta.get(key)!r}; use another --out or delete the old store")
             if old.get("complete"):
                 self.meta["complete"] = True
                 return

@@ -232,8 +232,9 @@ def read_teacher_config(workdir) -> TeacherTrainConfig:
     return TeacherTrainConfig(**raw)
 
 
-def load_teacher(workdir):
-    """(model, variables {"params","batch_stats"}, config) of a trained teacher workdir."""
+def load_teacher(workdir, *, with_step: bool = False):
+    """(model, variables {"params","batch_stats"}, config) of a trained teacher workdir
+    (+ the checkpoint's step with `with_step`)."""
     import jax
 
     from xdistill_jax.checkpoints import Checkpointer
@@ -244,12 +245,13 @@ def load_teacher(workdir):
     tx = _optimizer(cfg)
     ckpt = Checkpointer(workdir / "checkpoints", keep=2, async_save=False)
     # pretrained="" : the abstract target must not read the ImageNet file again
-    state, _, _ = ckpt.restore(jax.eval_shape(lambda: _init_state(
+    state, _, step = ckpt.restore(jax.eval_shape(lambda: _init_state(
         dataclasses.replace(cfg, pretrained=""), model, tx)))
     ckpt.close()
     if state is None:
         raise ValueError(f"{workdir}/checkpoints: no teacher checkpoint to load")
-    return model, {"params": state["params"], "batch_stats": state["batch_stats"]}, cfg
+    variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+    return (model, variables, cfg, step) if with_step else (model, variables, cfg)
 
 
 class FlaxBackend:
@@ -265,13 +267,13 @@ class FlaxBackend:
         if cfg.num_classes != num_classes:
             raise ValueError(f"flax teacher {self.workdir} has {cfg.num_classes} classes but "
                              f"the grouping expects {num_classes} teacher classes")
-        self.model, self.variables, self.config = load_teacher(self.workdir)
+        self.model, self.variables, self.config, self.step = load_teacher(self.workdir, with_step=True)
         self.num_classes = num_classes
         self._apply = jax.jit(lambda v, x: self.model.apply(v, x, train=False))
 
     def describe(self) -> dict:
         return {"backend": f"flax:{self.workdir}", "variant": self.config.variant,
-                "input_size": [self.config.height, self.config.width]}
+                "input_size": [self.config.height, self.config.width], "step": self.step}
 
     def class_logits(self, images: np.ndarray, example_ids: Sequence[str]) -> np.ndarray:
         from data_pipelines.teacher.backends import _resize_images
