@@ -1,6 +1,7 @@
 """Teacher logits store, backends, precompute round trips, and their bad-input errors."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -316,6 +317,16 @@ def test_cityscapes_layout_pairs_and_missing_label(tmp_path):
                                           for i, c in enumerate(("aachen", "aachen", "bremen"))]
     image, label = tt.load_pair(*pairs[2], 16, 32)
     assert image.shape == (16, 32, 3) and (label[:2] == 255).all() and label[2:].max() < 19
+    # a label id that is no trainId (labelIds go to 33) is named, not trained as class 0
+    from PIL import Image
+
+    with Image.open(pairs[2][1]) as lb:
+        ids = np.asarray(lb).copy()
+    ids[5, 7], ids[6, 7] = 33, 200
+    Image.fromarray(ids, mode="L").save(tmp_path / "labelIds.png")
+    with pytest.raises(ValueError, match=r"label .*labelIds\.png: values \[33, 200\] are not trainIds "
+                                         r"0\.\.18 or 255"):
+        tt.load_pair(pairs[2][0], tmp_path / "labelIds.png", 16, 32)
     pairs[1][1].unlink()
     with pytest.raises(ValueError, match=r"label .*aachen_000000_000001_gtFine_labelTrainIds.png "
                                          r"missing for image"):
@@ -352,6 +363,14 @@ def test_flax_teacher_trains_saves_and_resumes(flax_teacher, capsys):
     assert "'steps_run': 0" in capsys.readouterr().out
     model, variables, _ = tt.load_teacher(work)
     assert "encoder" in variables["params"] and "encoder" in variables["batch_stats"]
+    # resuming under other settings is refused by name, and config.json is left as it was
+    saved = (work / tt.CONFIG_FILE).read_bytes()
+    other = [a if a != "32" else "64" for a in argv] + ["--lr", "0.5"]
+    assert cli.main(other) == 1
+    err = capsys.readouterr().err
+    assert re.search(r"config\.json: the teacher checkpoint here was trained with other settings "
+                     r"\(height: 32 -> 64; lr: 0\.001 -> 0\.5\)", err), err
+    assert (work / tt.CONFIG_FILE).read_bytes() == saved
 
 
 def test_flax_backend_round_trip_through_store_and_loader(flax_teacher, tmp_path):

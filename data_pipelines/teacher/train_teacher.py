@@ -102,8 +102,12 @@ def synthetic_pairs(root, split: str) -> list[tuple[Path, Path]]:
     return pairs
 
 
-def load_pair(image_path: Path, label_path: Path, height: int, width: int):
-    """uint8 (height,width,3) image (bilinear) and uint8 (height,width) trainIds (nearest)."""
+def load_pair(image_path: Path, label_path: Path, height: int, width: int, num_classes: int = 19):
+    """uint8 (height,width,3) image (bilinear) and uint8 (height,width) trainIds (nearest).
+
+    A label value outside 0..num_classes-1 and 255 (ignore) is an error naming the file (the
+    loss would have counted it as class 0, road: e.g. a Cityscapes labelIds PNG, ids 0..33,
+    given for a labelTrainIds one)."""
     from PIL import Image
 
     with Image.open(image_path) as im:
@@ -111,6 +115,12 @@ def load_pair(image_path: Path, label_path: Path, height: int, width: int):
     with Image.open(label_path) as lb:
         if lb.mode not in ("L", "P"):
             raise ValueError(f"label {label_path} has mode {lb.mode}; need a single-channel trainId PNG")
+        values = np.unique(np.asarray(lb))
+        bad = values[(values >= num_classes) & (values != 255)]
+        if bad.size:
+            raise ValueError(f"label {label_path}: values {bad[:8].tolist()} are not trainIds "
+                             f"0..{num_classes - 1} or 255 (ignore); a labelIds PNG instead of "
+                             "labelTrainIds?")
         label = np.asarray(lb.resize((width, height), Image.NEAREST))
     return image, label
 
@@ -157,6 +167,27 @@ def _init_state(cfg: TeacherTrainConfig, model, tx):
             "step": jnp.zeros((), jnp.int32)}
 
 
+# What a resumed teacher run may change: how long it trains (the cosine schedule then follows the
+# new length) and how often it saves. Anything else would continue one run under another's
+# settings, and `flax:` inference would read the last run's input size.
+RESUMABLE_CHANGES = ("steps", "save_every")
+
+
+def _check_resume(cfg: TeacherTrainConfig, workdir: Path) -> None:
+    """Refuses to resume a teacher workdir's checkpoint under other settings, naming the keys."""
+    if not (workdir / CONFIG_FILE).is_file() or not any(
+            p.name.isdigit() for p in (workdir / "checkpoints").glob("*")):
+        return
+    saved = read_teacher_config(workdir)
+    diffs = [f"{f.name}: {getattr(saved, f.name)!r} -> {getattr(cfg, f.name)!r}"
+             for f in dataclasses.fields(TeacherTrainConfig)
+             if f.name not in RESUMABLE_CHANGES and getattr(saved, f.name) != getattr(cfg, f.name)]
+    if diffs:
+        raise ValueError(f"{workdir / CONFIG_FILE}: the teacher checkpoint here was trained with other "
+                         f"settings ({'; '.join(diffs)}); use another --workdir, or the same "
+                         f"settings to resume (only {', '.join(RESUMABLE_CHANGES)} may change)")
+
+
 def train_teacher(cfg: TeacherTrainConfig, workdir, *, log_every: int = 20) -> dict:
     """Trains (or resumes) a segmentation teacher in `workdir`; returns final metrics."""
     import jax
@@ -167,6 +198,7 @@ def train_teacher(cfg: TeacherTrainConfig, workdir, *, log_every: int = 20) -> d
 
     cfg.validate()
     workdir = Path(workdir)
+    _check_resume(cfg, workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     pairs = (cityscapes_pairs if cfg.layout == "cityscapes" else synthetic_pairs)(cfg.data_dir, cfg.split)
     tmp = workdir / (CONFIG_FILE + ".tmp")
@@ -202,7 +234,7 @@ def train_teacher(cfg: TeacherTrainConfig, workdir, *, log_every: int = 20) -> d
     for step in range(start, cfg.steps):
         rng = np.random.default_rng([cfg.seed, step])  # data order depends on the step only
         idx = rng.integers(0, len(pairs), cfg.batch_size)
-        batch = [load_pair(*pairs[i], cfg.height, cfg.width) for i in idx]
+        batch = [load_pair(*pairs[i], cfg.height, cfg.width, cfg.num_classes) for i in idx]
         images = np.stack([b[0] for b in batch]).astype(np.float32) / 255.0
         labels = np.stack([b[1] for b in batch]).astype(np.int32)
         flip = rng.random(cfg.batch_size) < 0.5
