@@ -46,3 +46,14 @@ def test_real_layout_without_list_file_and_missing_depth(tmp_path):
     scipy.io.savemat(tmp_path / "Gridlaserdata" / "depth_sph_corr-a-p-1t0.mat", {"Other": grid})
     with pytest.raises(ValueError, match="depth_sph_corr-a-p-1t0.mat.*Position3DGrid"):
         reader.load_depth(items[0].depth_path)
+    # a truncated or foreign file is named, whatever scipy or PIL raised
+    good = items[1].depth_path.read_bytes()
+    items[1].depth_path.write_bytes(good[:len(good) // 2])
+    with pytest.raises(ValueError, match=r"depth_sph_corr-b-p-2t0\.mat: cannot read the Make3D depth file"):
+        reader.load_depth(items[1].depth_path)
+    items[1].depth_path.write_bytes(b"not a mat file at all" * 20)
+    with pytest.raises(ValueError, match=r"depth_sph_corr-b-p-2t0\.mat: cannot read the Make3D depth file"):
+        reader.load_depth(items[1].depth_path)
+    items[1].image_path.write_bytes(b"not a jpeg")
+    with pytest.raises(ValueError, match=r"img-b-p-2t0\.jpg: cannot read the Make3D image"):
+        reader.load_image(items[1].image_path)

@@ -57,7 +57,12 @@ def load_depth(path) -> np.ndarray:
     import scipy.io  # lazily: scipy only where .mat files are read
 
     path = Path(path)
-    mat = scipy.io.loadmat(path)
+    try:
+        mat = scipy.io.loadmat(path)
+    except FileNotFoundError:
+        raise
+    except (ValueError, TypeError, OSError, scipy.io.matlab.MatReadError) as e:  # truncated, not a .mat
+        raise ValueError(f"{path}: cannot read the Make3D depth file ({type(e).__name__}: {e})") from e
     if "Position3DGrid" not in mat:
         raise ValueError(f"{path}: no 'Position3DGrid' variable")
     grid = np.asarray(mat["Position3DGrid"])
@@ -70,8 +75,15 @@ def load_image(path) -> np.ndarray:
     """(H, W, 3) uint8 RGB."""
     from PIL import Image
 
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
+    from PIL import UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except FileNotFoundError:
+        raise
+    except (UnidentifiedImageError, OSError) as e:  # not an image, or truncated
+        raise ValueError(f"{path}: cannot read the Make3D image ({type(e).__name__}: {e})") from e
 
 
 def load_test_set(root):
