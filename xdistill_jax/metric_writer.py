@@ -4,15 +4,21 @@ Only process 0 writes; other processes get a writer whose methods do nothing, so
 it unconditionally. tensorboardX is imported lazily and is optional (missing -> JSON only).
 Each `metrics.jsonl` line is `{"step": int, "split": "train"|"val", key: float, ...}`; a resumed
 run first drops lines with a step beyond the checkpoint it resumed from, so the file has no
-duplicated steps after a restart.
+duplicated steps after a restart. TensorBoard's event files cannot be cut: the resumed run's
+file starts with a purge event at that checkpoint's step + 1, which makes TensorBoard hide the
+earlier files' events from that step on (the work that is redone), and every write reaches the
+file before the call returns, so a killed run's logged steps are on disk (tensorboardX's
+`SummaryWriter` queued them to a thread, flushed every 120 s: they were lost).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
 import pathlib
+import time
 from typing import Mapping
 
 import numpy as np
@@ -25,22 +31,35 @@ class MetricWriter:
         self.path = self.workdir / "metrics.jsonl"
         self._tb = None
         self._file = None
-        if not enabled:
-            return
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        if tensorboard:
+        self._tensorboard = enabled and tensorboard  # the event file: opened by the first write or resume
+        if enabled:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+
+    def _open_tensorboard(self, purge_step: int | None = None) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if self._tensorboard:
             try:
-                from tensorboardX import SummaryWriter
-                self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
+                self._tb = _Board(self.workdir / "tensorboard", purge_step)
             except ImportError:
-                self._tb = None
+                self._tensorboard = False
+
+    def _board(self):
+        if self._tb is None and self._tensorboard:
+            self._open_tensorboard()
+        return self._tb
 
     def truncate_after(self, step: int) -> set[tuple[int, str]]:
-        """Drop lines whose step > `step` (work after the checkpoint we resume from is redone).
+        """Drop lines whose step > `step` (work after the checkpoint we resume from is redone);
+        TensorBoard is told to hide earlier events from step + 1 on (module docstring).
 
         Returns the (step, split) pairs of the lines kept (on process 0; empty elsewhere).
         """
-        if not self.enabled or not self.path.exists():
+        if not self.enabled:
+            return set()
+        self._open_tensorboard(purge_step=int(step) + 1)
+        if not self.path.exists():
             return set()
         keep, kept = [], set()
         for line in self.path.read_text().splitlines():
@@ -67,9 +86,9 @@ class MetricWriter:
             self._file = open(self.path, "a")
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-        if self._tb is not None:
-            for k, v in scalars.items():
-                self._tb.add_scalar(f"{split}/{k}", float(v), int(step))
+        board = self._board()
+        if board is not None:
+            board.add_scalars(int(step), [(f"{split}/{k}", float(v)) for k, v in scalars.items()])
 
     def write_image(self, step: int, name: str, image: np.ndarray) -> pathlib.Path | None:
         """Save an (H,W) or (H,W,3) image in [0,1] or uint8 to `images/<name>_step<N>.png`."""
@@ -84,8 +103,9 @@ class MetricWriter:
         tmp = path.with_name(path.stem + ".tmp.png")
         Image.fromarray(arr).save(tmp)
         os.replace(tmp, path)
-        if self._tb is not None:
-            self._tb.add_image(name, arr if arr.ndim == 3 else arr[..., None], int(step), dataformats="HWC")
+        board = self._board()
+        if board is not None:
+            board.add_image(int(step), name, arr if arr.ndim == 3 else arr[..., None])
         return path
 
     def flush(self):
@@ -101,6 +121,53 @@ class MetricWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+_BOARDS = itertools.count()
+
+
+class _Board:
+    """A TensorBoard event file written and flushed in the caller's thread (tensorboardX's
+    `SummaryWriter` hands events to a thread through a queue, and its flush does not wait for the
+    queue: a killed run lost what was still in it). `purge_step`: the first event tells
+    TensorBoard to hide the directory's earlier events from that step on, as `SummaryWriter`'s
+    own `purge_step` does."""
+
+    def __init__(self, logdir: pathlib.Path, purge_step: int | None = None):
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+        self._event = Event
+        logdir.mkdir(parents=True, exist_ok=True)
+        # the file name holds the time in seconds and the host: the pid and a count keep a
+        # restart within the same second (another process, or this one) from overwriting the
+        # earlier file
+        self._writer = EventsWriter(str(logdir / "events"), f".{os.getpid()}.{next(_BOARDS)}")
+        if purge_step is not None:
+            self._write([Event(step=purge_step, file_version="brain.Event:2"),
+                         Event(step=purge_step, session_log=SessionLog(status=SessionLog.START))])
+
+    def _write(self, events) -> None:
+        for event in events:
+            event.wall_time = time.time()
+            self._writer.write_event(event)
+        self._writer.flush()
+
+    def add_scalars(self, step: int, values) -> None:
+        from tensorboardX import summary
+
+        self._write([self._event(step=step, summary=summary.scalar(tag, v)) for tag, v in values])
+
+    def add_image(self, step: int, tag: str, image: np.ndarray) -> None:
+        from tensorboardX import summary
+
+        self._write([self._event(step=step, summary=summary.image(tag, image, dataformats="HWC"))])
+
+    def flush(self) -> None:
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
 
 
 def colormap(disp: np.ndarray) -> np.ndarray:

@@ -1,0 +1,62 @@
+"""metrics.jsonl and TensorBoard across a kill and a resume (xdistill_jax/metric_writer.py)."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+
+from xdistill_jax.metric_writer import MetricWriter
+
+
+def _events(workdir):
+    """{event file name: [(step, tag or "purge from", value)]} read from the TFRecord framing."""
+    event_pb2 = pytest.importorskip("tensorboardX.proto.event_pb2")
+    out = {}
+    for path in sorted((workdir / "tensorboard").iterdir()):
+        data, i, found = path.read_bytes(), 0, []
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            event = event_pb2.Event()
+            event.ParseFromString(data[i + 12:i + 12 + n])
+            i += 12 + n + 4
+            if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
+                found.append((event.step, "purge from", None))
+            found += [(event.step, v.tag, round(v.simple_value, 6)) for v in event.summary.value]
+        out[path.name] = found
+    return out
+
+
+def test_a_killed_run_logs_up_to_the_kill_and_its_resume_hides_the_redone_steps(tmp_path):
+    pytest.importorskip("tensorboardX")
+    first = MetricWriter(tmp_path)
+    first.truncate_after(0)  # a fresh run
+    for step in (1, 2, 3, 4):
+        first.write_scalars(step, {"loss": step / 10})
+    # killed here: never closed. Every logged step must be on disk (the default 120 s flush lost them)
+    (events,) = _events(tmp_path).values()
+    assert [e for e in events if e[1] == "train/loss"] == [(s, "train/loss", s / 10) for s in (1, 2, 3, 4)]
+    assert (1, "purge from", None) in events
+
+    resumed = MetricWriter(tmp_path)  # the checkpoint was step 2: steps 3 and 4 are redone
+    assert resumed.truncate_after(2) == {(1, "train"), (2, "train")}
+    for step in (3, 4):
+        resumed.write_scalars(step, {"loss": step / 100})
+    resumed.close()
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in lines] == [(1, 0.1), (2, 0.2), (3, 0.03), (4, 0.04)]
+    files = _events(tmp_path)
+    assert len(files) == 2
+    new = [events for events in files.values() if (3, "purge from", None) in events]
+    assert len(new) == 1, files  # TensorBoard hides the first file's steps >= 3
+    assert [e for e in new[0] if e[1] == "train/loss"] == [(3, "train/loss", 0.03), (4, "train/loss", 0.04)]
+
+
+def test_a_disabled_writer_writes_nothing(tmp_path):
+    writer = MetricWriter(tmp_path / "w", enabled=False)
+    assert writer.truncate_after(3) == set()
+    writer.write_scalars(1, {"loss": 1.0})
+    assert writer.write_image(1, "x", [[0.5]]) is None
+    writer.close()
+    assert not (tmp_path / "w").exists()
