@@ -4,6 +4,7 @@ and the bad-input messages."""
 
 import json
 import pathlib
+import re
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -278,6 +279,30 @@ def test_bad_checkpoint_steps_and_workdirs(tmp_path, capsys):
     with pytest.raises(inference.ModelLoadError, match="has no checkpoints"):
         inference.load_workdir_model(empty)
     assert not (empty / "checkpoints").exists()  # looking did not create anything
+
+
+def test_a_damaged_latest_checkpoint_falls_back_unless_its_step_is_asked_for(tmp_path, caplog):
+    """As training resumes: without --step the latest checkpoint that restores, with a warning
+    naming the damaged one; --step of the damaged one says it is damaged (not that it "does not
+    match the config")."""
+    import logging
+    import shutil
+
+    from xdistill_jax.checkpoints import CheckpointError
+
+    t = trained()
+    work = tmp_path / "run"
+    shutil.copytree(t.workdir, work)
+    latest = work / "checkpoints" / "2"
+    for d in {p.parent for p in (latest / "state").rglob("*") if p.is_file() and p.parent.name == "d"}:
+        shutil.rmtree(d)
+    with caplog.at_level(logging.WARNING, logger="xdistill_jax.checkpoints"):
+        model = inference.load_workdir_model(work)
+    assert model.step == 1
+    assert f"restored checkpoint {work / 'checkpoints' / '1'} instead of the damaged {latest}" in caplog.text
+    with pytest.raises(CheckpointError, match=rf"checkpoint {re.escape(str(latest))} cannot be read: "
+                                              r"damaged or incomplete"):
+        inference.load_workdir_model(work, step=2)
 
 
 def test_gt_not_matching_split_and_unreadable_image(tmp_path):

@@ -140,8 +140,12 @@ class Checkpointer:
             try:
                 state, data_state = self._restore_step(s, abstract_state)
             except Exception as e:  # noqa: BLE001 - orbax raises many kinds for a damaged directory
-                if "do not match" in str(e) or (saved is None and len(steps) == 1):
+                if "do not match" in str(e):
                     raise CheckpointError(self._mismatch_message(s, abstract_state, e)) from e
+                if len(steps) == 1:  # the step asked for: nothing older to fall back to
+                    raise CheckpointError(
+                        f"checkpoint {self.directory / str(s)} cannot be read: damaged or incomplete "
+                        f"({type(e).__name__}: {str(e)[:300]})") from e
                 failures.append((s, e))
                 log.warning("checkpoint %s is unreadable (%s: %s); trying an older one",
                             self.directory / str(s), type(e).__name__, str(e)[:200])

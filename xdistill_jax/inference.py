@@ -84,9 +84,7 @@ def load_workdir_model(workdir, step: int | None = None) -> DepthModel:
     if not steps:
         raise ModelLoadError(f"workdir {workdir} has no checkpoints (nothing under {workdir / 'checkpoints'}); "
                              "train first, or pass a workdir that holds a finished checkpoint")
-    if step is None:
-        step = steps[-1]
-    elif step not in steps:
+    if step is not None and step not in steps:
         raise ModelLoadError(f"workdir {workdir} has no checkpoint at step {step}; "
                              f"available steps: {', '.join(map(str, steps))}")
     nets = Networks.from_config(config)
@@ -97,6 +95,8 @@ def load_workdir_model(workdir, step: int | None = None) -> DepthModel:
     abstract, _ = train.abstract_train_state(nets, tx, mesh)
     ckpt = Checkpointer(workdir / "checkpoints", keep=max(len(steps), 1), async_save=False)
     try:
+        # no step asked for: the latest that restores, as training resumes (a damaged latest
+        # checkpoint is skipped with a warning naming it and the one used)
         state, _, restored_step = ckpt.restore(abstract, step=step)
     finally:
         ckpt.close()
