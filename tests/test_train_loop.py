@@ -13,6 +13,7 @@ import threading
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 from train_fixtures import FakeTeacher, abstract_state_of, records, tiny_config
@@ -276,11 +277,17 @@ def test_nonfinite_step_skipped_by_config_leaves_state_and_is_counted(tmp_path):
     assert ckpt.read_data_state(3)["skipped"] == 1
     assert (int(states[1].step), int(states[2].step)) == (1, 2)
 
+    assert isinstance(states[1].opt_state[1], optax.ScaleByScheduleState)
+
     def leaves(s):
-        return [np.asarray(x) for x in jax.tree.leaves((s.params, s.batch_stats, s.opt_state))]
+        return [np.asarray(x) for x in jax.tree.leaves((s.params, s.batch_stats, s.opt_state[0]))]
 
     assert all(np.array_equal(a, b) for a, b in zip(leaves(states[1]), leaves(states[2])))
     assert not all(np.array_equal(a, b) for a, b in zip(leaves(states[2]), leaves(states[3])))
+    # Adam's count stays at the skip, the learning-rate schedule's moves on with the step (as
+    # torch's epoch scheduler): it drops the rate at its step whatever was skipped
+    assert [int(states[s].opt_state[0].count) for s in (1, 2, 3)] == [1, 1, 2]
+    assert [int(states[s].opt_state[1].count) for s in (1, 2, 3)] == [1, 2, 3]
 
 
 def test_val_ground_truth_of_another_split_is_named(tmp_path):

@@ -288,6 +288,15 @@ def _find_first_conv(params):
     return found[0]
 
 
+def _with_schedule_counts(opt_state, advanced):
+    """`opt_state` with each learning-rate schedule's state taken from `advanced`."""
+    def is_schedule(x):
+        return isinstance(x, optax.ScaleByScheduleState)
+
+    return jax.tree.map(lambda kept, moved: moved if is_schedule(kept) else kept, opt_state, advanced,
+                        is_leaf=is_schedule)
+
+
 def make_train_step(config: ml_collections.ConfigDict, nets: Networks, tx, mesh: Mesh,
                     *, jit: bool = True, state_layout: str = "default") -> Callable:
     """`(state, batch, rng) -> (state, metrics)`; jitted over `mesh` with the state donated.
@@ -330,6 +339,10 @@ def make_train_step(config: ml_collections.ConfigDict, nets: Networks, tx, mesh:
         if skip_nonfinite:
             ok = jnp.isfinite(total) & jnp.isfinite(out["grad_norm"])
             new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state.replace(step=state.step + 1))
+            # torch skips optimizer.step() (Adam's moments and bias-correction count stay), but
+            # its LR scheduler follows the epochs: the schedule's count moves on, so the rate
+            # still drops at its step (reverted with the rest, it lagged one step per skip)
+            new = new.replace(opt_state=_with_schedule_counts(new.opt_state, opt_state))
             out["skipped"] = 1.0 - ok.astype(jnp.float32)
         return new, out
 
