@@ -211,15 +211,21 @@ def test_sigterm_saves_and_exits_then_resumes(tmp_path):
             os.kill(os.getpid(), signal.SIGTERM)
         return batch
 
+    # one log line at step 3, the mean of steps 1-3: the stop's checkpoint carries the steps
+    # logged since the last line, so the resumed run's line is the unbroken run's
     config = tiny_config(distill_weight=0.1, **{"optim.num_steps": 3, "run.ckpt_every": 100,
-                                                 "run.val_every": 100})
-    status = training_loop.train_and_evaluate(config, tmp_path, data=make_data(hook))
+                                                 "run.val_every": 100, "run.log_every": 3})
+    status = training_loop.train_and_evaluate(config, tmp_path / "w", data=make_data(hook))
     assert status == training_loop.EXIT_PREEMPTED
-    stopped = ckpt_steps(tmp_path)
+    stopped = ckpt_steps(tmp_path / "w")
     assert len(stopped) == 1 and 1 <= stopped[0] < 3
-    assert training_loop.train_and_evaluate(config, tmp_path, data=make_data()) == training_loop.EXIT_OK
-    assert [m["step"] for m in read_metrics(tmp_path)] == [1, 2, 3]
-    assert ckpt_steps(tmp_path)[-1] == 3
+    assert training_loop.train_and_evaluate(config, tmp_path / "w", data=make_data()) == training_loop.EXIT_OK
+    assert [m["step"] for m in read_metrics(tmp_path / "w")] == [3]
+    assert ckpt_steps(tmp_path / "w")[-1] == 3
+    assert training_loop.train_and_evaluate(config, tmp_path / "unbroken", data=make_data()) == training_loop.EXIT_OK
+    (resumed,), (unbroken,) = read_metrics(tmp_path / "w"), read_metrics(tmp_path / "unbroken")
+    for key in ("loss", "photometric_loss", "distill_loss", "grad_norm"):
+        assert resumed[key] == unbroken[key], key
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):

@@ -419,6 +419,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, data=None)
         host_iter = _BatchLog(host_iter, os.environ["XDISTILL_TEST_BATCH_LOG"], step)
     train_iter = DevicePrefetchIterator(host_iter, mesh)
     skipped = int(data_state.get("skipped", 0))
+    # the train scalars since the last log line: saved with each checkpoint, so a run resumed
+    # from one between log steps logs the same means as an unbroken run
+    window = list(data_state.get("log_window", []))
     step_rng = jax.device_put(step_rng, train.replicated(mesh))
 
     # The step compiles on a background thread from the state's abstract tree and the first
@@ -440,7 +443,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, data=None)
     kept = writer.truncate_after(step)
 
     def save(at_step):
-        ckpt.save(at_step, state, {"loader": train_iter.get_state(), "skipped": skipped})
+        ckpt.save(at_step, state, {"loader": train_iter.get_state(), "skipped": skipped, "log_window": window})
         _fault.at("ckpt", at_step)
 
     # Due at the restored step: the previous run was stopped during this validation, redo it
@@ -484,6 +487,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, data=None)
                     # one fetch of the scalars accumulated since the last check
                     fetched = jax.device_get(pending)
                     pending = []
+                    window += [{k: float(v) for k, v in m.items()} for m in fetched]
                     losses = np.asarray([m["loss"] for m in fetched])
                     if config.run.on_nonfinite == "skip":
                         skipped += int(sum(m["skipped"] for m in fetched))
@@ -494,7 +498,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, data=None)
                             f"stopping. The last good checkpoint is {ckpt.latest_step()}")
                     checked_step = step
                     if step % config.run.log_every == 0 or boundary:
-                        scalars = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
+                        scalars = {k: float(np.mean([m[k] for m in window])) for k in window[-1]}
+                        window = []
                         scalars["lr"] = float(train.lr_schedule(config, steps_per_epoch)(step - 1))
                         scalars["images_per_s"] = (step - step_start) * config.optim.batch_size / max(
                             time.time() - t_start, 1e-9)
