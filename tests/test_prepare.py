@@ -4,6 +4,8 @@ the file or split line without leaving a complete-looking dataset."""
 
 from __future__ import annotations
 
+import logging
+import pathlib
 import shutil
 import sys
 
@@ -59,7 +61,7 @@ def test_records_equal_resized_source_in_split_order(tree, prepared):
     assert "tensorflow" not in sys.modules
 
 
-def test_rerun_is_idempotent_and_other_settings_are_refused(tree, prepared, tmp_path):
+def test_rerun_is_idempotent_and_other_settings_are_refused(tree, prepared, tmp_path, caplog):
     raw, split = tree
     out, path = prepared
     before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in path.iterdir()}
@@ -71,6 +73,14 @@ def test_rerun_is_idempotent_and_other_settings_are_refused(tree, prepared, tmp_
     other.write_text(kitti_tiny.split_lines(split)[0] + "\n")
     with pytest.raises(ValueError, match="different split file"):
         prepare.prepare_split(raw, other, out, "train", H, W)
+    # the same split from another raw tree (moved, or other data): left alone, and said
+    assert tfds_builder.read_metadata(out, "train")["raw_dir"] == str(pathlib.Path(raw).absolute())
+    moved = tmp_path / "moved_raw"
+    shutil.copytree(raw, moved)
+    with caplog.at_level(logging.WARNING, logger=prepare.__name__):
+        assert prepare.prepare_split(moved, split, out, "train", H, W) == path
+    assert f"{path} was prepared from {pathlib.Path(raw).absolute()}, not {moved}" in caplog.text
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in path.iterdir()} == before
 
 
 def test_jpeg_calib_intrinsics_worker_pool_and_shards(tree, tmp_path):

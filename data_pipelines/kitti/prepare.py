@@ -96,7 +96,7 @@ def prepare_split(
 
     target = tfds_builder.dataset_dir(out_dir, split_name)
     if (target / "dataset_info.json").is_file():
-        _check_existing(out_dir, split_name, settings, split_sha256, split_file)
+        _check_existing(out_dir, split_name, settings, split_sha256, split_file, raw_dir)
         log.info("%s is complete; leaving it alone", target)
         return target
 
@@ -169,7 +169,7 @@ def _download_config(num_shards: int | None):
     )
 
 
-def _check_existing(out_dir, split_name, settings, split_sha256, split_file) -> None:
+def _check_existing(out_dir, split_name, settings, split_sha256, split_file, raw_dir=None) -> None:
     from data_pipelines.kitti import tfds_builder
 
     meta = tfds_builder.read_metadata(out_dir, split_name)
@@ -187,3 +187,9 @@ def _check_existing(out_dir, split_name, settings, split_sha256, split_file) -> 
             f"{target} exists but was built from a different split file "
             f"({meta.get('split_file')}) than {split_file}; delete it or choose another --out"
         )
+    # Another raw tree may be the same one moved, or other data: said, not refused (preparing a
+    # KITTI split again takes hours). Datasets written before the field existed have none.
+    stored_raw = meta.get("raw_dir")
+    if raw_dir is not None and stored_raw and stored_raw != str(pathlib.Path(raw_dir).absolute()):
+        log.warning("%s was prepared from %s, not %s; leaving it alone (delete it to prepare the "
+                    "split again from %s)", target, stored_raw, pathlib.Path(raw_dir).absolute(), raw_dir)

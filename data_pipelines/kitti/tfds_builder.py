@@ -125,6 +125,7 @@ class KittiTriplets(tfds.core.GeneratorBasedBuilder):
                 split_file=str(self._split_file or ""),
                 split_sha256=self._split_sha256,
                 num_lines=len(self._lines or []),
+                raw_dir=str(pathlib.Path(self._raw_dir).absolute()) if self._raw_dir else "",
             ),
         )
 

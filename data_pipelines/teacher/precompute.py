@@ -102,10 +102,12 @@ def precompute_split(backend_spec: str, dataset_dir, split: str, out_dir, *,
 
     g = semantics.get_grouping(kwargs.get("grouping", "geometric"))
     source = tfds_builder.open_split(dataset_dir, split)
-    try:
+    try:  # the split file's hash: a resumed store must be of the same split
         fingerprint = tfds_builder.read_metadata(dataset_dir, split).get("split_sha256", "")
-    except (OSError, ValueError):
-        fingerprint = ""
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{tfds_builder.dataset_dir(dataset_dir, split) / 'metadata.json'}: cannot read "
+                         f"the prepared split's metadata ({type(e).__name__}: {e}); prepare the split "
+                         "again with `xdistill prepare`") from e
     backend = make_backend(backend_spec, num_classes=g.num_classes, **(backend_options or {}))
     extra = {"dataset_dir": str(Path(dataset_dir).absolute()), "split": split}
     return precompute(backend, source, out_dir, fingerprint=fingerprint, extra_metadata=extra, **kwargs)
