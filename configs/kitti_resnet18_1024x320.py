@@ -1,7 +1,9 @@
 """X-Distill, ResNet-18, high resolution 1024x320, KITTI Eigen-Zhou.
 
-Same optimisation as `kitti_resnet18_640x192.py`. The teacher store must be precomputed for this
-split (its logits are resized to the translator's resolution inside the loss).
+Same optimisation as `kitti_resnet18_640x192.py`, and the same data to prepare first, at 1024x320
+(`xdistill prepare --height 320 --width 1024` of the train and val splits: training refuses a
+split prepared at another size). The teacher store must be precomputed for this split (its
+logits are resized to the translator's resolution inside the loss).
 
   xdistill train --config configs/kitti_resnet18_1024x320.py --workdir runs/xd_r18_hr \
       --config.data.dataset_dir=DATA/kitti_tfds_1024x320 --config.data.teacher_dir=DATA/teacher_train \

@@ -5,7 +5,11 @@ Adam 1e-4 (betas 0.9/0.999, eps 1e-8, no weight decay), batch 12, 20 epochs (39,
 steps its StepLR at the start of each epoch, so its "step size 15" really drops after 14 epochs;
 we copy what the authors ran (`optim.lr_drop_epochs=(14,)`; use `(15,)` for the paper's text).
 
-Run (prepare the data and the teacher store first: `xdistill prepare`, `xdistill teacher precompute`):
+Run (prepare the data and the teacher store first: `xdistill prepare` of the train split,
+data_pipelines/kitti/splits/eigen_zhou/train_files.txt, and of the val split, val_files.txt with
+`--split val`, both at 640x192; `xdistill teacher precompute` of the train split. Without a val
+teacher store the validation loss is the photometric loss; `--config.data.val_split=""` skips
+validation):
 
   xdistill train --config configs/kitti_resnet18_640x192.py --workdir runs/xd_r18 \
       --config.data.dataset_dir=DATA/kitti_tfds --config.data.teacher_dir=DATA/teacher_train \

@@ -30,13 +30,16 @@ Ablations, by overrides on the X-Distill run (each its own workdir):
   no depth gradient from the translator (translator trains alone): --config.distill.stop_gradient=true
   full-resolution translator (the default until 2026-12-03; costlier, benchmarks/RESULTS.md): --config.distill.translator.output_stride=1
 
-Evaluate each run (the demo's protocols; W/eval/<split>-step<N>.json):
+Evaluate each run (the demo's protocols; RUN/eval/eigen-test_files-step<N>.json and
+RUN/eval/make3d-step<N>.json):
   xdistill eval --workdir RUN --split eigen --data DATA/world --gt DATA/test_gt.npz \
       --split-file DATA/world/splits/test_files.txt
-  xdistill eval --workdir RUN --split make3d --data DATA/world/make3d Expected time and metrics: not yet measured (no GPU in this
-project's sessions so far); the demo's CPU results are in the README. Watch `disp_mean` in
-metrics.jsonl: a from-scratch run whose mean sigmoid disparity sits at 1.0 has saturated (the demo's
-measurements saw this at 64x192 for short runs); `--config.loss.min_depth=0.01` is what fixed it there.
+  xdistill eval --workdir RUN --split make3d --data DATA/world/make3d
+
+Expected time and metrics: not yet measured (no GPU in this project's sessions so far); the
+demo's CPU results are in the README. Watch `disp_mean` in metrics.jsonl: a from-scratch run
+whose mean sigmoid disparity sits at 1.0 has saturated (the demo's measurements saw this at
+64x192 for short runs); `--config.loss.min_depth=0.01` is what fixed it there.
 """
 
 from xdistill_jax.config_defaults import base_config

@@ -1,4 +1,4 @@
-"""Persistent XLA compilation cache for the entry points (`xdistill train`, `xdistill bench`).
+"""Persistent XLA compilation cache for the entry points (`xdistill train`, `bench`, `demo`).
 
 A warm cache turns the train step's compile (tens of seconds on a GPU) into a file read. The
 directory is, in order of precedence: the `path` argument (e.g. a `--compilation-cache` flag),

@@ -1,7 +1,7 @@
 """`xdistill demo`: the whole pipeline on a small synthetic world, X-Distill vs Monodepth2.
 
     run_demo("runs/demo")               # default (target: <= 15 min on an idle 2-core CPU)
-    run_demo("runs/demo", quick=True)   # quick (target: <= 3 min; measured: see below)
+    run_demo("runs/demo", quick=True)   # quick (target: <= 3 min, not met on every VM: below)
 
 Stages (each prints a banner with the elapsed time, and is skipped when its output is complete,
 so re-running the same command resumes; every output is written under a temporary name or by a
@@ -27,14 +27,16 @@ repeated with `xdistill train`; the world, teacher and evaluation sizes are `SIZ
 A workdir remembers its size (W/demo.json): a quick workdir cannot be resumed as a default one,
 and a run trained under other settings is an error, not skipped.
 
-Measured on the project's 2-core machine (idle, 2026-11-26), cold compilation cache
+Current timings are the README's (quick: 4 min 14 s on 2026-12-04, 2 min 36 s to 7 min 32 s
+across VMs and days; the <= 3 min target is missed on most of them). The first measurement, on
+the project's 2-core machine (idle, 2026-11-26), cold compilation cache
 (XDISTILL_COMPILATION_CACHE pointed at an empty folder), `/usr/bin/time xdistill demo --quick`:
 **2 min 51 s** wall, 323 CPU-s (the two cores are busy throughout: one train step at 32x96 batch 4
 takes 0.34 s on two cores, 0.63 s on one). Stages: world 4 s, teacher 36 s, logits 4 s, X-Distill
 110 s (the baseline trains alongside, 150 s in its process), eval 8 s, report 6 s. The same with a
 warm cache and the earlier 150-step settings: 2 min 34 s. Before the baseline moved to its own
 process (200 steps, one process, load ~4): 7 min 05 s. A resumed demo whose stages are all
-complete takes ~5 s. Default: see the README (measured once, cold).
+complete takes ~5 s. Default: see the README.
 """
 
 from __future__ import annotations

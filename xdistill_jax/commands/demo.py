@@ -17,7 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="the small version (fewer frames, teacher and training steps)")
     parser.add_argument("--compilation-cache", default=None,
                         help="persistent XLA compilation cache dir ('off' to disable); default: "
-                             "$XDISTILL_COMPILATION_CACHE or ~/.cache/xdistill_jax/jax_cache")
+                             "$XDISTILL_COMPILATION_CACHE, $JAX_COMPILATION_CACHE_DIR or "
+                             "~/.cache/xdistill_jax/jax_cache")
 
 
 def run(args) -> int:

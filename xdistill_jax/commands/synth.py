@@ -32,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--velodyne", choices=("all", "test"), default=None,
                         help="scans for all drives (as KITTI; default) or only the held-out test drive "
                              "(the --demo default: scans are most of the bytes)")
-    parser.add_argument("--workers", type=int, default=None, help="processes (default: min(drives, CPUs))")
+    parser.add_argument("--workers", type=int, default=None, help="processes (default: min(work chunks, CPUs); the world is rendered in chunks "
+                             "of 20 frames and 5 Make3D images)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing world at --out")
     parser.add_argument("--demo", action="store_true",
                         help="the demo world: 3 drives x 100 frames at 416x128, scans for the test drive only "
