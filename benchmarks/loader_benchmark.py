@@ -1,6 +1,6 @@
 """Loader throughput: TFDS array_record shards -> grain -> Monodepth2 augmentation -> batches.
 
-    python benchmarks/loader_benchmark.py                       # 640x192, teacher 7x96x320
+    python benchmarks/loader_benchmark.py                       # 640x192, teacher 7x48x160
     python benchmarks/loader_benchmark.py --threads 2 --examples 96 --format jpeg
     python benchmarks/loader_benchmark.py --format raw --target-scales-only --stored-scales  # fastest
 
@@ -21,8 +21,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=12, help="batch size (Monodepth2: 12)")
     parser.add_argument("--epochs", type=int, default=2, help="epochs timed")
     parser.add_argument("--threads", type=int, default=0, help="loader threads (0 = this thread)")
-    parser.add_argument("--teacher-height", type=int, default=96)
-    parser.add_argument("--teacher-width", type=int, default=320)
+    parser.add_argument("--teacher-height", type=int, default=None,
+                        help="teacher logits height (default: height / 4, the store's default)")
+    parser.add_argument("--teacher-width", type=int, default=None, help="default: width / 4")
     parser.add_argument("--groups", type=int, default=7)
     parser.add_argument("--format", choices=("png", "jpeg", "raw"), default="png", help="stored encoding")
     parser.add_argument("--no-teacher", action="store_true")

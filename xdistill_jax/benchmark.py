@@ -109,7 +109,7 @@ def device_description(device=None, num_devices: int | None = None) -> str:
 
 
 def synthetic_batch(batch_size: int, height: int, width: int, *, num_groups: int | None = None,
-                    teacher_stride: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
+                    teacher_stride: int = 4, seed: int = 0) -> dict[str, np.ndarray]:
     """A host-local batch with the loader's contract (random frames), numpy.
 
     `teacher` (B, H/teacher_stride, W/teacher_stride, num_groups) float16 only when num_groups.
@@ -177,7 +177,7 @@ def _peak_memory_bytes(mesh) -> int | None:
     return max(peaks)
 
 
-def config_batch(config: ml_collections.ConfigDict, seed: int = 0, teacher_stride: int = 2) -> dict[str, np.ndarray]:
+def config_batch(config: ml_collections.ConfigDict, seed: int = 0, teacher_stride: int = 4) -> dict[str, np.ndarray]:
     """`synthetic_batch` of the config's batch size and resolution, with teacher logits of its
     grouping when distillation is on."""
     from xdistill_jax import semantics
@@ -195,7 +195,7 @@ def _abstract_key(mesh, seed: int):
     return jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=train.replicated(mesh))
 
 
-def compile_step(config: ml_collections.ConfigDict, mesh, seed: int = 0, teacher_stride: int = 2,
+def compile_step(config: ml_collections.ConfigDict, mesh, seed: int = 0, teacher_stride: int = 4,
                  state_layout: str = "default"):
     """(lowered, compiled, lower s, compile s) of the config's train step on `mesh`, lowered from
     abstract state, batch and key: nothing is initialised or allocated, so `mesh` may be of
@@ -246,7 +246,7 @@ def device_inputs(host_batch: dict, mesh, seed: int = 0):
 
 
 def benchmark_step(config: ml_collections.ConfigDict, *, steps: int = 50, warmup: int = 5,
-                   seed: int = 0, teacher_stride: int = 2, progress=None,
+                   seed: int = 0, teacher_stride: int = 4, progress=None,
                    profile_dir: str | None = None, profile_steps: int = 5,
                    state_layout: str = "default", start: str = "overlapped") -> dict[str, Any]:
     """Measures one config's train step (see the module docstring); returns a JSON-able dict.

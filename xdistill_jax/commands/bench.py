@@ -31,8 +31,9 @@ def add_arguments(parser):
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps after the first")
     parser.add_argument("--dtypes", default="bfloat16,float32", help="comma list of float32,bfloat16")
     parser.add_argument("--distill", default="on,off", help="comma list of on,off")
-    parser.add_argument("--teacher-stride", type=int, default=2,
-                        help="synthetic teacher logits at (H/stride, W/stride)")
+    parser.add_argument("--teacher-stride", type=int, default=4,
+                        help="synthetic teacher logits at (H/stride, W/stride); default 4, what "
+                             "`xdistill teacher precompute` stores by default (2 until 2026-12-05)")
     parser.add_argument("--state-layout", choices=config_defaults.STATE_LAYOUTS, default="default",
                         help="auto: the train state's device layouts chosen by XLA (on a GPU, "
                              "convolution kernels in cuDNN's filter order); training: "
@@ -46,7 +47,8 @@ def add_arguments(parser):
                              "where their device time goes (by named scope, kind of op, top ops)")
     parser.add_argument("--compilation-cache", default=None,
                         help="persistent compile cache dir ('off' to disable); default "
-                             "$XDISTILL_COMPILATION_CACHE or ~/.cache/xdistill_jax/jax_cache")
+                             "$XDISTILL_COMPILATION_CACHE, $JAX_COMPILATION_CACHE_DIR or "
+                             "~/.cache/xdistill_jax/jax_cache")
     g = parser.add_argument_group("loader benchmark (--loader)")
     g.add_argument("--loader", action="store_true", help="benchmark the input pipeline instead")
     g.add_argument("--loader-examples", type=int, default=48)
