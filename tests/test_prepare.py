@@ -61,6 +61,32 @@ def test_records_equal_resized_source_in_split_order(tree, prepared):
     assert "tensorflow" not in sys.modules
 
 
+def test_a_tree_converted_to_jpeg_as_monodepth2_suggests(tree, tmp_path):
+    """Monodepth2's README converts KITTI's PNGs to JPEG (its loader reads .jpg by default):
+    such a tree prepares from its .jpg frames, and one missing a frame names both names."""
+    from PIL import Image
+
+    raw, split = tree
+    converted = tmp_path / "raw_jpg"
+    shutil.copytree(raw, converted)
+    pngs = [p for p in converted.rglob("image_0[23]/data/*.png")]
+    for png in pngs:
+        with Image.open(png) as im:
+            im.convert("RGB").save(png.with_suffix(".jpg"), quality=92)
+        png.unlink()
+    path = prepare.prepare_split(converted, split, tmp_path / "out", "train", H, W)
+    source = tfds_builder.open_split(tmp_path / "out", "train")
+    for i, line in enumerate(kitti_tiny.split_lines(split)):
+        frame = converted / kitti_tiny.source_image(raw, line, 0).relative_to(raw)
+        with Image.open(frame.with_suffix(".jpg")) as im:
+            want = np.asarray(im.convert("RGB").resize((W, H), Image.LANCZOS))
+        np.testing.assert_array_equal(source[i]["image_0"], want)
+    assert path.is_dir()
+    frame.with_suffix(".jpg").unlink()
+    with pytest.raises(ValueError, match=rf"missing frame: .*{frame.stem}\.png \(nor {frame.stem}\.jpg\)"):
+        prepare.prepare_split(converted, split, tmp_path / "out2", "train", H, W)
+
+
 def test_rerun_is_idempotent_and_other_settings_are_refused(tree, prepared, tmp_path, caplog):
     raw, split = tree
     out, path = prepared

@@ -152,7 +152,7 @@ def _check_files_exist(raw_dir, lines, split_file, settings) -> None:
             path = pathlib.Path(raw.image_path(raw_dir, line, offset))
             if not path.is_file():
                 what = "frame" if offset == 0 else f"neighbour frame {offset:+d}"
-                raise ValueError(f"{where}: missing {what}: {path}")
+                raise ValueError(f"{where}: missing {what}: {path} (nor {path.with_suffix('.jpg').name})")
         if settings.intrinsics == "calib":
             calib = raw_dir / line.folder.split("/")[0] / "calib_cam_to_cam.txt"
             if not calib.is_file():

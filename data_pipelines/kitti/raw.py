@@ -113,12 +113,26 @@ def read_split_file(path) -> list[SplitLine]:
     return lines
 
 
-def image_path(root, line: SplitLine, frame_offset: int = 0, ext: str = ".png") -> Path:
-    """`ROOT/FOLDER/image_0{2,3}/data/%010d.EXT` of `line`'s frame plus `frame_offset`."""
+IMAGE_EXTS = (".png", ".jpg")  # KITTI as downloaded; converted as Monodepth2's README suggests
+
+
+def image_path(root, line: SplitLine, frame_offset: int = 0, ext: str | None = None) -> Path:
+    """`ROOT/FOLDER/image_0{2,3}/data/%010d.EXT` of `line`'s frame plus `frame_offset`.
+
+    ext None: the frame's .png if it exists, else its .jpg if that exists (a KITTI tree converted
+    to JPEG, as Monodepth2's README suggests and its loader reads by default), else the .png path
+    (what a missing-frame error names, with `IMAGE_EXTS`).
+    """
     index = line.frame_index + frame_offset
     if index < 0:
         raise ValueError(f"split line {line}: frame {line.frame_index}{frame_offset:+d} is negative")
-    return Path(root) / line.folder / f"image_0{line.camera}" / "data" / f"{index:010d}{ext}"
+    stem = Path(root) / line.folder / f"image_0{line.camera}" / "data" / f"{index:010d}"
+    if ext is not None:
+        return stem.with_suffix(ext)
+    for candidate in IMAGE_EXTS:
+        if stem.with_suffix(candidate).is_file():
+            return stem.with_suffix(candidate)
+    return stem.with_suffix(IMAGE_EXTS[0])
 
 
 def velodyne_path(root, line: SplitLine) -> Path:
