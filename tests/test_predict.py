@@ -88,3 +88,41 @@ def test_bad_inputs_are_named(tmp_path, capsys):
     t = trained()
     assert cli.main(["predict", "--workdir", str(t.workdir), "--out", str(tmp_path / "o"), str(bad)]) == 2
     assert "broken.png" in capsys.readouterr().err
+
+
+def test_inputs_leave_out_the_outputs_hidden_files_and_refuse_bad_images_before_compute(tmp_path):
+    """--out inside an input folder (Monodepth2's test_simple writes next to its inputs): the
+    predictions are not inputs of the next run. A truncated JPEG passes PIL's verify() and was
+    found only after the images before it were written; a 16-bit image was clipped to white."""
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), np.uint8)).save(frames / f"{name}.jpg")
+    (frames / "depth").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(frames / "depth" / "a_disp.png")  # a prediction
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(frames / ".a_disp.tmp123.png")  # a killed write
+    assert predict.collect_inputs([frames], frames / "depth") == [(frames / "a.jpg", "a"), (frames / "b.jpg", "b")]
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(frames / "a_disp.png")  # --out frames
+    assert predict.collect_inputs([frames], frames) == [(frames / "a.jpg", "a"), (frames / "b.jpg", "b")]
+    (frames / "a_disp.png").unlink()
+    assert [stem for _, stem in predict.collect_inputs([frames])] == ["a", "b", "depth/a_disp"]
+
+    model = inference.DepthModel(None, {}, None, None, 32, 96, 0.1, 100.0, None, "unused")
+    whole = (frames / "b.jpg").read_bytes()
+    (frames / "b.jpg").write_bytes(whole[:len(whole) // 2])
+    with Image.open(frames / "b.jpg") as im:
+        im.verify()  # what the check used: it passes
+    with pytest.raises(ValueError, match=r"cannot read image .*b\.jpg: OSError"):
+        predict.predict_paths(model, [frames], tmp_path / "out", show_progress=False)
+    (frames / "b.jpg").write_bytes(whole)
+    Image.fromarray(np.full((8, 8), 40000, np.uint16)).save(frames / "c16.png")
+    with pytest.raises(ValueError, match=r"image .*c16\.png has mode I;16 \(16-bit or float samples\)"):
+        predict.predict_paths(model, [frames], tmp_path / "out", show_progress=False)
+    assert not (tmp_path / "out").exists()  # nothing computed or written before the checks
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match=r"--out .*file exists and is not a folder"):
+        predict.predict_paths(model, [frames / "a.jpg"], tmp_path / "file", show_progress=False)
+    with pytest.raises(ValueError, match=r"--scale must be a finite number > 0, got inf"):
+        predict.predict_paths(model, [frames / "a.jpg"], tmp_path / "out", scale=float("inf"), show_progress=False)
+

@@ -56,17 +56,28 @@ def colorize_disparity(disp: np.ndarray) -> np.ndarray:
     return (magma(x) * 255.0 + 0.5).astype(np.uint8)
 
 
-def collect_inputs(inputs: Sequence) -> list[tuple[pathlib.Path, str]]:
+def collect_inputs(inputs: Sequence, out_dir=None) -> list[tuple[pathlib.Path, str]]:
     """(image path, output stem) for files and folders (searched recursively, sorted).
 
-    A missing input, an empty folder, a file that is not an image and a name used twice raise
-    ValueError naming it.
+    A folder's hidden files and the `*_disp.png` under `out_dir` are left out: predictions
+    written into (a folder under) an input folder, as Monodepth2's test_simple writes next to
+    its inputs, are not inputs of the next run. A missing input, an empty folder, a file that is
+    not an image and a name used twice raise ValueError naming it.
     """
     out, seen = [], {}
+    skip = pathlib.Path(out_dir).resolve() if out_dir is not None else None
+
+    def wanted(p: pathlib.Path, root: pathlib.Path) -> bool:
+        if not p.is_file() or p.suffix.lower() not in IMAGE_SUFFIXES:
+            return False
+        if any(part.startswith(".") for part in p.relative_to(root).parts):
+            return False
+        return skip is None or not (p.name.endswith("_disp.png") and p.resolve().is_relative_to(skip))
+
     for item in inputs:
         path = pathlib.Path(item)
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            files = sorted(p for p in path.rglob("*") if wanted(p, path))
             if not files:
                 raise ValueError(f"input folder {path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
             pairs = [(p, str(p.relative_to(path).with_suffix(""))) for p in files]
@@ -106,17 +117,24 @@ def predict_paths(model: DepthModel, inputs: Sequence, out_dir, *, scale: float 
     """Predict every input image; returns the written `.npy` paths (PNG next to each)."""
     from PIL import Image
 
-    if scale is not None and not scale > 0:
-        raise ValueError(f"--scale must be > 0, got {scale}")
-    items = collect_inputs(inputs)
-    for path, _ in items:  # name an unreadable image before any compute
-        try:
+    from data_pipelines.kitti.triplets import check_image_mode
+
+    if scale is not None and not (np.isfinite(scale) and scale > 0):
+        raise ValueError(f"--scale must be a finite number > 0, got {scale}")
+    out_dir = pathlib.Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir} exists and is not a folder")
+    items = collect_inputs(inputs, out_dir)
+    for path, _ in items:  # name an unreadable image before any compute: decoded in full, as a
+        try:               # truncated JPEG passes PIL's verify()
             with Image.open(path) as im:
-                im.verify()
+                im.load()
+                check_image_mode(im, path)
+        except ValueError:
+            raise
         except Exception as e:  # PIL raises several types
             raise ValueError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
-    out_dir = pathlib.Path(out_dir)
-    predictor = DepthPredictor(model, batch_size)
+    predictor = DepthPredictor(model, max(1, min(batch_size, len(items))))
     written = []
     load = lambda item: load_resized(item[0], model.height, model.width)  # noqa: E731
     for chunk, loaded in batched(items, predictor.batch_size, load, desc="predict", show_progress=show_progress):

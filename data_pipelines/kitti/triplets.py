@@ -78,6 +78,14 @@ class TripletSettings:
         return dataclasses.asdict(self)
 
 
+def check_image_mode(image, path) -> None:
+    """Refuses a 16-bit or float image (PIL modes I;16*, I, F), naming the file: PIL's RGB
+    conversion clips such values to 255, a white image."""
+    if image.mode.startswith("I") or image.mode == "F":
+        raise ValueError(f"image {path} has mode {image.mode} (16-bit or float samples); convert it "
+                         "to 8-bit RGB first (PIL would clip its values to white)")
+
+
 def load_rgb(path: pathlib.Path):
     """Opens an image file as an RGB PIL image, fully decoded (so corruption shows here)."""
     from PIL import Image
@@ -85,8 +93,9 @@ def load_rgb(path: pathlib.Path):
     try:
         with Image.open(path) as image:
             image.load()
+            check_image_mode(image, path)
             return image.convert("RGB")
-    except FileNotFoundError:
+    except (FileNotFoundError, ValueError):
         raise
     except Exception as e:  # PIL raises several types (OSError, SyntaxError, ValueError...)
         raise ValueError(f"cannot decode image {path}: {type(e).__name__}: {e}") from e
