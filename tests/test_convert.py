@@ -4,6 +4,7 @@ the torch forward (eval and train mode). Plus error reporting and the convert-we
 
 import copy
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -215,11 +216,25 @@ def test_convert_weights_cli_round_trip(torch_folder, converted, tmp_path, capsy
     jax.tree.map(np.testing.assert_array_equal, loaded, want)
     assert not list(tmp_path.glob("**/*.tmp"))  # no temp files left behind
 
-    # a wrong depth is reported by name, with exit status 1
+    # a wrong depth is reported by name, with exit status 2 (bad input, as predict, eval, train)
     assert cli.main(["convert-weights", "--torchvision", str(pth), "--num-layers", "34", "--out",
-                     str(tmp_path / "x.msgpack")]) == 1
+                     str(tmp_path / "x.msgpack")]) == 2
     assert "missing keys: " in capsys.readouterr().err
     assert not (tmp_path / "x.msgpack").exists()
+    # converting a folder without a pose net over that conversion leaves no stale pose.msgpack
+    depth_only = tmp_path / "depth_only"
+    depth_only.mkdir()
+    for name in ("encoder.pth", "depth.pth"):
+        shutil.copy(torch_folder[0] / name, depth_only / name)
+    assert cli.main(["convert-weights", "--monodepth2", str(depth_only), "--out", str(out)]) == 0
+    assert json.loads((out / "meta.json").read_text())["has_pose"] is False
+    assert not (out / "pose.msgpack").exists()
+    # --out of the wrong kind, before anything is read: a folder for one file, a file for a folder
+    assert cli.main(["convert-weights", "--torchvision", str(pth), "--num-layers", "18", "--out",
+                     str(tmp_path)]) == 2
+    assert "is a folder; --torchvision writes one .msgpack file" in capsys.readouterr().err
+    assert cli.main(["convert-weights", "--monodepth2", str(torch_folder[0]), "--out", str(msg)]) == 2
+    assert "exists and is not a folder" in capsys.readouterr().err
 
 
 class _Payload:

@@ -22,6 +22,15 @@ def exported(tmp_path_factory):
     return root, out
 
 
+def test_cli_bad_input_exits_2_naming_it(tmp_path, capsys):
+    root = tiny_world()
+    assert cli.main(["export-gt", "--raw", str(root), "--split-file", str(tmp_path / "missing.txt"),
+                     "--out", str(tmp_path / "gt.npz")]) == 2
+    err = capsys.readouterr().err
+    assert "xdistill export-gt: error: " in err and "missing.txt" in err and "Traceback" not in err
+    assert not (tmp_path / "gt.npz").exists()
+
+
 def _direct_projection(root, line):
     """Independent projection of the scan: (rows, cols, velodyne x, camera z) of points in view."""
     cam = raw.read_calib_file(root / DATE / "calib_cam_to_cam.txt")

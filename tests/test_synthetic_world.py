@@ -211,6 +211,19 @@ def test_synth_command_writes_a_world(tmp_path, capsys):
     assert not (out / drive_folder(1) / "velodyne_points").exists()  # --velodyne test
     assert (out / drive_folder(2) / "velodyne_points" / "data" / "0000000002.bin").is_file()
     assert (out / "make3d" / "Gridlaserdata" / "depth_sph_corr-synth5-p-000t000.mat").is_file()
+    # bad arguments and an existing --out: exit 2 naming them, no traceback, the world kept
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    capsys.readouterr()
+    assert cli.main(["synth", "--out", str(out), "--drives", "2", "--frames", "3", "--width", "48",
+                     "--height", "16"]) == 2
+    err = capsys.readouterr().err
+    assert "xdistill synth: error: " in err and str(out) in err and "Traceback" not in err
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    assert cli.main(["synth", "--out", str(tmp_path / "w2"), "--drives", "1"]) == 2
+    assert "xdistill synth: error: " in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["synth", "--out", str(tmp_path / "w3"), "--make3d-size", "0x0"])
+    assert "rows and cols must be positive, got '0x0'" in capsys.readouterr().err
 
 
 def test_worker_processes_do_not_change_the_world(tmp_path):

@@ -41,6 +41,14 @@ def _write_json_atomic(path: Path, obj) -> None:
 def run(args) -> int:
     from xdistill_jax import convert
 
+    out = Path(args.out)
+    if args.torchvision and out.is_dir():
+        print(f"xdistill convert-weights: --out {out} is a folder; --torchvision writes one .msgpack file",
+              file=sys.stderr)
+        return 2
+    if args.monodepth2 and out.exists() and not out.is_dir():
+        print(f"xdistill convert-weights: --out {out} exists and is not a folder", file=sys.stderr)
+        return 2
     try:
         if args.torchvision:
             if args.num_layers is None:
@@ -54,11 +62,19 @@ def run(args) -> int:
             print("xdistill convert-weights: --num-input-images applies only to --torchvision", file=sys.stderr)
             return 2
         loaded = convert.load_monodepth2(args.monodepth2, num_layers=args.num_layers)
-    except ValueError as e:
+    except ImportError as e:  # torch is an optional extra
+        print(f"xdistill convert-weights: reading .pth files needs PyTorch ({e}); "
+              "pip install torch (CPU is enough)", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as e:
         print(f"xdistill convert-weights: {e}", file=sys.stderr)
-        return 1
-    out = Path(args.out)
+        return 2
     out.mkdir(parents=True, exist_ok=True)
+    # an earlier conversion here is no longer complete while this one writes (meta.json marks a
+    # complete folder), and a pose.msgpack it left must not outlive a model without a pose net
+    (out / "meta.json").unlink(missing_ok=True)
+    if loaded["pose"] is None:
+        (out / "pose.msgpack").unlink(missing_ok=True)
     convert.save_variables(out / "depth.msgpack", loaded["depth"])
     if loaded["pose"] is not None:
         convert.save_variables(out / "pose.msgpack", loaded["pose"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,6 +18,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     from data_pipelines.kitti.export_gt import export_gt_depths
 
-    n = export_gt_depths(args.raw, args.split_file, args.out, split=args.split)
+    try:
+        n = export_gt_depths(args.raw, args.split_file, args.out, split=args.split)
+    except (ValueError, OSError) as e:  # a missing split file or raw tree, a bad line: named, exit 2
+        print(f"xdistill export-gt: error: {e}", file=sys.stderr)
+        return 2
     print(f"wrote {n} ground-truth depth maps to {args.out}")
     return 0

@@ -40,5 +40,9 @@ def run(args) -> int:
     except (ValueError, FileNotFoundError, CheckpointError) as e:
         print(f"xdistill predict: {e}", file=sys.stderr)
         return 2
+    except ImportError as e:  # --monodepth2 reads .pth files: torch is an optional extra
+        print(f"xdistill predict: reading Monodepth2's .pth files needs PyTorch ({e}); pip install "
+              "torch (CPU is enough)", file=sys.stderr)
+        return 2
     print(f"wrote {len(written)} depth maps (+ _disp.png) to {args.out}")
     return 0

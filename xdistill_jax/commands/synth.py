@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -11,6 +12,8 @@ def _size(text: str) -> tuple[int, int]:
         rows, cols = (int(v) for v in text.lower().split("x"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected ROWSxCOLS, e.g. 568x426, got {text!r}") from None
+    if rows < 1 or cols < 1:
+        raise argparse.ArgumentTypeError(f"rows and cols must be positive, got {text!r}")
     return rows, cols
 
 
@@ -50,9 +53,13 @@ def run(args) -> int:
         make3d_size = args.make3d_size or DEMO["make3d_size"]
         width, height, drives, frames = DEMO["width"], DEMO["height"], DEMO["drives"], DEMO["frames"]
         velodyne = args.velodyne or DEMO["velodyne"]
-    summary = generate_world(
-        args.out, seed=args.seed, drives=drives, frames=frames, width=width, height=height,
-        make3d_images=args.make3d_images, make3d_size=make3d_size,
-        lidar_azimuths=args.lidar_azimuths, velodyne=velodyne, workers=args.workers, overwrite=args.overwrite)
+    try:
+        summary = generate_world(
+            args.out, seed=args.seed, drives=drives, frames=frames, width=width, height=height,
+            make3d_images=args.make3d_images, make3d_size=make3d_size,
+            lidar_azimuths=args.lidar_azimuths, velodyne=velodyne, workers=args.workers, overwrite=args.overwrite)
+    except (ValueError, OSError) as e:  # bad arguments, an existing --out: named, exit 2
+        print(f"xdistill synth: error: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(summary, indent=2))
     return 0
