@@ -198,6 +198,22 @@ def test_incompatible_workdir_is_named(resumed_run):
         (workdir / "config.json.bak").rename(workdir / "config.json")
 
 
+def test_a_finished_run_keeps_its_config_when_rerun_with_other_settings(resumed_run, tmp_path):
+    """Rerunning a finished run with a changed setting (here lambda 0.1 -> 0.05) trains nothing:
+    config.json must keep the settings its checkpoints were trained with, or eval would label
+    the run with the new ones."""
+    import shutil
+
+    workdir = tmp_path / "w"
+    shutil.copytree(resumed_run[0], workdir)
+    before = (workdir / "config.json").read_bytes()
+    config = tiny_config(distill_weight=0.05, **{"optim.num_steps": 4})
+    assert training_loop.train_and_evaluate(config, workdir, data=make_data()) == training_loop.EXIT_OK
+    assert ckpt_steps(workdir) == [2, 3, 4]
+    assert (workdir / "config.json").read_bytes() == before
+    assert config_utils.load_config(workdir).distill.weight == 0.1
+
+
 def test_batch_not_divisible_by_devices_fails_before_compiling(tmp_path):
     config = tiny_config(**{"optim.batch_size": 6})
     with pytest.raises(config_utils.ConfigError, match=r"optim\.batch_size.*4 devices"):

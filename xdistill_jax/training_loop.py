@@ -375,9 +375,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, data=None)
         data = tfds_training_data(config)
     # Bad data settings fail here, before the workdir is touched and before any compilation.
     gt = open_val_ground_truth(config, data)
-    if is_main:
-        workdir.mkdir(parents=True, exist_ok=True)
-        config_utils.save_config(config, workdir)
 
     num_examples = data.num_examples
     steps_per_epoch = (config.optim.steps_per_epoch if config.optim.steps_per_epoch > 0
@@ -386,6 +383,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, data=None)
         raise ValueError(f"config.optim.batch_size={config.optim.batch_size} exceeds the "
                          f"{num_examples} training examples")
     num_steps = train.total_steps(config, steps_per_epoch)
+    if is_main:
+        workdir.mkdir(parents=True, exist_ok=True)
+        from xdistill_jax.inference import checkpoint_steps
+
+        finished = max(checkpoint_steps(workdir), default=-1) >= num_steps
+        if finished and (workdir / config_utils.CONFIG_JSON).is_file():
+            # nothing will be trained: the saved config stays the one the checkpoints were
+            # trained with (a changed setting would label the finished run with it)
+            log.info("%s is complete at step %d; config.json left as it was", workdir, num_steps)
+        else:
+            config_utils.save_config(config, workdir)
 
     nets = Networks.from_config(config)
     tx = train.make_optimizer(config, steps_per_epoch)
