@@ -43,7 +43,8 @@ def test_colab_notebook_runs(tmp_path):
     assert set(results) == {"eigen-test_files-step2", "make3d-step2", "pose-test_files-step2"}
     assert results["eigen-test_files-step2"]["num_images"] == WORLD["frames"]
     assert results["make3d-step2"]["num_images"] == WORLD["make3d_images"]
-    metrics = [json.loads(s) for s in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert namespace["RUN"] == tmp_path / "run_lambda0.1"  # one workdir per lambda
+    metrics = [json.loads(s) for s in (namespace["RUN"] / "metrics.jsonl").read_text().splitlines()]
     assert any("distill_loss" in m for m in metrics if m["split"] == "train")  # X-Distill, not the baseline
-    assert len(list((tmp_path / "predictions").glob("*_depth.npy"))) == WORLD["frames"]
+    assert len(list(namespace["PRED"].glob("*_depth.npy"))) == WORLD["frames"]
     assert namespace["canvas"].size == (WORLD["width"], 2 * WORLD["height"])
