@@ -117,7 +117,9 @@ def make_example(record: dict[str, Any], aug: Augmentation, teacher_logits=None,
         # split prepared with per-drive calibration (`--intrinsics calib`, KITTI's cx ~0.49)
         # has cx off the centre; Monodepth2's fixed K (cx 0.5, which it never mirrors, its
         # comment asking for a centred K) is left bit for bit. Not mirroring put flipped KITTI
-        # examples' principal point 11.8 px off at 640 wide.
+        # examples' principal point 11.8 px off at 640 wide. In 0-based pixels the mirror is
+        # W - 1 - cx, 1 px less than (1 - cx) W: the 1 px Monodepth2's unmirrored cx 0.5 is off
+        # by on a flipped image too; 1 - cx keeps the two consistent (0.5 is its fixed point).
         K_norm = K_norm.copy()
         K_norm[0, 2] = np.float32(1.0) - K_norm[0, 2]
     out["K"], out["inv_K"] = _intrinsics_cached(K_norm.tobytes(), height, width)
