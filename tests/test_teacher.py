@@ -361,7 +361,7 @@ def test_flax_teacher_trains_saves_and_resumes(flax_teacher, capsys):
     capsys.readouterr()
     assert cli.main(argv) == 0
     assert "'steps_run': 0" in capsys.readouterr().out
-    model, variables, _ = tt.load_teacher(work)
+    model, variables, _, _ = tt.load_teacher(work)
     assert "encoder" in variables["params"] and "encoder" in variables["batch_stats"]
     # resuming under other settings is refused by name, and config.json is left as it was
     saved = (work / tt.CONFIG_FILE).read_bytes()

@@ -112,14 +112,12 @@ def make_example(record: dict[str, Any], aug: Augmentation, teacher_logits=None,
     for s in range(1, NUM_SCALES):
         out[f"color_s{s}"] = np.stack([chain[s - 1] for chain in chains])
     K_norm = np.ascontiguousarray(record["K"], dtype=np.float32)
-    if aug.flip and K_norm[0, 2] != 0.5:
-        # A mirrored image's principal point is mirrored too: cx -> 1 - cx (normalised). Only a
-        # split prepared with per-drive calibration (`--intrinsics calib`, KITTI's cx ~0.49)
-        # has cx off the centre; Monodepth2's fixed K (cx 0.5, which it never mirrors, its
-        # comment asking for a centred K) is left bit for bit. Not mirroring put flipped KITTI
-        # examples' principal point 11.8 px off at 640 wide. In 0-based pixels the mirror is
-        # W - 1 - cx, 1 px less than (1 - cx) W: the 1 px Monodepth2's unmirrored cx 0.5 is off
-        # by on a flipped image too; 1 - cx keeps the two consistent (0.5 is its fixed point).
+    if aug.flip:
+        # A mirrored image's principal point is mirrored too: cx -> 1 - cx (normalised), which
+        # leaves Monodepth2's fixed K (cx 0.5, which it never mirrors) bit for bit and moves a
+        # calibrated one (`--intrinsics calib`, KITTI's cx ~0.49: 11.8 px at 640 wide). In 0-based
+        # pixels the mirror is W - 1 - cx, 1 px less: the 1 px Monodepth2's unmirrored 0.5 is off
+        # by on a flipped image too; 1 - cx keeps the two consistent.
         K_norm = K_norm.copy()
         K_norm[0, 2] = np.float32(1.0) - K_norm[0, 2]
     out["K"], out["inv_K"] = _intrinsics_cached(K_norm.tobytes(), height, width)

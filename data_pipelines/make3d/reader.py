@@ -73,9 +73,7 @@ def load_depth(path) -> np.ndarray:
 
 def load_image(path) -> np.ndarray:
     """(H, W, 3) uint8 RGB."""
-    from PIL import Image
-
-    from PIL import UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:

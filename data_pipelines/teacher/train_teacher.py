@@ -115,12 +115,12 @@ def load_pair(image_path: Path, label_path: Path, height: int, width: int, num_c
     with Image.open(label_path) as lb:
         if lb.mode not in ("L", "P"):
             raise ValueError(f"label {label_path} has mode {lb.mode}; need a single-channel trainId PNG")
-        values = np.unique(np.asarray(lb))
-        bad = values[(values >= num_classes) & (values != 255)]
-        if bad.size:
-            raise ValueError(f"label {label_path}: values {bad[:8].tolist()} are not trainIds "
-                             f"0..{num_classes - 1} or 255 (ignore); a labelIds PNG instead of "
-                             "labelTrainIds?")
+        full = np.asarray(lb)
+        bad = (full >= num_classes) & (full != 255)  # elementwise: loading a 2048x1024 label is a hot path
+        if bad.any():
+            values = np.unique(full[bad])[:8].tolist()
+            raise ValueError(f"label {label_path}: values {values} are not trainIds 0..{num_classes - 1} "
+                             "or 255 (ignore); a labelIds PNG instead of labelTrainIds?")
         label = np.asarray(lb.resize((width, height), Image.NEAREST))
     return image, label
 
@@ -175,8 +175,9 @@ RESUMABLE_CHANGES = ("steps", "save_every")
 
 def _check_resume(cfg: TeacherTrainConfig, workdir: Path) -> None:
     """Refuses to resume a teacher workdir's checkpoint under other settings, naming the keys."""
-    if not (workdir / CONFIG_FILE).is_file() or not any(
-            p.name.isdigit() for p in (workdir / "checkpoints").glob("*")):
+    from xdistill_jax.inference import checkpoint_steps
+
+    if not (workdir / CONFIG_FILE).is_file() or not checkpoint_steps(workdir):
         return
     saved = read_teacher_config(workdir)
     diffs = [f"{f.name}: {getattr(saved, f.name)!r} -> {getattr(cfg, f.name)!r}"
@@ -264,9 +265,9 @@ def read_teacher_config(workdir) -> TeacherTrainConfig:
     return TeacherTrainConfig(**raw)
 
 
-def load_teacher(workdir, *, with_step: bool = False):
-    """(model, variables {"params","batch_stats"}, config) of a trained teacher workdir
-    (+ the checkpoint's step with `with_step`)."""
+def load_teacher(workdir):
+    """(model, variables {"params","batch_stats"}, config, checkpoint step) of a trained teacher
+    workdir."""
     import jax
 
     from xdistill_jax.checkpoints import Checkpointer
@@ -282,8 +283,7 @@ def load_teacher(workdir, *, with_step: bool = False):
     ckpt.close()
     if state is None:
         raise ValueError(f"{workdir}/checkpoints: no teacher checkpoint to load")
-    variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
-    return (model, variables, cfg, step) if with_step else (model, variables, cfg)
+    return model, {"params": state["params"], "batch_stats": state["batch_stats"]}, cfg, step
 
 
 class FlaxBackend:
@@ -299,7 +299,7 @@ class FlaxBackend:
         if cfg.num_classes != num_classes:
             raise ValueError(f"flax teacher {self.workdir} has {cfg.num_classes} classes but "
                              f"the grouping expects {num_classes} teacher classes")
-        self.model, self.variables, self.config, self.step = load_teacher(self.workdir, with_step=True)
+        self.model, self.variables, self.config, self.step = load_teacher(self.workdir)
         self.num_classes = num_classes
         self._apply = jax.jit(lambda v, x: self.model.apply(v, x, train=False))
 
