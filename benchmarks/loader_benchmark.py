@@ -2,7 +2,7 @@
 
     python benchmarks/loader_benchmark.py                       # 640x192, teacher 7x48x160
     python benchmarks/loader_benchmark.py --threads 2 --examples 96 --format jpeg
-    python benchmarks/loader_benchmark.py --format raw --target-scales-only --stored-scales  # fastest
+    python benchmarks/loader_benchmark.py --format raw --compression none --target-scales-only --stored-scales  # fastest
 
 Same as `xdistill bench --loader`; the work is `xdistill_jax.loader_benchmark.run` (see its
 docstring for what is timed). With --threads 0 the figure is examples/s per core.
@@ -26,6 +26,8 @@ def main() -> None:
     parser.add_argument("--teacher-width", type=int, default=None, help="default: width / 4")
     parser.add_argument("--groups", type=int, default=7)
     parser.add_argument("--format", choices=("png", "jpeg", "raw"), default="png", help="stored encoding")
+    parser.add_argument("--compression", choices=("zstd", "none"), default="zstd",
+                        help="the shards' array_record compression (xdistill prepare --compression)")
     parser.add_argument("--no-teacher", action="store_true")
     parser.add_argument("--target-scales-only", action="store_true",
                         help="scales 1..3 of frame 0 only (what a step without loss.v1_multiscale reads)")
@@ -41,7 +43,8 @@ def main() -> None:
                   epochs=args.epochs, threads=args.threads, teacher_height=args.teacher_height,
                   teacher_width=args.teacher_width, groups=args.groups, image_format=args.format,
                   teacher=not args.no_teacher, workdir=args.workdir, profile=args.profile,
-                  source_scales=not args.target_scales_only, target_scales=args.stored_scales)
+                  source_scales=not args.target_scales_only, target_scales=args.stored_scales,
+                  compression=args.compression)
     loader_benchmark.run(**kwargs)
 
 

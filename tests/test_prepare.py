@@ -95,6 +95,8 @@ def test_rerun_is_idempotent_and_other_settings_are_refused(tree, prepared, tmp_
     assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in path.iterdir()} == before
     with pytest.raises(ValueError, match="exists with settings"):
         prepare.prepare_split(raw, split, out, "train", H, W, image_format="jpeg")
+    with pytest.raises(ValueError, match="exists with settings.*'compression': 'zstd'"):
+        prepare.prepare_split(raw, split, out, "train", H, W, compression="none")
     other = tmp_path / "other_split.txt"
     other.write_text(kitti_tiny.split_lines(split)[0] + "\n")
     with pytest.raises(ValueError, match="different split file"):
@@ -151,13 +153,24 @@ def test_cli_prepare_removes_what_a_killed_run_left(tree, tmp_path, capsys):
 
 
 def test_cli_raw_format_with_stored_target_scales(tree, prepared, tmp_path):
-    """`--format raw --target-scales`: the same pixels as the PNG store, plus the target's chain."""
+    """`--format raw --target-scales --compression none`: the same pixels as the PNG store,
+    plus the target's chain, in shards that array_record wrote uncompressed."""
+    from tensorflow_datasets.core import file_adapters
     from xdistill_jax import cli
 
     raw, split = tree
+    tfds_writer = file_adapters.ArrayRecordFileAdapter.__dict__["write_examples"]
     args = ["prepare", "--raw", str(raw), "--split-file", str(split), "--out", str(tmp_path),
-            "--split", "train", "--height", str(H), "--width", str(W), "--format", "raw", "--target-scales"]
+            "--split", "train", "--height", str(H), "--width", str(W), "--format", "raw", "--target-scales",
+            "--compression", "none", "--shards", "2"]
     assert cli.main(args) == 0
+    # every shard's own header says uncompressed; the default store is TFDS's zstd
+    path = tfds_builder.dataset_dir(tmp_path, "train")
+    assert list(tfds_builder.shard_compressions(path).values()) == ["none", "none"]
+    assert set(tfds_builder.shard_compressions(prepared[1]).values()) == {"zstd"}
+    assert tfds_builder.read_metadata(tmp_path, "train")["settings"]["compression"] == "none"
+    # TFDS's own writer is back once prepare is done
+    assert file_adapters.ArrayRecordFileAdapter.__dict__["write_examples"] is tfds_writer
     got = tfds_builder.open_split(tmp_path, "train")
     want = tfds_builder.open_split(prepared[0], "train")
     assert len(got) == len(want) > 0
@@ -169,6 +182,21 @@ def test_cli_raw_format_with_stored_target_scales(tree, prepared, tmp_path):
 
 
 # ------------------------------------------------------------------------------ bad input
+
+
+def test_shards_tfds_wrote_otherwise_are_not_left_complete(tree, tmp_path, monkeypatch):
+    """A TFDS that no longer writes through the hook (simulated: a hook doing nothing) would
+    leave zstd shards under metadata saying "none": refused, and nothing complete is left."""
+    import contextlib
+
+    raw, split = tree
+    monkeypatch.setattr(tfds_builder, "shard_writer_options", lambda options: contextlib.nullcontext())
+    with pytest.raises(ValueError, match=r"asked for compression 'none', the installed TFDS wrote "
+                                         r"\{'kitti_triplets-train.array_record-00000-of-00001': 'zstd'\}"):
+        prepare.prepare_split(raw, split, tmp_path, "train", H, W, compression="none")
+    _assert_nothing_complete(tmp_path)
+    with pytest.raises(ValueError, match="compression must be one of"):
+        prepare.prepare_split(raw, split, tmp_path, "train", H, W, compression="lz4")
 
 
 @pytest.fixture

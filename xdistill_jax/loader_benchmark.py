@@ -47,7 +47,7 @@ def run(*, examples: int = 48, height: int = 192, width: int = 640, batch: int =
         threads: int = 0, teacher_height: int | None = None, teacher_width: int | None = None, groups: int = 7,
         image_format: str = "png", teacher: bool = True, workdir: str | None = None,
         verbose: bool = True, profile: str | None = None, source_scales: bool = True,
-        target_scales: bool = False) -> dict:
+        target_scales: bool = False, compression: str = "zstd") -> dict:
     """Prepare (or reuse, in `workdir`) the benchmark data and time the loader; returns figures.
 
     teacher_height / teacher_width: the teacher logits' size; default a quarter of the image's,
@@ -57,6 +57,7 @@ def run(*, examples: int = 48, height: int = 192, width: int = 640, batch: int =
     source_scales: False = scales 1..3 of frame 0 only (what a step without
       loss.v1_multiscale reads; `input_pipeline.make_example`).
     target_scales: prepare with frame 0's scales 1..3 stored (png/raw), read instead of computed.
+    compression: the shards' array_record compression, "zstd" or "none" (prepare_split).
     profile: write a cProfile of the timed loop (only) to this path.
     """
     from data_pipelines.kitti import prepare, tfds_builder
@@ -70,12 +71,13 @@ def run(*, examples: int = 48, height: int = 192, width: int = 640, batch: int =
         t0 = time.perf_counter()
         if not split.is_file():
             split = write_raw_tree(raw, examples, 375, 1242)
-        data_dir = root / f"tfds_{image_format}{'_scales' if target_scales else ''}_{width}x{height}"
+        data_dir = root / (f"tfds_{image_format}{'_scales' if target_scales else ''}"
+                           f"{'' if compression == 'zstd' else '_' + compression}_{width}x{height}")
         prepare.prepare_split(raw, split, data_dir, "train", height, width,
                               image_format=image_format, num_workers=min(2, os.cpu_count() or 1),
-                              target_scales=target_scales)
+                              target_scales=target_scales, compression=compression)
         source = tfds_builder.open_split(data_dir, "train")
-        say(f"prepared {len(source)} {image_format} triplets at {width}x{height} "
+        say(f"prepared {len(source)} {image_format} triplets ({compression}) at {width}x{height} "
             f"in {time.perf_counter() - t0:.1f} s")
 
         store_obj = None
@@ -127,5 +129,5 @@ def run(*, examples: int = 48, height: int = 192, width: int = 640, batch: int =
         say(f"throughput: {n / wall:.1f} examples/s; per core (examples per CPU-second): {n / cpu:.1f} examples/s")
         return {"format": image_format, "height": height, "width": width, "batch": batch,
                 "threads": threads, "teacher": teacher, "source_scales": source_scales,
-                "target_scales": target_scales, "examples_timed": n, "wall_s": wall, "cpu_s": cpu,
+                "target_scales": target_scales, "compression": compression, "examples_timed": n, "wall_s": wall, "cpu_s": cpu,
                 "examples_per_s": n / wall, "examples_per_cpu_s": n / cpu}

@@ -16,6 +16,9 @@ No TensorFlow is needed to write or read these datasets. What TFDS 4.9 does with
 - TFDS sorts the examples by key when `disable_shuffling=True`, so record i of a split is
   split line i (the teacher logits store relies on that). Without it TFDS would store them
   in hashed-key order.
+- TFDS 4.9 writes array_record shards with fixed options ("group_size:1": zstd level 3);
+  `shard_writer_options` makes it write them uncompressed instead (settings.compression
+  "none"), and `shard_compressions` reads back what each shard holds.
 - TFDS writes into `incomplete.*` and renames the version directory at the end; a failure
   removes the temporary directory. So a half-built dataset never looks complete.
 
@@ -27,7 +30,9 @@ and `metadata.json` (the storage settings and the split file's SHA-256).
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
+import os
 import pathlib
 from typing import Any, Iterator
 
@@ -152,6 +157,58 @@ class KittiTriplets(tfds.core.GeneratorBasedBuilder):
         with ctx.Pool(self._num_workers) as pool:
             # imap keeps the split order; an error in a worker is re-raised here.
             yield from pool.imap(_make_example_job, jobs, chunksize=4)
+
+
+# array_record writer options per `TripletSettings.compression`: "group_size:1" is what TFDS
+# itself writes (array_record's default compression, zstd level 3).
+ARRAY_RECORD_OPTIONS = {"zstd": "group_size:1", "none": "group_size:1,uncompressed"}
+
+
+@contextlib.contextmanager
+def shard_writer_options(options: str):
+    """While the block runs, TFDS writes array_record shards with `options` instead of its
+    fixed "group_size:1" (this process; TFDS writes the shards in the process that calls
+    `download_and_prepare`). `prepare_split` checks the written shards with
+    `shard_compressions`, so a TFDS that stops calling this hook cannot go unnoticed."""
+    from array_record.python import array_record_module
+    from tensorflow_datasets.core import file_adapters
+
+    adapter = file_adapters.ArrayRecordFileAdapter
+    saved = adapter.__dict__["write_examples"]
+
+    def write_examples(cls, path, iterator):
+        del cls
+        writer = array_record_module.ArrayRecordWriter(os.fspath(path), options)
+        try:
+            for _, serialized_example in iterator:
+                writer.write(serialized_example)
+        finally:
+            writer.close()
+        return None  # as TFDS's: no record positions
+
+    adapter.write_examples = classmethod(write_examples)
+    try:
+        yield
+    finally:
+        adapter.write_examples = saved
+
+
+def shard_compressions(path: str | pathlib.Path) -> dict[str, str]:
+    """{shard file name: "zstd" | "none" | the writer options} of a prepared split's directory,
+    read from each shard's own header (array_record records the options it was written with)."""
+    from array_record.python import array_record_module
+
+    out = {}
+    for shard in sorted(pathlib.Path(path).glob(f"{DATASET_NAME}-*.array_record-*")):
+        reader = array_record_module.ArrayRecordReader(str(shard))
+        try:
+            options = reader.writer_options_string()
+        finally:
+            reader.close()
+        fields = options.split(",")
+        out[shard.name] = ("none" if "uncompressed" in fields
+                           else "zstd" if any(f.startswith("zstd") for f in fields) else options)
+    return out
 
 
 def open_split(out_dir: str | pathlib.Path, split_name: str):

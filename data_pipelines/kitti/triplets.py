@@ -42,6 +42,10 @@ TARGET_SCALE_KEYS = ("image_0_s1", "image_0_s2", "image_0_s3")  # frame 0 at sca
 # png: lossless, ~3.2 ms to decode a 640x192 frame with PIL; jpeg: lossy, ~0.5 ms; raw: the
 # uint8 pixels (H*W*3 bytes, ~1.7x a PNG of a noisy frame), no decode. benchmarks/RESULTS.md.
 IMAGE_FORMATS = ("png", "jpeg", "raw")
+# The shards' array_record compression: "zstd" (level 3, what TFDS writes) or "none". A raw
+# 640x192 triplet record (~1.2 MB) took 3.2 ms of CPU to read with zstd and 1.6 ms without on
+# the project's VM (benchmarks/RESULTS.md); PNG and JPEG bytes barely compress further.
+COMPRESSIONS = ("zstd", "none")
 INTRINSICS_SOURCES = ("monodepth2", "calib")
 
 
@@ -57,6 +61,7 @@ class TripletSettings:
     # Also store frame 0's scales 1..3 (raw, +1/3 of a raw frame), so the loader does not
     # compute the LANCZOS chain (1.7 ms of CPU per example at 640x192).
     target_scales: bool = False
+    compression: str = "zstd"  # the shards' array_record compression, one of COMPRESSIONS
 
     def __post_init__(self):
         if self.height < 8 or self.width < 8 or self.height % 8 or self.width % 8:
@@ -67,6 +72,8 @@ class TripletSettings:
             )
         if self.image_format not in IMAGE_FORMATS:
             raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {self.image_format!r}")
+        if self.compression not in COMPRESSIONS:
+            raise ValueError(f"compression must be one of {COMPRESSIONS}, got {self.compression!r}")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
         if self.intrinsics not in INTRINSICS_SOURCES:

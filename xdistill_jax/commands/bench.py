@@ -60,6 +60,8 @@ def add_arguments(parser):
                         "the target frame's only, what training without it loads")
     g.add_argument("--loader-stored-scales", action="store_true",
                    help="prepare with the target frame's scales stored (prepare --target-scales)")
+    g.add_argument("--loader-compression", choices=("zstd", "none"), default="zstd",
+                   help="the prepared shards' array_record compression")
     g.add_argument("--loader-no-teacher", action="store_true")
     g.add_argument("--loader-workdir", default=None, help="keep the prepared data here")
     parser.epilog = "Override config fields with --config.FIELD=VALUE (e.g. --config.optim.batch_size=12)."
@@ -83,7 +85,8 @@ def _run_loader(args) -> int:
     result = loader_benchmark.run(
         examples=args.loader_examples, epochs=args.loader_epochs, threads=args.loader_threads,
         image_format=args.loader_format, teacher=not args.loader_no_teacher, workdir=args.loader_workdir,
-        source_scales=args.loader_all_scales, target_scales=args.loader_stored_scales)
+        source_scales=args.loader_all_scales, target_scales=args.loader_stored_scales,
+        compression=args.loader_compression)
     if args.json:
         from xdistill_jax.benchmark import write_json
         write_json(args.json, [result], kind="loader")

@@ -4,7 +4,8 @@
         --out data/tfds --split train --height 192 --width 640 --format png --workers 2
 
 Writes OUT/kitti_triplets/<split>/1.0.0/. Re-running with the same arguments leaves a
-complete dataset alone.
+complete dataset alone. The fastest store to load: `--format raw --target-scales
+--compression none` (largest on disk; benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target-scales", action="store_true",
                         help="also store the target frame's 1/2, 1/4, 1/8 LANCZOS images (raw, "
                              "from the lossless frame): the loader reads instead of computing them")
+    parser.add_argument("--compression", choices=("zstd", "none"), default="zstd",
+                        help="the shards' array_record compression: zstd (level 3, TFDS's) or none "
+                             "(faster to read, larger; with --format raw ~2x faster shard reads)")
     parser.add_argument("--workers", type=int, default=1, help="image encoding processes")
     parser.add_argument("--shards", type=int, default=None, help="array_record files (default: by size)")
 
@@ -57,6 +61,7 @@ def run(args) -> int:
             num_workers=args.workers,
             num_shards=args.shards,
             target_scales=args.target_scales,
+            compression=args.compression,
         )
     except ValueError as e:
         print(f"xdistill prepare: error: {e}", file=sys.stderr)
