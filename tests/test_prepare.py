@@ -181,6 +181,38 @@ def test_cli_raw_format_with_stored_target_scales(tree, prepared, tmp_path):
             assert got[i][key].shape == (H >> (s + 1), W >> (s + 1), 3)
 
 
+def test_writer_hooks_of_two_threads_take_turns():
+    """TFDS's writer is one class attribute: a second thread's hook waits for the first to end
+    (otherwise one prepare would write with the other's options), and TFDS's own is restored."""
+    import threading
+    import time
+
+    from tensorflow_datasets.core import file_adapters
+
+    tfds_writer = file_adapters.ArrayRecordFileAdapter.__dict__["write_examples"]
+    order, inside, release = [], threading.Event(), threading.Event()
+
+    def hold(name, options, event=None):
+        with tfds_builder.shard_writer_options(options):
+            order.append(f"{name} in")
+            if event is not None:
+                inside.set()
+                event.wait(10)
+            order.append(f"{name} out")
+
+    first = threading.Thread(target=hold, args=("first", "group_size:1,uncompressed", release))
+    first.start()
+    assert inside.wait(10)
+    second = threading.Thread(target=hold, args=("second", "group_size:1"))
+    second.start()
+    time.sleep(0.2)
+    assert order == ["first in"]
+    release.set()
+    first.join(10), second.join(10)
+    assert order == ["first in", "first out", "second in", "second out"]
+    assert file_adapters.ArrayRecordFileAdapter.__dict__["write_examples"] is tfds_writer
+
+
 # ------------------------------------------------------------------------------ bad input
 
 

@@ -34,6 +34,7 @@ import contextlib
 import multiprocessing
 import os
 import pathlib
+import threading
 from typing import Any, Iterator
 
 import numpy as np
@@ -162,19 +163,21 @@ class KittiTriplets(tfds.core.GeneratorBasedBuilder):
 # array_record writer options per `TripletSettings.compression`: "group_size:1" is what TFDS
 # itself writes (array_record's default compression, zstd level 3).
 ARRAY_RECORD_OPTIONS = {"zstd": "group_size:1", "none": "group_size:1,uncompressed"}
+# TFDS's writer is one class attribute: prepares in threads of one process take turns.
+_WRITER_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
 def shard_writer_options(options: str):
     """While the block runs, TFDS writes array_record shards with `options` instead of its
     fixed "group_size:1" (this process; TFDS writes the shards in the process that calls
-    `download_and_prepare`). `prepare_split` checks the written shards with
-    `shard_compressions`, so a TFDS that stops calling this hook cannot go unnoticed."""
+    `download_and_prepare`; another thread's block waits for this one to end).
+    `prepare_split` checks the written shards with `shard_compressions`, so a TFDS that stops
+    calling this hook cannot go unnoticed."""
     from array_record.python import array_record_module
     from tensorflow_datasets.core import file_adapters
 
     adapter = file_adapters.ArrayRecordFileAdapter
-    saved = adapter.__dict__["write_examples"]
 
     def write_examples(cls, path, iterator):
         del cls
@@ -186,11 +189,13 @@ def shard_writer_options(options: str):
             writer.close()
         return None  # as TFDS's: no record positions
 
-    adapter.write_examples = classmethod(write_examples)
-    try:
-        yield
-    finally:
-        adapter.write_examples = saved
+    with _WRITER_LOCK:
+        saved = adapter.__dict__["write_examples"]
+        adapter.write_examples = classmethod(write_examples)
+        try:
+            yield
+        finally:
+            adapter.write_examples = saved
 
 
 def shard_compressions(path: str | pathlib.Path) -> dict[str, str]:
