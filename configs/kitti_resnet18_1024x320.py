@@ -18,6 +18,7 @@ from xdistill_jax.config_defaults import base_config
 
 def get_config():
     config = base_config()
+    config.data.num_workers = -1  # a grain worker process per CPU core (less one; at most 16)
     config.data.height = 320
     config.data.width = 1024
     return config

@@ -27,4 +27,6 @@ from xdistill_jax.config_defaults import base_config
 
 
 def get_config():
-    return base_config()
+    config = base_config()
+    config.data.num_workers = -1  # a grain worker process per CPU core (less one; at most 16)
+    return config

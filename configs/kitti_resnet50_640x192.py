@@ -16,5 +16,6 @@ from xdistill_jax.config_defaults import base_config
 
 def get_config():
     config = base_config()
+    config.data.num_workers = -1  # a grain worker process per CPU core (less one; at most 16)
     config.model.num_layers = 50
     return config

@@ -23,6 +23,7 @@ def test_paper_config_values():
     c = config_utils.load_config_file(str(CONFIGS / "kitti_resnet18_640x192.py"))
     assert (c.optim.lr, c.optim.batch_size, c.optim.epochs, c.optim.lr_drop_epochs) == (1e-4, 12, 20, (14,))
     assert (c.data.height, c.data.width, c.model.num_layers, c.loss.align_corners) == (192, 640, 18, True)
+    assert c.data.num_workers == -1  # a worker process per core: one process's threads starve a GPU
     smoke = config_utils.load_config_file(str(CONFIGS / "synthetic_demo.py") + ":smoke")
     assert (smoke.data.height, smoke.data.width, smoke.optim.num_steps) == (32, 96, 2)
 
@@ -71,6 +72,7 @@ def test_bad_overrides_name_the_key(args, key):
     (["--config.optim.b1=1.5"], "optim.b1"),
     (["--config.optim.b2=-0.1"], "optim.b2"),
     (["--config.optim.eps=0"], "optim.eps"),
+    (["--config.data.num_workers=-2"], "data.num_workers"),
 ])
 def test_impossible_values_name_the_key(args, key):
     with pytest.raises(config_utils.ConfigError, match=key.replace(".", r"\.")):

@@ -260,6 +260,64 @@ def test_worker_processes_give_the_same_batches(source):
             np.testing.assert_array_equal(x[k], y[k])
 
 
+def test_resume_with_another_number_of_worker_processes(source):
+    """The loader state is the position in the batch sequence: a run saved with worker processes
+    resumes in one process and the other way round (grain's own multi-process state held one
+    position per worker and did not restore into another worker count: KeyError)."""
+    reference = all_batches(ip.make_train_iterator(source, global_batch_size=2, seed=7, num_epochs=2))
+    assert len(reference) == 6
+    for before, after in ((2, 0), (0, 2)):
+        it = ip.make_train_iterator(source, global_batch_size=2, seed=7, num_epochs=2, num_workers=before)
+        try:
+            head = all_batches(it, 2)
+            state = it.get_state()
+        finally:
+            it.close()
+        assert state == {"next_index": 2}
+        resumed = ip.make_train_iterator(source, global_batch_size=2, seed=7, num_epochs=2, num_workers=after)
+        try:
+            resumed.set_state(state)
+            tail = all_batches(resumed)
+        finally:
+            resumed.close()
+        assert len(head) + len(tail) == len(reference), (before, after)
+        for x, y in zip(head + tail, reference):
+            for k in x:
+                np.testing.assert_array_equal(x[k], y[k], err_msg=f"{before} -> {after} workers: {k}")
+
+
+def test_loader_states_saved_before_are_read_and_others_refused(source):
+    """Checkpoints before 2026-12-05 hold grain's states: {"next_index": k} from one process (the
+    same form), or, from worker processes, each worker's position with the workers taking the
+    batches in turn: 3 workers at 2, 1, 1 with the next batch the 2nd worker's = position 4."""
+    grain_workers = {"next_index_in_cycle": 1, "next_index_in_datasets": 3, "iterators_in_use_indices": [0, 1, 2],
+                     "iterators_in_use_states": [{"next_index": 2}, {"next_index": 1}, {"next_index": 1}],
+                     "exhausted": [0, 0, 0], "future_states": {}}
+    assert ip._next_index(grain_workers) == 4
+    assert ip._next_index({"next_index": 3}) == 3
+    reference = all_batches(ip.make_train_iterator(source, global_batch_size=2, seed=1, num_epochs=2))
+    it = ip.make_train_iterator(source, global_batch_size=2, seed=1, num_epochs=2)
+    it.set_state(grain_workers)
+    tail = all_batches(it)
+    assert [b["index"].tolist() for b in tail] == [b["index"].tolist() for b in reference[4:]]
+    inconsistent = dict(grain_workers, next_index_in_cycle=0)  # not the worker whose turn it is
+    for bad in ({"next_index": -1}, {"position": 3}, inconsistent, [3]):
+        with pytest.raises(ValueError, match="is not a position in the batch sequence"):
+            it.set_state(bad)
+
+
+def test_auto_worker_count_follows_the_cores(monkeypatch):
+    import os
+
+    for cores, want in ((1, 0), (2, 0), (3, 2), (8, 7), (64, ip.AUTO_MAX_WORKERS)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)), raising=False)
+        assert ip.resolve_num_workers(-1) == want, cores
+    assert ip.resolve_num_workers(0) == 0 and ip.resolve_num_workers(5) == 5
+    for bad in (-2, 1.5, "4", True):
+        with pytest.raises(ValueError, match="num_workers must be an integer >= -1"):
+            ip.resolve_num_workers(bad)
+
+
 def test_synthetic_world_through_prepare_and_the_loader(tmp_path):
     import synth_world_tiny
     from data_pipelines.kitti import raw

@@ -198,6 +198,21 @@ def test_incompatible_workdir_is_named(resumed_run):
         (workdir / "config.json.bak").rename(workdir / "config.json")
 
 
+def test_a_loader_state_not_understood_names_the_checkpoint(resumed_run, tmp_path):
+    import shutil
+
+    workdir = tmp_path / "run"
+    shutil.copytree(resumed_run[0], workdir)
+    meta = workdir / "checkpoints" / "4" / "data" / "metadata"
+    data_state = json.loads(meta.read_text())
+    assert data_state["loader"] == {"next_index": 4}
+    meta.write_text(json.dumps(dict(data_state, loader={"position": 4})))
+    config = tiny_config(distill_weight=0.1, **{"optim.num_steps": 5})
+    with pytest.raises(CheckpointError, match=r"checkpoint .*checkpoints/4: loader state .*position.* is not a "
+                                              r"position in the batch sequence"):
+        training_loop.train_and_evaluate(config, workdir, data=make_data())
+
+
 def test_a_finished_run_keeps_its_config_when_rerun_with_other_settings(resumed_run, tmp_path):
     """Rerunning a finished run with a changed setting (here lambda 0.1 -> 0.05) trains nothing:
     config.json must keep the settings its checkpoints were trained with, or eval would label
@@ -310,6 +325,27 @@ def test_nonfinite_step_skipped_by_config_leaves_state_and_is_counted(tmp_path):
     # torch's epoch scheduler): it drops the rate at its step whatever was skipped
     assert [int(states[s].opt_state[0].count) for s in (1, 2, 3)] == [1, 1, 2]
     assert [int(states[s].opt_state[1].count) for s in (1, 2, 3)] == [1, 2, 3]
+
+
+def test_the_time_spent_waiting_for_data_is_logged(resumed_run, tmp_path, capsys):
+    """input_wait_frac: the share of the loop's time since the last log line spent in next(batch).
+    A loader that sleeps 2 s per batch (in the loop's thread) makes it most of the time."""
+    import time
+
+    for m in read_metrics(resumed_run[0]):
+        assert 0 <= m["input_wait_frac"] < 1
+    log_every = 2  # the first window also holds the step's compile: the 2nd is the loader's
+
+    def slow(n, batch):
+        time.sleep(2.0)
+        return batch
+
+    config = tiny_config(**{"optim.num_steps": 2 * log_every, "run.val_every": 100, "run.ckpt_every": 100,
+                            "run.log_every": log_every})
+    assert training_loop.train_and_evaluate(config, tmp_path, data=make_data(slow)) == training_loop.EXIT_OK
+    waits = [m["input_wait_frac"] for m in read_metrics(tmp_path)]
+    assert len(waits) == 2 and 0.4 < waits[1] < 1, waits
+    assert re.search(r"images/s \(waiting for data \d+%\)", capsys.readouterr().out)
 
 
 def test_val_ground_truth_of_another_split_is_named(tmp_path):

@@ -205,6 +205,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     state_layout = r.get("state_layout", "default")  # .get: a config.json saved before the field existed
     _check(state_layout in config_defaults.STATE_LAYOUTS, "run.state_layout",
            f"must be one of {config_defaults.STATE_LAYOUTS}, got {state_layout!r}")
+    _check(isinstance(d.num_workers, int) and d.num_workers >= -1, "data.num_workers",
+           f"must be an integer >= 0, or -1 for one per CPU core (auto), got {d.num_workers!r}")
     _check(d.val_gt_crop in ("garg", ""), "data.val_gt_crop", f"must be 'garg' or '', got {d.val_gt_crop!r}")
     for key in ("log_every", "ckpt_every", "val_every", "keep"):
         _check(r[key] > 0, f"run.{key}", f"must be > 0, got {r[key]}")

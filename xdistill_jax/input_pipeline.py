@@ -249,18 +249,21 @@ def make_train_iterator(
     teacher=None,
     augment: bool = True,
     num_epochs: int | None = None,
-    num_threads: int = 2,
+    num_threads: int | None = None,
     num_workers: int = 0,
     process_index: int | None = None,
     process_count: int | None = None,
     source_scales: bool = True,
 ):
-    """Checkpointable iterator of host-local numpy batches.
+    """Checkpointable iterator of host-local numpy batches (a `PositionedIterator`).
 
     `it.get_state()` is a small JSON-able dict; `it.set_state(state)` on a fresh iterator of
-    the same pipeline resumes with exactly the batches an unbroken iterator would give.
-    `num_threads` batches are prepared concurrently in this process (PIL releases the GIL
-    while decoding and resizing); `num_workers > 0` adds grain worker processes.
+    the same pipeline resumes with exactly the batches an unbroken iterator would give, whatever
+    the threads and worker processes of either (the state is the position in the batch
+    sequence). `num_threads` batches are prepared concurrently in this process (PIL releases the
+    GIL while decoding and resizing), or in each of `num_workers > 0` grain worker processes;
+    None: 2 in this process, 1 in each worker process (the workers are the parallelism, one per
+    core under `num_workers=-1`).
     """
     import grain
 
@@ -275,17 +278,101 @@ def make_train_iterator(
         process_count=process_count,
         source_scales=source_scales,
     )
+    if num_threads is None:
+        num_threads = 1 if num_workers > 0 else 2
     read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(1, 2 * num_threads))
-    iter_ds = ds.to_iter_dataset(read)
-    if num_workers > 0:
-        from absl import flags
+    return PositionedIterator(ds, read, num_workers)
 
-        # grain's worker processes read absl flags (defaults are fine); outside an absl app
-        # nothing has parsed them, and reading them would raise UnparsedFlagAccessError.
-        if not flags.FLAGS.is_parsed():
-            flags.FLAGS.mark_as_parsed()
-        iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
-    return iter(iter_ds)
+
+def _next_index(state: dict) -> int:
+    """The position a loader state resumes at. Besides this module's {"next_index": k} (also
+    what grain's own single-process iterator saved, as checkpoints before 2026-12-05 hold), reads
+    the state grain's worker processes saved then: the workers take the batches in turn, so
+    the position is the sum of theirs."""
+    if isinstance(state, dict) and isinstance(state.get("next_index"), int) and state["next_index"] >= 0:
+        return state["next_index"]
+    try:
+        workers = [int(w["next_index"]) for w in state["iterators_in_use_states"]]
+        if int(state["next_index_in_cycle"]) == sum(workers) % len(workers):
+            return sum(workers)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        pass
+    raise ValueError(f"loader state {str(state)[:200]!r} is not a position in the batch sequence "
+                     "({'next_index': k}) nor grain's worker-process state")
+
+
+class PositionedIterator:
+    """Batches of a grain `MapDataset` from a position on, in this process's threads or in grain
+    worker processes. Its state is that position, {"next_index": k}, so a run saved with one
+    number of workers resumes with another (grain's own multi-process state is per worker and
+    does not restore into another worker count). The grain iterator starts at the first
+    `next()` after construction or `set_state`."""
+
+    def __init__(self, ds, read_options, num_workers: int = 0, start: int = 0):
+        self._ds, self._read, self._workers = ds, read_options, int(num_workers)
+        self._next, self._it = int(start), None
+
+    def _open(self):
+        import grain
+
+        iter_ds = self._ds[self._next:].to_iter_dataset(self._read)
+        if self._workers > 0:
+            from absl import flags
+
+            # grain's worker processes read absl flags (defaults are fine); outside an absl app
+            # nothing has parsed them, and reading them would raise UnparsedFlagAccessError.
+            if not flags.FLAGS.is_parsed():
+                flags.FLAGS.mark_as_parsed()
+            iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._workers))
+        self._it = iter(iter_ds)
+
+    def __iter__(self) -> "PositionedIterator":
+        return self
+
+    def __next__(self) -> dict:
+        if self._it is None:
+            self._open()
+        batch = next(self._it)
+        self._next += 1
+        return batch
+
+    def get_state(self) -> dict:
+        return {"next_index": self._next}
+
+    def set_state(self, state: dict) -> None:
+        position = _next_index(state)
+        self.close()
+        self._next = position
+
+    def close(self) -> None:
+        """Stops the grain iterator (its threads and worker processes); `next()` restarts it."""
+        if self._it is not None:
+            close = getattr(self._it, "close", None)
+            self._it = None
+            if close is not None:
+                close()
+
+
+AUTO_MAX_WORKERS = 16  # `num_workers=-1`: at most this many worker processes
+
+
+def resolve_num_workers(num_workers: int) -> int:
+    """`config.data.num_workers` as a count of grain worker processes: n >= 0 as given; -1
+    ("auto") one per CPU core this process may run on (its affinity) less one for the training
+    loop, at most AUTO_MAX_WORKERS, and 0 (this process's two threads) where that is fewer than
+    two. Measured on the project's 2-core VM (raw store, 640x192): this process's threads
+    185-192 examples/s, one worker 166-172, two workers 183-188. A GPU step of ~700 images/s
+    needs ~7 cores at the fastest store's ~100 examples per CPU-second (benchmarks/RESULTS.md),
+    which one process's threads cannot give."""
+    import os
+
+    if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < -1:
+        raise ValueError(f"num_workers must be an integer >= -1 (-1: auto), got {num_workers!r}")
+    if num_workers >= 0:
+        return num_workers
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = min(cores - 1, AUTO_MAX_WORKERS)
+    return workers if workers >= 2 else 0
 
 
 def steps_per_epoch(num_examples: int, global_batch_size: int, process_count: int = 1) -> int:

@@ -147,10 +147,13 @@ def tfds_training_data(config: ml_collections.ConfigDict) -> TrainingData:
     train_source = split(d.train_split)
     train_teacher = teacher(d.teacher_dir, "data.teacher_dir")
 
+    num_workers = input_pipeline.resolve_num_workers(d.num_workers)
+    log.info("loader: %s", f"{num_workers} grain worker processes" if num_workers else "this process's threads")
+
     def make_train_iterator():
         return input_pipeline.make_train_iterator(
             train_source, global_batch_size=config.optim.batch_size, seed=config.run.seed,
-            teacher=train_teacher, augment=d.augment, num_workers=d.num_workers,
+            teacher=train_teacher, augment=d.augment, num_workers=num_workers,
             source_scales=source_scales)
 
     make_val = val_id = num_val = None
@@ -290,7 +293,8 @@ def _progress_line(step, total, t_start, step_start, batch_size, scalars):
     eta = (total - step) * elapsed / max(done, 1)
     keys = [k for k in ("loss", "photometric_loss", "distill_loss") if k in scalars]
     vals = " ".join(f"{k}={scalars[k]:.4f}" for k in keys)
-    return (f"step {step}/{total} ({100.0 * step / total:.1f}%) {vals} | {ips:.1f} images/s "
+    wait = f" (waiting for data {100.0 * scalars['input_wait_frac']:.0f}%)" if "input_wait_frac" in scalars else ""
+    return (f"step {step}/{total} ({100.0 * step / total:.1f}%) {vals} | {ips:.1f} images/s{wait} "
             f"| ETA {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}")
 
 
@@ -422,7 +426,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, data=None)
 
     host_iter = data.make_train_iterator()
     if data_state.get("loader") is not None:
-        host_iter.set_state(data_state["loader"])
+        try:
+            host_iter.set_state(data_state["loader"])
+        except ValueError as e:
+            raise CheckpointError(f"checkpoint {ckpt.directory / str(step)}: {e}") from e
     if os.environ.get("XDISTILL_TEST_BATCH_LOG"):
         host_iter = _BatchLog(host_iter, os.environ["XDISTILL_TEST_BATCH_LOG"], step)
     train_iter = DevicePrefetchIterator(host_iter, mesh)
@@ -468,6 +475,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, data=None)
 
     pending, checked_step = [], step
     t_start, step_start = time.time(), step
+    # time spent waiting for the next batch since the last log line (the loader's share of the loop)
+    input_wait, t_window = 0.0, time.perf_counter()
     status = EXIT_OK
     with _StopSignal() as stop, contextlib.ExitStack() as heap:
         frozen = None  # objects frozen after the first step
@@ -476,7 +485,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, data=None)
                 # The hot path: batches arrive by explicit device_put (prefetched); an implicit
                 # host<->device transfer here would be a hidden sync, so it raises instead.
                 with jax.transfer_guard("disallow"):
-                    state, metrics = train_step(state, next(train_iter), step_rng)
+                    t_next = time.perf_counter()
+                    batch = next(train_iter)
+                    input_wait += time.perf_counter() - t_next
+                    state, metrics = train_step(state, batch, step_rng)
+                    del batch
                 step += 1
                 if frozen is None:  # the step has compiled: what tracing left is frozen (gc_pauses)
                     log.info("step %d: the step was lowered in %.2f s and compiled in %.2f s on a background "
@@ -511,6 +524,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, data=None)
                         scalars["lr"] = float(train.lr_schedule(config, steps_per_epoch)(step - 1))
                         scalars["images_per_s"] = (step - step_start) * config.optim.batch_size / max(
                             time.time() - t_start, 1e-9)
+                        now = time.perf_counter()
+                        # near 1: the loop waits for data (more data.num_workers, a faster store)
+                        scalars["input_wait_frac"] = input_wait / max(now - t_window, 1e-9)
+                        input_wait, t_window = 0.0, now
                         if skipped:
                             scalars["skipped_steps"] = skipped
                         writer.write_scalars(step, scalars)
