@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # The train-step benchmark matrix on one GPU, in about 9 minutes (issue #8).
+# (Whether the loader feeds the step, `xdistill train` end to end: benchmarks/gpu_feed.sh, a
+# call of its own, about 4 minutes; its header says what to carry.)
 #
 #   ResNet-18, 640x192, batch 12 (configs/kitti_resnet18_640x192.py), full X-Distill step
 #   (depth net + 2 pose passes + warping + losses [+ translator + distillation] + Adam):

@@ -3,6 +3,7 @@
     python benchmarks/loader_benchmark.py                       # 640x192, teacher 7x48x160
     python benchmarks/loader_benchmark.py --threads 2 --examples 96 --format jpeg
     python benchmarks/loader_benchmark.py --format raw --compression none --target-scales-only --stored-scales  # fastest
+    python benchmarks/loader_benchmark.py ... --workers -1   # as training loads: a worker per core less one
 
 Same as `xdistill bench --loader`; the work is `xdistill_jax.loader_benchmark.run` (see its
 docstring for what is timed). With --threads 0 the figure is examples/s per core.
@@ -21,6 +22,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=12, help="batch size (Monodepth2: 12)")
     parser.add_argument("--epochs", type=int, default=2, help="epochs timed")
     parser.add_argument("--threads", type=int, default=0, help="loader threads (0 = this thread)")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="grain worker processes (-1: one per core less one, at most 16; each runs "
+                             "--threads threads); the CPU time counted includes theirs")
     parser.add_argument("--teacher-height", type=int, default=None,
                         help="teacher logits height (default: height / 4, the store's default)")
     parser.add_argument("--teacher-width", type=int, default=None, help="default: width / 4")
@@ -40,7 +44,7 @@ def main() -> None:
     from xdistill_jax import loader_benchmark
 
     kwargs = dict(examples=args.examples, height=args.height, width=args.width, batch=args.batch,
-                  epochs=args.epochs, threads=args.threads, teacher_height=args.teacher_height,
+                  epochs=args.epochs, threads=args.threads, workers=args.workers, teacher_height=args.teacher_height,
                   teacher_width=args.teacher_width, groups=args.groups, image_format=args.format,
                   teacher=not args.no_teacher, workdir=args.workdir, profile=args.profile,
                   source_scales=not args.target_scales_only, target_scales=args.stored_scales,

@@ -343,8 +343,13 @@ def test_the_time_spent_waiting_for_data_is_logged(resumed_run, tmp_path, capsys
     config = tiny_config(**{"optim.num_steps": 2 * log_every, "run.val_every": 100, "run.ckpt_every": 100,
                             "run.log_every": log_every})
     assert training_loop.train_and_evaluate(config, tmp_path, data=make_data(slow)) == training_loop.EXIT_OK
-    waits = [m["input_wait_frac"] for m in read_metrics(tmp_path)]
+    metrics = read_metrics(tmp_path)
+    waits = [m["input_wait_frac"] for m in metrics]
     assert len(waits) == 2 and 0.4 < waits[1] < 1, waits
+    # the 2nd window's rate: 2 steps of batch_size images in at least 2 x 2 s of loading (the
+    # run's images_per_s counts from the start, the compile included)
+    rate = metrics[1]["window_images_per_s"]
+    assert 0.4 * config.optim.batch_size / 2.0 < rate <= config.optim.batch_size / 2.0, rate
     assert re.search(r"images/s \(waiting for data \d+%\)", capsys.readouterr().out)
 
 

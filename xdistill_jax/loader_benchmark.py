@@ -7,7 +7,9 @@ teacher=False), then times `make_train_iterator` over whole epochs: decode 3 ima
 colour jitter, the LANCZOS scale chain (of all three frames, or with source_scales=False
 of frame 0 only), K per scale, the teacher join and batching. With
 threads=0 everything runs in the calling thread, so the figure is examples/s per core; with N
-threads it is the throughput of one process (PIL releases the GIL while decoding and resizing).
+threads it is the throughput of one process (PIL releases the GIL while decoding and resizing);
+with worker processes (workers=N, or -1 as `data.num_workers`) the throughput of the training
+loop's loader, and the CPU time counted includes the workers'.
 
 Used by `benchmarks/loader_benchmark.py` and `xdistill bench --loader`. Needs TFDS, grain and
 PIL (imported here, not by the train-step benchmark).
@@ -43,13 +45,87 @@ def write_raw_tree(root: pathlib.Path, num_examples: int, height: int, width: in
     return split
 
 
+def prepare_data(root: pathlib.Path, *, examples: int = 48, height: int = 192, width: int = 640,
+                 teacher_height: int | None = None, teacher_width: int | None = None, groups: int = 7,
+                 image_format: str = "png", teacher: bool = True, target_scales: bool = False,
+                 compression: str = "zstd", prepare_workers: int | None = None,
+                 grouping: str | None = None, say=print) -> dict:
+    """The benchmark's data under `root` (reused where already there): a raw tree of
+    `examples` triplets, their TFDS store and a teacher logits store of random float16 logits
+    (`groups` groups named "benchmark", or a grouping of `xdistill_jax.semantics` by name, as
+    training checks). Returns {"source", "data_dir", "teacher" (a TeacherLogitsSource or None),
+    "teacher_dir"}."""
+    from data_pipelines.kitti import prepare, tfds_builder
+
+    raw = root / "raw"
+    split = raw / "bench_files.txt"
+    t0 = time.perf_counter()
+    if not split.is_file():
+        split = write_raw_tree(raw, examples, 375, 1242)
+    data_dir = root / (f"tfds_{image_format}{'_scales' if target_scales else ''}"
+                       f"{'' if compression == 'zstd' else '_' + compression}_{width}x{height}")
+    workers = min(2, os.cpu_count() or 1) if prepare_workers is None else prepare_workers
+    prepare.prepare_split(raw, split, data_dir, "train", height, width, image_format=image_format,
+                          num_workers=workers, target_scales=target_scales, compression=compression)
+    source = tfds_builder.open_split(data_dir, "train")
+    say(f"prepared {len(source)} {image_format} triplets ({compression}) at {width}x{height} "
+        f"in {time.perf_counter() - t0:.1f} s")
+
+    store_obj = path = None
+    if teacher:
+        from data_pipelines.teacher import store
+
+        names = [f"g{i}" for i in range(groups)]
+        if grouping is not None:
+            from xdistill_jax import semantics
+
+            names = list(semantics.get_grouping(grouping).group_names)
+            grouping, groups = semantics.get_grouping(grouping).name, len(names)
+        teacher_height = height // 4 if teacher_height is None else teacher_height
+        teacher_width = width // 4 if teacher_width is None else teacher_width
+        shape = (teacher_height, teacher_width, groups)
+        path = root / f"teacher_{grouping or 'benchmark'}_{teacher_width}x{teacher_height}x{groups}"
+        if not (path / "teacher.json").is_file():
+            ids = [source[i]["id"].decode() for i in range(len(source))]
+            rng = np.random.default_rng(1)
+            store.write_store(
+                path, len(ids),
+                lambda idx: ([ids[i] for i in idx], rng.normal(0, 3, (len(idx),) + shape)),
+                grouping=grouping or "benchmark", group_names=names,
+                height=shape[0], width=shape[1], progress=False,
+            )
+        store_obj = store.TeacherLogitsSource(path)
+        say(f"teacher store: {len(store_obj)} records of {shape} float16")
+    return {"source": source, "data_dir": data_dir, "teacher": store_obj, "teacher_dir": path}
+
+
+def _children_cpu_s() -> float:
+    """CPU seconds of this process's live child processes (grain's workers), user + system."""
+    import psutil
+
+    total = 0.0
+    for child in psutil.Process().children(recursive=True):
+        try:
+            t = child.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
 def run(*, examples: int = 48, height: int = 192, width: int = 640, batch: int = 12, epochs: int = 2,
-        threads: int = 0, teacher_height: int | None = None, teacher_width: int | None = None, groups: int = 7,
+        threads: int | None = 0, workers: int = 0, teacher_height: int | None = None,
+        teacher_width: int | None = None, groups: int = 7,
         image_format: str = "png", teacher: bool = True, workdir: str | None = None,
         verbose: bool = True, profile: str | None = None, source_scales: bool = True,
         target_scales: bool = False, compression: str = "zstd") -> dict:
     """Prepare (or reuse, in `workdir`) the benchmark data and time the loader; returns figures.
 
+    threads: loader threads per process (None: `make_train_iterator`'s default, 2 in this
+      process and 1 per worker process).
+    workers: grain worker processes (`data.num_workers`: -1 = one per core less one, at most
+      16). The CPU time counted is this process's and its workers', so examples per
+      CPU-second stays the per-core figure.
     teacher_height / teacher_width: the teacher logits' size; default a quarter of the image's,
       what `xdistill teacher precompute` stores by default (--stride 4: 48x160 at 640x192; until
       2026-12-05 this benchmark read 96x320 logits, 4x the bytes).
@@ -60,64 +136,37 @@ def run(*, examples: int = 48, height: int = 192, width: int = 640, batch: int =
     compression: the shards' array_record compression, "zstd" or "none" (prepare_split).
     profile: write a cProfile of the timed loop (only) to this path.
     """
-    from data_pipelines.kitti import prepare, tfds_builder
     from xdistill_jax import input_pipeline
 
     say = print if verbose else (lambda *a, **k: None)
+    num_workers = input_pipeline.resolve_num_workers(workers)
     with tempfile.TemporaryDirectory(prefix="loader-bench-") as tmp:
-        root = pathlib.Path(workdir or tmp)
-        raw = root / "raw"
-        split = raw / "bench_files.txt"
-        t0 = time.perf_counter()
-        if not split.is_file():
-            split = write_raw_tree(raw, examples, 375, 1242)
-        data_dir = root / (f"tfds_{image_format}{'_scales' if target_scales else ''}"
-                           f"{'' if compression == 'zstd' else '_' + compression}_{width}x{height}")
-        prepare.prepare_split(raw, split, data_dir, "train", height, width,
-                              image_format=image_format, num_workers=min(2, os.cpu_count() or 1),
-                              target_scales=target_scales, compression=compression)
-        source = tfds_builder.open_split(data_dir, "train")
-        say(f"prepared {len(source)} {image_format} triplets ({compression}) at {width}x{height} "
-            f"in {time.perf_counter() - t0:.1f} s")
-
-        store_obj = None
-        if teacher:
-            from data_pipelines.teacher import store
-
-            teacher_height = height // 4 if teacher_height is None else teacher_height
-            teacher_width = width // 4 if teacher_width is None else teacher_width
-            shape = (teacher_height, teacher_width, groups)
-            path = root / f"teacher_{teacher_width}x{teacher_height}x{groups}"
-            if not (path / "teacher.json").is_file():
-                ids = [source[i]["id"].decode() for i in range(len(source))]
-                rng = np.random.default_rng(1)
-                store.write_store(
-                    path, len(ids),
-                    lambda idx: ([ids[i] for i in idx], rng.normal(0, 3, (len(idx),) + shape)),
-                    grouping="benchmark", group_names=[f"g{i}" for i in range(groups)],
-                    height=shape[0], width=shape[1], progress=False,
-                )
-            store_obj = store.TeacherLogitsSource(path)
-            say(f"teacher store: {len(store_obj)} records of {shape} float16")
-
+        data = prepare_data(pathlib.Path(workdir or tmp), examples=examples, height=height, width=width,
+                            teacher_height=teacher_height, teacher_width=teacher_width, groups=groups,
+                            image_format=image_format, teacher=teacher, target_scales=target_scales,
+                            compression=compression, say=say)
+        source = data["source"]
         it = input_pipeline.make_train_iterator(
-            source, global_batch_size=batch, seed=0, teacher=store_obj,
-            num_epochs=epochs + 1, num_threads=threads, process_index=0, process_count=1,
-            source_scales=source_scales,
+            source, global_batch_size=batch, seed=0, teacher=data["teacher"],
+            num_epochs=epochs + 1, num_threads=threads, num_workers=num_workers, process_index=0,
+            process_count=1, source_scales=source_scales,
         )
-        next(it)  # warm-up: opens shards, first decode
-        steps = input_pipeline.steps_per_epoch(len(source), batch) * epochs - 1
-        profiler = None
-        if profile:
-            import cProfile
-            profiler = cProfile.Profile()
-            profiler.enable()
-        start = time.perf_counter()
-        cpu_start = time.process_time()
-        for _ in range(steps):
-            out = next(it)
-        wall = time.perf_counter() - start
-        cpu = time.process_time() - cpu_start
+        try:
+            next(it)  # warm-up: opens shards, first decode, starts the worker processes
+            steps = input_pipeline.steps_per_epoch(len(source), batch) * epochs - 1
+            profiler = None
+            if profile:
+                import cProfile
+                profiler = cProfile.Profile()
+                profiler.enable()
+            start = time.perf_counter()
+            cpu_start = time.process_time() + (_children_cpu_s() if num_workers else 0.0)
+            for _ in range(steps):
+                out = next(it)
+            wall = time.perf_counter() - start
+            cpu = time.process_time() + (_children_cpu_s() if num_workers else 0.0) - cpu_start
+        finally:
+            it.close()
         if profiler is not None:
             profiler.disable()
             profiler.dump_stats(profile)
@@ -125,9 +174,10 @@ def run(*, examples: int = 48, height: int = 192, width: int = 640, batch: int =
         mb = sum(v.nbytes for v in out.values()) / 2**20
         say(f"batch {batch}: {', '.join(f'{k} {v.shape}' for k, v in out.items())} ({mb:.1f} MiB)")
         say(f"{n} examples in {wall:.2f} s wall, {cpu:.2f} s CPU, threads={threads}, "
-            f"{os.cpu_count()} CPU cores on this machine")
+            f"worker processes={num_workers}, {os.cpu_count()} CPU cores on this machine")
         say(f"throughput: {n / wall:.1f} examples/s; per core (examples per CPU-second): {n / cpu:.1f} examples/s")
         return {"format": image_format, "height": height, "width": width, "batch": batch,
-                "threads": threads, "teacher": teacher, "source_scales": source_scales,
-                "target_scales": target_scales, "compression": compression, "examples_timed": n, "wall_s": wall, "cpu_s": cpu,
+                "threads": threads, "workers": num_workers, "teacher": teacher,
+                "source_scales": source_scales, "target_scales": target_scales,
+                "compression": compression, "examples_timed": n, "wall_s": wall, "cpu_s": cpu,
                 "examples_per_s": n / wall, "examples_per_cpu_s": n / cpu}

@@ -476,7 +476,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, data=None)
     pending, checked_step = [], step
     t_start, step_start = time.time(), step
     # time spent waiting for the next batch since the last log line (the loader's share of the loop)
-    input_wait, t_window = 0.0, time.perf_counter()
+    input_wait, t_window, window_start = 0.0, time.perf_counter(), step
     status = EXIT_OK
     with _StopSignal() as stop, contextlib.ExitStack() as heap:
         frozen = None  # objects frozen after the first step
@@ -527,7 +527,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, data=None)
                         now = time.perf_counter()
                         # near 1: the loop waits for data (more data.num_workers, a faster store)
                         scalars["input_wait_frac"] = input_wait / max(now - t_window, 1e-9)
-                        input_wait, t_window = 0.0, now
+                        # the loop's rate since the last log line (images_per_s is since the start,
+                        # the first step's compile included); validation and saving count in it
+                        scalars["window_images_per_s"] = (step - window_start) * config.optim.batch_size / max(
+                            now - t_window, 1e-9)
+                        input_wait, t_window, window_start = 0.0, now, step
                         if skipped:
                             scalars["skipped_steps"] = skipped
                         writer.write_scalars(step, scalars)

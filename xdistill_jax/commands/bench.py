@@ -54,6 +54,9 @@ def add_arguments(parser):
     g.add_argument("--loader-examples", type=int, default=48)
     g.add_argument("--loader-epochs", type=int, default=2)
     g.add_argument("--loader-threads", type=int, default=0, help="0 = calling thread (per-core figure)")
+    g.add_argument("--loader-workers", type=int, default=0,
+                   help="grain worker processes, as data.num_workers (-1: one per core less one, at "
+                        "most 16); the CPU time counted includes theirs")
     g.add_argument("--loader-format", choices=("png", "jpeg", "raw"), default="png")
     g.add_argument("--loader-all-scales", action="store_true",
                    help="scales 1..3 of all three frames (what loss.v1_multiscale needs); default: "
@@ -84,6 +87,7 @@ def _run_loader(args) -> int:
         return 2
     result = loader_benchmark.run(
         examples=args.loader_examples, epochs=args.loader_epochs, threads=args.loader_threads,
+        workers=args.loader_workers,
         image_format=args.loader_format, teacher=not args.loader_no_teacher, workdir=args.loader_workdir,
         source_scales=args.loader_all_scales, target_scales=args.loader_stored_scales,
         compression=args.loader_compression)
