@@ -124,9 +124,18 @@ LIMIT_SCALE="${LIMIT_SCALE:-1}"  # multiplies every time limit (e.g. 6 for a CPU
 # left, so that it ends (summary written) inside a caller's own time limit (e.g. 600 s per call).
 DEADLINE_S="${DEADLINE_S:-$((540 * LIMIT_SCALE))}"
 
+# GPU_RUNS: run only these (names as in the JSON/log files, space-separated; "loss_cost" for the
+# loss alone), e.g. the cold-start experiments alone:
+#   GPU_RUNS="bf16_distill_cold bf16_distill_noautotune_cold bf16_distill_autotune1_cold" bash benchmarks/gpu.sh
+selected() { [ -z "${GPU_RUNS:-}" ] || [[ " $GPU_RUNS " == *" $1 "* ]]; }
+
 run() {  # name dtype distill [time limit s] [more bench arguments...]
   local name=$1 dtype=$2 distill=$3 limit=$((${4:-150} * LIMIT_SCALE))
   shift $(($# < 4 ? $# : 4))
+  if ! selected "$name"; then
+    echo "=== $name: not in GPU_RUNS" | tee -a "$OUTDIR/summary.md"
+    return 0
+  fi
   local left=$((DEADLINE_S - SECONDS))
   if [ "$left" -lt 30 ]; then
     echo "=== $name: SKIPPED, ${left}s left before DEADLINE_S=${DEADLINE_S}" | tee -a "$OUTDIR/summary.md"
@@ -183,7 +192,9 @@ run fp32_distill_cold float32 on 120
 run fp32_nodistill_cold float32 off 120
 # The loss work alone (no networks), forward + gradient, fp32: its share of the step.
 echo "=== loss alone (limit $((60 * LIMIT_SCALE))s)"
-if [ $((DEADLINE_S - SECONDS)) -lt $((60 * LIMIT_SCALE)) ]; then
+if ! selected loss_cost; then
+  echo "    loss_cost: not in GPU_RUNS" | tee -a "$OUTDIR/summary.md"
+elif [ $((DEADLINE_S - SECONDS)) -lt $((60 * LIMIT_SCALE)) ]; then
   echo "    loss_cost SKIPPED (DEADLINE_S)" | tee -a "$OUTDIR/summary.md"
 elif timeout $((60 * LIMIT_SCALE)) "$PY" -u benchmarks/loss_cost.py --batch 12 --height 192 --width 640 --iters 20 \
     >"$OUTDIR/loss_cost.log" 2>&1; then

@@ -61,6 +61,27 @@ def summarise(windows: list[dict]) -> dict:
     }
 
 
+def device_kind() -> str:
+    """The first JAX device's kind, asked in a process of its own (this one must not hold the GPU
+    while the training runs do)."""
+    cmd = [sys.executable, "-c", "import jax; print(jax.devices()[0].device_kind)"]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    return done.stdout.strip().splitlines()[-1] if done.returncode == 0 and done.stdout.strip() else "?"
+
+
+def write_results(out: pathlib.Path, meta: dict, results: list[dict]) -> None:
+    """DIR/train_feed.json and DIR/train_feed.md (the device named in meta)."""
+    (out / "train_feed.json").write_text(json.dumps({"meta": meta, "runs": results}, indent=1))
+    lines = [f"Loader feeding the train step: {meta['device']}, {meta['cpu_cores']} CPU cores, "
+             f"{meta['width']}x{meta['height']}, {meta['dtype']}, {meta['steps']} steps per run ({meta['date']})", "",
+             "| data.num_workers | processes | loop images/s | waiting for data | loader alone examples/s |",
+             "|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['num_workers']} | {r['worker_processes']} | {r['images_per_s']:.1f} | "
+                     f"{100 * r['input_wait_frac']:.0f} % | {r['loader_alone_examples_per_s']:.1f} |")
+    (out / "train_feed.md").write_text("\n".join(lines) + "\n")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="data, run workdirs and the results go here")
@@ -79,6 +100,8 @@ def main() -> int:
         workers = [int(w) for w in args.workers.split(",") if w.strip()]
     except ValueError:
         parser.error(f"--workers: expected a comma list of integers, got {args.workers!r}")
+    if not workers:
+        parser.error("--workers: no value given")
 
     from xdistill_jax import input_pipeline, loader_benchmark
 
@@ -88,6 +111,9 @@ def main() -> int:
         target_scales=True, compression="none", grouping="geometric",
         prepare_workers=max(1, min(16, len(os.sched_getaffinity(0)))))
     cores = len(os.sched_getaffinity(0))
+    meta = {"device": device_kind(), "cpu_cores": cores, "height": args.height, "width": args.width, "dtype": args.dtype,
+            "steps": args.steps, "log_every": args.log_every, "examples": args.examples, "config": args.config,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     results = []
     for w in workers:
         resolved = input_pipeline.resolve_num_workers(w)
@@ -123,23 +149,9 @@ def main() -> int:
         print(f"data.num_workers={w} ({resolved} processes): loop {row['images_per_s']:.1f} images/s, "
               f"waiting for data {100 * row['input_wait_frac']:.0f}% (median of {row['windows']} windows); "
               f"loader alone {loader['examples_per_s']:.1f} examples/s", flush=True)
-
-    import jax
-
-    device = jax.devices()[0].device_kind if jax.devices() else "?"
-    meta = {"device": device, "cpu_cores": cores, "height": args.height, "width": args.width,
-            "dtype": args.dtype, "steps": args.steps, "log_every": args.log_every, "examples": args.examples,
-            "config": args.config, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    (out / "train_feed.json").write_text(json.dumps({"meta": meta, "runs": results}, indent=1))
-    lines = [f"Loader feeding the train step: {device}, {cores} CPU cores, {args.width}x{args.height}, "
-             f"{args.dtype}, batch 12, {args.steps} steps ({meta['date']})", "",
-             "| data.num_workers | processes | loop images/s | waiting for data | loader alone examples/s |",
-             "|---|---|---|---|---|"]
-    for r in results:
-        lines.append(f"| {r['num_workers']} | {r['worker_processes']} | {r['images_per_s']:.1f} | "
-                     f"{100 * r['input_wait_frac']:.0f} % | {r['loader_alone_examples_per_s']:.1f} |")
-    (out / "train_feed.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        # after each run, so that a caller's time limit keeps the runs already done
+        write_results(out, meta, results)
+    print((out / "train_feed.md").read_text())
     return 0
 
 
