@@ -306,13 +306,30 @@ def test_loader_states_saved_before_are_read_and_others_refused(source):
             it.set_state(bad)
 
 
-def test_auto_worker_count_follows_the_cores(monkeypatch):
+def test_auto_worker_count_follows_the_cores(monkeypatch, tmp_path):
     import os
 
+    monkeypatch.setattr(ip, "CGROUP_ROOT", str(tmp_path / "no_cgroup"))  # no CPU quota
     for cores, want in ((1, 0), (2, 0), (3, 2), (8, 7), (64, ip.AUTO_MAX_WORKERS)):
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)), raising=False)
         assert ip.resolve_num_workers(-1) == want, cores
     assert ip.resolve_num_workers(0) == 0 and ip.resolve_num_workers(5) == 5
+
+    # a container's CPU quota below the cores it may run on: 64 cores, 8.5 CPUs of quota -> 8 - 1
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    monkeypatch.setattr(ip, "CGROUP_ROOT", str(v2))
+    for text, limit, want in (("850000 100000\n", 8.5, 7), ("max 100000\n", None, ip.AUTO_MAX_WORKERS),
+                              ("150000 100000\n", 1.5, 0)):
+        (v2 / "cpu.max").write_text(text)
+        assert ip.cgroup_cpu_limit() == limit and ip.resolve_num_workers(-1) == want, text
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    monkeypatch.setattr(ip, "CGROUP_ROOT", str(v1))
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    for quota, limit, want in (("400000\n", 4.0, 3), ("-1\n", None, ip.AUTO_MAX_WORKERS)):
+        (v1 / "cpu" / "cpu.cfs_quota_us").write_text(quota)
+        assert ip.cgroup_cpu_limit() == limit and ip.resolve_num_workers(-1) == want, quota
     for bad in (-2, 1.5, "4", True):
         with pytest.raises(ValueError, match="num_workers must be an integer >= -1"):
             ip.resolve_num_workers(bad)

@@ -38,7 +38,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.val_gt_crop = "garg"      # "garg" (KITTI Eigen) | "" (no crop, e.g. the synthetic world)
     c.data.augment = True            # colour jitter + horizontal flip (Monodepth2, p=0.5 each)
     c.data.num_workers = 0           # grain worker processes (0 = this process's threads; -1 = one
-                                     # per CPU core less one, at most 16, 0 below 2: the KITTI configs')
+                                     # per CPU core (or CPU of a container's quota) less one, at most 16,
+                                     # 0 below 2: the KITTI configs')
     c.data.val_batches = 8           # validation batches per validation (-1 = whole split)
 
     c.model = ml_collections.ConfigDict()

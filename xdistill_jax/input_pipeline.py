@@ -354,12 +354,39 @@ class PositionedIterator:
 
 
 AUTO_MAX_WORKERS = 16  # `num_workers=-1`: at most this many worker processes
+CGROUP_ROOT = "/sys/fs/cgroup"  # where a container sees its own cgroup (cgroup namespaces)
+
+
+def cgroup_cpu_limit(root: str | None = None) -> float | None:
+    """The CPUs this process's cgroup may use, its CFS quota over its period (a container's CPU
+    limit, e.g. a Kubernetes pod's), from cgroup v2's `cpu.max` or v1's `cpu/cpu.cfs_quota_us`
+    and `cpu.cfs_period_us` under `root`; None where there is no limit or no such file. The
+    CPUs a process may be scheduled on (its affinity) can be many more than its quota: a pod
+    limited to 8 CPUs on a 96-core node sees 96."""
+    import pathlib
+
+    base = pathlib.Path(root or CGROUP_ROOT)
+    try:
+        fields = (base / "cpu.max").read_text().split()  # "QUOTA PERIOD" or "max PERIOD"
+        if fields[0] == "max":
+            return None
+        quota, period = int(fields[0]), int(fields[1])
+        return quota / period if quota > 0 and period > 0 else None
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        quota = int((base / "cpu" / "cpu.cfs_quota_us").read_text())  # -1: no limit
+        period = int((base / "cpu" / "cpu.cfs_period_us").read_text())
+        return quota / period if quota > 0 and period > 0 else None
+    except (OSError, ValueError):
+        return None
 
 
 def resolve_num_workers(num_workers: int) -> int:
     """`config.data.num_workers` as a count of grain worker processes: n >= 0 as given; -1
-    ("auto") one per CPU core this process may run on (its affinity) less one for the training
-    loop, at most AUTO_MAX_WORKERS, and 0 (this process's two threads) where that is fewer than
+    ("auto") one per CPU core this process may run on (its affinity, or its container's CPU
+    quota where that is fewer: `cgroup_cpu_limit`) less one for the training loop, at most
+    AUTO_MAX_WORKERS, and 0 (this process's two threads) where that is fewer than
     two. Measured on the project's 2-core VM (raw store, 640x192): this process's threads
     185-192 examples/s, one worker 166-172, two workers 183-188. A GPU step of ~700 images/s
     needs ~7 cores at the fastest store's ~100 examples per CPU-second (benchmarks/RESULTS.md),
@@ -371,6 +398,9 @@ def resolve_num_workers(num_workers: int) -> int:
     if num_workers >= 0:
         return num_workers
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    limit = cgroup_cpu_limit()
+    if limit is not None:  # a container's CPU quota: whole CPUs of it
+        cores = min(cores, max(1, int(limit)))
     workers = min(cores - 1, AUTO_MAX_WORKERS)
     return workers if workers >= 2 else 0
 
