@@ -33,7 +33,7 @@
 # alone, or with gpu.sh's cold-start experiments in one call of under 600 s (a device call brings
 # back at most 8 files of $OUT, so the results are copied there):
 #   GPU_RUNS="bf16_distill_cold bf16_distill_noautotune_cold bf16_distill_autotune1_cold" \
-#     DEADLINE_S=330 bash benchmarks/gpu.sh /tmp/g; FEED_TIMEOUT_S=240 bash benchmarks/gpu_feed.sh /tmp/f;
+#     DEADLINE_S=330 bash benchmarks/gpu.sh /tmp/g; FEED_TIMEOUT_S=240 FEED_STEPS=400 bash benchmarks/gpu_feed.sh /tmp/f;
 #   cp /tmp/g/summary.md /tmp/f/train_feed.md /tmp/f/train_feed.json /tmp/f/environment.txt $OUT/
 # Estimated here (2-core VM): the 240 frames 29 s, their store and teacher logits 14 s; the GPU
 # host's cores are faster and prepare on 15 of them.
