@@ -103,26 +103,24 @@ def main() -> int:
     if not workers:
         parser.error("--workers: no value given")
 
-    from xdistill_jax import input_pipeline, loader_benchmark
+    from xdistill_jax import loader_benchmark
 
     out = pathlib.Path(args.out).resolve()
+    cores = len(os.sched_getaffinity(0))
     data = loader_benchmark.prepare_data(
         out / "data", examples=args.examples, height=args.height, width=args.width, image_format="raw",
-        target_scales=True, compression="none", grouping="geometric",
-        prepare_workers=max(1, min(16, len(os.sched_getaffinity(0)))))
-    cores = len(os.sched_getaffinity(0))
+        target_scales=True, compression="none", grouping="geometric", prepare_workers=min(16, cores))
     meta = {"device": device_kind(), "cpu_cores": cores, "height": args.height, "width": args.width, "dtype": args.dtype,
             "steps": args.steps, "log_every": args.log_every, "examples": args.examples, "config": args.config,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     results = []
     for w in workers:
-        resolved = input_pipeline.resolve_num_workers(w)
+        # the loader alone, on the store and teacher logits the run reads
         loader = loader_benchmark.run(
             examples=args.examples, height=args.height, width=args.width, epochs=args.loader_epochs,
             threads=None, workers=w, workdir=str(out / "data"), image_format="raw", target_scales=True,
-            compression="none", source_scales=False, verbose=False)
-        # the grouped teacher store the run reads is prepare_data's "geometric" one above;
-        # loader.run's own (random "benchmark" groups, same shape) costs the same to read
+            compression="none", source_scales=False, grouping="geometric", verbose=False)
+        resolved = loader["workers"]
         workdir = out / f"run_workers_{w}"
         if workdir.exists():
             shutil.rmtree(workdir)

@@ -308,9 +308,9 @@ class PositionedIterator:
     does not restore into another worker count). The grain iterator starts at the first
     `next()` after construction or `set_state`."""
 
-    def __init__(self, ds, read_options, num_workers: int = 0, start: int = 0):
+    def __init__(self, ds, read_options, num_workers: int = 0):
         self._ds, self._read, self._workers = ds, read_options, int(num_workers)
-        self._next, self._it = int(start), None
+        self._next, self._it = 0, None
 
     def _open(self):
         import grain
@@ -357,15 +357,15 @@ AUTO_MAX_WORKERS = 16  # `num_workers=-1`: at most this many worker processes
 CGROUP_ROOT = "/sys/fs/cgroup"  # where a container sees its own cgroup (cgroup namespaces)
 
 
-def cgroup_cpu_limit(root: str | None = None) -> float | None:
+def cgroup_cpu_limit() -> float | None:
     """The CPUs this process's cgroup may use, its CFS quota over its period (a container's CPU
     limit, e.g. a Kubernetes pod's), from cgroup v2's `cpu.max` or v1's `cpu/cpu.cfs_quota_us`
-    and `cpu.cfs_period_us` under `root`; None where there is no limit or no such file. The
+    and `cpu.cfs_period_us` under CGROUP_ROOT; None where there is no limit or no such file. The
     CPUs a process may be scheduled on (its affinity) can be many more than its quota: a pod
     limited to 8 CPUs on a 96-core node sees 96."""
     import pathlib
 
-    base = pathlib.Path(root or CGROUP_ROOT)
+    base = pathlib.Path(CGROUP_ROOT)
     try:
         fields = (base / "cpu.max").read_text().split()  # "QUOTA PERIOD" or "max PERIOD"
         if fields[0] == "max":

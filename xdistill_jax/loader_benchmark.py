@@ -79,8 +79,8 @@ def prepare_data(root: pathlib.Path, *, examples: int = 48, height: int = 192, w
         if grouping is not None:
             from xdistill_jax import semantics
 
-            names = list(semantics.get_grouping(grouping).group_names)
-            grouping, groups = semantics.get_grouping(grouping).name, len(names)
+            named = semantics.get_grouping(grouping)
+            grouping, names, groups = named.name, list(named.group_names), len(named.group_names)
         teacher_height = height // 4 if teacher_height is None else teacher_height
         teacher_width = width // 4 if teacher_width is None else teacher_width
         shape = (teacher_height, teacher_width, groups)
@@ -118,7 +118,7 @@ def run(*, examples: int = 48, height: int = 192, width: int = 640, batch: int =
         teacher_width: int | None = None, groups: int = 7,
         image_format: str = "png", teacher: bool = True, workdir: str | None = None,
         verbose: bool = True, profile: str | None = None, source_scales: bool = True,
-        target_scales: bool = False, compression: str = "zstd") -> dict:
+        target_scales: bool = False, compression: str = "zstd", grouping: str | None = None) -> dict:
     """Prepare (or reuse, in `workdir`) the benchmark data and time the loader; returns figures.
 
     threads: loader threads per process (None: `make_train_iterator`'s default, 2 in this
@@ -134,6 +134,7 @@ def run(*, examples: int = 48, height: int = 192, width: int = 640, batch: int =
       loss.v1_multiscale reads; `input_pipeline.make_example`).
     target_scales: prepare with frame 0's scales 1..3 stored (png/raw), read instead of computed.
     compression: the shards' array_record compression, "zstd" or "none" (prepare_split).
+    grouping: the teacher store's grouping by name (`prepare_data`; default `groups` random ones).
     profile: write a cProfile of the timed loop (only) to this path.
     """
     from xdistill_jax import input_pipeline
@@ -144,13 +145,16 @@ def run(*, examples: int = 48, height: int = 192, width: int = 640, batch: int =
         data = prepare_data(pathlib.Path(workdir or tmp), examples=examples, height=height, width=width,
                             teacher_height=teacher_height, teacher_width=teacher_width, groups=groups,
                             image_format=image_format, teacher=teacher, target_scales=target_scales,
-                            compression=compression, say=say)
+                            compression=compression, grouping=grouping, say=say)
         source = data["source"]
         it = input_pipeline.make_train_iterator(
             source, global_batch_size=batch, seed=0, teacher=data["teacher"],
             num_epochs=epochs + 1, num_threads=threads, num_workers=num_workers, process_index=0,
             process_count=1, source_scales=source_scales,
         )
+        def cpu_now() -> float:  # this process's CPU time and its worker processes'
+            return time.process_time() + (_children_cpu_s() if num_workers else 0.0)
+
         try:
             next(it)  # warm-up: opens shards, first decode, starts the worker processes
             steps = input_pipeline.steps_per_epoch(len(source), batch) * epochs - 1
@@ -160,11 +164,11 @@ def run(*, examples: int = 48, height: int = 192, width: int = 640, batch: int =
                 profiler = cProfile.Profile()
                 profiler.enable()
             start = time.perf_counter()
-            cpu_start = time.process_time() + (_children_cpu_s() if num_workers else 0.0)
+            cpu_start = cpu_now()
             for _ in range(steps):
                 out = next(it)
             wall = time.perf_counter() - start
-            cpu = time.process_time() + (_children_cpu_s() if num_workers else 0.0) - cpu_start
+            cpu = cpu_now() - cpu_start
         finally:
             it.close()
         if profiler is not None:
