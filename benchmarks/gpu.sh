@@ -10,6 +10,11 @@
 #    2b. the same warm start with the init and the step's compile one after the other
 #        (`--start sequential`, 5 steps): the A/B of the overlapped start runs 1 and 2 use
 #     3. bf16, distillation off -- cold
+#    3b. bf16, distillation on, --config.model.gpu_channel_padding=False: the convolutions with
+#        channel counts the tensor cores do not take (the stems' 3 and 6 input channels, the pose
+#        decoder's 12 outputs, the translator head's 7) as they are, not padded to 4, 8, 16 and 8
+#        (models/conv.py; the default since 2026-12-06, not yet measured): what the padding buys,
+#        its median step against run 1's. Its other convolutions reuse run 1's autotuning
 #     4. bf16, distillation on, cold, XLA_FLAGS=--xla_gpu_autotune_level=0: no autotuning of the
 #        cuDNN convolutions' algorithms while compiling (cuDNN's heuristic pick instead): what
 #        autotuning costs of run 1's cold start (on an H200, 2026-12-04: ~70 of its 98 s of
@@ -65,7 +70,7 @@
 # Run from the repository root:   bash benchmarks/gpu.sh [OUTDIR]
 # (runs that would start after DEADLINE_S seconds, default 540, are skipped and said to be, so a
 # caller's 600 s limit still sees the summary; runs 1-3, 7 and 8 are the targets' figures, 2b,
-# 4-6 and 9-12 experiments).
+# 3b, 4-6 and 9-12 experiments).
 # (OUTDIR defaults to $OUT, else ./gpu_bench). It writes OUTDIR/*.json, OUTDIR/*.log and
 # OUTDIR/summary.md (the markdown tables, device named). Copy the figures into
 # benchmarks/RESULTS.md with the date and this command.
@@ -176,6 +181,8 @@ for f in "$OUTDIR"/profile/*/summary.md; do
 done
 run bf16_distill_warm_sequential bfloat16 on 60 --start sequential --steps 5 --warmup 1
 run bf16_nodistill_cold bfloat16 off 120
+# The tensor-core channel padding (models/conv.py) off: run 1's step with the odd channel counts.
+run bf16_distill_nopad_cold bfloat16 on 100 --config.model.gpu_channel_padding=False
 # Cold start without autotuning: how much of run 1's compile is the algorithm search, and its worth.
 XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_autotune_level=0" \
   run bf16_distill_noautotune_cold bfloat16 on 120

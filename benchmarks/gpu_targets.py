@@ -122,6 +122,8 @@ def target_rows(runs: dict[str, dict], kind: str = TARGET_KIND) -> list[tuple[st
              "bf16_distill_warm_sequential", "cold_start_s", " s")
     # gpu.sh run 8: run 1's step without command buffers (CUDA graphs), profiled
     reported_vs_run1("step time without command buffers (bf16_distill_nocmdbuf) vs run 1", "bf16_distill_nocmdbuf")
+    # gpu.sh run 3b: run 1's step without the tensor-core channel padding (models/conv.py)
+    reported_vs_run1("step time without channel padding (bf16_distill_nopad_cold) vs run 1", "bf16_distill_nopad_cold")
     # gpu.sh run 12: run 1's step with the conv kernels stored HWIO (flax's order, the default before
     # 2026-12-04): the step time OHWI kernels save, as its median step against run 1's
     reported_vs_run1("step time with HWIO kernels (bf16_distill_hwio_cold) vs run 1", "bf16_distill_hwio_cold")

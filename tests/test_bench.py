@@ -335,6 +335,7 @@ def test_gpu_targets_reads_each_figure_against_its_target(tmp_path):
     _gpu_run_json(tmp_path / "bf16_distill_nocmdbuf.json", step_ms_median=11.55, step_ms_all=[11.5, 11.6])
     _gpu_run_json(tmp_path / "bf16_nodistill_cold.json", step_ms_median=10.0, peak_memory_bytes=7.0e9)
     _gpu_run_json(tmp_path / "bf16_distill_stride1_cold.json", step_ms_median=12.5)
+    _gpu_run_json(tmp_path / "bf16_distill_nopad_cold.json", step_ms_median=13.2)
     _gpu_run_json(tmp_path / "bf16_distill_noautotune_cold.json", images_per_s_median=950.0, cold_start_s=21.0,
                   compile_s=18.2)
     _gpu_run_json(tmp_path / "bf16_distill_noautotune_parallel_cold.json", compile_s=9.4)
@@ -367,6 +368,8 @@ def test_gpu_targets_reads_each_figure_against_its_target(tmp_path):
     assert rows["cold start, autotuning level 1 (bf16_distill_autotune1_cold)"] == ["44.5 s", "(reported)", "- |"]
     assert rows["images/s, bf16, distillation on, autotuning level 1"] == ["1,010.0", "(reported)", "- |"]
     assert rows["step time with HWIO kernels (bf16_distill_hwio_cold) vs run 1"] == ["+10.0 %", "(reported)", "- |"]
+    assert rows["step time without channel padding (bf16_distill_nopad_cold) vs run 1"] == \
+        ["+20.0 %", "(reported)", "- |"]
     assert "Device: 1 x NVIDIA H100 80GB HBM3 (gpu)." in out and "no verdicts" not in out
     # the slowest timed step of each run that lists its steps, and the garbage collector in it
     assert rows["bf16_distill_hwio_cold"] == ["12.1", "250.4 (step 2 of 3)", "231.2", "7 / 1 / 1, 232.0 ms |"]

@@ -68,6 +68,7 @@ def test_bad_overrides_name_the_key(args, key):
     (["--config.distill.translator.dilations=(1, 0)"], "distill.translator.dilations"),
     (["--config.run.state_layout=cudnn"], "run.state_layout"),
     (["--config.model.kernel_layout=OIHW"], "model.kernel_layout"),
+    (["--config.model.gpu_channel_padding=maybe"], "model.gpu_channel_padding"),
     (["--config.distill.grouping=geometirc"], "distill.grouping"),
     (["--config.optim.b1=1.5"], "optim.b1"),
     (["--config.optim.b2=-0.1"], "optim.b2"),

@@ -66,3 +66,30 @@ def test_train_and_eval_steps_trace_one_form_per_piece():
     loss_jaxpr = jax.make_jaxpr(lambda p, s, b, r: objective.loss_fn(nets, config, p, s, b, r, True))(
         state.params, state.batch_stats, batch, key)
     assert "platform_index" in str(loss_jaxpr)
+
+
+def _three_forms(x):
+    return platform_forms.choose(x, cpu=lambda v: v + 1.0, default=lambda v: v * 3.0, gpu=lambda v: v - 5.0)
+
+
+def test_choose_a_gpu_form():
+    """`gpu=`: CUDA's and ROCm's form, at lowering and inside `target`; the TPU keeps `default`."""
+    x = jnp.float32(2.0)
+    texts = stablehlo_by_platform(_three_forms, jax.ShapeDtypeStruct((), jnp.float32))
+    assert "stablehlo.add" in texts["cpu"] and "stablehlo.subtract" not in texts["cpu"]
+    assert "stablehlo.subtract" in texts["cuda"] and "stablehlo.multiply" not in texts["cuda"]
+    assert "stablehlo.multiply" in texts["tpu"] and "stablehlo.subtract" not in texts["tpu"]
+    for platform, want in (("gpu", -3.0), ("cuda", -3.0), ("rocm", -3.0), ("tpu", 6.0), ("cpu", 3.0)):
+        with platform_forms.target(platform):
+            assert float(_three_forms(x)) == want, platform
+    assert float(jax.jit(_three_forms)(x)) == 3.0
+
+
+def test_target_carries_channel_padding():
+    assert platform_forms.channel_padding() is True
+    with platform_forms.target("gpu", channel_padding=False):
+        assert platform_forms.channel_padding() is False
+        with platform_forms.target("gpu"):
+            assert platform_forms.channel_padding() is True
+        assert platform_forms.channel_padding() is False
+    assert platform_forms.channel_padding() is True

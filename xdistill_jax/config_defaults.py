@@ -49,6 +49,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.init = "scratch"         # "scratch" | path to a `convert-weights` ImageNet .msgpack
     c.model.kernel_layout = "OHWI"   # how the depth, pose and translator nets store conv kernels:
                                      # OHWI (cuDNN's; in-place Adam updates on a GPU) or HWIO (flax's)
+    c.model.gpu_channel_padding = True  # on a GPU, 16-bit convolutions whose channel counts the
+                                     # tensor cores do not take (an image's 3) run with zero channels
+                                     # added (models/conv.py; the same function)
 
     c.loss = ml_collections.ConfigDict()
     c.loss.smoothness_weight = 1e-3

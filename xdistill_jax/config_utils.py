@@ -169,6 +169,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     _check(m.dtype in ("float32", "bfloat16"), "model.dtype", f"must be float32 or bfloat16, got {m.dtype!r}")
     _check(m.kernel_layout in config_defaults.KERNEL_LAYOUTS, "model.kernel_layout",
            f"must be one of {config_defaults.KERNEL_LAYOUTS}, got {m.kernel_layout!r}")
+    _check(isinstance(m.get("gpu_channel_padding", True), bool), "model.gpu_channel_padding",
+           f"must be true or false, got {m.get('gpu_channel_padding')!r}")
     _check(m.init == "scratch" or m.init.endswith(".msgpack"), "model.init",
            f"must be 'scratch' or a path to a converted .msgpack, got {m.init!r}")
     _check(0 < lo.min_depth < lo.max_depth, "loss.min_depth",

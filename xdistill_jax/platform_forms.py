@@ -2,7 +2,9 @@
 
 Several pieces of the train step have a form that rounds like the code the demo's and the tests'
 figures were measured with, kept on the CPU, and a form that moves less memory on a GPU or TPU
-(benchmarks/RESULTS.md). `choose(*args, cpu=f, default=g)` applies one of them:
+(benchmarks/RESULTS.md). `choose(*args, cpu=f, default=g)` applies one of them (`gpu=h`: a
+third form for CUDA and ROCm alone, the TPU keeping `default`: the 16-bit convolutions'
+tensor-core channel padding, `models.conv`, which `target`'s `channel_padding` turns off):
 
 - while `target(platform)` is active, the form for that platform alone, picked in Python. The
   train step is traced inside it, with its mesh's platform (`train.make_train_step`);
@@ -38,10 +40,13 @@ import jax
 _TARGET: contextvars.ContextVar[str | None] = contextvars.ContextVar("xdistill_target_platform", default=None)
 _DEVICES: contextvars.ContextVar[int | None] = contextvars.ContextVar("xdistill_batch_devices", default=None)
 _MESH: contextvars.ContextVar = contextvars.ContextVar("xdistill_batch_mesh", default=None)
+_CHANNEL_PADDING: contextvars.ContextVar[bool] = contextvars.ContextVar("xdistill_channel_padding", default=True)
+
+GPU_PLATFORMS = ("gpu", "cuda", "rocm")
 
 
 @contextlib.contextmanager
-def target(platform: str | None, devices: int | None = None, mesh=None):
+def target(platform: str | None, devices: int | None = None, mesh=None, channel_padding: bool = True):
     """Within the block, `choose` applies the form for `platform` ("cpu", "gpu", "cuda", "rocm",
     "tpu", ...: the CPU's form for "cpu", the other one for anything else); None: decided at
     lowering again. Per thread (a context variable), so a trace elsewhere is not affected.
@@ -52,16 +57,19 @@ def target(platform: str | None, devices: int | None = None, mesh=None):
 
     `devices`: how many devices the batch is sharded over (`batch_devices`); None: unknown.
     `mesh`: the step's `jax.sharding.Mesh`, the batch sharded over all its axes (the train step's
-    1-D "data" mesh); it gives `devices` (its size) and `data_mesh`."""
+    1-D "data" mesh); it gives `devices` (its size) and `data_mesh`.
+    `channel_padding`: whether 16-bit convolutions on a GPU get their channels padded for the
+    tensor cores (`channel_padding()`; the config's `model.gpu_channel_padding`)."""
     if mesh is not None:
         if devices not in (None, mesh.size):
             raise ValueError(f"target: devices={devices} but the mesh has {mesh.size}")
         devices = mesh.size
-    tokens = _TARGET.set(platform), _DEVICES.set(devices), _MESH.set(mesh)
+    variables = (_TARGET, _DEVICES, _MESH, _CHANNEL_PADDING)
+    tokens = [var.set(value) for var, value in zip(variables, (platform, devices, mesh, bool(channel_padding)))]
     try:
         yield
     finally:
-        for var, token in zip((_TARGET, _DEVICES, _MESH)[::-1], tokens[::-1]):
+        for var, token in zip(variables[::-1], tokens[::-1]):
             var.reset(token)
 
 
@@ -79,9 +87,19 @@ def data_mesh():
     return mesh if mesh is not None and mesh.size > 1 else None
 
 
-def choose(*args, cpu: Callable, default: Callable):
-    """cpu(*args) or default(*args), for the platform of `target`, else at lowering time."""
+def channel_padding() -> bool:
+    """`target`'s `channel_padding` (True outside a `target` block): whether `models.conv.Conv`
+    pads a 16-bit convolution's channels for a GPU's tensor cores (its GPU form)."""
+    return _CHANNEL_PADDING.get()
+
+
+def choose(*args, cpu: Callable, default: Callable, gpu: Callable | None = None):
+    """cpu(*args), gpu(*args) (CUDA or ROCm; `default` where not given) or default(*args), for the
+    platform of `target`, else at lowering time."""
     platform = _TARGET.get()
     if platform is None:
-        return jax.lax.platform_dependent(*args, cpu=cpu, default=default)
-    return (cpu if platform == "cpu" else default)(*args)
+        per_gpu = {} if gpu is None else {"cuda": gpu, "rocm": gpu}
+        return jax.lax.platform_dependent(*args, cpu=cpu, default=default, **per_gpu)
+    if platform == "cpu":
+        return cpu(*args)
+    return (gpu if gpu is not None and platform in GPU_PLATFORMS else default)(*args)

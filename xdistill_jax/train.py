@@ -97,6 +97,12 @@ def mesh_platform(mesh: Mesh) -> str:
     return mesh.devices.flat[0].platform
 
 
+def gpu_channel_padding(config: ml_collections.ConfigDict) -> bool:
+    """`model.gpu_channel_padding` (True where a config.json predates it): 16-bit convolutions
+    on a GPU with their channels padded for the tensor cores (`models.conv`)."""
+    return bool(config.model.get("gpu_channel_padding", True))
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P("data"))
 
@@ -318,10 +324,11 @@ def make_train_step(config: ml_collections.ConfigDict, nets: Networks, tx, mesh:
     skip_nonfinite = config.run.on_nonfinite == "skip"
     loss = functools.partial(objective.loss_fn, nets, config)
     platform = mesh_platform(mesh)
+    channel_padding = gpu_channel_padding(config)
 
     def train_step(state: TrainState, batch, rng):
         # each piece's form for the mesh's platform and device count, chosen in Python
-        with platform_forms.target(platform, mesh=mesh):
+        with platform_forms.target(platform, mesh=mesh, channel_padding=channel_padding):
             return _train_step(state, batch, rng)
 
     def _train_step(state: TrainState, batch, rng):
@@ -368,9 +375,10 @@ def make_eval_step(config: ml_collections.ConfigDict, nets: Networks, mesh: Mesh
     on the batch.
     """
     platform = mesh_platform(mesh)
+    channel_padding = gpu_channel_padding(config)
 
     def eval_step(params, batch_stats, batch, rng):
-        with platform_forms.target(platform, mesh=mesh):
+        with platform_forms.target(platform, mesh=mesh, channel_padding=channel_padding):
             _, (_, metrics) = objective.loss_fn(nets, config, params, batch_stats, batch, rng, train=False)
         return metrics
 

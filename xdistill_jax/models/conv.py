@@ -20,6 +20,14 @@ Dilated convolutions (the translator's) run as plain convolutions over the batch
 interleaved sub-grids (`conv_nhwc`): the same function, forward bitwise on the CPU, and on an
 H200 about 3 ms off a 23 ms bf16 step (their weight gradients leave a slow path of XLA:GPU).
 
+On a GPU, a 16-bit convolution whose channel counts cuDNN's tensor-core kernels do not take
+(the stems' 3 and 6 input channels, the pose decoder's 12 outputs, the translator head's classes)
+runs with zero channels added to its input and kernel and its extra outputs dropped
+(`tensor_core_channels`, `conv_padded_channels`): the same sums. XLA:GPU pads f16 convolutions
+so, not bf16 ones; NVIDIA's convolution guide asks for channels in multiples of 8 (4 for an
+image's 3 at stride 2) in 16-bit. The kernel parameter keeps its shape; `model.gpu_channel_padding`
+turns it off (`platform_forms.channel_padding`).
+
 With a low-precision `dtype` (bf16 over float32 weights) and the batch sharded over several
 devices (`platform_forms.data_mesh`), the devices' weight and bias gradients are summed in
 float32 (`models.grad_sum`), not in bf16 where XLA's partitioner would add them.
@@ -27,6 +35,7 @@ float32 (`models.grad_sum`), not in bf16 where XLA's partitioner would add them.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -131,6 +140,40 @@ def conv_nhwc(x, kernel, layout: str, strides=(1, 1), padding: Any = "SAME",
     return y.reshape(b, oh * dh, ow * dw, f)[:, :out_h, :out_w]
 
 
+# XLA:GPU's rule for f16 (CudnnPadForConvolutions): pad a convolution's channels only while
+# no operand (input, kernel, output) grows past this factor.
+MAX_PADDED_GROWTH = 1.35
+
+
+def tensor_core_channels(cin: int, cout: int) -> tuple[int, int] | None:
+    """(input, output) channel counts a 16-bit convolution runs with on a GPU's tensor cores, or
+    None where it runs as it is: XLA:GPU's rule for f16. 3 input channels into 32 or 64 outputs
+    (an image into a stem) -> 4 inputs; else both rounded up to multiples of 8, unless that grows
+    the input (x pin/cin), the kernel (x pin*pout/(cin*cout)) or the output (x pout/cout) by
+    more than `MAX_PADDED_GROWTH`."""
+    if cin == 3 and cout in (32, 64):
+        pin, pout = 4, cout
+    else:
+        pin, pout = -(-cin // 8) * 8, -(-cout // 8) * 8
+        if max(pin / cin, pout / cout, pin * pout / (cin * cout)) > MAX_PADDED_GROWTH:
+            return None
+    return None if (pin, pout) == (cin, cout) else (pin, pout)
+
+
+def conv_padded_channels(conv: Callable, x, kernel, bias, layout: str, pin: int, pout: int):
+    """conv(x, kernel) (+ bias) computed with `pin` input and `pout` output channels: zero input
+    channels and zero kernel entries added, the extra outputs dropped. The same sums (the added
+    terms are exact zeros); the gradients reach only the real channels."""
+    cout = kernel.shape[layout.index("O")]
+    x = jnp.pad(x, ((0, 0),) * (x.ndim - 1) + ((0, pin - x.shape[-1]),))
+    kernel = jnp.pad(kernel, [(0, pin - n) if d == "I" else (0, pout - n) if d == "O" else (0, 0)
+                              for d, n in zip(layout, kernel.shape)])
+    y = conv(x, kernel)
+    if bias is not None:  # added before the crop: cuDNN's fused convolution + bias keeps it
+        y += jnp.pad(bias, (0, pout - cout)).reshape((1, 1, 1, -1))
+    return y[..., :cout]
+
+
 class Conv(nn.Module):
     """NHWC 2-D convolution (+ bias), kernel stored in `kernel_layout`; see the module docstring."""
 
@@ -164,13 +207,28 @@ class Conv(nn.Module):
         bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
         x, low_kernel, low_bias = promote_dtype(inputs, kernel, bias, dtype=self.dtype)
 
-        def apply(x, kernel, bias):
-            y = conv_nhwc(x, kernel, layout, _pair(self.strides),
-                          canonicalize_padding(self.padding, 2), _pair(self.kernel_dilation),
-                          self.precision)
+        def conv(x, kernel):
+            return conv_nhwc(x, kernel, layout, _pair(self.strides),
+                             canonicalize_padding(self.padding, 2), _pair(self.kernel_dilation),
+                             self.precision)
+
+        def plain(x, kernel, bias):
+            y = conv(x, kernel)
             if bias is not None:
                 y += bias.reshape((1, 1, 1, -1))
             return y
+
+        def apply(x, kernel, bias):
+            pad = (tensor_core_channels(x.shape[-1], self.features)
+                   if x.dtype.itemsize == 2 and platform_forms.channel_padding() else None)
+            if pad is None:
+                return plain(x, kernel, bias)
+            padded = functools.partial(conv_padded_channels, conv, layout=layout, pin=pad[0], pout=pad[1])
+            if bias is None:  # the forms take arrays only
+                return platform_forms.choose(x, kernel, cpu=lambda x, k: plain(x, k, None),
+                                             default=lambda x, k: plain(x, k, None),
+                                             gpu=lambda x, k: padded(x, k, None))
+            return platform_forms.choose(x, kernel, bias, cpu=plain, default=plain, gpu=padded)
 
         mesh = platform_forms.data_mesh()
         if mesh is not None and low_kernel.dtype != kernel.dtype:
