@@ -121,7 +121,7 @@ def test_gpu_form_computes_the_networks_outputs():
     same disparities bitwise, the same poses to bf16 rounding."""
     config = tiny_config(**{"model.dtype": "bfloat16"})
     nets = Networks.from_config(config)
-    params, batch_stats = nets.init(jax.random.key(0), 32, 96)
+    params, batch_stats = jax.jit(nets.init, static_argnums=(1, 2))(jax.random.key(0), 32, 96)
     images = jnp.asarray(make_batch(2, 32, 96)["color"][:, 0], jnp.float32) / 255.0
 
     def run(platform):
