@@ -4,6 +4,7 @@ sharding, the padded in-order eval stream, and global arrays on a 2-device mesh.
 
 from __future__ import annotations
 
+import os
 import pathlib
 
 import numpy as np
@@ -19,11 +20,16 @@ DATA = pathlib.Path(__file__).parent / "data"
 
 
 @pytest.fixture(scope="session")
-def source(tmp_path_factory):
+def store(tmp_path_factory):
     root = tmp_path_factory.mktemp("loader")
     raw, split = kitti_tiny.make_tree(root)
     prepare.prepare_split(raw, split, root / "tfds", "train", H, W)
-    return tfds_builder.open_split(root / "tfds", "train")
+    return root / "tfds"
+
+
+@pytest.fixture(scope="session")
+def source(store):
+    return tfds_builder.open_split(store, "train")
 
 
 class FakeTeacher:
@@ -258,6 +264,49 @@ def test_worker_processes_give_the_same_batches(source):
     for x, y in zip(parallel, serial):
         for k in x:
             np.testing.assert_array_equal(x[k], y[k])
+
+
+EXIT_WITHOUT_CLOSE = """
+import sys
+from data_pipelines.kitti import tfds_builder
+from xdistill_jax import input_pipeline as ip
+
+if __name__ == "__main__":  # grain starts its workers by spawning: a file, guarded
+    it = ip.make_train_iterator(tfds_builder.open_split(sys.argv[1], "train"), global_batch_size=2,
+                                seed=4, num_epochs=None, num_workers=2)
+    next(it), next(it)
+    print("read two batches", flush=True)  # and exit, the workers' batches ahead not read
+"""
+
+
+def test_worker_processes_closed_at_exit_without_tracebacks(store, tmp_path):
+    """A program that exits without closing a loader with worker processes: the loader is closed
+    at exit, before the interpreter's teardown frees the shared memory of the workers' batches
+    ahead (which printed a traceback per batch and resource_tracker's "leaked shared_memory")."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "exit_without_close.py"
+    script.write_text(EXIT_WITHOUT_CLOSE)
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, str(script), str(store)], capture_output=True, text=True,
+                          timeout=600, cwd=root, env=env)
+    assert done.returncode == 0 and "read two batches" in done.stdout, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "leaked" not in done.stderr, done.stderr[-3000:]
+
+
+def test_device_prefetch_close_closes_the_host_iterator():
+    class Host:
+        closed = 0
+
+        def close(self):
+            self.closed += 1
+
+    host = Host()
+    ip.DevicePrefetchIterator(host, mesh=None).close()
+    assert host.closed == 1
+    ip.DevicePrefetchIterator(iter([]), mesh=None).close()  # nothing to close: nothing done
 
 
 def test_resume_with_another_number_of_worker_processes(source):

@@ -96,8 +96,16 @@ def resumed_run(tmp_path_factory):
         HEAP_LOG["compiling_at_init"].append(any(t.name == "xdistill-step-compile" for t in threading.enumerate()))
         return real_init(*args, **kwargs)
 
+    real_close = input_pipeline.DevicePrefetchIterator.close
+    HEAP_LOG["loader_closed"] = 0
+
+    def close_spy(self):  # the loop closes its loader (grain's worker processes) when it ends
+        HEAP_LOG["loader_closed"] += 1
+        real_close(self)
+
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(train, "create_train_state", init_spy)
+        patch.setattr(input_pipeline.DevicePrefetchIterator, "close", close_spy)
         try:
             first = training_loop.train_and_evaluate(config, workdir, data=make_data())
             HEAP_LOG["freeze_count_after"] = [gc.get_freeze_count()]
@@ -128,6 +136,10 @@ def test_smoke_run_checkpoints_and_resumes(resumed_run):
     assert (workdir / "images" / "val_disp_step4.png").is_file()
     assert (workdir / "images" / "val_translator_step4.png").is_file()
     assert any(p.name.startswith("events.out.tfevents") for p in (workdir / "tensorboard").iterdir())
+
+
+def test_each_run_closes_its_loader(resumed_run):
+    assert HEAP_LOG["loader_closed"] == 2
 
 
 def test_the_heap_is_frozen_from_the_first_step_on_and_given_back(resumed_run):

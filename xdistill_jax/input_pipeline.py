@@ -22,6 +22,7 @@ augmentation are reproducible and do not depend on the number of hosts or loader
 
 from __future__ import annotations
 
+import atexit
 import collections
 import copy
 import functools
@@ -324,6 +325,10 @@ class PositionedIterator:
             if not flags.FLAGS.is_parsed():
                 flags.FLAGS.mark_as_parsed()
             iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._workers))
+            # closed at the interpreter's exit at the latest, while the modules grain's clean-up
+            # needs are still there (not closed, the batches its workers made ahead are freed
+            # during the teardown: tracebacks, and resource_tracker's "leaked shared_memory")
+            atexit.register(self.close)
         self._it = iter(iter_ds)
 
     def __iter__(self) -> "PositionedIterator":
@@ -346,6 +351,7 @@ class PositionedIterator:
 
     def close(self) -> None:
         """Stops the grain iterator (its threads and worker processes); `next()` restarts it."""
+        atexit.unregister(self.close)
         if self._it is not None:
             close = getattr(self._it, "close", None)
             self._it = None
@@ -547,6 +553,15 @@ class DevicePrefetchIterator:
     def set_state(self, state: dict) -> None:
         self._queue.clear()
         self._it.set_state(copy.deepcopy(state))
+
+    def close(self) -> None:
+        """Drops the batches placed ahead and closes the host iterator where it can be (grain's
+        worker processes, and the shared memory of the batches they made ahead: left to the
+        interpreter's exit, they end it with tracebacks and a resource_tracker warning)."""
+        self._queue.clear()
+        close = getattr(self._it, "close", None)
+        if close is not None:
+            close()
 
 
 def stack_examples(examples: Sequence[dict]) -> dict[str, np.ndarray]:

@@ -255,6 +255,9 @@ class _BatchLog:
     def set_state(self, state):
         self.it.set_state(state)
 
+    def close(self):
+        self.it.close()
+
 
 class _StopSignal:
     """Records SIGTERM/SIGINT; the loop checks it between steps."""
@@ -553,6 +556,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, data=None)
             print(str(e), file=sys.stderr, flush=True)
             status = EXIT_NONFINITE
         finally:
+            train_iter.close()  # the loader's worker processes and their batches ahead
             ckpt.close()
             writer.close()
     return status
