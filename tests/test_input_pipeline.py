@@ -296,6 +296,27 @@ def test_worker_processes_closed_at_exit_without_tracebacks(store, tmp_path):
     assert "Traceback" not in done.stderr and "leaked" not in done.stderr, done.stderr[-3000:]
 
 
+def test_shared_memory_batches_are_copied_out_on_the_cpu():
+    """A CPU device array made from numpy aliases its memory, and jax keeps that alive past the
+    array: a batch of grain's shared-memory arrays is copied out first, so nothing holds it once
+    the loader lets it go (its memory is freed while the interpreter runs, not in its teardown)."""
+    import sys
+
+    import jax
+    from grain.multiprocessing import SharedMemoryArray
+
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices("cpu")[:1]), ("data",))
+    shared = SharedMemoryArray((4, 8, 8, 3), np.uint8)
+    shared.unlink_on_del()
+    shared[:] = np.arange(shared.size, dtype=np.uint8).reshape(shared.shape)
+    refs = sys.getrefcount(shared)
+    out = ip.to_global_arrays({"color": shared}, mesh)["color"]
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(shared))
+    assert out.unsafe_buffer_pointer() != shared.ctypes.data
+    del out
+    assert sys.getrefcount(shared) == refs
+
+
 def test_device_prefetch_close_closes_the_host_iterator():
     class Host:
         closed = 0

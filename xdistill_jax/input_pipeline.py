@@ -496,6 +496,12 @@ def to_global_arrays(batch: dict[str, np.ndarray], mesh, axis: str = "data") -> 
 
     sharding = NamedSharding(mesh, P(axis))
     local_devices = sum(1 for d in mesh.devices.flat if d.process_index == jax.process_index())
+    # On the CPU a device array aliases the numpy memory it is made from, and jax keeps that
+    # alive past the array: a batch of grain's shared-memory arrays (worker processes) would
+    # outlive the loader and be freed in the interpreter's teardown (a traceback per array and
+    # resource_tracker's "leaked shared_memory"). Copied out of it there; a GPU or TPU copies
+    # to its own memory anyway.
+    copy_out = mesh.devices.flat[0].platform == "cpu"
     out = {}
     for key, value in batch.items():
         if value.shape[0] % max(local_devices, 1):
@@ -503,6 +509,8 @@ def to_global_arrays(batch: dict[str, np.ndarray], mesh, axis: str = "data") -> 
                 f"batch[{key!r}] has {value.shape[0]} examples on this host, not divisible by "
                 f"its {local_devices} devices of mesh axis {axis!r}"
             )
+        if copy_out and type(value) is not np.ndarray and isinstance(value, np.ndarray):
+            value = np.array(value)
         out[key] = jax.make_array_from_process_local_data(sharding, value)
     return out
 
