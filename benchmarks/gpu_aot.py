@@ -127,6 +127,7 @@ def measure(config, mesh, facts: dict, *, seed: int = 0, hlo_path: str | None = 
         "library_configs": summary["library_configs"],
         "copies": sum(1 for k in kernels if k["kind"] == "copy/transpose"),
         "wide_convolutions": len(summary["wide_convolutions"]),
+        "unaligned_convolutions": len(summary["unaligned_convolutions"]),
         "bytes": summary["bytes"], "roofline_ms": summary["roofline_ms"],
         "roofline_images_per_s": batch / (summary["roofline_ms"] / 1e3),  # the devices in parallel
         "collectives": hlo_census.collective_totals(hlo_census.collectives(text)),
@@ -214,7 +215,8 @@ def main() -> None:
               f"{row['kernels']} kernels, "
               f"{row['library_configs']} distinct cuDNN/cuBLAS configurations to autotune, "
               f"{row['bytes'] / 1e9:.2f} GB moved/step (est.), memory {row['memory_bytes'] / 1e9:.2f} GB, "
-              f"{row['wide_convolutions']} wide convolutions (hlo_census: slow on the device, cheap in bytes)"
+              f"{row['wide_convolutions']} wide convolutions (hlo_census: slow on the device, cheap in bytes), "
+              f"{row['unaligned_convolutions']} unaligned 16-bit convolutions"
               + (f"; collectives per step: {hlo_census.describe_collectives(row['collectives'])}"
                  if args.devices > 1 else "")
               + "".join(f"; {k['name']} ({k['scope']}, {k['pass']}) {'x'.join(map(str, k['window']))}"

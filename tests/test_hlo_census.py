@@ -102,6 +102,55 @@ def test_wide_convolutions_are_listed():
     assert "): none" in hc.markdown(hc.summarize(hc.kernels(HLO)))
 
 
+# Convolutions as XLA:GPU writes them, channels read from the filter through dim_labels: the
+# filter is operand 1 of a forward or backward-input convolution, the result of a backward-filter one.
+ALIGN_HLO = """HloModule jit_train_step
+
+ENTRY %main.4 (x6: bf16[2,8,8,6], w6: bf16[64,7,7,6], x4: bf16[2,8,8,4], w4: bf16[64,7,7,4], d: bf16[2,8,8,16], g1: bf16[2,8,8,1], gy: bf16[2,8,8,7], wh: bf16[7,1,1,32], xf: f32[2,8,8,3], wf: f32[64,7,7,3], x64: bf16[2,8,8,64], w64: bf16[64,3,3,64], xh: bf16[2,8,8,12], wio: bf16[3,3,12,16]) -> bf16[2,4,4,64] {
+  %x6 = bf16[2,8,8,6]{3,2,1,0} parameter(0)
+  %w6 = bf16[64,7,7,6]{3,2,1,0} parameter(1)
+  %x4 = bf16[2,8,8,4]{3,2,1,0} parameter(2)
+  %w4 = bf16[64,7,7,4]{3,2,1,0} parameter(3)
+  %d = bf16[2,8,8,16]{3,2,1,0} parameter(4)
+  %g1 = bf16[2,8,8,1]{3,2,1,0} parameter(5)
+  %gy = bf16[2,8,8,7]{3,2,1,0} parameter(6)
+  %wh = bf16[7,1,1,32]{3,2,1,0} parameter(7)
+  %xf = f32[2,8,8,3]{3,2,1,0} parameter(8)
+  %wf = f32[64,7,7,3]{3,2,1,0} parameter(9)
+  %x64 = bf16[2,8,8,64]{3,2,1,0} parameter(10)
+  %w64 = bf16[64,3,3,64]{3,2,1,0} parameter(11)
+  %xh = bf16[2,8,8,12]{3,2,1,0} parameter(12)
+  %wio = bf16[3,3,12,16]{3,2,1,0} parameter(13)
+  %pose-stem = (bf16[2,4,4,64]{3,2,1,0}, u8[0]{0}) custom-call(%x6, %w6), window={size=7x7 stride=2x2 pad=3_3x3_3}, dim_labels=b01f_o01i->b01f, custom_call_target="__cudnn$convForward", metadata={op_name="jit(train_step)/jvp(pose_net)/PoseNet/encoder/conv1/conv_general_dilated"}
+  %depth-stem = (bf16[2,4,4,64]{3,2,1,0}, u8[0]{0}) custom-call(%x4, %w4), window={size=7x7 stride=2x2 pad=3_3x3_3}, dim_labels=b01f_o01i->b01f, custom_call_target="__cudnn$convForward", metadata={op_name="jit(train_step)/jvp(depth_net)/DepthNet/encoder/conv1/conv_general_dilated"}
+  %disp-filter = (bf16[1,3,3,16]{3,2,1,0}, u8[0]{0}) custom-call(%d, %g1), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_o01i->b01f, custom_call_target="__cudnn$convBackwardFilter", metadata={op_name="jit(train_step)/transpose(jvp(depth_net))/DepthNet/decoder/dispconv_0/conv_general_dilated"}
+  %head-input = (bf16[2,8,8,32]{3,2,1,0}, u8[0]{0}) custom-call(%gy, %wh), window={size=1x1}, dim_labels=b01f_o01i->b01f, custom_call_target="__cudnn$convBackwardInput", metadata={op_name="jit(train_step)/transpose(jvp(translator))/Translator/head/conv_general_dilated"}
+  %fp32-stem = (f32[2,4,4,64]{3,2,1,0}, u8[0]{0}) custom-call(%xf, %wf), window={size=7x7 stride=2x2 pad=3_3x3_3}, dim_labels=b01f_o01i->b01f, custom_call_target="__cudnn$convForward", metadata={op_name="jit(train_step)/jvp(depth_net)/DepthNet/encoder/conv1/conv_general_dilated"}
+  %aligned = (bf16[2,8,8,64]{3,2,1,0}, u8[0]{0}) custom-call(%x64, %w64), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_o01i->b01f, custom_call_target="__cudnn$convForward", metadata={op_name="jit(train_step)/jvp(depth_net)/DepthNet/encoder/layer1_0/conv1/conv_general_dilated"}
+  %hwio = (bf16[2,8,8,16]{3,2,1,0}, u8[0]{0}) custom-call(%xh, %wio), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_01io->b01f, custom_call_target="__cudnn$convForward", metadata={op_name="jit(train_step)/jvp(depth_net)/DepthNet/decoder/upconv_0_0/conv_general_dilated"}
+  ROOT %gte = bf16[2,4,4,64]{3,2,1,0} get-tuple-element(%pose-stem), index=0
+}
+"""
+
+
+def test_unaligned_16_bit_convolutions_are_listed():
+    """Channels from the filter (operand 1, or a backward-filter's result) by its dim_labels:
+    the 16-bit ones off a multiple of 8 are listed, 4 input channels (a padded image) allowed,
+    float32 and aligned ones not."""
+    ks = {k["name"]: k for k in hc.kernels(ALIGN_HLO)}
+    assert ks["pose-stem"]["channels"] == ("bf16", 6, 64)
+    assert ks["disp-filter"]["channels"] == ("bf16", 16, 1)
+    assert ks["head-input"]["channels"] == ("bf16", 32, 7)
+    assert ks["hwio"]["channels"] == ("bf16", 12, 16)
+    assert ks["fp32-stem"]["channels"] == ("f32", 3, 64)
+    s = hc.summarize(ks.values())
+    assert [k["name"] for k in s["unaligned_convolutions"]] == ["pose-stem", "disp-filter", "head-input", "hwio"]
+    text = hc.markdown(s)
+    assert "Unaligned 16-bit convolutions (channels in or out not a multiple of 8" in text and "): 4" in text
+    assert "- disp-filter depth_net (bwd), bf16 16 -> 1 channels" in text
+    assert "): none" in hc.markdown(hc.summarize(hc.kernels(HLO))).split("Unaligned")[1]  # no dim_labels
+
+
 def test_library_calls_are_counted_by_distinct_configuration():
     """cudnn-conv.7 and .8 are the same convolution (names, metadata and queue aside): a GPU
     autotunes it once; .9 fuses a ReLU (another backend config), the two others differ in shapes

@@ -39,6 +39,12 @@ bytes look harmless, its time does not: the translator's two dilated 3x3 convolu
 weight gradients, 1.5 ms each of a 23 ms step on an H200 (benchmarks/RESULTS.md, 2026-12-04).
 `summarize` lists them.
 
+An **unaligned convolution** is a 16-bit (bf16, f16) library convolution whose input or output
+channel count is not a multiple of 8 (4 input channels allowed: an image's 3, padded; NVIDIA's
+case for a first layer): cuDNN's tensor-core kernels want multiples of 8, and XLA pads only f16
+convolutions so (`models.conv.tensor_core_channels` pads the networks' bf16 ones on a GPU, where
+no operand grows past 1.35x). `summarize` lists them with their channels.
+
 Straight-line programs only: an entry computation with a `while`, `conditional` or `call`
 raises (the kernels of their bodies would run an unknown number of times).
 
@@ -71,6 +77,47 @@ _ARRAY_RE = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]")
 _DEF_RE = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
 _WINDOW_RE = re.compile(r"window=\{size=([0-9x]+)")
 _LIBRARY_RE = re.compile(r'custom_call_target="(__cudnn\$[^"]*|__cublas\$[^"]*)"')
+_DIM_LABELS_RE = re.compile(r"dim_labels=(\w+)_(\w+)->(\w+)")
+ALIGNMENT = 8  # channels of a 16-bit convolution on tensor cores
+SIXTEEN_BIT = ("bf16", "f16")
+
+
+def conv_channels(rhs: str, shapes: dict[str, str]) -> tuple[str, int, int] | None:
+    """(element type, input channels, output channels) of a cuDNN convolution's definition
+    (`rhs`, after "name = "), read from its filter: operand 1 of a forward or backward-input
+    convolution, the result of a backward-filter one, labelled by dim_labels' kernel part
+    ("o01i": o output, i input channels). None for anything else."""
+    target = _LIBRARY_RE.search(rhs)
+    labels = _DIM_LABELS_RE.search(rhs)
+    if target is None or labels is None or "conv" not in target.group(1):
+        return None
+    shape, _, operand_text = split_definition(rhs)
+    if "BackwardFilter" in target.group(1):
+        filter_shape = shape
+    else:
+        operands = re.findall(r"%([\w.\-]+)", operand_text)
+        if len(operands) < 2 or operands[1] not in shapes:
+            return None
+        filter_shape = shapes[operands[1]]
+    arrays = _arrays_with_dims(filter_shape)
+    kernel = labels.group(2)
+    if not arrays or len(arrays[0][1]) != len(kernel):
+        return None
+    dtype, dims = arrays[0]
+    return dtype, dims[kernel.index("i")], dims[kernel.index("o")]
+
+
+def _arrays_with_dims(shape: str) -> list[tuple[str, list[int]]]:
+    return [(dtype, [int(d) for d in dims.split(",") if d]) for dtype, dims in _ARRAY_RE.findall(shape)]
+
+
+def unaligned(channels: tuple[str, int, int] | None) -> bool:
+    """A 16-bit convolution whose channels cuDNN's tensor-core kernels do not take (see the
+    module docstring); False for other types and non-convolutions."""
+    if channels is None or channels[0] not in SIXTEEN_BIT:
+        return False
+    _, cin, cout = channels
+    return bool((cin % ALIGNMENT and cin != 4) or cout % ALIGNMENT)
 
 
 def config_key(rhs: str, shapes: dict[str, str]) -> str:
@@ -234,7 +281,8 @@ def kernels(hlo_text: str) -> list[dict[str, Any]]:
                     "bytes": 2 * out_bytes if only_a_slice else
                     out_bytes + sum(shape_bytes(shapes[o]) for o in operands),
                     "window": tuple(int(v) for v in window.group(1).split("x")) if window else None,
-                    "config": config_key(match.group(2), shapes) if library else None})
+                    "config": config_key(match.group(2), shapes) if library else None,
+                    "channels": conv_channels(match.group(2), shapes) if library else None})
     return out
 
 
@@ -262,6 +310,7 @@ def summarize(kernel_list: Iterable[dict[str, Any]], *, bandwidth: float | None 
         "top": sorted(kernel_list, key=lambda k: -k["bytes"])[:top],
         "wide_convolutions": [k for k in kernel_list
                               if k.get("window") and max(k["window"]) > MAX_WINDOW],
+        "unaligned_convolutions": [k for k in kernel_list if unaligned(k.get("channels"))],
         "library_calls": sum(1 for k in kernel_list if k.get("config")),
         "library_configs": len({k["config"] for k in kernel_list if k.get("config")}),
     }
@@ -290,4 +339,9 @@ def markdown(summary: dict[str, Any]) -> str:
                   f"forward convolution over the feature map): {len(wide) or 'none'}"]
     lines += [f"- {k['name']} {k['scope']} ({k['pass']}), window {'x'.join(map(str, k['window']))}"
               for k in wide]
+    off = summary.get("unaligned_convolutions", [])
+    lines += ["", f"Unaligned 16-bit convolutions (channels in or out not a multiple of {ALIGNMENT}, "
+                  f"4 inputs allowed: off cuDNN's tensor-core kernels): {len(off) or 'none'}"]
+    lines += [f"- {k['name']} {k['scope']} ({k['pass']}), {k['channels'][0]} {k['channels'][1]} -> "
+              f"{k['channels'][2]} channels" for k in off]
     return "\n".join(lines)
