@@ -108,6 +108,7 @@ def conv_channels(rhs: str, shapes: dict[str, str]) -> tuple[str, int, int] | No
 
 
 def _arrays_with_dims(shape: str) -> list[tuple[str, list[int]]]:
+    """(element type, dimensions) of each array of an HLO shape (a tuple's arrays in order)."""
     return [(dtype, [int(d) for d in dims.split(",") if d]) for dtype, dims in _ARRAY_RE.findall(shape)]
 
 
@@ -130,8 +131,7 @@ def config_key(rhs: str, shapes: dict[str, str]) -> str:
 
 def _arrays(shape: str) -> list[tuple[str, int]]:
     """(element type, element count) of each array of an HLO shape (a tuple's arrays in order)."""
-    return [(dtype, math.prod(int(d) for d in dims.split(",") if d))
-            for dtype, dims in _ARRAY_RE.findall(shape)]
+    return [(dtype, math.prod(dims)) for dtype, dims in _arrays_with_dims(shape)]
 
 
 def shape_bytes(shape: str, *, scratch: bool = False) -> int:

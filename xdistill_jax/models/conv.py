@@ -224,10 +224,6 @@ class Conv(nn.Module):
             if pad is None:
                 return plain(x, kernel, bias)
             padded = functools.partial(conv_padded_channels, conv, layout=layout, pin=pad[0], pout=pad[1])
-            if bias is None:  # the forms take arrays only
-                return platform_forms.choose(x, kernel, cpu=lambda x, k: plain(x, k, None),
-                                             default=lambda x, k: plain(x, k, None),
-                                             gpu=lambda x, k: padded(x, k, None))
             return platform_forms.choose(x, kernel, bias, cpu=plain, default=plain, gpu=padded)
 
         mesh = platform_forms.data_mesh()
