@@ -3,6 +3,9 @@
 - 4 fake CPU devices, so sharding tests can build a Mesh(("data",)) of 1, 2 or 4 devices.
 - rbg PRNG (cheaper on CPU), CPU platform unless the caller chose another.
 - a persistent compilation cache shared by the test processes (and subprocesses they start).
+- `-n auto` (setup.cfg's addopts, pytest-xdist): one test process per CPU core this process may
+  use, at most 4 and one per 6 GB of memory; each test file runs whole in one of them
+  (`--dist loadfile`), so a module's compiled fixtures are built once.
 """
 
 import os
@@ -26,6 +29,20 @@ jax.config.update("jax_compilation_cache_dir", _cache)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 DATA_DIR = pathlib.Path(__file__).parent / "data"
+
+
+MAX_WORKERS = 4
+GB_PER_WORKER = 6
+
+
+def pytest_xdist_auto_num_workers(config):
+    """How many test processes `-n auto` starts (PYTEST_XDIST_AUTO_NUM_WORKERS, if set, decides:
+    None passes the choice to pytest-xdist's own hook)."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return max(1, min(cores, MAX_WORKERS, int(memory_gb // GB_PER_WORKER)))
 
 
 @pytest.fixture(scope="session")

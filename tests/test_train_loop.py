@@ -357,11 +357,16 @@ def test_the_time_spent_waiting_for_data_is_logged(resumed_run, tmp_path, capsys
     assert training_loop.train_and_evaluate(config, tmp_path, data=make_data(slow)) == training_loop.EXIT_OK
     metrics = read_metrics(tmp_path)
     waits = [m["input_wait_frac"] for m in metrics]
-    assert len(waits) == 2 and 0.4 < waits[1] < 1, waits
+    assert len(waits) == 2 and 0 < waits[1] < 1, waits
     # the 2nd window's rate: 2 steps of batch_size images in at least 2 x 2 s of loading (the
     # run's images_per_s counts from the start, the compile included)
     rate = metrics[1]["window_images_per_s"]
-    assert 0.4 * config.optim.batch_size / 2.0 < rate <= config.optim.batch_size / 2.0, rate
+    assert 0 < rate <= config.optim.batch_size / 2.0, rate
+    # the time waited in the 2nd window (its share x its length) is the loader's 2 sleeps of 2 s
+    # (each next() loads one batch ahead), whatever the steps took: the share alone depends on
+    # how fast the CPU runs the steps (0.38 with another test process on the 2 cores)
+    window_s = log_every * config.optim.batch_size / rate
+    assert waits[1] * window_s >= 2 * 2.0 - 1e-3, (waits[1], window_s)
     assert re.search(r"images/s \(waiting for data \d+%\)", capsys.readouterr().out)
 
 
