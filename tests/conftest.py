@@ -41,8 +41,11 @@ def pytest_xdist_auto_num_workers(config):
     if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
         return None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return max(1, min(cores, MAX_WORKERS, int(memory_gb // GB_PER_WORKER)))
+    try:
+        by_memory = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 // GB_PER_WORKER)
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows) or no such name
+        by_memory = 1
+    return max(1, min(cores, MAX_WORKERS, by_memory))
 
 
 @pytest.fixture(scope="session")
