@@ -4,7 +4,7 @@
 - rbg PRNG (cheaper on CPU), CPU platform unless the caller chose another.
 - a persistent compilation cache shared by the test processes (and subprocesses they start).
 - `-n auto` (setup.cfg's addopts, pytest-xdist): one test process per CPU core this process may
-  use, at most 4 and one per 10 GB of memory; each test file runs whole in one of them
+  use (its affinity or container CPU quota), at most 4 and one per 10 GB of memory; each test file runs whole in one of them
   (`--dist loadfile`), so a module's compiled fixtures are built once.
 """
 
@@ -40,12 +40,13 @@ def pytest_xdist_auto_num_workers(config):
     None passes the choice to pytest-xdist's own hook)."""
     if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
         return None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    from xdistill_jax.input_pipeline import available_cores  # affinity and container CPU quota
+
     try:
         by_memory = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 // GB_PER_WORKER)
     except (AttributeError, ValueError, OSError):  # no sysconf (Windows) or no such name
         by_memory = 1
-    return max(1, min(cores, MAX_WORKERS, by_memory))
+    return max(1, min(available_cores(), MAX_WORKERS, by_memory))
 
 
 @pytest.fixture(scope="session")

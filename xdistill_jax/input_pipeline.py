@@ -388,6 +388,16 @@ def cgroup_cpu_limit() -> float | None:
         return None
 
 
+def available_cores() -> int:
+    """The CPU cores this process may use: its affinity, or its container's CPU quota where that
+    is fewer (`cgroup_cpu_limit`, whole CPUs of it, at least 1)."""
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    limit = cgroup_cpu_limit()
+    return cores if limit is None else min(cores, max(1, int(limit)))
+
+
 def resolve_num_workers(num_workers: int) -> int:
     """`config.data.num_workers` as a count of grain worker processes: n >= 0 as given; -1
     ("auto") one per CPU core this process may run on (its affinity, or its container's CPU
@@ -397,17 +407,11 @@ def resolve_num_workers(num_workers: int) -> int:
     185-192 examples/s, one worker 166-172, two workers 183-188. A GPU step of ~700 images/s
     needs ~7 cores at the fastest store's ~100 examples per CPU-second (benchmarks/RESULTS.md),
     which one process's threads cannot give."""
-    import os
-
     if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < -1:
         raise ValueError(f"num_workers must be an integer >= -1 (-1: auto), got {num_workers!r}")
     if num_workers >= 0:
         return num_workers
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    limit = cgroup_cpu_limit()
-    if limit is not None:  # a container's CPU quota: whole CPUs of it
-        cores = min(cores, max(1, int(limit)))
-    workers = min(cores - 1, AUTO_MAX_WORKERS)
+    workers = min(available_cores() - 1, AUTO_MAX_WORKERS)
     return workers if workers >= 2 else 0
 
 
