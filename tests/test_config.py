@@ -199,10 +199,12 @@ def test_translator_fields_are_the_translators_defaults_and_override_from_the_co
 
 
 def test_kernel_layout_reaches_every_trained_conv_and_old_config_json_reads_hwio(tmp_path):
-    """model.kernel_layout (OHWI by default) is how the depth, pose and translator nets store
-    their conv kernels; a config.json saved before the field existed holds HWIO checkpoints (flax's
-    layout): it loads as HWIO, so resuming or evaluating it rebuilds the networks it trained, and
-    today's default is a structural difference (a resume must say HWIO)."""
+    """model.kernel_layout is how the depth, pose and translator nets store their conv kernels:
+    "auto" (the default) is OHWI on a GPU or TPU and HWIO (flax's) on the CPU. A run resolves it
+    before saving its config.json, and resuming takes the saved layout whatever the platform. A
+    config.json saved before the field existed holds HWIO checkpoints: it loads as HWIO, so
+    resuming or evaluating it rebuilds the networks it trained, and OHWI is then a structural
+    difference (a resume must not say OHWI)."""
     import jax
 
     from xdistill_jax import config_defaults
@@ -211,28 +213,43 @@ def test_kernel_layout_reaches_every_trained_conv_and_old_config_json_reads_hwio
 
     assert conv.KERNEL_LAYOUTS == config_defaults.KERNEL_LAYOUTS
     config = config_utils.config_from_args(str(CONFIGS / "synthetic_demo.py"))
-    assert config.model.kernel_layout == "OHWI"
+    assert config.model.kernel_layout == "auto"
 
-    def kernel_shapes(cfg):
-        variables = jax.eval_shape(lambda: Networks.from_config(cfg).init(jax.random.key(0), 64, 64))
+    def kernel_shapes(cfg, platform=None):
+        variables = jax.eval_shape(lambda: Networks.from_config(cfg, platform).init(jax.random.key(0), 64, 64))
         params = variables[0] if isinstance(variables, tuple) else variables["params"]
         return {jax.tree_util.keystr(path): leaf.shape
                 for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0] if leaf.ndim == 4}
 
-    ohwi = kernel_shapes(config)
+    ohwi = kernel_shapes(config, "gpu")
     assert {k.split("]")[0] for k in ohwi} == {"['depth'", "['pose'", "['translator'"}
     assert ohwi["['depth']['encoder']['conv1']['kernel']"] == (64, 7, 7, 3)
     assert ohwi["['pose']['encoder']['conv1']['kernel']"] == (64, 7, 7, 6)
     assert ohwi["['translator']['down0']['kernel']"] == (32, 3, 3, 1)
+    assert kernel_shapes(config, "tpu") == ohwi
+    hwio_auto = kernel_shapes(config, "cpu")
+    assert hwio_auto.keys() == ohwi.keys()
+    assert all(hwio_auto[k] == ohwi[k][1:] + ohwi[k][:1] for k in ohwi)  # OHWI -> HWIO, every kernel
+    assert kernel_shapes(config) == hwio_auto  # this test's platform, the CPU
+    explicit = config_utils.apply_overrides(config, ["--config.model.kernel_layout=OHWI"])
+    assert kernel_shapes(explicit, "cpu") == ohwi
+
+    # resolved: by the platform where no run is saved; by the saved run where one is
+    assert config_utils.resolve_kernel_layout(config, "cpu").model.kernel_layout == "HWIO"
+    assert config_utils.resolve_kernel_layout(config, "gpu", tmp_path).model.kernel_layout == "OHWI"
+    assert config.model.kernel_layout == "auto"  # a resolved copy, the config untouched
+    assert config_utils.resolve_kernel_layout(explicit, "cpu") is explicit
+    config_utils.save_config(config_utils.resolve_kernel_layout(config, "gpu"), tmp_path / "gpu_run")
+    assert config_utils.resolve_kernel_layout(config, "cpu", tmp_path / "gpu_run").model.kernel_layout == "OHWI"
 
     old = config_utils.apply_overrides(config, [])
     del old.model["kernel_layout"]
     config_utils.save_config(old, tmp_path)
     loaded = config_utils.load_config(tmp_path)
     assert loaded.model.kernel_layout == "HWIO"
-    hwio = kernel_shapes(loaded)
-    assert hwio.keys() == ohwi.keys()
-    assert all(hwio[k] == ohwi[k][1:] + ohwi[k][:1] for k in ohwi)  # OHWI -> HWIO, every kernel
-    assert config_utils.structural_differences(loaded, config) == ["model.kernel_layout: 'HWIO' -> 'OHWI'"]
+    hwio = kernel_shapes(loaded, "gpu")
+    assert hwio == hwio_auto
+    assert config_utils.resolve_kernel_layout(config, "gpu", tmp_path).model.kernel_layout == "HWIO"
+    assert config_utils.structural_differences(loaded, explicit) == ["model.kernel_layout: 'HWIO' -> 'OHWI'"]
     resumed = config_utils.apply_overrides(loaded, [])
     assert config_utils.structural_differences(loaded, resumed) == []

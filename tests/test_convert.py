@@ -82,7 +82,7 @@ def test_depth_matches_torch_eval(torch_folder, converted):
         assert want.std() > 1e-3
     print("depth max abs diff per scale:", diffs)
     assert max(diffs.values()) < 1e-4, diffs
-    # The same weights put into the training default (OHWI kernels) compute the same disparities.
+    # The same weights put into OHWI kernels (a GPU's training layout) compute the same disparities.
     ohwi = {**converted["depth"], "params": hwio_tree_to("OHWI", converted["depth"]["params"])}
     assert ohwi["params"]["encoder"]["conv1"]["kernel"].shape == (64, 7, 7, 3)
     out_ohwi = jax.jit(DepthNet().apply)(ohwi, x)

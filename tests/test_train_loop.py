@@ -133,6 +133,7 @@ def test_smoke_run_checkpoints_and_resumes(resumed_run):
     assert np.isfinite(m["loss"]) and m["loss"] == pytest.approx(m["photometric_loss"] + 0.1 * m["distill_loss"], rel=1e-5)
     saved = config_utils.load_config(workdir)
     assert saved.optim.num_steps == 4 and saved.distill.weight == 0.1
+    assert saved.model.kernel_layout == "HWIO"  # "auto" on the CPU, saved resolved
     assert (workdir / "images" / "val_disp_step4.png").is_file()
     assert (workdir / "images" / "val_translator_step4.png").is_file()
     assert any(p.name.startswith("events.out.tfevents") for p in (workdir / "tensorboard").iterdir())

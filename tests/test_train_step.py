@@ -173,21 +173,23 @@ def nets_and_vars():
 
 
 def test_kernel_layouts_train_the_same(runs_by_device_count):
-    """model.kernel_layout changes how the conv kernels are stored (OHWI, the default, or HWIO,
-    flax's and old checkpoints'), not what the step computes. From the same init the first step
-    gives bitwise the same weights and Adam moments (Adam's first update is lr * sign(g)), and
-    the 3 steps' losses the same; after that the two programs, which XLA:CPU lays out and fuses
-    differently, round differently (measured 2026-12-04: weights and BatchNorm statistics at
-    most 2.4e-7 apart after 3 steps, the losses bitwise equal)."""
+    """model.kernel_layout changes how the conv kernels are stored (OHWI, a GPU's or TPU's under
+    "auto", or HWIO, the CPU's under "auto", flax's and old checkpoints'), not what the step
+    computes. From the same init the first step gives bitwise the same weights and Adam moments
+    (Adam's first update is lr * sign(g)), and the 3 steps' losses the same; after that the two
+    programs, which XLA:CPU lays out and fuses differently, round differently (measured
+    2026-12-04: weights and BatchNorm statistics at most 2.4e-7 apart after 3 steps, the losses
+    bitwise equal)."""
     from xdistill_jax.models.conv import to_hwio
 
-    config = tiny_config(distill_weight=0.1, **{"mesh.num_devices": 1, "model.kernel_layout": "HWIO"})
+    config = tiny_config(distill_weight=0.1, **{"mesh.num_devices": 1, "model.kernel_layout": "OHWI"})
     nets = Networks.from_config(config)
     tx = train.make_optimizer(config, steps_per_epoch=100)
     mesh = train.make_mesh(config)
-    hwio = _three_steps(train.make_train_step(config, nets, tx, mesh),
+    ohwi = _three_steps(train.make_train_step(config, nets, tx, mesh),
                         train.create_train_state(nets, tx, mesh, jax.random.key(0)), mesh)
-    ohwi = runs_by_device_count[1]
+    hwio = runs_by_device_count[1]  # "auto" on the CPU
+    assert hwio["params"]["['depth']['encoder']['conv1']['kernel']"].shape == (7, 7, 3, 64)
     as_hwio = lambda v: to_hwio("OHWI", v) if v.ndim == 4 else v  # noqa: E731
     kernels = [k for k, v in ohwi["params"].items() if v.ndim == 4]
     assert len(kernels) > 40 and all(k.endswith("['kernel']") for k in kernels)
@@ -475,7 +477,7 @@ def test_pretrained_encoder_init(tmp_path):
     """config.model.init: the msgpack encoder goes into the depth encoder as is and into the
     two-image pose encoder with conv1 repeated over both images and halved (Monodepth2). The file
     holds HWIO kernels (as convert-weights writes them); the networks get them in
-    model.kernel_layout: OHWI by default, as they are with HWIO."""
+    model.kernel_layout: OHWI (a GPU's under "auto") or HWIO (the CPU's), as they are with HWIO."""
     from xdistill_jax.convert import save_variables
     from xdistill_jax.models.conv import hwio_tree_to
     from xdistill_jax.models.resnet import ResNetEncoder

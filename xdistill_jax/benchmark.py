@@ -204,7 +204,7 @@ def compile_step(config: ml_collections.ConfigDict, mesh, seed: int = 0, teacher
     from xdistill_jax import train
     from xdistill_jax.objective import Networks
 
-    nets = Networks.from_config(config)
+    nets = Networks.from_config(config, train.mesh_platform(mesh))
     tx = train.make_optimizer(config, steps_per_epoch=1000)
     state, _ = train.abstract_train_state(nets, tx, mesh)
     sharded = train.batch_sharding(mesh)
@@ -226,7 +226,7 @@ def compile_init(config: ml_collections.ConfigDict, mesh, seed: int = 0):
     from xdistill_jax import train
     from xdistill_jax.objective import Networks
 
-    nets = Networks.from_config(config)
+    nets = Networks.from_config(config, train.mesh_platform(mesh))
     tx = train.make_optimizer(config, steps_per_epoch=1000)
     rng = _abstract_key(mesh, seed)
     t0 = time.perf_counter()
@@ -280,6 +280,7 @@ def benchmark_step(config: ml_collections.ConfigDict, *, steps: int = 50, warmup
     mesh = train.make_mesh(config)
 
     config_utils.validate(config, num_devices=mesh.size)
+    config = config_utils.resolve_kernel_layout(config, train.mesh_platform(mesh))
     b, h, w = config.optim.batch_size, config.data.height, config.data.width
     distill = config.distill.weight > 0
     host_batch = config_batch(config, seed, teacher_stride)
@@ -391,6 +392,7 @@ def benchmark_step(config: ml_collections.ConfigDict, *, steps: int = 50, warmup
     return {
         "variant": Variant(config.model.dtype, distill, state_layout).name,
         "state_layout": state_layout,
+        "kernel_layout": config.model.kernel_layout,
         "dtype": config.model.dtype,
         "distill": distill,
         "batch": b, "height": h, "width": w,

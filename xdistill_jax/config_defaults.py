@@ -17,10 +17,28 @@ STATE_LAYOUTS = ("default", "auto")  # run.state_layout, train.make_train_step(s
 # output_stride has been 4 since 2026-12-03; those files trained a full-resolution translator.
 LEGACY_TRANSLATOR = {"features": 32, "dilations": (1, 2, 4), "output_stride": 1, "multi_scale": False}
 
-# The trained networks' conv kernels are stored OHWI since 2026-12-04 (models/conv.py); a
-# config.json without `model.kernel_layout` was written by a run whose kernels are flax's HWIO.
+# How the trained networks store their conv kernels (models/conv.py). `model.kernel_layout` "auto"
+# (the default since 2026-12-06) is the platform's: OHWI on a GPU or TPU (since 2026-12-04), HWIO on
+# the CPU. A run saves the layout it trained with in its config.json, so resuming or evaluating it
+# on another platform rebuilds the same networks; a config.json without the field was written by a
+# run whose kernels are flax's HWIO.
 KERNEL_LAYOUTS = ("OHWI", "HWIO")
+KERNEL_LAYOUT_SETTINGS = ("auto",) + KERNEL_LAYOUTS
 LEGACY_KERNEL_LAYOUT = "HWIO"
+
+
+def kernel_layout_for(setting: str, platform: str) -> str:
+    """The layout that `model.kernel_layout` = `setting` stores kernels in on `platform` ("cpu",
+    "gpu", "cuda", "rocm", "tpu"). "auto": OHWI, cuDNN's filter order, on a GPU (HWIO kernels made
+    every step's Adam update of a conv kernel a transposing copy there), and on a TPU, as since
+    2026-12-04; HWIO on the CPU, the order XLA:CPU's convolutions take: with OHWI kernels the
+    `configs/demo.py` step took 1.5x as long there (benchmarks/RESULTS.md, "Kernel layout on the
+    CPU"). OHWI and HWIO are themselves."""
+    if setting == "auto":
+        return "HWIO" if platform == "cpu" else "OHWI"
+    if setting not in KERNEL_LAYOUTS:
+        raise ValueError(f"model.kernel_layout must be one of {KERNEL_LAYOUT_SETTINGS}, got {setting!r}")
+    return setting
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -47,8 +65,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.pose_num_layers = 18     # pose encoder ResNet-18/50 (two-image input)
     c.model.dtype = "float32"        # compute dtype ("bfloat16"); params and losses stay fp32
     c.model.init = "scratch"         # "scratch" | path to a `convert-weights` ImageNet .msgpack
-    c.model.kernel_layout = "OHWI"   # how the depth, pose and translator nets store conv kernels:
-                                     # OHWI (cuDNN's; in-place Adam updates on a GPU) or HWIO (flax's)
+    c.model.kernel_layout = "auto"   # how the depth, pose and translator nets store conv kernels:
+                                     # OHWI (cuDNN's; in-place Adam updates on a GPU) or HWIO (flax's,
+                                     # XLA:CPU's); "auto": the platform's (`kernel_layout_for`),
+                                     # saved resolved in the run's config.json
     c.model.gpu_channel_padding = True  # on a GPU, 16-bit convolutions whose channel counts the
                                      # tensor cores do not take (an image's 3) run with zero channels
                                      # added (models/conv.py; the same function)

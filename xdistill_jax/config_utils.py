@@ -167,8 +167,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     _check(m.pose_num_layers in (18, 50), "model.pose_num_layers",
            f"must be 18 or 50 (two-image ResNet input), got {m.pose_num_layers}")
     _check(m.dtype in ("float32", "bfloat16"), "model.dtype", f"must be float32 or bfloat16, got {m.dtype!r}")
-    _check(m.kernel_layout in config_defaults.KERNEL_LAYOUTS, "model.kernel_layout",
-           f"must be one of {config_defaults.KERNEL_LAYOUTS}, got {m.kernel_layout!r}")
+    _check(m.kernel_layout in config_defaults.KERNEL_LAYOUT_SETTINGS, "model.kernel_layout",
+           f"must be one of {config_defaults.KERNEL_LAYOUT_SETTINGS}, got {m.kernel_layout!r}")
     _check(isinstance(m.get("gpu_channel_padding", True), bool), "model.gpu_channel_padding",
            f"must be true or false, got {m.get('gpu_channel_padding')!r}")
     _check(m.init == "scratch" or m.init.endswith(".msgpack"), "model.init",
@@ -259,6 +259,24 @@ def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     if "model" in config and "kernel_layout" not in config.model:
         config.model.kernel_layout = config_defaults.LEGACY_KERNEL_LAYOUT
     return config
+
+
+def resolve_kernel_layout(config: ml_collections.ConfigDict, platform: str,
+                          workdir: str | os.PathLike | None = None) -> ml_collections.ConfigDict:
+    """`config` with `model.kernel_layout` "auto" made concrete (a copy; a concrete one is
+    returned as it is): the layout of the run already in `workdir` (its config.json), so that a
+    run resumes with the kernels it was trained with wherever it resumes, else the layout for
+    `platform` (`config_defaults.kernel_layout_for`)."""
+    if config.model.kernel_layout != "auto":
+        return config
+    layout = None
+    if workdir is not None and (pathlib.Path(workdir) / CONFIG_JSON).is_file():
+        layout = load_config(workdir).model.get("kernel_layout")
+    if layout not in config_defaults.KERNEL_LAYOUTS:  # no run there (or one that said "auto")
+        layout = config_defaults.kernel_layout_for("auto", platform)
+    resolved = ml_collections.ConfigDict(config.to_dict())
+    resolved.model.kernel_layout = layout
+    return resolved
 
 
 def _flatten(value, prefix="") -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 Layouts: torch conv weights are OIHW, the converted kernels HWIO (flax's; the networks are
 built with ``kernel_layout="HWIO"`` to read them as they are, and `models.conv.hwio_tree_to`
-puts them into a network that stores OHWI, the training default); BatchNorm ``weight``/``bias``/
+puts them into a network that stores OHWI, the training layout on a GPU or TPU); BatchNorm ``weight``/``bias``/
 ``running_mean``/``running_var`` become params ``scale``/``bias`` and batch_stats ``mean``/``var``.
 The expected torch names and shapes are derived from the Flax modules themselves
 (`jax.eval_shape` of their init), so a converted tree has exactly the structure the modules

@@ -253,13 +253,17 @@ def _latest_step(run_dir: pathlib.Path) -> int | None:
 
 def run_demo(workdir, *, quick: bool = False, printer: Callable[[str], None] = print) -> dict:
     """Runs (or resumes) the demo in `workdir`; returns {"table": str, "results": {...}, ...}."""
-    from xdistill_jax import demo_eval, demo_report
+    import jax
+
+    from xdistill_jax import config_utils, demo_eval, demo_report
 
     size = SIZES["quick" if quick else "default"]
     workdir = pathlib.Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     _check_workdir(workdir, size)
-    configs = {run: demo_config(size, workdir, run) for run in RUNS}
+    # the kernel layout ("auto") a run trained with, or will train with here (as `xdistill train`)
+    configs = {run: config_utils.resolve_kernel_layout(demo_config(size, workdir, run), jax.default_backend(),
+                                                       workdir / "runs" / run) for run in RUNS}
     steps = configs["baseline"].optim.num_steps
     if configs["xdistill"].optim.num_steps != steps or configs["xdistill"].run.seed != configs["baseline"].run.seed:
         raise AssertionError("the demo's two runs must share seed and number of steps")

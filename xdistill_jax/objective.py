@@ -57,13 +57,18 @@ class Networks:
     translator: nn.Module | None
 
     @classmethod
-    def from_config(cls, config: ml_collections.ConfigDict) -> "Networks":
+    def from_config(cls, config: ml_collections.ConfigDict, platform: str | None = None) -> "Networks":
+        """The config's networks. `model.kernel_layout` "auto" stores the conv kernels in the
+        layout for `platform` (default: JAX's default backend's; `train.mesh_platform` of the
+        mesh they run on, for a compile-only mesh of another platform)."""
+        from xdistill_jax import config_defaults
         from xdistill_jax.models.depth import DepthNet
         from xdistill_jax.models.pose import PoseNet
         from xdistill_jax.models.translator import Translator
 
         dtype = _dtype(config.model.dtype)
-        layout = config.model.kernel_layout
+        layout = config_defaults.kernel_layout_for(config.model.kernel_layout,
+                                                   platform or jax.default_backend())
         translator = None
         if config.distill.weight > 0:
             num_groups = semantics.get_grouping(config.distill.grouping).num_groups

@@ -376,6 +376,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, data=None)
     workdir = pathlib.Path(workdir)
     mesh = train.make_mesh(config)
     config_utils.validate(config, num_devices=mesh.size)
+    # "auto" kernel layout: the run's own if it resumes, else the platform's; saved resolved
+    config = config_utils.resolve_kernel_layout(config, train.mesh_platform(mesh), workdir)
     check_workdir_config(config, workdir)
     is_main = jax.process_index() == 0
     if data is None:

@@ -5,7 +5,10 @@ through cuDNN with the filter in OHWI order (bf16 and, on the H100 target, fp32 
 cuDNN's filter gradient comes out OHWI. With HWIO weights every trained convolution then pays,
 per step, a transposing Adam update that cannot update in place and a copy of each of the new
 weight, mu and nu into the donated buffers (benchmarks/RESULTS.md, "Where the other scope
-goes"). Stored OHWI they are plain in-place elementwise updates.
+goes"). Stored OHWI they are plain in-place elementwise updates. XLA:CPU is the mirror image:
+its convolutions take HWIO filters, and OHWI kernels made the CPU's train step 1.5x as slow
+(transposing Adam updates and filter gradients), so the training config's "auto" layout is
+OHWI on a GPU or TPU and HWIO on the CPU (`config_defaults.kernel_layout_for`).
 
 `Conv` is `flax.linen.Conv` (2-D, shared weights, no feature groups) with a `kernel_layout`:
 "OHWI" or "HWIO" (flax's, hence checkpoints written before the layout existed:
