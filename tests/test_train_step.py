@@ -90,7 +90,9 @@ def runs_by_device_count():
 # So the test compares the device counts with what rounding alone does to the same 1-device
 # step: the "tie floor" is the largest difference between the 1-device run and 1-device runs
 # from initial weights perturbed by 1e-7 and 1e-6 (relative, two seeds each). Asserted:
-#   losses of the 3 steps                  <= 1e-5 (continuous: ties do not move them)
+#   first loss (the initial weights)       <= 1e-5 (continuous: ties do not move it)
+#   losses of steps 2 and 3                <= max(1e-5, 2 x tie floor) (they are computed from
+#                                             weights a flipped tie moved through Adam)
 #   first-step gradients                   <= max(GRAD_ATOL 1e-7, 2 x tie floor)
 #   every weight / BN statistic, 3 steps   <= max(PARAM_ATOL 5e-5, 2 x tie floor)
 # The losses are the sharp check, and the floor is far below what a sharding bug does:
@@ -101,7 +103,11 @@ def runs_by_device_count():
 # flips, up to 6.4e-6 (0.52 x the floor) where one does; floors 1.2e-5 to 1.3e-4; 3-step
 # weights up to 4.6e-4 apart, at most 1.003 x the floor (the same flipped tie as in a perturbed
 # run). The floors are near Adam's 3-step ceiling (~2 x 3 lr), so after a flipped tie the
-# weight check is loose and the losses are the tight check of the trajectory. Equality to 1e-5
+# weight check is loose and the losses are the tight check of the trajectory. On 2026-12-06
+# (AMD EPYC VM, kernels HWIO, the CPU's layout since 435645c) the third loss of the 2-device
+# run was 1.02e-5 from the 1-device one, and that of a 1-device run from weights perturbed by
+# 1e-7 (seed 1) 1.01e-5: the same flipped tie, through two Adam updates; first losses 6e-8
+# apart. Hence the floor for the later losses too. Equality to 1e-5
 # after 3 steps in general would need every cross-example sum in a fixed, device-count-
 # independent order (per-example partials all-gathered and added in order, inside BatchNorm
 # and every weight gradient): not done.
@@ -119,6 +125,11 @@ def _tie_floor(runs, pick):
     return max(_worst(pick(runs["perturbed", *p]), pick(runs[1]))[0] for p in PERTURBATIONS)
 
 
+def _loss_tie_floor(runs):
+    """The largest difference of the 3 losses between the 1-device run and its perturbed twins."""
+    return max(float(np.max(np.abs(runs["perturbed", *p]["losses"] - runs[1]["losses"]))) for p in PERTURBATIONS)
+
+
 def test_same_result_on_1_2_4_devices(runs_by_device_count):
     ref = runs_by_device_count[1]
     assert ref["step"] == 3
@@ -129,9 +140,12 @@ def test_same_result_on_1_2_4_devices(runs_by_device_count):
     stats_floor = _tie_floor(runs_by_device_count, lambda r: r["batch_stats"])
     # the floor is rounding and ties, orders of magnitude below a sharding bug's 4e-2
     assert grad_floor <= 1e-3 and param_floor <= 1e-3, (grad_floor, param_floor)
+    loss_floor = _loss_tie_floor(runs_by_device_count)
+    assert loss_floor <= 1e-4, loss_floor  # rounding and ties, far below a sharding bug's
     for n in (2, 4):
         run = runs_by_device_count[n]
-        np.testing.assert_allclose(run["losses"], ref["losses"], rtol=0, atol=1e-5)
+        np.testing.assert_allclose(run["losses"][0], ref["losses"][0], rtol=0, atol=1e-5)
+        np.testing.assert_allclose(run["losses"], ref["losses"], rtol=0, atol=max(1e-5, FLOOR_FACTOR * loss_floor))
         assert run["params"].keys() == ref["params"].keys()
         assert run["sharding"].is_fully_replicated
         # Adam's first moment after one step is (1 - b1) * gradient
@@ -446,7 +460,9 @@ def test_two_processes_train_in_lockstep_like_one(runs_by_device_count, tmp_path
     within the tie floor."""
     got = _two_processes(tmp_path)
     ref = runs_by_device_count[2]
-    np.testing.assert_allclose(got["losses"], ref["losses"], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(got["losses"][0], ref["losses"][0], rtol=0, atol=1e-5)
+    loss_floor = _loss_tie_floor(runs_by_device_count)  # see test_same_result_on_1_2_4_devices
+    np.testing.assert_allclose(got["losses"], ref["losses"], rtol=0, atol=max(1e-5, FLOOR_FACTOR * loss_floor))
     worst = max(float(np.max(np.abs(got[k] - ref["params"][k]))) for k in ref["params"])
     floor = _tie_floor(runs_by_device_count, lambda r: r["params"])  # see test_same_result_on_1_2_4_devices
     assert worst <= max(PARAM_ATOL, FLOOR_FACTOR * floor), (worst, floor)
@@ -505,6 +521,13 @@ def test_pretrained_encoder_init(tmp_path):
         np.testing.assert_allclose(pose_conv1, hwio_tree_to(layout, {"kernel": tiled})["kernel"])
         np.testing.assert_array_equal(state.params["pose"]["encoder"]["layer4_1"]["conv2"]["kernel"],
                                       got["['layer4_1']['conv2']['kernel']"])
+    # "auto" (the default) is read for the platform, as Networks.from_config reads it
+    auto = tiny_config(distill_weight=0.0, **{"model.init": str(path), "model.kernel_layout": "auto"})
+    hwio = {"depth": (7, 7, 3, 64), "pose": (7, 7, 6, 64)}
+    ohwi = {"depth": (64, 7, 7, 3), "pose": (64, 7, 7, 6)}
+    for platform, shapes in (("cpu", hwio), ("gpu", ohwi), ("tpu", ohwi), (None, hwio)):  # None: the CPU here
+        loaded = train.load_pretrained_encoders(auto, platform)
+        assert {net: loaded[net]["params"]["conv1"]["kernel"].shape for net in shapes} == shapes, platform
     bad = tiny_config(distill_weight=0.0, **{"model.init": str(path), "model.num_layers": 34})
     with pytest.raises(ValueError, match="pretrained depth encoder"):
         train.create_train_state(Networks.from_config(bad), tx, mesh, jax.random.key(0),

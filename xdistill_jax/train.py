@@ -32,7 +32,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from xdistill_jax import objective, platform_forms
-from xdistill_jax.config_defaults import STATE_LAYOUTS
+from xdistill_jax.config_defaults import STATE_LAYOUTS, kernel_layout_for
 from xdistill_jax.models.conv import hwio_tree_to
 from xdistill_jax.objective import Networks
 
@@ -247,14 +247,15 @@ def check_pretrained_encoders(state, encoder_init: dict | None) -> None:
                              f"{net} encoder batch_stats")
 
 
-def load_pretrained_encoders(config: ml_collections.ConfigDict) -> dict | None:
+def load_pretrained_encoders(config: ml_collections.ConfigDict, platform: str | None = None) -> dict | None:
     """ImageNet encoder weights for both networks from `config.model.init` (a convert-weights msgpack).
 
     The msgpack holds one-image encoder variables. The pose encoder takes two images: its first
     conv is the ImageNet conv1 repeated along the input channels and divided by 2 (Monodepth2's
     ResNetMultiImageInput). The pose encoder is only initialised from it when it has the same
     depth (`model.pose_num_layers == model.num_layers`); otherwise it starts from scratch. The
-    file's kernels are HWIO (flax's); they are returned in `model.kernel_layout`.
+    file's kernels are HWIO (flax's); they are returned in `model.kernel_layout`, "auto" read
+    for `platform` as `Networks.from_config` reads it (default: JAX's default backend's).
     """
     if config.model.init == "scratch":
         return None
@@ -274,7 +275,8 @@ def load_pretrained_encoders(config: ml_collections.ConfigDict) -> dict | None:
             parent[key] = np.concatenate([kernel, kernel], axis=2) / 2.0
         out["pose"] = {"params": params, "batch_stats": variables.get("batch_stats", {})}
     # The file holds flax's HWIO kernels; the networks store theirs in model.kernel_layout.
-    return {net: {**v, "params": hwio_tree_to(config.model.kernel_layout, v["params"])} for net, v in out.items()}
+    layout = kernel_layout_for(config.model.kernel_layout, platform or jax.default_backend())
+    return {net: {**v, "params": hwio_tree_to(layout, v["params"])} for net, v in out.items()}
 
 
 def _find_first_conv(params):
