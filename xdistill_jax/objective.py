@@ -48,6 +48,15 @@ def _dtype(name: str):
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
 
+def kernel_layout(config: ml_collections.ConfigDict, platform: str | None = None) -> str:
+    """The layout the networks store their conv kernels in: `model.kernel_layout`, "auto" read for
+    `platform` (default: JAX's default backend's; `train.mesh_platform` of the mesh they run on,
+    for a compile-only mesh of another platform; `config_defaults.kernel_layout_for`)."""
+    from xdistill_jax import config_defaults
+
+    return config_defaults.kernel_layout_for(config.model.kernel_layout, platform or jax.default_backend())
+
+
 @dataclasses.dataclass(frozen=True)
 class Networks:
     """The Flax modules a config describes (translator None when distillation is off)."""
@@ -58,17 +67,13 @@ class Networks:
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict, platform: str | None = None) -> "Networks":
-        """The config's networks. `model.kernel_layout` "auto" stores the conv kernels in the
-        layout for `platform` (default: JAX's default backend's; `train.mesh_platform` of the
-        mesh they run on, for a compile-only mesh of another platform)."""
-        from xdistill_jax import config_defaults
+        """The config's networks, their conv kernels in `kernel_layout(config, platform)`."""
         from xdistill_jax.models.depth import DepthNet
         from xdistill_jax.models.pose import PoseNet
         from xdistill_jax.models.translator import Translator
 
         dtype = _dtype(config.model.dtype)
-        layout = config_defaults.kernel_layout_for(config.model.kernel_layout,
-                                                   platform or jax.default_backend())
+        layout = kernel_layout(config, platform)
         translator = None
         if config.distill.weight > 0:
             num_groups = semantics.get_grouping(config.distill.grouping).num_groups

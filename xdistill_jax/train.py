@@ -32,7 +32,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from xdistill_jax import objective, platform_forms
-from xdistill_jax.config_defaults import STATE_LAYOUTS, kernel_layout_for
+from xdistill_jax.config_defaults import STATE_LAYOUTS
 from xdistill_jax.models.conv import hwio_tree_to
 from xdistill_jax.objective import Networks
 
@@ -254,8 +254,8 @@ def load_pretrained_encoders(config: ml_collections.ConfigDict, platform: str | 
     conv is the ImageNet conv1 repeated along the input channels and divided by 2 (Monodepth2's
     ResNetMultiImageInput). The pose encoder is only initialised from it when it has the same
     depth (`model.pose_num_layers == model.num_layers`); otherwise it starts from scratch. The
-    file's kernels are HWIO (flax's); they are returned in `model.kernel_layout`, "auto" read
-    for `platform` as `Networks.from_config` reads it (default: JAX's default backend's).
+    file's kernels are HWIO (flax's); they are returned in `objective.kernel_layout(config,
+    platform)`, the networks' layout.
     """
     if config.model.init == "scratch":
         return None
@@ -275,7 +275,7 @@ def load_pretrained_encoders(config: ml_collections.ConfigDict, platform: str | 
             parent[key] = np.concatenate([kernel, kernel], axis=2) / 2.0
         out["pose"] = {"params": params, "batch_stats": variables.get("batch_stats", {})}
     # The file holds flax's HWIO kernels; the networks store theirs in model.kernel_layout.
-    layout = kernel_layout_for(config.model.kernel_layout, platform or jax.default_backend())
+    layout = objective.kernel_layout(config, platform)
     return {net: {**v, "params": hwio_tree_to(layout, v["params"])} for net, v in out.items()}
 
 
