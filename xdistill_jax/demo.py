@@ -27,9 +27,9 @@ repeated with `xdistill train`; the world, teacher and evaluation sizes are `SIZ
 A workdir remembers its size (W/demo.json): a quick workdir cannot be resumed as a default one,
 and a run trained under other settings is an error, not skipped.
 
-Current timings are the README's (quick: 3 min 40 s on an AMD VM and 3 min 16 s on an Intel VM
-on 2026-12-06, 2 min 36 s to 7 min 32 s across VMs, days and code; the <= 3 min target is missed
-on most of them). The first measurement, on
+Current timings are the README's (quick: 2 min 42 s on an AMD VM on 2026-12-06 since the CPU's
+convolutions over 1-pixel-wide maps run as matrix products, 3 min 40 s there and 3 min 16 s on an
+Intel VM before; 2 min 36 s to 7 min 32 s across VMs, days and code). The first measurement, on
 the project's 2-core machine (idle, 2026-11-26), cold compilation cache
 (XDISTILL_COMPILATION_CACHE pointed at an empty folder), `/usr/bin/time xdistill demo --quick`:
 **2 min 51 s** wall, 323 CPU-s (the two cores are busy throughout: one train step at 32x96 batch 4

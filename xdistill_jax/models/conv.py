@@ -34,6 +34,15 @@ turns it off (`platform_forms.channel_padding`).
 With a low-precision `dtype` (bf16 over float32 weights) and the batch sharded over several
 devices (`platform_forms.data_mesh`), the devices' weight and bias gradients are summed in
 float32 (`models.grad_sum`), not in bf16 where XLA's partitioner would add them.
+
+On the CPU, a convolution whose window is wider than 1 along an axis where its input or output
+has extent 1 (the last ResNet stage and the decoders' first layers at the demo's 32x96: 1x3
+maps) runs as one matrix product per kernel tap (`conv_taps`, `degenerate_on_cpu`): XLA:CPU's
+convolution took 11.4 ms for one such 3x3 512-channel layer at batch 4 (1.1 ms as taps) and
+27.8 ms with its gradients (2.3 ms), and transposed and reversed the layer's kernel again each
+step for the input gradient (benchmarks/RESULTS.md, "Convolutions over 1-pixel-wide maps on the
+CPU"). The same sums in another order (rounding-level differences); a GPU or TPU keeps the
+convolution.
 """
 
 from __future__ import annotations
@@ -143,6 +152,55 @@ def conv_nhwc(x, kernel, layout: str, strides=(1, 1), padding: Any = "SAME",
     return y.reshape(b, oh * dh, ow * dw, f)[:, :out_h, :out_w]
 
 
+def _explicit_padding(padding: Any, in_hw: tuple[int, int], kernel_hw: tuple[int, int],
+                      strides: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+    if isinstance(padding, str):
+        return tuple(tuple(p) for p in jax.lax.padtype_to_pads(in_hw, kernel_hw, strides, padding))
+    return tuple((int(lo), int(hi)) for lo, hi in padding)
+
+
+def degenerate_on_cpu(in_hw: tuple[int, int], kernel_hw: tuple[int, int], strides=(1, 1),
+                      padding: Any = "SAME", dilation=(1, 1)) -> bool:
+    """Whether a convolution is one XLA:CPU runs slowly and `conv_taps` computes instead on the
+    CPU: an undilated window wider than 1 along an axis where the input or the output has extent 1
+    (a 3x3 convolution over a 1x3 map, or a stride-2 one onto a 1x3 map)."""
+    if tuple(dilation) != (1, 1):
+        return False
+    strides = tuple(strides)
+    (plh, phh), (plw, phw) = _explicit_padding(padding, in_hw, kernel_hw, strides)
+    out_hw = ((in_hw[0] + plh + phh - kernel_hw[0]) // strides[0] + 1,
+              (in_hw[1] + plw + phw - kernel_hw[1]) // strides[1] + 1)
+    return any(k > 1 and (n == 1 or o == 1) for n, o, k in zip(in_hw, out_hw, kernel_hw))
+
+
+def conv_taps(x, kernel, layout: str, strides=(1, 1), padding: Any = "SAME",
+              precision: Any = None) -> jax.Array:
+    """An undilated NHWC convolution as one matrix product: the strided slices of the padded
+    input under each kernel tap, side by side (im2col), times the kernel as a (taps x Cin) x Cout
+    matrix. The same function as `lax.conv_general_dilated` (the same products, added in another
+    order); its weight gradient is one product too. Products of 16-bit inputs are accumulated in
+    float32 and rounded once, as a convolution's are."""
+    w = to_hwio(layout, kernel)
+    kh, kw, _, cout = w.shape
+    b, h, wd, c = x.shape
+    strides = tuple(strides)
+    (plh, phh), (plw, phw) = _explicit_padding(padding, (h, wd), (kh, kw), strides)
+    x = jax.lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (plh, phh, 0), (plw, phw, 0), (0, 0, 0)))
+    hp, wp = x.shape[1:3]
+    sh, sw = strides
+    oh, ow = (hp - kh) // sh + 1, (wp - kw) // sw + 1
+    acc = jnp.float32 if jnp.dtype(x.dtype).itemsize < 4 else None
+    patches = jnp.stack([jax.lax.slice(x, (0, i, j, 0), (b, i + (oh - 1) * sh + 1, j + (ow - 1) * sw + 1, c),
+                                       (1, sh, sw, 1))
+                         for i in range(kh) for j in range(kw)], axis=3)  # (b, oh, ow, taps, c)
+    # as a 2-D product: XLA:CPU then leaves the weight gradient in the kernel's own order (a 4-D
+    # dot_general had it come out transposed, which each Adam update of the kernel then undid)
+    out = jax.lax.dot_general(patches.reshape(b * oh * ow, kh * kw * c), w.reshape(kh * kw * c, cout),
+                              (((1,), (0,)), ((), ())), precision=precision,
+                              preferred_element_type=acc).reshape(b, oh, ow, cout)
+    return out.astype(jnp.result_type(x.dtype, kernel.dtype))
+
+
 # XLA:GPU's rule for f16 (CudnnPadForConvolutions): pad a convolution's channels only while
 # no operand (input, kernel, output) grows past this factor.
 MAX_PADDED_GROWTH = 1.35
@@ -221,13 +279,24 @@ class Conv(nn.Module):
                 y += bias.reshape((1, 1, 1, -1))
             return y
 
+        def by_taps(x, kernel, bias):  # the CPU's form of a `degenerate_on_cpu` convolution
+            y = conv_taps(x, kernel, layout, _pair(self.strides), canonicalize_padding(self.padding, 2),
+                          self.precision)
+            if bias is not None:
+                y += bias.reshape((1, 1, 1, -1))
+            return y
+
         def apply(x, kernel, bias):
             pad = (tensor_core_channels(x.shape[-1], self.features)
                    if x.dtype.itemsize == 2 and platform_forms.channel_padding() else None)
-            if pad is None:
+            cpu = (by_taps if degenerate_on_cpu(x.shape[1:3], (kh, kw), _pair(self.strides),
+                                                canonicalize_padding(self.padding, 2),
+                                                _pair(self.kernel_dilation)) else plain)
+            if pad is None and cpu is plain:
                 return plain(x, kernel, bias)
-            padded = functools.partial(conv_padded_channels, conv, layout=layout, pin=pad[0], pout=pad[1])
-            return platform_forms.choose(x, kernel, bias, cpu=plain, default=plain, gpu=padded)
+            gpu = plain if pad is None else functools.partial(conv_padded_channels, conv, layout=layout,
+                                                              pin=pad[0], pout=pad[1])
+            return platform_forms.choose(x, kernel, bias, cpu=cpu, default=plain, gpu=gpu)
 
         mesh = platform_forms.data_mesh()
         if mesh is not None and low_kernel.dtype != kernel.dtype:
