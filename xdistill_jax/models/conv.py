@@ -38,8 +38,8 @@ float32 (`models.grad_sum`), not in bf16 where XLA's partitioner would add them.
 On the CPU, a convolution whose window is wider than 1 along an axis where its input or output
 has extent 1 (the last ResNet stage and the decoders' first layers at the demo's 32x96: 1x3
 maps) runs as one matrix product per kernel tap (`conv_taps`, `degenerate_on_cpu`): XLA:CPU's
-convolution took 11.4 ms for one such 3x3 512-channel layer at batch 4 (1.1 ms as taps) and
-27.8 ms with its gradients (2.3 ms), and transposed and reversed the layer's kernel again each
+convolution took 11.3 ms for one such 3x3 512-channel layer at batch 4 (0.44 ms as one matrix
+product) and 28.7 ms with its gradients (1.8 ms), and transposed and reversed the kernel again each
 step for the input gradient (benchmarks/RESULTS.md, "Convolutions over 1-pixel-wide maps on the
 CPU"). The same sums in another order (rounding-level differences); a GPU or TPU keeps the
 convolution.
