@@ -37,7 +37,7 @@ float32 (`models.grad_sum`), not in bf16 where XLA's partitioner would add them.
 
 On the CPU, a convolution whose window is wider than 1 along an axis where its input or output
 has extent 1 (the last ResNet stage and the decoders' first layers at the demo's 32x96: 1x3
-maps) runs as one matrix product per kernel tap (`conv_taps`, `degenerate_on_cpu`): XLA:CPU's
+maps) runs as one matrix product, im2col (`conv_taps`, `degenerate_on_cpu`): XLA:CPU's
 convolution took 11.3 ms for one such 3x3 512-channel layer at batch 4 (0.44 ms as one matrix
 product) and 28.7 ms with its gradients (1.8 ms), and transposed and reversed the kernel again each
 step for the input gradient (benchmarks/RESULTS.md, "Convolutions over 1-pixel-wide maps on the
@@ -123,10 +123,8 @@ def conv_nhwc(x, kernel, layout: str, strides=(1, 1), padding: Any = "SAME",
                                             precision=precision)
     kh, kw = (kernel.shape[layout.index("H")], kernel.shape[layout.index("W")])
     b, h, w, c = x.shape
-    if isinstance(padding, str):
-        padding = jax.lax.padtype_to_pads((h, w), ((kh - 1) * dh + 1, (kw - 1) * dw + 1),
-                                          (1, 1), padding)
-    (plh, phh), (plw, phw) = padding
+    (plh, phh), (plw, phw) = _explicit_padding(padding, (h, w), ((kh - 1) * dh + 1, (kw - 1) * dw + 1),
+                                               (1, 1))
     hp, wp = h + plh + phh, w + plw + phw
     out_h, out_w = hp - dh * (kh - 1), wp - dw * (kw - 1)
     eh, ew = -hp % dh, -wp % dw  # pad the ends to multiples of d (outputs there are cropped)
@@ -268,30 +266,28 @@ class Conv(nn.Module):
         bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
         x, low_kernel, low_bias = promote_dtype(inputs, kernel, bias, dtype=self.dtype)
 
+        strides, dilation = _pair(self.strides), _pair(self.kernel_dilation)
+        padding = canonicalize_padding(self.padding, 2)
+
         def conv(x, kernel):
-            return conv_nhwc(x, kernel, layout, _pair(self.strides),
-                             canonicalize_padding(self.padding, 2), _pair(self.kernel_dilation),
-                             self.precision)
+            return conv_nhwc(x, kernel, layout, strides, padding, dilation, self.precision)
 
-        def plain(x, kernel, bias):
-            y = conv(x, kernel)
-            if bias is not None:
-                y += bias.reshape((1, 1, 1, -1))
-            return y
+        def with_bias(conv_fn):
+            def fn(x, kernel, bias):
+                y = conv_fn(x, kernel)
+                if bias is not None:
+                    y += bias.reshape((1, 1, 1, -1))
+                return y
+            return fn
 
-        def by_taps(x, kernel, bias):  # the CPU's form of a `degenerate_on_cpu` convolution
-            y = conv_taps(x, kernel, layout, _pair(self.strides), canonicalize_padding(self.padding, 2),
-                          self.precision)
-            if bias is not None:
-                y += bias.reshape((1, 1, 1, -1))
-            return y
+        plain = with_bias(conv)
 
         def apply(x, kernel, bias):
             pad = (tensor_core_channels(x.shape[-1], self.features)
                    if x.dtype.itemsize == 2 and platform_forms.channel_padding() else None)
-            cpu = (by_taps if degenerate_on_cpu(x.shape[1:3], (kh, kw), _pair(self.strides),
-                                                canonicalize_padding(self.padding, 2),
-                                                _pair(self.kernel_dilation)) else plain)
+            cpu = plain
+            if degenerate_on_cpu(x.shape[1:3], (kh, kw), strides, padding, dilation):
+                cpu = with_bias(lambda x, kernel: conv_taps(x, kernel, layout, strides, padding, self.precision))
             if pad is None and cpu is plain:
                 return plain(x, kernel, bias)
             gpu = plain if pad is None else functools.partial(conv_padded_channels, conv, layout=layout,
