@@ -2,7 +2,9 @@
 
 - 4 fake CPU devices, so sharding tests can build a Mesh(("data",)) of 1, 2 or 4 devices.
 - rbg PRNG (cheaper on CPU), CPU platform unless the caller chose another.
-- a persistent compilation cache shared by the test processes (and subprocesses they start).
+- a persistent compilation cache shared by the test processes (and subprocesses they start),
+  its entries written whole (`compilation_cache.WholeEntryCache`): one process never reads
+  another's half-written entry.
 - `-n auto` (setup.cfg's addopts, pytest-xdist): one test process per CPU core this process may
   use (its affinity or container CPU quota), at most 4 and one per 10 GB of memory; each test file runs whole in one of them
   (`--dist loadfile`), so a module's compiled fixtures are built once.
@@ -26,8 +28,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-jax.config.update("jax_compilation_cache_dir", _cache)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+from xdistill_jax.compilation_cache import enable_compilation_cache  # noqa: E402
+
+enable_compilation_cache(_cache, min_compile_secs=0.5)  # entries written whole, as the CLI's
 
 DATA_DIR = pathlib.Path(__file__).parent / "data"
 
