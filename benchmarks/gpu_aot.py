@@ -128,6 +128,7 @@ def measure(config, mesh, facts: dict, *, seed: int = 0, hlo_path: str | None = 
         "copies": sum(1 for k in kernels if k["kind"] == "copy/transpose"),
         "wide_convolutions": len(summary["wide_convolutions"]),
         "unaligned_convolutions": len(summary["unaligned_convolutions"]),
+        "small_kernels": sum(summary["small_kernels"].values()),
         "bytes": summary["bytes"], "roofline_ms": summary["roofline_ms"],
         "roofline_images_per_s": batch / (summary["roofline_ms"] / 1e3),  # the devices in parallel
         "collectives": hlo_census.collective_totals(hlo_census.collectives(text)),
@@ -212,7 +213,8 @@ def main() -> None:
                            state_layout=args.state_layout))
         rows.append(row)
         print(f"{name}: compile {row['compile_s']:.1f} s (init {row['init_compile_s']:.1f} s), "
-              f"{row['kernels']} kernels, "
+              f"{row['kernels']} kernels ({row['small_kernels']} moving < "
+              f"{hlo_census.SMALL_KERNEL_BYTES / 1e6:g} MB each), "
               f"{row['library_configs']} distinct cuDNN/cuBLAS configurations to autotune, "
               f"{row['bytes'] / 1e9:.2f} GB moved/step (est.), memory {row['memory_bytes'] / 1e9:.2f} GB, "
               f"{row['wide_convolutions']} wide convolutions (hlo_census: slow on the device, cheap in bytes), "

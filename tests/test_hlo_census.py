@@ -64,6 +64,13 @@ def test_summary_totals_and_roofline():
     assert sum(k["bytes"] for k in s["kinds"]) == s["bytes"]
     text = hc.markdown(s)
     assert "3 kernels" in text and "| depth_net | 1 |" in text
+    assert s["small_kernels"] == {"depth_net": 1, "optimizer": 1, "reprojection": 1}  # all < 0.2 MB
+    assert "Small kernels (each moving < 0.2 MB" in text and ": 3 (depth_net 1, optimizer 1, reprojection 1)" in text
+    s = hc.summarize(hc.kernels(HLO), small_bytes=100)  # the two 64-byte kernels, not the 2080
+    assert s["small_kernels"] == {"optimizer": 1, "reprojection": 1}
+    assert ": 2 (optimizer 1, reprojection 1)" in hc.markdown(s)
+    assert "Small kernels (each moving < 0.0001 MB" in hc.markdown(s)
+    assert hc.summarize(hc.kernels(HLO), small_bytes=64)["small_kernels"] == {}  # strictly fewer
 
 
 # GPU program lines as XLA writes them (optimised HLO of the 2026-12-04 H200 run, shapes cut down):

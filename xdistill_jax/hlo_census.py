@@ -72,6 +72,9 @@ NOT_STRAIGHT = ("while", "conditional", "call")
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute",
                "collective-broadcast", "ragged-all-to-all")
 MAX_WINDOW = 7
+# A kernel moving fewer bytes than this (0.06 us at an H100's 3.35 TB/s) takes its launch and
+# latency, a few microseconds on a GPU, whatever its bytes: the memory roofline does not see it.
+SMALL_KERNEL_BYTES = 200_000
 
 _ARRAY_RE = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]")
 _DEF_RE = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
@@ -287,10 +290,12 @@ def kernels(hlo_text: str) -> list[dict[str, Any]]:
 
 
 def summarize(kernel_list: Iterable[dict[str, Any]], *, bandwidth: float | None = None,
-              top: int = 10) -> dict[str, Any]:
-    """Totals by scope (with pass) and by kind, the `top` kernels by bytes, and with `bandwidth`
-    (bytes/s) the memory-roofline time bytes / bandwidth in ms."""
+              top: int = 10, small_bytes: int = SMALL_KERNEL_BYTES) -> dict[str, Any]:
+    """Totals by scope (with pass) and by kind, the `top` kernels by bytes, the kernels moving
+    fewer than `small_bytes` by scope ("small_kernels"), and with `bandwidth` (bytes/s) the
+    memory-roofline time bytes / bandwidth in ms."""
     kernel_list = list(kernel_list)
+    small = collections.Counter(k["scope"] for k in kernel_list if k["bytes"] < small_bytes)
     scopes = collections.defaultdict(lambda: {"kernels": 0, "fwd_bytes": 0, "bwd_bytes": 0})
     kinds = collections.defaultdict(lambda: {"kernels": 0, "bytes": 0})
     for k in kernel_list:
@@ -308,6 +313,8 @@ def summarize(kernel_list: Iterable[dict[str, Any]], *, bandwidth: float | None 
                    for s, v in sorted(scopes.items(), key=lambda kv: order.get(kv[0], len(order)))],
         "kinds": [{"kind": k, **v} for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]["bytes"])],
         "top": sorted(kernel_list, key=lambda k: -k["bytes"])[:top],
+        "small_bytes": small_bytes,
+        "small_kernels": dict(sorted(small.items(), key=lambda kv: (-kv[1], kv[0]))),
         "wide_convolutions": [k for k in kernel_list
                               if k.get("window") and max(k["window"]) > MAX_WINDOW],
         "unaligned_convolutions": [k for k in kernel_list if unaligned(k.get("channels"))],
@@ -334,6 +341,10 @@ def markdown(summary: dict[str, Any]) -> str:
     lines += ["", "| kernel | scope (pass) | kind | MB |", "|---|---|---|---|"]
     for k in summary["top"]:
         lines.append(f"| {k['name']} | {k['scope']} ({k['pass']}) | {k['kind']} | {k['bytes'] / 1e6:.1f} |")
+    small = summary.get("small_kernels", {})
+    lines += ["", f"Small kernels (each moving < {summary.get('small_bytes', SMALL_KERNEL_BYTES) / 1e6:g} MB: "
+                  f"launch- and latency-bound on a GPU, unseen by the roofline): {sum(small.values()) or 'none'}"
+                  + (" (" + ", ".join(f"{scope} {n}" for scope, n in small.items()) + ")" if small else "")]
     wide = summary["wide_convolutions"]
     lines += ["", f"Wide convolutions (window over {MAX_WINDOW}x{MAX_WINDOW}: a gradient run as a "
                   f"forward convolution over the feature map): {len(wide) or 'none'}"]
