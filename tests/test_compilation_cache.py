@@ -82,6 +82,7 @@ def test_a_failed_write_leaves_no_file(tmp_path, monkeypatch):
 def test_a_size_limited_cache_writes_through_jax(tmp_path):
     """With a size limit JAX keeps its own files (an access-time file per entry) and lock: the
     write goes through it; a damaged entry is still replaced."""
+    pytest.importorskip("filelock")  # JAX's size limit needs it (not a dependency of this project)
     cache = _cache(tmp_path, max_size=10**6)
     cache.put("k", ENTRY)
     assert (tmp_path / "k-cache").read_bytes() == ENTRY
