@@ -6,7 +6,7 @@ fold-in and the draw itself): for the quick demo's networks with JAX's default P
 optimised init program held 165 while loops, and XLA:CPU compiled it in 12.6 s wall, 21.5
 CPU-s; unrolled, 7.2 s and 10.5 CPU-s, with the same train state bit for bit (the same hash;
 benchmarks/RESULTS.md). `train.lower_init` lowers the init inside `unrolled()` when its key is a
-threefry key (with rbg keys the init's few threefry calls, key derivations, compiled 10 % slower
+threefry key (`threefry_key`), and so does the segmentation teacher's init (5.4 -> 1.6 s) (with rbg keys the init's few threefry calls, key derivations, compiled 10 % slower
 unrolled); every other program, the train step included, lowers as JAX lowers it (the quick
 demo's step unrolled did not finish compiling in 9 minutes, against 16 s rolled).
 
@@ -62,6 +62,18 @@ def _install() -> bool:
     mlir.register_lowering(primitive, rule, platform="cpu")
     _state, _installed = state, True
     return True
+
+
+def threefry_key(rng) -> bool:
+    """Whether `rng` draws with threefry (its own implementation; a raw uint32 key: JAX's
+    default), the keys `unrolled()` is worth it for."""
+    import jax
+
+    try:
+        name = str(jax.random.key_impl(rng))
+    except (TypeError, ValueError):
+        name = str(jax.config.jax_default_prng_impl)
+    return name == "threefry2x32"
 
 
 def installed() -> bool:

@@ -136,15 +136,6 @@ def _threefry_kernel_state():
     return state if callable(state) else None
 
 
-def _threefry_keyed(rng) -> bool:
-    """Whether `rng` draws with threefry (its own implementation, else JAX's default)."""
-    try:
-        name = str(jax.random.key_impl(rng))
-    except (TypeError, ValueError):
-        name = str(jax.config.jax_default_prng_impl)
-    return name == "threefry2x32"
-
-
 @contextlib.contextmanager
 def threefry_kernel_lowering(unroll_on_cpu: bool = True):
     """Inside the block, threefry random bits lower on GPU to jaxlib's one ThreeFry2x32 kernel
@@ -197,7 +188,7 @@ def lower_init(nets: Networks, tx, mesh: Mesh, rng) -> jax.stages.Lowered:
     """The init program lowered for `rng` (its draws with `threefry_kernel_lowering`). Its
     `out_info` is the state's abstract tree, which the step can compile from
     (`background_compile.AheadStep`) before the init has compiled or run."""
-    with threefry_kernel_lowering(unroll_on_cpu=_threefry_keyed(rng)):
+    with threefry_kernel_lowering(unroll_on_cpu=threefry_cpu.threefry_key(rng)):
         return init_program(nets, tx, mesh).lower(rng)
 
 

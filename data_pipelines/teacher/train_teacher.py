@@ -214,7 +214,15 @@ def train_teacher(cfg: TeacherTrainConfig, workdir, *, log_every: int = 20) -> d
     if state is None:
         # one compiled program, not hundreds of eagerly dispatched ops (cold: 5 s instead of 8);
         # a pretrained encoder is read from disk, outside the trace
-        state = _init_state(cfg, model, tx) if cfg.pretrained else jax.jit(lambda: _init_state(cfg, model, tx))()
+        if cfg.pretrained:
+            state = _init_state(cfg, model, tx)
+        else:  # its threefry draws unrolled on the CPU: compiled in 1.6 s instead of 5.4, the same bits
+            from xdistill_jax import threefry_cpu
+
+            init = jax.jit(lambda: _init_state(cfg, model, tx))
+            with threefry_cpu.unrolled(threefry_cpu.threefry_key(jax.random.PRNGKey(cfg.seed))):
+                init = init.lower().compile()
+            state = init()
 
     @jax.jit
     def step_fn(state, images, labels):
