@@ -48,7 +48,7 @@ def quiet_closed_loop_callbacks() -> None:
     result to the closed loop, and Python printed the RuntimeError of each through
     `sys.unraisablehook`: 1,029 tracebacks while one damaged checkpoint of the test runs was
     tried, before the one warning that says what happened. Installed before a restore (the
-    errors come while orbax is still restoring, and after). The hook installed here logs those at debug level
+    errors come while orbax is still restoring, and after), the hook logs those at debug level
     and passes every other unraisable exception to the hook it wraps."""
     previous = sys.unraisablehook
     if getattr(previous, "_xdistill_quiet", False):

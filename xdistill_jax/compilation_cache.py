@@ -91,9 +91,6 @@ class WholeEntryCache:
     def _local(self) -> bool:
         return "://" not in str(self._base._path) or str(self._base._path).startswith("file://")
 
-    def _atomic(self) -> bool:
-        return not getattr(self._base, "eviction_enabled", True) and self._local()
-
     def damage(self, path: pathlib.Path) -> str | None:
         """Why the entry at `path` cannot be read (None: it is whole)."""
         try:
@@ -106,16 +103,18 @@ class WholeEntryCache:
         return self._base.get(key)
 
     def put(self, key: str, value: bytes) -> None:
+        if not self._local():
+            self._base.put(key, value)
+            return
         path = self.entry_path(key)
-        if self._local() and path.exists():
+        if path.exists():
             why = self.damage(path)
             if why is None:
                 return  # JAX's rule: a whole entry is never rewritten
             warnings.warn(f"compilation cache entry {path} was damaged ({why}); written anew",
                           RuntimeWarning, stacklevel=2)
-            if not self._atomic():
-                path.unlink(missing_ok=True)  # JAX's own write skips a key that has a file
-        if not self._atomic():
+        if getattr(self._base, "eviction_enabled", True):  # JAX's write keeps its eviction files
+            path.unlink(missing_ok=True)  # (it skips a key that has a file)
             self._base.put(key, value)
             return
         # a name of this process's own, outside JAX's "*-cache" pattern; mode 0o666 less the

@@ -5,10 +5,11 @@ rounds), elsewhere unrolled. The train state's init calls it for every parameter
 fold-in and the draw itself): for the quick demo's networks with JAX's default PRNG the
 optimised init program held 165 while loops, and XLA:CPU compiled it in 12.6 s wall, 21.5
 CPU-s; unrolled, 7.2 s and 10.5 CPU-s, with the same train state bit for bit (the same hash;
-benchmarks/RESULTS.md). `train.lower_init` lowers the init inside `unrolled()` when its key is a
-threefry key (`threefry_key`), and so does the segmentation teacher's init (5.4 -> 1.6 s) (with rbg keys the init's few threefry calls, key derivations, compiled 10 % slower
-unrolled); every other program, the train step included, lowers as JAX lowers it (the quick
-demo's step unrolled did not finish compiling in 9 minutes, against 16 s rolled).
+benchmarks/RESULTS.md). `train.lower_init` and the segmentation teacher's init (5.4 -> 1.6 s)
+lower inside `for_key(rng)`: unrolled for a threefry key only (with rbg keys the init's few
+threefry calls, key derivations, compiled 10 % slower unrolled). Every other program, the train
+step included, lowers as JAX lowers it (the quick demo's step unrolled did not finish compiling
+in 9 minutes, against 16 s rolled).
 
 The CPU rule installed dispatches per call: JAX's own CPU rule unless the calling thread is in
 `unrolled()` (a step lowered meanwhile on another thread, `background_compile`, is untouched).
@@ -74,6 +75,11 @@ def threefry_key(rng) -> bool:
     except (TypeError, ValueError):
         name = str(jax.config.jax_default_prng_impl)
     return name == "threefry2x32"
+
+
+def for_key(rng):
+    """`unrolled()` where `rng` is a threefry key, else a block that changes nothing."""
+    return unrolled(threefry_key(rng))
 
 
 def installed() -> bool:

@@ -137,7 +137,7 @@ def _threefry_kernel_state():
 
 
 @contextlib.contextmanager
-def threefry_kernel_lowering(unroll_on_cpu: bool = True):
+def threefry_kernel_lowering():
     """Inside the block, threefry random bits lower on GPU to jaxlib's one ThreeFry2x32 kernel
     instead of JAX's default there, the 20-round hash unrolled into the HLO.
 
@@ -150,31 +150,25 @@ def threefry_kernel_lowering(unroll_on_cpu: bool = True):
     kernels that use it, while the kernel would write the bits out (+0.4 GB per step in the
     same census).
 
-    On the CPU, where there is no such kernel, the hash lowers unrolled instead of as JAX's rolled
-    loop (`threefry_cpu`) when `unroll_on_cpu`: the same bits, the quick demo's init compiled in
-    7.2 s instead of 12.6 s with threefry keys. `lower_init` passes False for other keys (rbg:
-    the init's few key derivations compiled 10 % slower unrolled).
-
     The setting is the calling thread's only (JAX's per-thread context for the option), so the
     step compiling meanwhile on another thread (`background_compile`) keeps the default. With a
     jax that has no such context the global option is set for the block and restored; with one
     that has no such option at all, a no-op.
     """
-    with threefry_cpu.unrolled(unroll_on_cpu):  # on the CPU: unrolled, not JAX's rolled loop
-        state = _threefry_kernel_state()
-        if state is not None:
-            with state(True):
-                yield
-            return
-        if not hasattr(jax.config, _THREEFRY_KERNEL):
+    state = _threefry_kernel_state()
+    if state is not None:
+        with state(True):
             yield
-            return
-        before = getattr(jax.config, _THREEFRY_KERNEL)
-        jax.config.update(_THREEFRY_KERNEL, True)
-        try:
-            yield
-        finally:
-            jax.config.update(_THREEFRY_KERNEL, before)
+        return
+    if not hasattr(jax.config, _THREEFRY_KERNEL):
+        yield
+        return
+    before = getattr(jax.config, _THREEFRY_KERNEL)
+    jax.config.update(_THREEFRY_KERNEL, True)
+    try:
+        yield
+    finally:
+        jax.config.update(_THREEFRY_KERNEL, before)
 
 
 def init_program(nets: Networks, tx, mesh: Mesh):
@@ -185,10 +179,12 @@ def init_program(nets: Networks, tx, mesh: Mesh):
 
 
 def lower_init(nets: Networks, tx, mesh: Mesh, rng) -> jax.stages.Lowered:
-    """The init program lowered for `rng` (its draws with `threefry_kernel_lowering`). Its
-    `out_info` is the state's abstract tree, which the step can compile from
-    (`background_compile.AheadStep`) before the init has compiled or run."""
-    with threefry_kernel_lowering(unroll_on_cpu=threefry_cpu.threefry_key(rng)):
+    """The init program lowered for `rng` (its draws with `threefry_kernel_lowering` on a GPU,
+    and unrolled on the CPU for a threefry key, `threefry_cpu.for_key`: the same bits, the quick
+    demo's init compiled in 7.2 s instead of 12.6 s). Its `out_info` is the state's abstract
+    tree, which the step can compile from (`background_compile.AheadStep`) before the init has
+    compiled or run."""
+    with threefry_kernel_lowering(), threefry_cpu.for_key(rng):
         return init_program(nets, tx, mesh).lower(rng)
 
 

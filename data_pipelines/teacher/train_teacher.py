@@ -220,7 +220,7 @@ def train_teacher(cfg: TeacherTrainConfig, workdir, *, log_every: int = 20) -> d
             from xdistill_jax import threefry_cpu
 
             init = jax.jit(lambda: _init_state(cfg, model, tx))
-            with threefry_cpu.unrolled(threefry_cpu.threefry_key(jax.random.PRNGKey(cfg.seed))):
+            with threefry_cpu.for_key(jax.random.PRNGKey(cfg.seed)):
                 init = init.lower().compile()
             state = init()
 
