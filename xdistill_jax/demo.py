@@ -27,17 +27,12 @@ repeated with `xdistill train`; the world, teacher and evaluation sizes are `SIZ
 A workdir remembers its size (W/demo.json): a quick workdir cannot be resumed as a default one,
 and a run trained under other settings is an error, not skipped.
 
-Current timings are the README's (quick: 2 min 42 s on an AMD VM on 2026-12-06 since the CPU's
-convolutions over 1-pixel-wide maps run as matrix products, 3 min 40 s there and 3 min 16 s on an
-Intel VM before; 2 min 36 s to 7 min 32 s across VMs, days and code). The first measurement, on
-the project's 2-core machine (idle, 2026-11-26), cold compilation cache
-(XDISTILL_COMPILATION_CACHE pointed at an empty folder), `/usr/bin/time xdistill demo --quick`:
-**2 min 51 s** wall, 323 CPU-s (the two cores are busy throughout: one train step at 32x96 batch 4
-takes 0.34 s on two cores, 0.63 s on one). Stages: world 4 s, teacher 36 s, logits 4 s, X-Distill
-110 s (the baseline trains alongside, 150 s in its process), eval 8 s, report 6 s. The same with a
-warm cache and the earlier 150-step settings: 2 min 34 s. Before the baseline moved to its own
-process (200 steps, one process, load ~4): 7 min 05 s. A resumed demo whose stages are all
-complete takes ~5 s. Default: see the README.
+Timings and figures: the README's "Demo results" (the latest) and docs/demo_history.md (every
+earlier run). The quick demo's stages, first measured on the project's 2-core machine (idle,
+2026-11-26, cold compilation cache, `/usr/bin/time xdistill demo --quick`, 2 min 51 s wall, 323
+CPU-s; the two cores are busy throughout): world 4 s, teacher 36 s, logits 4 s, X-Distill 110 s
+(the baseline trains alongside, 150 s in its process), eval 8 s, report 6 s. A resumed demo whose
+stages are all complete takes ~5 s.
 """
 
 from __future__ import annotations
