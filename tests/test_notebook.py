@@ -7,7 +7,11 @@ distillation (teacher logits precomputed from the world's labels), so both paths
 """
 
 import json
+import os
 import pathlib
+
+import jax
+import pytest
 
 from eval_workdir import TRAIN_OVERRIDES, WORLD
 
@@ -28,6 +32,7 @@ def test_colab_notebook_runs(tmp_path):
         "HEIGHT": TRAIN_OVERRIDES["data.height"], "WIDTH": TRAIN_OVERRIDES["data.width"],
         "TRAIN_OVERRIDES": {k: v for k, v in TRAIN_OVERRIDES.items() if k != "distill.weight"},
         "DISTILL_WEIGHT": 0.1, "BATCH_SIZE": 4,
+        "REQUIRE_ACCELERATOR": False,  # the suite runs on the CPU, also where a GPU is attached
     }
     namespace = {"__name__": "__notebook__"}
     for i, cell in enumerate(cells):
@@ -48,3 +53,36 @@ def test_colab_notebook_runs(tmp_path):
     assert any("distill_loss" in m for m in metrics if m["split"] == "train")  # X-Distill, not the baseline
     assert len(list(namespace["PRED"].glob("*_depth.npy"))) == WORLD["frames"]
     assert namespace["canvas"].size == (WORLD["width"], 2 * WORLD["height"])
+
+
+def _code_cells():
+    nb = json.loads(NOTEBOOK.read_text())
+    return ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
+
+
+@pytest.mark.parametrize("driver, extra", [("580.95.05", "cuda13"), ("550.54.15", "cuda12")])
+def test_a_gpu_runtime_whose_jax_runs_on_the_cpu_stops_at_the_install_cell(tmp_path, monkeypatch, driver, extra):
+    """Colab opens the notebook on a GPU runtime. Where an NVIDIA driver is installed (a fake
+    `nvidia-smi` on PATH here) the install cell picks JAX's CUDA build for its driver (the package's
+    `cuda13` extra from driver 580 on, else `cuda12`), and if JAX still runs on the CPU (this
+    process's JAX) it stops, naming what to install with the package's own jax range, instead of
+    training on the CPU unnoticed. REQUIRE_ACCELERATOR = False lets it go on."""
+    fake = tmp_path / "bin" / "nvidia-smi"
+    fake.parent.mkdir()
+    fake.write_text(f"#!/bin/sh\necho {driver}\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    assert jax.default_backend() == "cpu"
+    parameters, install = _code_cells()[:2]
+    namespace = {"__name__": "__notebook__"}
+    exec(compile(parameters, "parameters", "exec"), namespace)
+    assert namespace["REQUIRE_ACCELERATOR"] is True  # the notebook's default
+    with pytest.raises(RuntimeError) as err:
+        exec(compile(install, "install", "exec"), namespace)
+    assert namespace["EXTRA"] == extra
+    message = str(err.value)
+    assert "this runtime has a GPU but JAX" in message and "runs on cpu" in message, message
+    assert f'pip install -U "jax[{extra}]<0.13,>=0.8.2"' in message, message  # setup.cfg's range
+    namespace["REQUIRE_ACCELERATOR"] = False
+    exec(compile(install, "install", "exec"), namespace)
+    assert callable(namespace["xd"])
