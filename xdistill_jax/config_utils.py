@@ -287,6 +287,11 @@ def _flatten(value, prefix="") -> dict[str, Any]:
         return out
     return {prefix[:-1]: value}
 
+# How this process joins a multi-process run (its process id, the coordinator's address): they
+# differ between the processes of one run and between its launches, not the run's settings, so
+# resuming with other values is not reported as a changed setting.
+LAUNCH_KEYS = ("distributed",)
+
 
 def structural_differences(saved: ml_collections.ConfigDict, current: ml_collections.ConfigDict) -> list[str]:
     """Keys (dotted) under STRUCTURAL_KEYS whose values differ, as 'key: saved -> current'."""
@@ -303,8 +308,10 @@ def structural_differences(saved: ml_collections.ConfigDict, current: ml_collect
 
 
 def differences(saved: ml_collections.ConfigDict, current: ml_collections.ConfigDict) -> Iterable[str]:
-    """All differing keys, as 'key: saved -> current'."""
+    """All differing keys but LAUNCH_KEYS, as 'key: saved -> current'."""
     a, b = _flatten(_tuplify(saved.to_dict())), _flatten(_tuplify(current.to_dict()))
     for key in sorted(set(a) | set(b)):
+        if any(key == s or key.startswith(s + ".") for s in LAUNCH_KEYS):
+            continue
         if a.get(key) != b.get(key):
             yield f"{key}: {a.get(key)!r} -> {b.get(key)!r}"

@@ -515,7 +515,11 @@ def to_global_arrays(batch: dict[str, np.ndarray], mesh, axis: str = "data") -> 
             )
         if copy_out and type(value) is not np.ndarray and isinstance(value, np.ndarray):
             value = np.array(value)
-        out[key] = jax.make_array_from_process_local_data(sharding, value)
+        # An explicit placement, also inside the training loop's jax.transfer_guard("disallow"):
+        # with several processes jax makes the array through make_array_from_callback, whose
+        # transfers the guard takes for implicit ones (on one process it is a device_put).
+        with jax.transfer_guard_host_to_device("allow"):
+            out[key] = jax.make_array_from_process_local_data(sharding, value)
     return out
 
 

@@ -92,6 +92,30 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def replicate(tree, mesh: Mesh):
+    """`tree`'s leaves as jax.Arrays replicated on `mesh`, on one process or several (a TPU pod's
+    hosts, each passing the same values): numpy arrays, arrays on one local device and PRNG keys
+    (placed through their key data). Leaves already replicated on `mesh` are kept as they are.
+
+    `jax.device_put(x, replicated(mesh))` does this on one process, and on several for numpy and
+    uncommitted arrays only: a key or an array committed to a local device is refused there
+    ("device_put's second argument must be ... addressable devices").
+    """
+    sharding = replicated(mesh)
+
+    def one(x):
+        if isinstance(x, jax.Array):
+            if x.sharding.is_equivalent_to(sharding, x.ndim):
+                return x
+            if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+                wrap = functools.partial(jax.random.wrap_key_data, impl=jax.random.key_impl(x))
+                return jax.jit(wrap, out_shardings=sharding)(one(jax.random.key_data(x)))
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(one, tree)
+
+
 def mesh_platform(mesh: Mesh) -> str:
     """The platform of the mesh's devices ("cpu", "gpu", "tpu"; compile-only devices too)."""
     return mesh.devices.flat[0].platform
@@ -210,8 +234,8 @@ def create_train_state(nets: Networks, tx, mesh: Mesh, rng, encoder_init: dict |
             if "batch_stats" in variables:
                 batch_stats[net] = dict(batch_stats[net], encoder=_checked_replace(
                     batch_stats[net]["encoder"], variables["batch_stats"], f"{net} encoder batch_stats"))
-        params = jax.device_put(params, replicated(mesh))
-        batch_stats = jax.device_put(batch_stats, replicated(mesh))
+        params = replicate(params, mesh)  # the loaded encoders (numpy) placed, the rest kept
+        batch_stats = replicate(batch_stats, mesh)
         # Adam's moments are zeros either way; re-init keeps the tree identical.
         opt_state = jax.jit(tx.init, out_shardings=replicated(mesh))(params)
         state = state.replace(params=params, batch_stats=batch_stats, opt_state=opt_state)

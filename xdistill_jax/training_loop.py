@@ -442,7 +442,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, data=None)
     # the train scalars since the last log line: saved with each checkpoint, so a run resumed
     # from one between log steps logs the same means as an unbroken run
     window = list(data_state.get("log_window", []))
-    step_rng = jax.device_put(step_rng, train.replicated(mesh))
+    step_rng = train.replicate(step_rng, mesh)
 
     # The step compiles on a background thread from the state's abstract tree and the first
     # batch's shapes, while the state is initialised (background_compile).
