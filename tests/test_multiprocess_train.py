@@ -1,9 +1,9 @@
 """`xdistill train` in two `jax.distributed` processes, end to end through the command line: a
 TPU pod's hosts, here two CPU processes on loopback with one device each
 (`--config.distributed.*`). Each process reads its own slice of the data; only process 0 writes
-the metrics and config.json; both write and resume the checkpoints; and the run is the run of
-one process with two devices fed the same global batches (the processes' slices in process
-order): the same losses, the same weights.
+the metrics and config.json; both write and resume the checkpoints; validation gathers every
+example's depth for its metrics; and the run is the run of one process with two devices fed the
+same global batches (the processes' slices in process order): the same losses, the same weights.
 
 Until 2026-12-06 this path failed before its first step: the step's key was placed with
 `jax.device_put` (refused for a key on a local device when the mesh spans processes), then each
@@ -43,7 +43,9 @@ def _overrides(dataset, steps):
             "--config.distill.weight=0", "--config.optim.batch_size=2", f"--config.optim.num_steps={steps}",
             "--config.run.ckpt_every=2", "--config.run.val_every=2", "--config.run.keep=2",
             "--config.data.num_workers=0", f"--config.optim.lr={LR}",
-            f"--config.model.init={dataset / 'resnet18.msgpack'}"]
+            f"--config.model.init={dataset / 'resnet18.msgpack'}",
+            f"--config.data.val_gt_depth={dataset / 'gt_depths.npz'}", "--config.data.val_gt_crop=",
+            "--config.data.val_batches=-1"]
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +55,7 @@ def dataset(tmp_path_factory):
     import jax.numpy as jnp
 
     from data_pipelines.kitti import prepare
+    from data_pipelines.kitti.tfds_builder import open_split
     from xdistill_jax.convert import save_variables
     from xdistill_jax.models.resnet import ResNetEncoder
 
@@ -61,6 +64,11 @@ def dataset(tmp_path_factory):
     prepare.prepare_split(raw, split, base / "tfds", "train", 32, 96)
     enc = ResNetEncoder(18, 1, kernel_layout="HWIO").init(jax.random.key(5), jnp.zeros((1, 64, 64, 3)), train=False)
     save_variables(base / "tfds" / "resnet18.msgpack", jax.tree.map(lambda x: np.asarray(x) * 0.9, enc))
+    # depth ground truth for the validation split (`xdistill export-gt`'s format, by example id)
+    ids = [ex["id"].decode() for ex in open_split(base / "tfds", "train")]
+    r = np.random.default_rng(0)
+    gt = {f"depth_{i:05d}": r.uniform(1.0, 50.0, (30, 100)).astype(np.float32) for i in range(len(ids))}
+    np.savez_compressed(base / "tfds" / "gt_depths.npz", files=np.array(ids), **gt)
     return base / "tfds"
 
 
@@ -226,6 +234,10 @@ def test_two_processes_train_as_one_process_of_two_devices(runs):
     got, want = _metrics(runs["workdir"]), _metrics(runs["ref"])
     assert [(m["step"], m["split"]) for m in got] == [(m["step"], m["split"]) for m in want]
     np.testing.assert_allclose([m["loss"] for m in got], [m["loss"] for m in want], rtol=0, atol=1e-6)
+    # validation's depth metrics: every example's prediction gathered from both processes
+    vals = [(m, w) for m, w in zip(got, want) if m["split"] == "val"]
+    assert vals and all(m["num_images"] == w["num_images"] == 6 for m, w in vals)
+    np.testing.assert_allclose([m["abs_rel"] for m, _ in vals], [w["abs_rel"] for _, w in vals], rtol=1e-5)
     a, b = _state(runs["workdir"], STEPS), _state(runs["ref"], STEPS)
     assert a.keys() == b.keys()
     # params and batch_stats: absolute; Adam's moments: relative to each leaf's largest
