@@ -1,4 +1,4 @@
-"""One process of the two-process lockstep test (tests/test_train_loop.py); not a test itself.
+"""One process of the two-process bf16 test (tests/test_train_step.py); not a test itself.
 
 usage: python distributed_worker.py OUT.npz PROCESS_ID NUM_PROCESSES PORT [DTYPE]
 Each process has one CPU device, joins `jax.distributed`, feeds ITS half of the same global
