@@ -17,6 +17,7 @@ import pathlib
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -73,11 +74,12 @@ def dataset(tmp_path_factory):
 
 
 def _two_processes(dataset, workdir, steps):
-    """Both processes of one `xdistill train` command; [(exit status, output)] by process."""
+    """Both processes of one `xdistill train` command; [(exit status, output)] by process. One
+    that fails ends the other (which would wait for it at its next collective)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    procs = []
+    procs, logs = [], []
     for i in range(2):
         env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
                    XDISTILL_TEST_BATCH_LOG=str(workdir.parent / f"batches_{i}.txt"))
@@ -86,9 +88,19 @@ def _two_processes(dataset, workdir, steps):
                *_overrides(dataset, steps), "--config.distributed.enabled=True",
                f"--config.distributed.coordinator_address=127.0.0.1:{port}",
                "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"]
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
-    return [(p.returncode, out) for p, out in ((p, p.communicate(timeout=600)[0]) for p in procs)]
+        logs.append(workdir.parent / f"train_{steps}_{i}.log")
+        with open(logs[-1], "w") as out:
+            procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT))
+    deadline = time.monotonic() + 600
+    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        if any(p.returncode not in (None, 0) for p in procs):
+            break
+        time.sleep(0.2)
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+    return [(p.returncode, log.read_text()) for p, log in zip(procs, logs)]
 
 
 class _Hosts:
