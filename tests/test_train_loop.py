@@ -444,8 +444,9 @@ def test_training_on_the_synthetic_world_lowers_the_val_loss(world_run):
 
 def test_cli_val_ground_truth_of_another_split_exits_2_before_compiling(world_run, monkeypatch, capsys):
     """`xdistill train` resuming the world run with the test split's GT as val GT: status 2,
-    the message names the key, the file and both split lines; nothing is compiled and the
-    workdir (config.json, checkpoints, metrics) is left as it was."""
+    the message names the key, the file and both split lines; likewise a missing GT file and a
+    val split never prepared; nothing is compiled and the workdir (config.json, checkpoints,
+    metrics) is left as it was."""
     from xdistill_jax import cli, train
 
     base, workdir, _ = world_run
@@ -453,13 +454,16 @@ def test_cli_val_ground_truth_of_another_split_exits_2_before_compiling(world_ru
     monkeypatch.setattr(train, "make_train_step", lambda *a, **k: compiled.append(1))
     monkeypatch.setattr(train, "create_train_state", lambda *a, **k: compiled.append(1))
     before = {p.relative_to(workdir): p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
-    for gt, message in (
-            (base / "gt_test.npz", r"config\.data\.val_gt_depth: .*gt_test\.npz: depth map 0 is for "
-                                   r"'.*drive_0003_sync 0 l' but val split example 0 is "
-                                   r"'.*drive_0003_sync 1 l'"),
-            (base / "missing.npz", r"config\.data\.val_gt_depth: .*not found: .*missing\.npz")):
-        status = cli.main(["train", "--workdir", str(workdir), f"--config.data.val_gt_depth={gt}",
-                           f"--config.optim.num_steps={2 * LEARN_STEPS}"])
+    for arg, message in (
+            (f"--config.data.val_gt_depth={base / 'gt_test.npz'}",
+             r"config\.data\.val_gt_depth: .*gt_test\.npz: depth map 0 is for "
+             r"'.*drive_0003_sync 0 l' but val split example 0 is '.*drive_0003_sync 1 l'"),
+            (f"--config.data.val_gt_depth={base / 'missing.npz'}",
+             r"config\.data\.val_gt_depth: .*not found: .*missing\.npz"),
+            ("--config.data.val_split=nosuch",  # a split never prepared
+             r"config\.data\.dataset_dir / config\.data\.val_split: no prepared split 'nosuch' under "
+             r".*; run `xdistill prepare` first")):
+        status = cli.main(["train", "--workdir", str(workdir), arg, f"--config.optim.num_steps={2 * LEARN_STEPS}"])
         err = capsys.readouterr().err
         assert status == 2, err[-2000:]
         assert re.search(message, err), err[-2000:]
@@ -467,6 +471,22 @@ def test_cli_val_ground_truth_of_another_split_exits_2_before_compiling(world_ru
     assert not compiled
     after = {p.relative_to(workdir): p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
     assert after == before
+
+
+def test_cli_without_a_prepared_train_split_exits_2_naming_it(tmp_path, capsys):
+    """`xdistill train` on a dataset_dir where nothing was prepared: status 2, the keys, the
+    path it looked for and what to run named, no traceback, no workdir made."""
+    from eval_workdir import REPO
+    from xdistill_jax import cli
+
+    status = cli.main(["train", "--config", f"{REPO / 'configs' / 'synthetic_demo.py'}:smoke", "--workdir", str(tmp_path / "w"),
+                       f"--config.data.dataset_dir={tmp_path / 'nothing'}"])
+    err = capsys.readouterr().err
+    assert status == 2, err[-2000:]
+    assert re.search(r"config\.data\.dataset_dir / config\.data\.train_split: no prepared split 'train' under "
+                     r".*nothing \(expected .*kitti_triplets/train/.*\); run `xdistill prepare` first", err), err
+    assert "Traceback" not in err
+    assert not (tmp_path / "w").exists()
 
 
 def _world_config(base, **more):

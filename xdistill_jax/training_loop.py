@@ -129,8 +129,11 @@ def tfds_training_data(config: ml_collections.ConfigDict) -> TrainingData:
                 f"with --grouping {wanted}")
         return source
 
-    def split(name):
-        source = open_split(d.dataset_dir, name)
+    def split(name, key):
+        try:
+            source = open_split(d.dataset_dir, name)
+        except ValueError as e:  # no prepared split of that name, or another format version
+            raise config_utils.ConfigError(f"config.data.dataset_dir / config.data.{key}: {e}") from e
         # the batches come at the size the split was prepared at, and the step compiles for the
         # first batch's shapes: without this check a mismatch would train at the split's size
         # while config.json (hence eval and predict) says the config's
@@ -144,7 +147,7 @@ def tfds_training_data(config: ml_collections.ConfigDict) -> TrainingData:
                     "(xdistill prepare --height --width)")
         return source
 
-    train_source = split(d.train_split)
+    train_source = split(d.train_split, "train_split")
     train_teacher = teacher(d.teacher_dir, "data.teacher_dir")
 
     num_workers = input_pipeline.resolve_num_workers(d.num_workers)
@@ -158,7 +161,7 @@ def tfds_training_data(config: ml_collections.ConfigDict) -> TrainingData:
 
     make_val = val_id = num_val = None
     if d.val_split:
-        val_source = split(d.val_split)
+        val_source = split(d.val_split, "val_split")
         val_teacher = teacher(d.val_teacher_dir, "data.val_teacher_dir") if d.val_teacher_dir else None
 
         def make_val():
