@@ -24,9 +24,8 @@ import numpy as np
 import pytest
 
 import kitti_tiny
-from train_fixtures import abstract_state_of
+from train_fixtures import restored_state
 from xdistill_jax import config_utils, input_pipeline, training_loop
-from xdistill_jax.checkpoints import Checkpointer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = "configs/synthetic_demo.py:smoke"
@@ -135,7 +134,7 @@ def _one_process_of_two_devices(dataset, workdir):
     config = config_utils.apply_overrides(config_utils.load_config_file(CONFIG),
                                           _overrides(dataset, STEPS) + ["--config.mesh.num_devices=2"])
     source = open_split(dataset, "train")
-    kw = dict(source_scales=False)
+    kw = dict(source_scales=False)  # as training reads it without loss.v1_multiscale
 
     def train_iter():
         return _Hosts([input_pipeline.make_train_iterator(
@@ -176,13 +175,6 @@ def test_replicate_places_host_values_and_keeps_replicated_arrays():
 
 def _metrics(workdir):
     return [json.loads(s) for s in (workdir / "metrics.jsonl").read_text().splitlines()]
-
-
-def _state(workdir, step):
-    state, _, got = Checkpointer(workdir / "checkpoints").restore(abstract_state_of(workdir), step=step)
-    assert got == step
-    return {jax.tree_util.keystr(k): np.asarray(v)
-            for k, v in jax.tree_util.tree_flatten_with_path((state.params, state.batch_stats, state.opt_state))[0]}
 
 
 def _batch_lines(path):
@@ -250,7 +242,7 @@ def test_two_processes_train_as_one_process_of_two_devices(runs):
     vals = [(m, w) for m, w in zip(got, want) if m["split"] == "val"]
     assert vals and all(m["num_images"] == w["num_images"] == 6 for m, w in vals)
     np.testing.assert_allclose([m["abs_rel"] for m, _ in vals], [w["abs_rel"] for _, w in vals], rtol=1e-5)
-    a, b = _state(runs["workdir"], STEPS), _state(runs["ref"], STEPS)
+    a, b = restored_state(runs["workdir"], STEPS), restored_state(runs["ref"], STEPS)
     assert a.keys() == b.keys()
     # params and batch_stats: absolute; Adam's moments: relative to each leaf's largest
     for part, bound, scale in (("[0]", 2 * LR * STEPS, None), ("[1]", 1e-4, None), ("[2]", 1e-2, "leaf")):

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 import kitti_tiny
-from train_fixtures import abstract_state_of
+from train_fixtures import abstract_state_of, restored_state
 from xdistill_jax.checkpoints import Checkpointer, CheckpointError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -75,13 +75,6 @@ def _batches(path):
     return out
 
 
-def _params(workdir, step):
-    state, _, got = Checkpointer(workdir / "checkpoints").restore(abstract_state_of(workdir), step=step)
-    assert got == step
-    return {jax.tree_util.keystr(k): np.asarray(v)
-            for k, v in jax.tree_util.tree_flatten_with_path((state.params, state.batch_stats, state.opt_state))[0]}
-
-
 @pytest.fixture(scope="module")
 def runs(dataset, tmp_path_factory):
     base = tmp_path_factory.mktemp("reliability_runs")
@@ -125,7 +118,7 @@ def test_each_fault_stops_where_intended(runs):
 
 
 def test_resumed_run_equals_uninterrupted_run(runs):
-    ref, got = _params(runs["ref"], STEPS), _params(runs["run"], STEPS)
+    ref, got = restored_state(runs["ref"], STEPS), restored_state(runs["run"], STEPS)
     assert ref.keys() == got.keys()
     # bitwise on CPU: the same compiled step, restored state, loader position and per-step keys
     worst = max(float(np.max(np.abs(ref[k].astype(np.float64) - got[k]))) for k in ref)
@@ -186,7 +179,7 @@ def test_damaged_latest_checkpoint_falls_back_with_warning(runs, tmp_path, caplo
     # (1,029 "Event loop is closed" tracebacks in one run before), nothing else
     time.sleep(0.5)
     assert [str(u.exc_value) for u in unraisable] == []
-    want = _params(runs["ref"], 4)
+    want = restored_state(runs["ref"], 4)
     got = {jax.tree_util.keystr(k): np.asarray(v)
            for k, v in jax.tree_util.tree_flatten_with_path((state.params, state.batch_stats, state.opt_state))[0]}
     assert all(np.array_equal(want[k], got[k]) for k in want)

@@ -19,6 +19,19 @@ def abstract_state_of(workdir):
     return train.abstract_train_state(nets, tx, train.make_mesh(config))[0]
 
 
+def restored_state(workdir, step):
+    """`workdir`'s checkpoint of `step` as {keystr: numpy array} over (params, batch_stats,
+    opt_state), restored on one device."""
+    import jax
+
+    from xdistill_jax.checkpoints import Checkpointer
+
+    state, _, got = Checkpointer(workdir / "checkpoints").restore(abstract_state_of(workdir), step=step)
+    assert got == step
+    return {jax.tree_util.keystr(k): np.asarray(v)
+            for k, v in jax.tree_util.tree_flatten_with_path((state.params, state.batch_stats, state.opt_state))[0]}
+
+
 K_NORM = np.array([[0.58, 0, 0.5, 0], [0, 1.92, 0.5, 0], [0, 0, 1, 0], [0, 0, 0, 1]], np.float32)
 
 

@@ -37,6 +37,11 @@ STRUCTURAL_KEYS = (
     "distill.weight_is_zero",  # derived below: the translator params exist only when weight > 0
 )
 
+# How this process joins a multi-process run (its process id, the coordinator's address): they
+# differ between the processes of one run and between its launches, not the run's settings, so
+# resuming with other values is not reported as a changed setting.
+LAUNCH_KEYS = ("distributed",)
+
 
 class ConfigError(ValueError):
     """A config file, override or value is wrong; the message names the key."""
@@ -287,10 +292,10 @@ def _flatten(value, prefix="") -> dict[str, Any]:
         return out
     return {prefix[:-1]: value}
 
-# How this process joins a multi-process run (its process id, the coordinator's address): they
-# differ between the processes of one run and between its launches, not the run's settings, so
-# resuming with other values is not reported as a changed setting.
-LAUNCH_KEYS = ("distributed",)
+
+def _under(key: str, prefixes) -> bool:
+    """Whether dotted `key` is one of `prefixes` or lies under one."""
+    return any(key == s or key.startswith(s + ".") for s in prefixes)
 
 
 def structural_differences(saved: ml_collections.ConfigDict, current: ml_collections.ConfigDict) -> list[str]:
@@ -301,9 +306,8 @@ def structural_differences(saved: ml_collections.ConfigDict, current: ml_collect
     b["distill.weight_is_zero"] = b.get("distill.weight", 0) == 0
     out = []
     for key in sorted(set(a) | set(b)):
-        if any(key == s or key.startswith(s + ".") for s in STRUCTURAL_KEYS):
-            if a.get(key) != b.get(key):
-                out.append(f"{key}: {a.get(key)!r} -> {b.get(key)!r}")
+        if _under(key, STRUCTURAL_KEYS) and a.get(key) != b.get(key):
+            out.append(f"{key}: {a.get(key)!r} -> {b.get(key)!r}")
     return out
 
 
@@ -311,7 +315,5 @@ def differences(saved: ml_collections.ConfigDict, current: ml_collections.Config
     """All differing keys but LAUNCH_KEYS, as 'key: saved -> current'."""
     a, b = _flatten(_tuplify(saved.to_dict())), _flatten(_tuplify(current.to_dict()))
     for key in sorted(set(a) | set(b)):
-        if any(key == s or key.startswith(s + ".") for s in LAUNCH_KEYS):
-            continue
-        if a.get(key) != b.get(key):
+        if not _under(key, LAUNCH_KEYS) and a.get(key) != b.get(key):
             yield f"{key}: {a.get(key)!r} -> {b.get(key)!r}"
