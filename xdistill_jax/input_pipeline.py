@@ -506,7 +506,7 @@ def to_global_arrays(batch: dict[str, np.ndarray], mesh, axis: str = "data") -> 
     # resource_tracker's "leaked shared_memory"). Copied out of it there; a GPU or TPU copies
     # to its own memory anyway.
     copy_out = mesh.devices.flat[0].platform == "cpu"
-    out = {}
+    local = {}
     for key, value in batch.items():
         if value.shape[0] % max(local_devices, 1):
             raise ValueError(
@@ -515,12 +515,12 @@ def to_global_arrays(batch: dict[str, np.ndarray], mesh, axis: str = "data") -> 
             )
         if copy_out and type(value) is not np.ndarray and isinstance(value, np.ndarray):
             value = np.array(value)
-        # An explicit placement, also inside the training loop's jax.transfer_guard("disallow"):
-        # with several processes jax makes the array through make_array_from_callback, whose
-        # transfers the guard takes for implicit ones (on one process it is a device_put).
-        with jax.transfer_guard_host_to_device("allow"):
-            out[key] = jax.make_array_from_process_local_data(sharding, value)
-    return out
+        local[key] = value
+    # An explicit placement, also inside the training loop's jax.transfer_guard("disallow"):
+    # with several processes jax makes the arrays through make_array_from_callback, whose
+    # transfers the guard takes for implicit ones (on one process it is a device_put).
+    with jax.transfer_guard_host_to_device("allow"):
+        return {key: jax.make_array_from_process_local_data(sharding, value) for key, value in local.items()}
 
 
 class DevicePrefetchIterator:
