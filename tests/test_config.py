@@ -117,6 +117,18 @@ def test_config_json_round_trip_and_structural_diff(tmp_path):
         config_utils.load_config(tmp_path / "nowhere")
 
 
+def test_config_json_leaves_out_the_writing_process_id(tmp_path):
+    """A multi-host run's config.json is written by process 0: its process id, saved, would be
+    wrong for every other host resuming from the file; -1 (give or detect your own) instead."""
+    config = config_utils.config_from_args(str(CONFIGS / "synthetic_demo.py"), [
+        "--config.distributed.enabled=True", "--config.distributed.coordinator_address=h0:1234",
+        "--config.distributed.num_processes=4", "--config.distributed.process_id=0"])
+    config_utils.save_config(config, tmp_path)
+    back = config_utils.load_config(tmp_path).distributed
+    assert (back.enabled, back.coordinator_address, back.num_processes, back.process_id) == (True, "h0:1234", 4, -1)
+    assert config.distributed.process_id == 0  # the running config is not changed
+
+
 def test_cli_rejects_bad_config_before_building_anything(tmp_path, monkeypatch, capsys):
     from xdistill_jax import train
 

@@ -72,9 +72,13 @@ def dataset(tmp_path_factory):
     return base / "tfds"
 
 
-def _two_processes(dataset, workdir, steps):
-    """Both processes of one `xdistill train` command; [(exit status, output)] by process. One
-    that fails ends the other (which would wait for it at its next collective)."""
+def _two_processes(dataset, workdir, steps, *, datasets=None, workdirs=None, end_others=True, timeout=600):
+    """Both processes of one `xdistill train` command; [(exit status, output)] by process.
+    `datasets` / `workdirs`: each process's own (as if each host's disk held a different one).
+    With `end_others`, one that fails ends the other (which would wait for it at its next
+    collective); without, both are left to end by themselves within `timeout` seconds."""
+    datasets = datasets or [dataset, dataset]
+    workdirs = workdirs or [workdir, workdir]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -83,16 +87,16 @@ def _two_processes(dataset, workdir, steps):
         env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
                    XDISTILL_TEST_BATCH_LOG=str(workdir.parent / f"batches_{i}.txt"))
         env.pop("XDISTILL_TEST_FAULT", None)
-        cmd = [sys.executable, "-m", "xdistill_jax", "train", "--config", CONFIG, "--workdir", str(workdir),
-               *_overrides(dataset, steps), "--config.distributed.enabled=True",
+        cmd = [sys.executable, "-m", "xdistill_jax", "train", "--config", CONFIG, "--workdir", str(workdirs[i]),
+               *_overrides(datasets[i], steps), "--config.distributed.enabled=True",
                f"--config.distributed.coordinator_address=127.0.0.1:{port}",
                "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"]
         logs.append(workdir.parent / f"train_{steps}_{i}.log")
         with open(logs[-1], "w") as out:
             procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT))
-    deadline = time.monotonic() + 600
+    deadline = time.monotonic() + timeout
     while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
-        if any(p.returncode not in (None, 0) for p in procs):
+        if end_others and any(p.returncode not in (None, 0) for p in procs):
             break
         time.sleep(0.2)
     for p in procs:
@@ -204,7 +208,9 @@ def test_process_0_writes_the_run_and_both_resume_it(runs):
     metrics = _metrics(workdir)
     assert [m["step"] for m in metrics if m["split"] == "train"] == [1, 2, 3, 4]  # each once: not per process
     assert [m["step"] for m in metrics if m["split"] == "val"] == [2, 4]
-    assert json.loads((workdir / "config.json").read_text())["distributed"]["num_processes"] == 2
+    saved = json.loads((workdir / "config.json").read_text())["distributed"]
+    assert saved["num_processes"] == 2
+    assert saved["process_id"] == -1  # not process 0's: each process gives its own at launch
     (_, out0), (_, out1) = runs["second"]
     assert f"resuming from {workdir / 'checkpoints' / '2'} at step 2" in out0
     assert "step 4/4" in out0 and "step 4/4" not in out1  # progress lines from process 0 only
@@ -259,3 +265,37 @@ def test_two_processes_train_as_one_process_of_two_devices(runs):
     np.testing.assert_allclose(a[conv1], enc["params"]["conv1"]["kernel"], rtol=0, atol=2 * LR * STEPS)
     counts = [k for k in a if k.endswith(".count")]
     assert counts and all(int(a[k]) == int(b[k]) == STEPS for k in counts)  # Adam's steps, resumed
+
+
+def test_a_process_whose_data_is_missing_stops_every_process(dataset, tmp_path):
+    """Host 1 lacks the prepared split (the data is read from each host's own path): every process
+    exits 2 before any compilation or write, process 1 naming the config key and process 0
+    naming process 1. Until 2026-12-06 process 1 exited 2 alone and process 0 waited at its next
+    collective until Gloo's timeout ended it with a DEADLINE_EXCEEDED traceback (30 s later on the
+    CPU; on GPUs or a pod, until the collective's own timeout)."""
+    workdir = tmp_path / "run"
+    results = _two_processes(dataset, workdir, 2, datasets=[dataset, tmp_path / "not_prepared"],
+                             end_others=False, timeout=120)
+    (rc0, out0), (rc1, out1) = results
+    assert (rc0, rc1) == (2, 2), (out0[-2000:], out1[-2000:])
+    assert "config.data.dataset_dir" in out1 and "no prepared split" in out1
+    assert "process 1 of 2 failed its setup checks" in out0
+    assert "Traceback" not in out0 + out1
+    assert not workdir.exists()
+
+
+def test_a_workdir_not_every_host_sees_stops_every_process(dataset, tmp_path):
+    """Each host's own disk as the workdir (here: two directories): process 1 does not see the
+    probe process 0 wrote, every process exits 2 naming the workdir, and the probe and the
+    directory made for it are gone. Without the check, process 1's resume would read its own
+    disk's checkpoints (none) while process 0 restored its own."""
+    a, b = tmp_path / "host0" / "run", tmp_path / "host1" / "run"
+    results = _two_processes(dataset, tmp_path / "run", 2, workdirs=[a, b], end_others=False, timeout=120)
+    (rc0, out0), (rc1, out1) = results
+    assert (rc0, rc1) == (2, 2), (out0[-2000:], out1[-2000:])
+    for out in (out0, out1):
+        assert "the workdir must be one directory every host sees (process 1 of 2 does not)" in out
+        assert "Traceback" not in out
+    assert f"process 1 ({socket.gethostname()}) does not see the workdir {b}" in out1
+    # the probe and the directories made for it (host0/run) gone: the logs alone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train_2_0.log", "train_2_1.log"]

@@ -68,6 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     if extra and not getattr(module, "ACCEPTS_EXTRA_ARGS", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.extra_args = extra
+    from xdistill_jax import local_paths
+
+    urls = local_paths.find_url_arguments(args)
+    for flag, value in urls:
+        print(f"xdistill {args.verb}: {local_paths.url_error(flag, value)}", file=sys.stderr)
+    if urls:
+        return 2
     return int(module.run(args) or 0)
 
 

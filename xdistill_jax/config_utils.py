@@ -157,6 +157,10 @@ def apply_overrides(config: ml_collections.ConfigDict, args: Sequence[str]) -> m
     return config
 
 
+# the config's paths (local or mounted filesystem paths: `local_paths`)
+PATH_KEYS = ("data.dataset_dir", "data.teacher_dir", "data.val_teacher_dir", "data.val_gt_depth", "model.init")
+
+
 def _check(cond: bool, key: str, message: str):
     if not cond:
         raise ConfigError(f"config.{key}: {message}")
@@ -165,6 +169,13 @@ def _check(cond: bool, key: str, message: str):
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
     """Reject impossible values, naming the key. `num_devices`: global device count, if known."""
     d, m, lo, ds, o, r = config.data, config.model, config.loss, config.distill, config.optim, config.run
+    from xdistill_jax import local_paths
+
+    for key in PATH_KEYS:
+        group, leaf = key.split(".")
+        value = config[group].get(leaf, "")
+        _check(not local_paths.url_scheme(value), key,
+               f"{value!r} is a URL ({local_paths.url_scheme(value)}), not a path; {local_paths.MOUNT_HINT}")
     for key, value in (("data.height", d.height), ("data.width", d.width)):
         _check(isinstance(value, int) and value > 0 and value % 32 == 0, key,
                f"must be a positive multiple of 32 (the encoder downsamples by 32), got {value}")
@@ -238,11 +249,17 @@ def _tuplify(value):
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> pathlib.Path:
-    """Write `workdir/config.json` atomically (temp name, then rename)."""
+    """Write `workdir/config.json` atomically (temp name, then rename).
+
+    `distributed.process_id` is saved as -1 (each process's own, given at launch or detected):
+    the writing process's id would be wrong for every other process resuming from the file."""
     path = pathlib.Path(workdir) / CONFIG_JSON
     path.parent.mkdir(parents=True, exist_ok=True)
+    saved = config.to_dict()
+    if "process_id" in saved.get("distributed", {}):
+        saved["distributed"]["process_id"] = -1
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
+    tmp.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
     return path
 

@@ -57,7 +57,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from xdistill_jax import config_utils, gc_pauses, train
+from xdistill_jax import config_utils, gc_pauses, hosts, local_paths, train
 from xdistill_jax.checkpoints import Checkpointer, CheckpointError
 from xdistill_jax.metric_writer import MetricWriter, colormap, label_image
 from xdistill_jax.objective import Networks
@@ -375,25 +375,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, data=None)
     global _fault
     t_call = time.time()
     _fault = _FaultHook(os.environ.get("XDISTILL_TEST_FAULT"))
+    if isinstance(workdir, str):
+        local_paths.require_local(workdir, "workdir", config_utils.ConfigError)
     maybe_initialize_distributed(config)
     workdir = pathlib.Path(workdir)
     mesh = train.make_mesh(config)
-    config_utils.validate(config, num_devices=mesh.size)
-    # "auto" kernel layout: the run's own if it resumes, else the platform's; saved resolved
-    config = config_utils.resolve_kernel_layout(config, train.mesh_platform(mesh), workdir)
-    check_workdir_config(config, workdir)
     is_main = jax.process_index() == 0
-    if data is None:
-        data = tfds_training_data(config)
-    # Bad data settings fail here, before the workdir is touched and before any compilation.
-    gt = open_val_ground_truth(config, data)
-
-    num_examples = data.num_examples
-    steps_per_epoch = (config.optim.steps_per_epoch if config.optim.steps_per_epoch > 0
-                       else num_examples // config.optim.batch_size)
-    if steps_per_epoch <= 0:
-        raise ValueError(f"config.optim.batch_size={config.optim.batch_size} exceeds the "
-                         f"{num_examples} training examples")
+    # Bad settings, data or ground truth fail here, on every process together (one that failed
+    # alone would leave the others waiting at a collective), before the workdir is touched and
+    # before any compilation.
+    with hosts.agree("its setup checks"):
+        config_utils.validate(config, num_devices=mesh.size)
+        # "auto" kernel layout: the run's own if it resumes, else the platform's; saved resolved
+        config = config_utils.resolve_kernel_layout(config, train.mesh_platform(mesh), workdir)
+        check_workdir_config(config, workdir)
+        if data is None:
+            data = tfds_training_data(config)
+        gt = open_val_ground_truth(config, data)
+        num_examples = data.num_examples
+        steps_per_epoch = (config.optim.steps_per_epoch if config.optim.steps_per_epoch > 0
+                           else num_examples // config.optim.batch_size)
+        if steps_per_epoch <= 0:
+            raise config_utils.ConfigError(
+                f"config.optim.batch_size={config.optim.batch_size} exceeds the {num_examples} training examples")
+    hosts.check_shared_directory(workdir)
     num_steps = train.total_steps(config, steps_per_epoch)
     if is_main:
         workdir.mkdir(parents=True, exist_ok=True)

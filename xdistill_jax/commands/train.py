@@ -2,7 +2,8 @@
 
 Trains (or resumes) the run in W. Without --config, the workdir's saved config.json is used
 (resume). Exit status: 0 finished, 3 non-finite loss (last good checkpoint kept), 75 stopped by
-SIGTERM/SIGINT after saving a checkpoint (rerun to continue), 2 bad config or workdir.
+SIGTERM/SIGINT after saving a checkpoint (rerun to continue), 2 bad config or workdir (in a
+multi-host run: on any process, or a workdir that not every host sees; every process exits 2).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def run(args) -> int:
         return 2
     from xdistill_jax import train
     from xdistill_jax.compilation_cache import enable_compilation_cache
+    from xdistill_jax.hosts import SetupError
 
     try:
         enable_compilation_cache(getattr(args, "compilation_cache", None))
@@ -48,6 +50,6 @@ def run(args) -> int:
         return 2
     try:
         return train.train_and_evaluate(config, args.workdir)
-    except (CheckpointError, config_utils.ConfigError) as e:
+    except (CheckpointError, config_utils.ConfigError, SetupError) as e:
         print(f"xdistill train: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,115 @@
+"""What the processes of a multi-host run (one `xdistill train` per host) agree on before training.
+
+Each process checks its own settings, data and ground truth. One that fails alone would leave the
+others waiting at their next collective until a timeout ends them with a runtime error that does
+not say why (two CPU processes: a Gloo "DEADLINE_EXCEEDED" traceback after 30 s). `agree` makes
+the check collective: every process learns which ones failed, each failing process raises its own
+error, and the others raise a `SetupError` naming those processes.
+
+`check_shared_directory`: the workdir must be one directory that every host sees (checkpoints are
+written by several processes and read back by all; `config.json` and the metrics by process 0).
+A local path on each host's own disk is not: each process would then resume from what its own
+disk holds. Process 0 writes a probe file with a token that every process is sent; every process
+reads it back; the probe is removed whatever the outcome, and a workdir made for the probe alone
+is removed with it.
+
+With one process both are no-ops (beyond re-raising the process's own error).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import socket
+
+import jax
+import numpy as np
+
+PROBE_NAME = ".xdistill_shared_probe"
+
+
+class SetupError(RuntimeError):
+    """Another process of the run stopped before training; the message names it."""
+
+
+def _allgather_flags(flag: bool) -> np.ndarray:
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(np.asarray([bool(flag)]))).reshape(-1)
+
+
+def failed_processes(failed: bool) -> list[int]:
+    """The indices of the processes that passed `failed=True` (a collective: every process calls it)."""
+    if jax.process_count() == 1:
+        return [0] if failed else []
+    return [int(i) for i in np.flatnonzero(_allgather_flags(failed))]
+
+
+def _processes(indices: list[int]) -> str:
+    return f"process{'es' if len(indices) > 1 else ''} {', '.join(str(i) for i in indices)}"
+
+
+def _others_message(failed: list[int], what: str) -> str:
+    return (f"{_processes(failed)} of {jax.process_count()} failed {what} "
+            f"({'their outputs say' if len(failed) > 1 else 'its output says'} why); process {jax.process_index()} "
+            f"({socket.gethostname()}) stops with it, nothing written")
+
+
+@contextlib.contextmanager
+def agree(what: str):
+    """Run the block on every process, then agree: a process whose block raised re-raises its
+    error; the others raise `SetupError` if any process failed. The block must not itself use
+    collectives (a failing process would skip them)."""
+    error = None
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - re-raised below, after the other processes know
+        error = e
+    failed = failed_processes(error is not None)
+    if error is not None:
+        raise error
+    if failed:
+        raise SetupError(_others_message(failed, what))
+
+
+def check_shared_directory(path: pathlib.Path, what: str = "workdir") -> None:
+    """Raise SetupError on every process unless all of them see the same directory `path`."""
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    path = pathlib.Path(path)
+    token = int.from_bytes(os.urandom(7), "little")
+    token = int(np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(token, dtype=np.int64))))
+    probe = path / PROBE_NAME
+    made = []  # the directories process 0 creates for the probe, deepest first
+    error = None
+    if jax.process_index() == 0:
+        try:
+            made = [p for p in (path.absolute(), *path.absolute().parents) if not p.exists()]
+            path.mkdir(parents=True, exist_ok=True)
+            probe.write_text(f"{token}\n")
+        except OSError as e:
+            error = f"process 0 cannot write {probe}: {e}"
+    multihost_utils.sync_global_devices(f"xdistill {what} probe written")
+    if error is None and jax.process_index() != 0:
+        try:
+            seen = probe.read_text().strip()
+        except OSError:
+            seen = None
+        if seen != str(token):
+            error = (f"process {jax.process_index()} ({socket.gethostname()}) does not see the {what} "
+                     f"{path} that process 0 wrote to ({probe} {'missing' if seen is None else 'of another run'})")
+    failed = failed_processes(error is not None)
+    if jax.process_index() == 0:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+            for d in made if failed else ():
+                d.rmdir()  # made for the probe only: leave nothing behind
+    if failed:
+        raise SetupError(
+            (error + "; " if error else "")
+            + f"the {what} must be one directory every host sees ({_processes(failed)} of "
+            f"{jax.process_count()} {'do' if len(failed) > 1 else 'does'} not): a shared or mounted filesystem (NFS, Filestore, Cloud Storage "
+            "FUSE `gcsfuse BUCKET /mnt/BUCKET`), not each host's own disk")
