@@ -55,7 +55,6 @@ def dataset(tmp_path_factory):
     import jax.numpy as jnp
 
     from data_pipelines.kitti import prepare
-    from data_pipelines.kitti.tfds_builder import open_split
     from xdistill_jax.convert import save_variables
     from xdistill_jax.models.resnet import ResNetEncoder
 
@@ -64,12 +63,18 @@ def dataset(tmp_path_factory):
     prepare.prepare_split(raw, split, base / "tfds", "train", 32, 96)
     enc = ResNetEncoder(18, 1, kernel_layout="HWIO").init(jax.random.key(5), jnp.zeros((1, 64, 64, 3)), train=False)
     save_variables(base / "tfds" / "resnet18.msgpack", jax.tree.map(lambda x: np.asarray(x) * 0.9, enc))
-    # depth ground truth for the validation split (`xdistill export-gt`'s format, by example id)
-    ids = [ex["id"].decode() for ex in open_split(base / "tfds", "train")]
+    _write_gt(base / "tfds")
+    return base / "tfds"
+
+
+def _write_gt(tfds_dir):
+    """Depth ground truth for the validation split (`xdistill export-gt`'s format, by example id)."""
+    from data_pipelines.kitti.tfds_builder import open_split
+
+    ids = [ex["id"].decode() for ex in open_split(tfds_dir, "train")]
     r = np.random.default_rng(0)
     gt = {f"depth_{i:05d}": r.uniform(1.0, 50.0, (30, 100)).astype(np.float32) for i in range(len(ids))}
-    np.savez_compressed(base / "tfds" / "gt_depths.npz", files=np.array(ids), **gt)
-    return base / "tfds"
+    np.savez_compressed(tfds_dir / "gt_depths.npz", files=np.array(ids), **gt)
 
 
 def _two_processes(dataset, workdir, steps, *, datasets=None, workdirs=None, end_others=True, timeout=600):
@@ -211,6 +216,7 @@ def test_process_0_writes_the_run_and_both_resume_it(runs):
     saved = json.loads((workdir / "config.json").read_text())["distributed"]
     assert saved["num_processes"] == 2
     assert saved["process_id"] == -1  # not process 0's: each process gives its own at launch
+    assert not list(workdir.glob(".xdistill_shared_probe*"))  # the shared-workdir check's probe: removed
     (_, out0), (_, out1) = runs["second"]
     assert f"resuming from {workdir / 'checkpoints' / '2'} at step 2" in out0
     assert "step 4/4" in out0 and "step 4/4" not in out1  # progress lines from process 0 only
@@ -299,3 +305,33 @@ def test_a_workdir_not_every_host_sees_stops_every_process(dataset, tmp_path):
     assert f"process 1 ({socket.gethostname()}) does not see the workdir {b}" in out1
     # the probe and the directories made for it (host0/run) gone: the logs alone
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train_2_0.log", "train_2_1.log"]
+
+
+def test_hosts_reading_different_data_stop_every_process(dataset, tmp_path):
+    """Host 1's copy of the data is another preparation (4 of the 6 split lines): every process
+    exits 2 before training, naming the example counts by process and that the data differs.
+    Until 2026-12-06 each process took its own count for the epoch's steps, and the run went on
+    with processes that disagreed about the data (here 3 and 2 steps per epoch)."""
+    import shutil
+
+    from data_pipelines.kitti import prepare
+    from data_pipelines.kitti.tfds_builder import read_metadata
+
+    meta = read_metadata(dataset, "train")
+    lines = pathlib.Path(meta["split_file"]).read_text().splitlines()
+    shorter = tmp_path / "shorter.txt"
+    shorter.write_text("\n".join(lines[:4]) + "\n")
+    other = tmp_path / "host1_tfds"
+    prepare.prepare_split(meta["raw_dir"], shorter, other, "train", 32, 96)
+    shutil.copy(dataset / "resnet18.msgpack", other)
+    _write_gt(other)
+    workdir = tmp_path / "run"
+    (rc0, out0), (rc1, out1) = _two_processes(dataset, workdir, 2, datasets=[dataset, other],
+                                              end_others=False, timeout=120)
+    assert (rc0, rc1) == (2, 2), (out0[-2000:], out1[-2000:])
+    for out in (out0, out1):
+        assert ("the processes disagree (training examples: process 0 6, process 1 4; validation examples: "
+                "process 0 6, process 1 4; data fingerprint: differs on process 1 from process 0's): "
+                "the data must be the same on every host") in out, out[-2000:]
+        assert "Traceback" not in out
+    assert not workdir.exists()

@@ -296,3 +296,25 @@ def test_dataset_of_another_version_is_named(prepared, tmp_path):
     with pytest.raises(ValueError, match=r"kitti_triplets/train holds dataset version\(s\) 0\.9\.0, not 1\.0\.0"):
         tfds_builder.open_split(tmp_path, "train")
     assert len(tfds_builder.open_split(out, "train")) == 6
+
+
+def test_split_fingerprint_names_the_content_not_the_place(tree, prepared, tmp_path):
+    """What a multi-host run compares across hosts: a copy of the store elsewhere, or the same
+    split prepared from a raw tree at another path, has the same fingerprint; other settings or
+    another split file do not."""
+    raw, split = tree
+    out, _ = prepared
+    fp = tfds_builder.split_fingerprint(out, "train")
+    shutil.copytree(out, tmp_path / "copy")
+    assert tfds_builder.split_fingerprint(tmp_path / "copy", "train") == fp
+    moved = tmp_path / "moved_raw"
+    shutil.copytree(raw, moved)
+    prepare.prepare_split(moved, split, tmp_path / "from_moved", "train", H, W)
+    assert tfds_builder.read_metadata(tmp_path / "from_moved", "train")["raw_dir"] != str(raw)
+    assert tfds_builder.split_fingerprint(tmp_path / "from_moved", "train") == fp
+    prepare.prepare_split(raw, split, tmp_path / "jpeg", "train", H, W, image_format="jpeg")
+    assert tfds_builder.split_fingerprint(tmp_path / "jpeg", "train") != fp
+    shorter = tmp_path / "shorter.txt"
+    shorter.write_text("\n".join(kitti_tiny.split_lines(split)[:3]) + "\n")
+    prepare.prepare_split(raw, shorter, tmp_path / "shorter", "train", H, W)
+    assert tfds_builder.split_fingerprint(tmp_path / "shorter", "train") != fp

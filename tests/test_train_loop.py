@@ -183,6 +183,22 @@ def test_pretrained_weights_that_do_not_fit_fail_before_the_step_compiles(tmp_pa
     assert not started
 
 
+@pytest.mark.parametrize("kind", ["missing", "not_msgpack"])
+def test_an_unreadable_encoder_file_fails_naming_the_key_before_the_workdir_is_made(kind, tmp_path):
+    """config.model.init that does not exist or is not a weights file: a ConfigError (exit 2 from
+    the CLI) naming the key and the file, read with the setup checks (in a multi-host run every
+    process stops with it), before the workdir is made. Until 2026-12-06 a ValueError traceback
+    after the workdir and its config.json were written."""
+    path = tmp_path / "resnet18.msgpack"
+    if kind == "not_msgpack":
+        path.write_bytes(b"not msgpack")
+    config = tiny_config(distill_weight=0.1, **{"model.init": str(path)})
+    with pytest.raises(config_utils.ConfigError, match=rf"config\.model\.init: {re.escape(str(path))}: "
+                       + ("no such file" if kind == "missing" else "not a flax msgpack")):
+        training_loop.train_and_evaluate(config, tmp_path / "run", data=make_data())
+    assert not (tmp_path / "run").exists()
+
+
 def test_resume_continues_the_data_order(resumed_run):
     """The loader state saved at step 2 resumes at the third batch of an unbroken iterator."""
     from xdistill_jax.checkpoints import Checkpointer

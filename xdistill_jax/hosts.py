@@ -9,9 +9,10 @@ error, and the others raise a `SetupError` naming those processes.
 `check_shared_directory`: the workdir must be one directory that every host sees (checkpoints are
 written by several processes and read back by all; `config.json` and the metrics by process 0).
 A local path on each host's own disk is not: each process would then resume from what its own
-disk holds. Process 0 writes a probe file with a token that every process is sent; every process
-reads it back; the probe is removed whatever the outcome, and a workdir made for the probe alone
-is removed with it.
+disk holds. Process 0 writes a probe file holding a token that every process is sent; every
+process reads it back (the file is named by the token: never looked up before, so no filesystem
+cache of another host, NFS's or gcsfuse's, holds a stale "absent" for it); the probe is removed
+whatever the outcome, and a workdir made for the probe alone is removed with it.
 
 With one process both are no-ops (beyond re-raising the process's own error).
 """
@@ -73,6 +74,37 @@ def agree(what: str):
         raise SetupError(_others_message(failed, what))
 
 
+def fingerprint_int(text: str) -> int:
+    """A string's sha256 as a non-negative int64 (60 bits), for `check_same`; 0 for ""."""
+    if not text:
+        return 0
+    import hashlib
+
+    return int(hashlib.sha256(text.encode()).hexdigest()[:15], 16)
+
+
+def check_same(values: dict[str, int], hint: str) -> None:
+    """Raise SetupError on every process unless each of `values` (name -> int) is the same on all
+    of them; the message gives each differing value by process, then `hint`."""
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    mine = np.asarray(list(values.values()), np.int64)
+    table = np.asarray(multihost_utils.process_allgather(mine)).reshape(jax.process_count(), len(values))
+    differ = []
+    for j, name in enumerate(values):
+        column = table[:, j]
+        if np.any(column != column[0]):
+            if "fingerprint" in name:
+                differ.append(f"{name}: differs on {_processes([i for i in range(len(column)) if column[i] != column[0]])}"
+                              " from process 0's")
+            else:
+                differ.append(f"{name}: " + ", ".join(f"process {i} {int(v)}" for i, v in enumerate(column)))
+    if differ:
+        raise SetupError(f"the processes disagree ({'; '.join(differ)}): {hint}")
+
+
 def check_shared_directory(path: pathlib.Path, what: str = "workdir") -> None:
     """Raise SetupError on every process unless all of them see the same directory `path`."""
     if jax.process_count() == 1:
@@ -82,7 +114,8 @@ def check_shared_directory(path: pathlib.Path, what: str = "workdir") -> None:
     path = pathlib.Path(path)
     token = int.from_bytes(os.urandom(7), "little")
     token = int(np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(token, dtype=np.int64))))
-    probe = path / PROBE_NAME
+    # a name never looked up before: no filesystem cache (NFS, gcsfuse) can hold a stale "absent"
+    probe = path / f"{PROBE_NAME}_{token:014x}"
     made = []  # the directories process 0 creates for the probe, deepest first
     error = None
     if jax.process_index() == 0:
@@ -100,7 +133,7 @@ def check_shared_directory(path: pathlib.Path, what: str = "workdir") -> None:
             seen = None
         if seen != str(token):
             error = (f"process {jax.process_index()} ({socket.gethostname()}) does not see the {what} "
-                     f"{path} that process 0 wrote to ({probe} {'missing' if seen is None else 'of another run'})")
+                     f"{path} that process 0 wrote to ({probe} {'missing' if seen is None else 'holds another token'})")
     failed = failed_processes(error is not None)
     if jax.process_index() == 0:
         with contextlib.suppress(OSError):

@@ -85,6 +85,8 @@ class TrainingData:
     val_id: optional, the split line (`id`) of val example i, to check config.data.val_gt_depth.
     num_val_examples: optional, examples in the validation split (None: unknown, then the GT
       check covers the maps in the GT file).
+    fingerprint: optional, a hash of the splits' identity (`tfds_builder.split_fingerprint`):
+      every process of a multi-host run must read the same data.
     """
 
     make_train_iterator: Callable[[], Any]
@@ -92,6 +94,7 @@ class TrainingData:
     num_examples: int
     val_id: Callable[[int], str] | None = None  # split line of val example i (GT id check)
     num_val_examples: int | None = None
+    fingerprint: str = ""  # what identifies the data's content (compared across hosts); "" unknown
 
 
 def tfds_training_data(config: ml_collections.ConfigDict) -> TrainingData:
@@ -174,7 +177,10 @@ def tfds_training_data(config: ml_collections.ConfigDict) -> TrainingData:
 
         num_val = len(val_source)
 
-    return TrainingData(make_train_iterator, make_val, len(train_source), val_id, num_val)
+    from data_pipelines.kitti.tfds_builder import split_fingerprint
+
+    fingerprint = "/".join(split_fingerprint(d.dataset_dir, name) for name in (d.train_split, d.val_split) if name)
+    return TrainingData(make_train_iterator, make_val, len(train_source), val_id, num_val, fingerprint)
 
 
 def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
@@ -398,6 +404,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, data=None)
         if steps_per_epoch <= 0:
             raise config_utils.ConfigError(
                 f"config.optim.batch_size={config.optim.batch_size} exceeds the {num_examples} training examples")
+        from xdistill_jax.inference import checkpoint_steps
+
+        # the encoder file of a run that starts (a missing or unreadable one fails here, on every
+        # process together); a resumed run does not read it
+        try:
+            encoder_init = None if checkpoint_steps(workdir) else train.load_pretrained_encoders(config)
+        except ValueError as e:  # no such file, not a msgpack of variables
+            raise config_utils.ConfigError(f"config.model.init: {e}") from e
+    hosts.check_same({"training examples": num_examples, "validation examples": data.num_val_examples or 0,
+                      "data fingerprint": hosts.fingerprint_int(data.fingerprint)},
+                     "the data must be the same on every host (the same prepared splits at config.data.dataset_dir)")
     hosts.check_shared_directory(workdir)
     num_steps = train.total_steps(config, steps_per_epoch)
     if is_main:
@@ -422,13 +439,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, data=None)
     # the state's abstract tree (a trace of the whole init) only when there is a checkpoint to read
     abstract_state = train.abstract_train_state(nets, tx, mesh)[0] if ckpt.all_steps() else None
     state, data_state, step = ckpt.restore(abstract_state)
-    lowered_init = encoder_init = None
+    lowered_init = None
     if state is None:
-        encoder_init = train.load_pretrained_encoders(config)
+        if encoder_init is None:  # checkpoint directories, none complete: read it now
+            encoder_init = train.load_pretrained_encoders(config)
         lowered_init = train.lower_init(nets, tx, mesh, init_rng)
         abstract_state = lowered_init.out_info  # the state's tree, without another trace
         # a weights file that does not fit fails here, before the step starts compiling
-        train.check_pretrained_encoders(abstract_state, encoder_init)
+        try:
+            train.check_pretrained_encoders(abstract_state, encoder_init)
+        except ValueError as e:
+            raise config_utils.ConfigError(f"config.model.init={config.model.init}: {e}") from e
         data_state, step = {}, 0
     else:
         log.info("resuming from %s at step %d", ckpt.directory / str(step), step)

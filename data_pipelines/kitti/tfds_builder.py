@@ -246,3 +246,20 @@ def read_metadata(out_dir: str | pathlib.Path, split_name: str) -> dict[str, Any
 
     path = dataset_dir(out_dir, split_name) / "metadata.json"
     return json.loads(path.read_text())
+
+
+def split_fingerprint(out_dir: str | pathlib.Path, split_name: str) -> str:
+    """A hash of what identifies a prepared split's content, not where it lies: its settings, the
+    split file's hash and line count, and the shards' example counts and sizes (the paths it was
+    prepared from left out, so copies of one store, or stores prepared alike on several hosts,
+    agree). Used to check that every host of a multi-host run reads the same data."""
+    import hashlib
+    import json
+
+    path = dataset_dir(out_dir, split_name)
+    meta = read_metadata(out_dir, split_name)
+    info = json.loads((path / "dataset_info.json").read_text())
+    key = {"settings": meta.get("settings"), "split_sha256": meta.get("split_sha256"),
+           "num_lines": meta.get("num_lines"),
+           "splits": [(s.get("name"), s.get("numBytes"), s.get("shardLengths")) for s in info.get("splits", [])]}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
