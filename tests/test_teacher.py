@@ -44,6 +44,30 @@ def test_store_round_trip(tmp_path):
     assert pickle.loads(pickle.dumps(src))[2][0] == ids[2]
 
 
+def test_store_identity_names_the_content_not_the_place(tmp_path):
+    """What a multi-host run compares across hosts' teacher stores: a copy elsewhere, or one whose
+    teacher.json names other paths, agrees; another teacher step or source split does not."""
+    import json
+    import shutil
+
+    ids = _ids(4)
+    kw = dict(group_names=GROUPS7, height=3, width=5, batch_size=2, progress=False, fingerprint="split-a",
+              extra_metadata={"teacher": {"backend": "flax:/a/teacher", "step": 200}})
+    store.write_store(tmp_path / "a", 4, _fake_batch(ids), grouping="geometric", **kw)
+    ident = store.TeacherLogitsSource(tmp_path / "a").identity
+    shutil.copytree(tmp_path / "a", tmp_path / "copy")
+    meta_path = tmp_path / "copy" / store.METADATA_FILE
+    meta = json.loads(meta_path.read_text())
+    meta["dataset_dir"], meta["teacher"]["backend"] = "/elsewhere/tfds", "flax:/b/teacher"
+    meta_path.write_text(json.dumps(meta))
+    assert store.TeacherLogitsSource(tmp_path / "copy").identity == ident
+    store.write_store(tmp_path / "b", 4, _fake_batch(ids), grouping="geometric",
+                      **{**kw, "extra_metadata": {"teacher": {"backend": "flax:/a/teacher", "step": 100}}})
+    assert store.TeacherLogitsSource(tmp_path / "b").identity != ident
+    store.write_store(tmp_path / "c", 4, _fake_batch(ids), grouping="geometric", **{**kw, "fingerprint": "split-b"})
+    assert store.TeacherLogitsSource(tmp_path / "c").identity != ident
+
+
 def test_store_resume_after_interruption(tmp_path):
     ids = _ids(8)
     calls = []

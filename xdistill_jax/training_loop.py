@@ -85,8 +85,9 @@ class TrainingData:
     val_id: optional, the split line (`id`) of val example i, to check config.data.val_gt_depth.
     num_val_examples: optional, examples in the validation split (None: unknown, then the GT
       check covers the maps in the GT file).
-    fingerprint: optional, a hash of the splits' identity (`tfds_builder.split_fingerprint`):
-      every process of a multi-host run must read the same data.
+    fingerprint: optional, a hash of the splits' and teacher stores' identity
+      (`tfds_builder.split_fingerprint`, `TeacherLogitsSource.identity`): every process of a
+      multi-host run must read the same data.
     """
 
     make_train_iterator: Callable[[], Any]
@@ -162,7 +163,7 @@ def tfds_training_data(config: ml_collections.ConfigDict) -> TrainingData:
             teacher=train_teacher, augment=d.augment, num_workers=num_workers,
             source_scales=source_scales)
 
-    make_val = val_id = num_val = None
+    make_val = val_id = num_val = val_teacher = None
     if d.val_split:
         val_source = split(d.val_split, "val_split")
         val_teacher = teacher(d.val_teacher_dir, "data.val_teacher_dir") if d.val_teacher_dir else None
@@ -179,7 +180,8 @@ def tfds_training_data(config: ml_collections.ConfigDict) -> TrainingData:
 
     from data_pipelines.kitti.tfds_builder import split_fingerprint
 
-    fingerprint = "/".join(split_fingerprint(d.dataset_dir, name) for name in (d.train_split, d.val_split) if name)
+    fingerprint = "/".join([split_fingerprint(d.dataset_dir, name) for name in (d.train_split, d.val_split) if name]
+                           + [t.identity for t in (train_teacher, val_teacher) if t is not None])
     return TrainingData(make_train_iterator, make_val, len(train_source), val_id, num_val, fingerprint)
 
 
@@ -414,7 +416,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, data=None)
             raise config_utils.ConfigError(f"config.model.init: {e}") from e
     hosts.check_same({"training examples": num_examples, "validation examples": data.num_val_examples or 0,
                       "data fingerprint": hosts.fingerprint_int(data.fingerprint)},
-                     "the data must be the same on every host (the same prepared splits at config.data.dataset_dir)")
+                     "the data must be the same on every host (the same prepared splits at config.data.dataset_dir "
+                     "and teacher stores)")
     hosts.check_shared_directory(workdir)
     num_steps = train.total_steps(config, steps_per_epoch)
     if is_main:
