@@ -199,6 +199,15 @@ def test_an_unreadable_encoder_file_fails_naming_the_key_before_the_workdir_is_m
     assert not (tmp_path / "run").exists()
 
 
+def test_a_workdir_that_is_a_file_is_refused_and_left_alone(tmp_path):
+    """Until 2026-12-06 a FileExistsError traceback from the workdir's mkdir."""
+    path = tmp_path / "run"
+    path.write_text("notes\n")
+    with pytest.raises(config_utils.ConfigError, match=rf"workdir {re.escape(str(path))}: exists and is not a directory"):
+        training_loop.train_and_evaluate(tiny_config(distill_weight=0.1), path, data=make_data())
+    assert path.read_text() == "notes\n"
+
+
 def test_resume_continues_the_data_order(resumed_run):
     """The loader state saved at step 2 resumes at the third batch of an unbroken iterator."""
     from xdistill_jax.checkpoints import Checkpointer

@@ -124,9 +124,14 @@ def check_shared_directory(path: pathlib.Path, what: str = "workdir") -> None:
             path.mkdir(parents=True, exist_ok=True)
             probe.write_text(f"{token}\n")
         except OSError as e:
-            error = f"process 0 cannot write {probe}: {e}"
-    multihost_utils.sync_global_devices(f"xdistill {what} probe written")
-    if error is None and jax.process_index() != 0:
+            error = f"process 0 ({socket.gethostname()}) cannot write {probe}: {e}"
+    # (a collective: no process reads before process 0 has written)
+    if failed_processes(error is not None):
+        for d in made:
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        raise SetupError(error or f"process 0 cannot write into the {what} {path} (its output says why)")
+    if jax.process_index() != 0:
         try:
             seen = probe.read_text().strip()
         except OSError:
@@ -144,5 +149,5 @@ def check_shared_directory(path: pathlib.Path, what: str = "workdir") -> None:
         raise SetupError(
             (error + "; " if error else "")
             + f"the {what} must be one directory every host sees ({_processes(failed)} of "
-            f"{jax.process_count()} {'do' if len(failed) > 1 else 'does'} not): a shared or mounted filesystem (NFS, Filestore, Cloud Storage "
-            "FUSE `gcsfuse BUCKET /mnt/BUCKET`), not each host's own disk")
+            f"{jax.process_count()} {'do' if len(failed) > 1 else 'does'} not): a shared or mounted "
+            "filesystem (NFS, Filestore, Cloud Storage FUSE `gcsfuse BUCKET /mnt/BUCKET`), not each host's own disk")

@@ -393,6 +393,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, data=None)
     # alone would leave the others waiting at a collective), before the workdir is touched and
     # before any compilation.
     with hosts.agree("its setup checks"):
+        if workdir.exists() and not workdir.is_dir():
+            raise config_utils.ConfigError(f"workdir {workdir}: exists and is not a directory")
         config_utils.validate(config, num_devices=mesh.size)
         # "auto" kernel layout: the run's own if it resumes, else the platform's; saved resolved
         config = config_utils.resolve_kernel_layout(config, train.mesh_platform(mesh), workdir)
