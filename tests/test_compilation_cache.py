@@ -143,3 +143,17 @@ def test_enable_installs_it_for_the_cache_jax_creates(tmp_path, monkeypatch):
     assert isinstance(made[0], WholeEntryCache) and made[1] == str(tmp_path)
     assert compilation_cache.install_whole_entry_cache()  # a second install wraps nothing twice
     assert isinstance(jcc.get_file_cache(str(tmp_path))[0]._base, LRUCache)
+
+
+@pytest.mark.parametrize("where", ["argument", compilation_cache.ENV_VAR, "JAX_COMPILATION_CACHE_DIR"])
+def test_a_url_cache_directory_is_refused_naming_where_it_came_from(where, monkeypatch, tmp_path):
+    """pathlib would make gs://bucket/cache the local directory gs:/bucket/cache."""
+    monkeypatch.chdir(tmp_path)
+    for var in (compilation_cache.ENV_VAR, "JAX_COMPILATION_CACHE_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    if where != "argument":
+        monkeypatch.setenv(where, "gs://bucket/cache")
+    flag = "--compilation-cache" if where == "argument" else where
+    with pytest.raises(ValueError, match=rf"{flag}=gs://bucket/cache: a URL \(gs://\)"):
+        compilation_cache.cache_dir("gs://bucket/cache" if where == "argument" else None)
+    assert list(tmp_path.iterdir()) == []

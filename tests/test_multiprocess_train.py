@@ -292,19 +292,22 @@ def test_a_process_whose_data_is_missing_stops_every_process(dataset, tmp_path):
 
 def test_a_workdir_not_every_host_sees_stops_every_process(dataset, tmp_path):
     """Each host's own disk as the workdir (here: two directories): process 1 does not see the
-    probe process 0 wrote, every process exits 2 naming the workdir, and the probe and the
-    directory made for it are gone. Without the check, process 1's resume would read its own
-    disk's checkpoints (none) while process 0 restored its own."""
+    probe process 0 wrote, every process exits 2 naming the workdir, and the probe is gone.
+    Without the check, process 1's resume would read its own disk's checkpoints (none) while
+    process 0 restored its own."""
     a, b = tmp_path / "host0" / "run", tmp_path / "host1" / "run"
+    a.parent.mkdir()  # each host's disk: a new run's probe goes into the workdir's existing parent
+    b.parent.mkdir()
     results = _two_processes(dataset, tmp_path / "run", 2, workdirs=[a, b], end_others=False, timeout=120)
     (rc0, out0), (rc1, out1) = results
     assert (rc0, rc1) == (2, 2), (out0[-2000:], out1[-2000:])
     for out in (out0, out1):
         assert "the workdir must be one directory every host sees (process 1 of 2 does not)" in out
         assert "Traceback" not in out
-    assert f"process 1 ({socket.gethostname()}) does not see the workdir {b}" in out1
-    # the probe and the directories made for it (host0/run) gone: the logs alone
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["train_2_0.log", "train_2_1.log"]
+    assert f"process 1 ({socket.gethostname()}) does not see the workdir {b}: not the probe process 0 wrote" in out1
+    # the probe gone, nothing made: the logs alone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["host0", "host1", "train_2_0.log", "train_2_1.log"]
+    assert list(a.parent.iterdir()) == list(b.parent.iterdir()) == []
 
 
 def test_hosts_reading_different_data_stop_every_process(dataset, tmp_path):
@@ -335,3 +338,29 @@ def test_hosts_reading_different_data_stop_every_process(dataset, tmp_path):
                 "the data must be the same on every host") in out, out[-2000:]
         assert "Traceback" not in out
     assert not workdir.exists()
+
+
+def test_a_resume_from_config_json_without_a_process_id_is_a_config_error(tmp_path):
+    """config.json saves distributed.process_id as -1; resumed with `--workdir` alone where JAX
+    cannot detect the id, jax.distributed.initialize's ValueError becomes exit 2 naming
+    config.distributed (was a traceback, exit 1)."""
+    config = config_utils.load_config_file(CONFIG)
+    config = config_utils.apply_overrides(config, [
+        "--config.distributed.enabled=True", "--config.distributed.coordinator_address=127.0.0.1:1",
+        "--config.distributed.num_processes=2", "--config.distributed.process_id=1"])
+    config_utils.save_config(config, tmp_path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "TPU_", "CLOUD_TPU"))}
+    out = subprocess.run([sys.executable, "-m", "xdistill_jax", "train", "--workdir", str(tmp_path)],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "xdistill train: config.distributed:" in out.stderr and "--config.distributed.process_id" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("value", [0, 5, 2**31 - 1, 2**31, 2**40 + 5, 2**62 - 1])
+def test_check_same_sends_values_beyond_int32(value):
+    """With jax's 64-bit mode off an int64 crosses processes as int32: `check_same` sends two
+    31-bit halves (one process: the encoding round trip, as the allgather returns it)."""
+    from xdistill_jax import hosts
+
+    assert hosts._from_halves(hosts._to_halves([value, 7])).tolist() == [value, 7]

@@ -563,6 +563,15 @@ def test_a_teacher_store_of_another_grouping_is_named(world_run, tmp_path):
     assert training_loop.tfds_training_data(config).num_examples == n
 
 
+def test_a_missing_or_incomplete_teacher_store_names_the_key(world_run, tmp_path):
+    """Until 2026-12-06 a ValueError traceback (exit 1) from the store's reader."""
+    base, _, _ = world_run
+    config = _world_config(base, **{"distill.weight": 0.1, "data.teacher_dir": tmp_path / "nowhere"})
+    with pytest.raises(config_utils.ConfigError, match=r"config\.data\.teacher_dir: .*nowhere/teacher\.json: "
+                                                      r"no teacher logits store here"):
+        training_loop.tfds_training_data(config)
+
+
 def _final_state(workdir, step):
     from xdistill_jax.checkpoints import Checkpointer
 

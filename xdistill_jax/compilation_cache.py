@@ -36,9 +36,13 @@ _OFF = ("", "off", "none", "0", "false")
 
 def cache_dir(path: str | os.PathLike | None = None) -> pathlib.Path | None:
     """The directory the cache would use (None when disabled); see the module docstring."""
-    for value in (path, os.environ.get(ENV_VAR), os.environ.get("JAX_COMPILATION_CACHE_DIR")):
+    from xdistill_jax import local_paths
+
+    for where, value in (("--compilation-cache", path), (ENV_VAR, os.environ.get(ENV_VAR)),
+                         ("JAX_COMPILATION_CACHE_DIR", os.environ.get("JAX_COMPILATION_CACHE_DIR"))):
         if value is not None:
             text = str(value).strip()
+            local_paths.require_local(text, where)  # pathlib would make gs://b/c the local gs:/b/c
             return None if text.lower() in _OFF else pathlib.Path(text).expanduser()
     return DEFAULT_DIR
 

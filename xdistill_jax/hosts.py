@@ -9,10 +9,10 @@ error, and the others raise a `SetupError` naming those processes.
 `check_shared_directory`: the workdir must be one directory that every host sees (checkpoints are
 written by several processes and read back by all; `config.json` and the metrics by process 0).
 A local path on each host's own disk is not: each process would then resume from what its own
-disk holds. Process 0 writes a probe file holding a token that every process is sent; every
-process reads it back (the file is named by the token: never looked up before, so no filesystem
-cache of another host, NFS's or gcsfuse's, holds a stale "absent" for it); the probe is removed
-whatever the outcome, and a workdir made for the probe alone is removed with it.
+disk holds. Process 0 writes a probe file holding a token that every process is sent, into the
+workdir or (a new run's) its deepest existing ancestor; every process reads it back (the file is
+named by the token: never looked up before, so no filesystem cache of another host, NFS's or
+gcsfuse's, holds a stale "absent" for it); the probe is removed whatever the outcome.
 
 With one process both are no-ops (beyond re-raising the process's own error).
 """
@@ -75,7 +75,7 @@ def agree(what: str):
 
 
 def fingerprint_int(text: str) -> int:
-    """A string's sha256 as a non-negative int64 (60 bits), for `check_same`; 0 for ""."""
+    """A string's sha256 as a non-negative integer of 60 bits, for `check_same`; 0 for ""."""
     if not text:
         return 0
     import hashlib
@@ -83,15 +83,25 @@ def fingerprint_int(text: str) -> int:
     return int(hashlib.sha256(text.encode()).hexdigest()[:15], 16)
 
 
+def _to_halves(values) -> np.ndarray:
+    """Integers in [0, 2^62) as int32 pairs (high, low 31 bits): with jax's 64-bit mode off (the
+    default) an int64 array crosses processes as int32, its high bits lost."""
+    return np.asarray([[v >> 31, v & 0x7FFFFFFF] for v in map(int, values)], np.int32)
+
+
+def _from_halves(halves: np.ndarray) -> np.ndarray:
+    return (halves[..., 0].astype(np.int64) << 31) | halves[..., 1].astype(np.int64)
+
+
 def check_same(values: dict[str, int], hint: str) -> None:
-    """Raise SetupError on every process unless each of `values` (name -> int) is the same on all
-    of them; the message gives each differing value by process, then `hint`."""
+    """Raise SetupError on every process unless each of `values` (name -> int in [0, 2^62)) is the
+    same on all of them; the message gives each differing value by process, then `hint`."""
     if jax.process_count() == 1:
         return
     from jax.experimental import multihost_utils
 
-    mine = np.asarray(list(values.values()), np.int64)
-    table = np.asarray(multihost_utils.process_allgather(mine)).reshape(jax.process_count(), len(values))
+    halves = np.asarray(multihost_utils.process_allgather(_to_halves(values.values())))
+    table = _from_halves(halves.reshape(jax.process_count(), len(values), 2))
     differ = []
     for j, name in enumerate(values):
         column = table[:, j]
@@ -106,31 +116,34 @@ def check_same(values: dict[str, int], hint: str) -> None:
 
 
 def check_shared_directory(path: pathlib.Path, what: str = "workdir") -> None:
-    """Raise SetupError on every process unless all of them see the same directory `path`."""
+    """Raise SetupError on every process unless all of them see the same directory `path`.
+
+    The probe goes into `path` if it exists on process 0, else into its deepest ancestor that does
+    (a new run's workdir is made later): a directory the other processes may have looked up and
+    found absent moments ago could still be cached as absent by their filesystem client (NFS,
+    gcsfuse), which would fail the check on a shared filesystem. Nothing is created but the probe.
+    """
     if jax.process_count() == 1:
         return
     from jax.experimental import multihost_utils
 
-    path = pathlib.Path(path)
-    token = int.from_bytes(os.urandom(7), "little")
-    token = int(np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(token, dtype=np.int64))))
-    # a name never looked up before: no filesystem cache (NFS, gcsfuse) can hold a stale "absent"
-    probe = path / f"{PROBE_NAME}_{token:014x}"
-    made = []  # the directories process 0 creates for the probe, deepest first
+    path = pathlib.Path(path).absolute()
+    chain = [path, *path.parents]
+    up = next(i for i, p in enumerate(chain) if p.exists() or p == chain[-1])
+    token = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF  # int32: no 64-bit mode needed
+    up, token = (int(v) for v in np.asarray(multihost_utils.broadcast_one_to_all(np.asarray([up, token], np.int32))))
+    where = chain[up]
+    # a name never looked up before: no filesystem cache can hold a stale "absent" for it
+    probe = where / f"{PROBE_NAME}_{token:08x}"
     error = None
     if jax.process_index() == 0:
         try:
-            made = [p for p in (path.absolute(), *path.absolute().parents) if not p.exists()]
-            path.mkdir(parents=True, exist_ok=True)
             probe.write_text(f"{token}\n")
         except OSError as e:
             error = f"process 0 ({socket.gethostname()}) cannot write {probe}: {e}"
     # (a collective: no process reads before process 0 has written)
     if failed_processes(error is not None):
-        for d in made:
-            with contextlib.suppress(OSError):
-                d.rmdir()
-        raise SetupError(error or f"process 0 cannot write into the {what} {path} (its output says why)")
+        raise SetupError(error or f"process 0 cannot write a probe into {where} (its output says why)")
     if jax.process_index() != 0:
         try:
             seen = probe.read_text().strip()
@@ -138,13 +151,12 @@ def check_shared_directory(path: pathlib.Path, what: str = "workdir") -> None:
             seen = None
         if seen != str(token):
             error = (f"process {jax.process_index()} ({socket.gethostname()}) does not see the {what} "
-                     f"{path} that process 0 wrote to ({probe} {'missing' if seen is None else 'holds another token'})")
+                     f"{path}: not the probe process 0 wrote into {where} "
+                     f"({probe.name} {'missing' if seen is None else 'holds another token'})")
     failed = failed_processes(error is not None)
     if jax.process_index() == 0:
         with contextlib.suppress(OSError):
             probe.unlink()
-            for d in made if failed else ():
-                d.rmdir()  # made for the probe only: leave nothing behind
     if failed:
         raise SetupError(
             (error + "; " if error else "")

@@ -121,7 +121,10 @@ def tfds_training_data(config: ml_collections.ConfigDict) -> TrainingData:
         from data_pipelines.teacher.store import TeacherLogitsSource
         from xdistill_jax import semantics
 
-        source = TeacherLogitsSource(path)
+        try:
+            source = TeacherLogitsSource(path)
+        except ValueError as e:  # no store, another format, an interrupted precompute
+            raise config_utils.ConfigError(f"config.{key}: {e}") from e
         # two groupings can have the same number of groups (geometric and cityscapes_categories
         # both 7): the shapes would agree and the run would distill the other grouping
         wanted = semantics.get_grouping(config.distill.grouping).name
@@ -180,8 +183,11 @@ def tfds_training_data(config: ml_collections.ConfigDict) -> TrainingData:
 
     from data_pipelines.kitti.tfds_builder import split_fingerprint
 
-    fingerprint = "/".join([split_fingerprint(d.dataset_dir, name) for name in (d.train_split, d.val_split) if name]
-                           + [t.identity for t in (train_teacher, val_teacher) if t is not None])
+    try:
+        splits = [split_fingerprint(d.dataset_dir, name) for name in (d.train_split, d.val_split) if name]
+    except (OSError, ValueError) as e:  # a prepared split without a readable metadata.json
+        raise config_utils.ConfigError(f"config.data.dataset_dir: {d.dataset_dir}: {e}") from e
+    fingerprint = "/".join(splits + [t.identity for t in (train_teacher, val_teacher) if t is not None])
     return TrainingData(make_train_iterator, make_val, len(train_source), val_id, num_val, fingerprint)
 
 
@@ -198,7 +204,13 @@ def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
     if d.process_id >= 0:
         kwargs["process_id"] = d.process_id
     if not jax.distributed.is_initialized():
-        jax.distributed.initialize(**kwargs)
+        try:
+            jax.distributed.initialize(**kwargs)
+        except ValueError as e:  # e.g. no process id given nor detected (a resume from config.json)
+            raise config_utils.ConfigError(
+                f"config.distributed: {e} (give --config.distributed.coordinator_address, "
+                "--config.distributed.num_processes and this host's --config.distributed.process_id "
+                "where JAX cannot detect them)") from e
 
 
 def check_workdir_config(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:

@@ -59,17 +59,19 @@ def decode_record(record: bytes, shape: tuple[int, int, int]) -> tuple[str, np.n
     return example_id, logits
 
 
-def _identity(meta: dict) -> str:
+def _identity(meta: dict, shard_sizes: Sequence[int] = ()) -> str:
     """A hash of what identifies a store's content, not where it lies or was made from: its
-    teacher.json without the paths (`dataset_dir`, the teacher's `backend` spec). Copies of one
-    store on several hosts agree; a store of other settings, split or teacher step does not."""
+    teacher.json without the paths (`dataset_dir`, the teacher's `backend` spec) and its shards'
+    sizes in bytes. Copies of one store on several hosts agree; a store of other settings, split
+    or teacher step does not, nor (most likely) one of other logits."""
     import hashlib
 
     meta = json.loads(json.dumps(meta))
     meta.pop("dataset_dir", None)
     if isinstance(meta.get("teacher"), dict):
         meta["teacher"].pop("backend", None)
-    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
+    key = {"meta": meta, "shard_sizes": [int(n) for n in shard_sizes]}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
 def _write_json_atomic(path: Path, obj: dict) -> None:
@@ -104,7 +106,7 @@ class TeacherLogitsSource:
             raise ValueError(f"{meta_path}: store is incomplete (an interrupted precompute); "
                              "rerun the same `xdistill teacher precompute` command to finish it")
         self.metadata = meta
-        self.identity = _identity(meta)
+        self.identity = _identity(meta, [p.stat().st_size for p in sorted(self.path.glob("logits-*.array_record"))])
         self.num_groups = int(meta["num_groups"])
         self.grouping = str(meta["grouping"])
         self.group_names = tuple(meta["group_names"])

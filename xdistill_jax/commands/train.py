@@ -3,7 +3,9 @@
 Trains (or resumes) the run in W. Without --config, the workdir's saved config.json is used
 (resume). Exit status: 0 finished, 3 non-finite loss (last good checkpoint kept), 75 stopped by
 SIGTERM/SIGINT after saving a checkpoint (rerun to continue), 2 bad config or workdir (in a
-multi-host run: on any process, or a workdir that not every host sees; every process exits 2).
+multi-host run, once the processes have joined: on any process, or a workdir that not every host
+sees, and every process exits 2; a config that fails to load or validate before they join stops
+that process alone, and the others' `jax.distributed.initialize` times out).
 """
 
 from __future__ import annotations
@@ -39,13 +41,17 @@ def run(args) -> int:
     except config_utils.ConfigError as e:
         print(f"xdistill train: {e}", file=sys.stderr)
         return 2
-    from xdistill_jax import train
+    from xdistill_jax import hosts, train, training_loop
     from xdistill_jax.compilation_cache import enable_compilation_cache
     from xdistill_jax.hosts import SetupError
 
     try:
-        enable_compilation_cache(getattr(args, "compilation_cache", None))
-    except ValueError as e:
+        # the processes of a multi-host run join first, so that a cache directory one host cannot
+        # make stops every process (it is enabled before anything compiles, the agreement included)
+        training_loop.maybe_initialize_distributed(config)
+        with hosts.agree("to enable its compilation cache"):
+            enable_compilation_cache(getattr(args, "compilation_cache", None))
+    except (ValueError, SetupError) as e:  # ConfigError is a ValueError
         print(f"xdistill train: {e}", file=sys.stderr)
         return 2
     try:
