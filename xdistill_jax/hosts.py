@@ -34,17 +34,19 @@ class SetupError(RuntimeError):
     """Another process of the run stopped before training; the message names it."""
 
 
-def _allgather_flags(flag: bool) -> np.ndarray:
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(np.asarray([bool(flag)]))).reshape(-1)
-
-
 def failed_processes(failed: bool) -> list[int]:
     """The indices of the processes that passed `failed=True` (a collective: every process calls it)."""
     if jax.process_count() == 1:
         return [0] if failed else []
-    return [int(i) for i in np.flatnonzero(_allgather_flags(failed))]
+    from jax.experimental import multihost_utils
+
+    flags = np.asarray(multihost_utils.process_allgather(np.asarray([bool(failed)]))).reshape(-1)
+    return [int(i) for i in np.flatnonzero(flags)]
+
+
+def any_process(flag: bool) -> bool:
+    """Whether any process passed `flag=True` (a collective: every process calls it)."""
+    return bool(failed_processes(flag))
 
 
 def _processes(indices: list[int]) -> str:

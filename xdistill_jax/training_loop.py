@@ -305,13 +305,6 @@ class _StopSignal:
             signal.signal(sig, old)
 
 
-def _any_process(flag: bool) -> bool:
-    if jax.process_count() == 1:
-        return flag
-    from jax.experimental import multihost_utils
-    return bool(np.any(multihost_utils.process_allgather(np.asarray([flag]))))
-
-
 def _progress_line(step, total, t_start, step_start, batch_size, scalars):
     elapsed = time.time() - t_start
     done = step - step_start
@@ -353,7 +346,7 @@ def validate(config, eval_step, mesh, state, make_val_iterator, writer, step, rn
         metrics = eval_step(state.params, state.batch_stats, train.global_batch(batch, mesh), rng)
         if i == 0:
             _fault.at("val", step)
-        if not _any_process(not mask.all()):  # a full batch on every host
+        if not hosts.any_process(not mask.all()):  # a full batch on every host
             for k, v in metrics.items():
                 if jnp.ndim(v) == 0:
                     sums[k] = sums.get(k, 0.0) + float(v)
@@ -519,7 +512,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, data=None)
     else:  # .get: a config.json saved before the field existed
         val_due = bool(config.run.get("val_at_start", False))
     eval_step = train.make_eval_step(config, nets, mesh) if data.make_val_iterator is not None else None
-    if val_due and data.make_val_iterator is not None and _any_process(is_main and (step, "val") not in kept):
+    if val_due and data.make_val_iterator is not None and hosts.any_process(is_main and (step, "val") not in kept):
         if train_step is not None:
             train_step.wait()  # the eval step compiles next, not while the step autotunes (GPU)
         validate(config, eval_step, mesh, state, data.make_val_iterator, writer, step, val_rng, gt)
@@ -553,7 +546,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, data=None)
                 boundary = step == num_steps
                 do_ckpt = step % config.run.ckpt_every == 0 or boundary
                 do_val = step % config.run.val_every == 0 or boundary
-                stop_now = _any_process(stop.received is not None) if (
+                stop_now = hosts.any_process(stop.received is not None) if (
                     jax.process_count() == 1 or step % config.run.log_every == 0) else False
                 if step % config.run.log_every == 0 or do_ckpt or do_val or stop_now or boundary:
                     # one fetch of the scalars accumulated since the last check
