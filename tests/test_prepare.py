@@ -318,3 +318,17 @@ def test_split_fingerprint_names_the_content_not_the_place(tree, prepared, tmp_p
     shorter.write_text("\n".join(kitti_tiny.split_lines(split)[:3]) + "\n")
     prepare.prepare_split(raw, shorter, tmp_path / "shorter", "train", H, W)
     assert tfds_builder.split_fingerprint(tmp_path / "shorter", "train") != fp
+
+
+def test_prepare_leaves_nothing_in_the_temp_directory(tree, tmp_path, monkeypatch):
+    """TFDS's builder constructor made an empty /tmp/tmp*tfds directory per prepared split (its
+    GCS metadata lookup, off by default) and never removed it."""
+    import tempfile
+
+    raw, split = tree
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    prepare.prepare_split(raw, split, tmp_path / "out", "train", H, W)
+    assert (tmp_path / "out" / "kitti_triplets" / "train" / "1.0.0" / "dataset_info.json").is_file()
+    assert sorted(p.name for p in scratch.iterdir()) == []

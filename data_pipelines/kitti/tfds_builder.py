@@ -56,6 +56,19 @@ def _make_example_job(job: tuple) -> tuple[int, dict[str, Any]]:
     return index, triplets.make_example(raw_dir, line, index, settings, where)
 
 
+class _LocalDatasetInfo(tfds.core.DatasetInfo):
+    """A DatasetInfo that never looks for pre-computed metadata in TFDS's GCS bucket.
+
+    TFDS's builder constructor calls `initialize_from_bucket` for a dataset not yet prepared;
+    with GCS access off (TFDS's default) that finds nothing but first makes an empty
+    /tmp/tmp*tfds directory it never removes: one left behind per `xdistill prepare` (TFDS
+    4.9.10). A split prepared here has no metadata on GCS to find.
+    """
+
+    def initialize_from_bucket(self) -> None:
+        return None
+
+
 class KittiTriplets(tfds.core.GeneratorBasedBuilder):
     """KITTI raw (or the synthetic world in its layout) + a split file -> triplet examples."""
 
@@ -109,7 +122,7 @@ class KittiTriplets(tfds.core.GeneratorBasedBuilder):
         # frame 0's stored scale chain is raw whatever the frames' format (triplets.py)
         scales = ({k: image(i + 1, "raw") for i, k in enumerate(triplets.TARGET_SCALE_KEYS)}
                   if s.target_scales else {})
-        return tfds.core.DatasetInfo(
+        return _LocalDatasetInfo(
             builder=self,
             description=(
                 "KITTI raw triplets (frames -1, 0, +1 of one camera) for self-supervised depth."
