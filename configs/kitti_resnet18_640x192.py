@@ -16,6 +16,8 @@ validation):
       --config.model.init=weights/resnet18_imagenet.msgpack
 
 Baseline Monodepth2 (no distillation, translator not built): add `--config.distill.weight=0`.
+bf16 compute (the GPU speed figures' step; parameters and losses stay float32): add
+`--config.model.dtype=bfloat16`.
 
 Expected time: not yet measured (Monodepth2's PyTorch step: 148 images/s on one H100, i.e.
 about 1.5 h for 66,340 steps; see benchmarks/RESULTS.md for this port's figures).
