@@ -459,3 +459,28 @@ def test_synthetic_world_labels_through_prepare_precompute_cli_and_loader(tmp_pa
     shuffled = [st[i] for i in range(len(st))][::-1]
     with pytest.raises(ValueError, match="teacher store record 0 has id"):
         input_pipeline.TripletSource(src, shuffled)[0]
+
+
+def test_a_damaged_shard_names_the_file_record_and_example(tmp_path):
+    """Bytes of a shard overwritten after the store was written (a partial copy, a bad disk):
+    array_record's error ("Corrupted Riegeli/records file: ... hash mismatch") named neither the
+    file nor the example. Now a DamagedStoreError names both, and the other shards still read."""
+    from data_pipelines.damaged_store import DamagedStoreError
+
+    ids = _ids(7)
+    store.write_store(tmp_path / "s", 7, _fake_batch(ids), grouping="geometric", group_names=GROUPS7,
+                      height=3, width=5, shard_size=3, batch_size=2, progress=False)
+    shard = tmp_path / "s" / "logits-00001.array_record"  # examples 3, 4, 5
+    data = bytearray(shard.read_bytes())
+    for i in range(len(data) // 2 - 8, len(data) // 2 + 8):
+        data[i] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    src = store.TeacherLogitsSource(tmp_path / "s")
+    for i in (0, 2, 6):
+        assert src[i][0] == ids[i]
+    for i in (3, 5):
+        with pytest.raises(DamagedStoreError) as e:
+            src[i]
+        assert re.search(rf"teacher store .*: .*logits-00001\.array_record, record {i - 3} \(example {i}\) "
+                         r"cannot be read \(RuntimeError: Corrupted Riegeli.*\)\. The store is damaged .*"
+                         r"`xdistill teacher precompute` again", str(e.value)), str(e.value)

@@ -514,12 +514,17 @@ def test_cli_without_a_prepared_train_split_exits_2_naming_it(tmp_path, capsys):
     assert not (tmp_path / "w").exists()
 
 
+def _world_overrides(base, **more):
+    from eval_workdir import TRAIN_OVERRIDES
+
+    return dict(TRAIN_OVERRIDES, **{"data.dataset_dir": base / "tfds"}, **more)
+
+
 def _world_config(base, **more):
-    from eval_workdir import REPO, TRAIN_OVERRIDES
+    from eval_workdir import REPO
 
     config = config_utils.load_config_file(str(REPO / "configs" / "synthetic_demo.py") + ":smoke")
-    overrides = dict(TRAIN_OVERRIDES, **{"data.dataset_dir": base / "tfds"}, **more)
-    return config_utils.apply_overrides(config, [f"--config.{k}={v}" for k, v in overrides.items()])
+    return config_utils.apply_overrides(config, [f"--config.{k}={v}" for k, v in _world_overrides(base, **more).items()])
 
 
 def test_a_split_prepared_at_another_size_is_named_before_the_workdir_is_made(world_run, tmp_path):
@@ -613,3 +618,74 @@ def test_state_layout_auto_trains_checkpoints_and_resumes_like_the_default(resum
         np.testing.assert_array_equal(got[k], ref[k], err_msg=jax.tree_util.keystr(k))
     for split in ("train", "val"):
         assert [m["loss"] for m in read_metrics(workdir, split)] == [m["loss"] for m in read_metrics(resumed_run[0], split)]
+
+
+def _damage_a_later_record(shard, dataset_dir, later_than: set):
+    """Overwrites 16 bytes of `shard` at the first 512-byte step where the records that fail are
+    some of the split's, none of them in `later_than` (the first batches' examples) and at least
+    one of the others; returns the damaged example indices."""
+    from data_pipelines.damaged_store import DamagedStoreError
+    from data_pipelines.kitti.tfds_builder import open_split
+
+    original = shard.read_bytes()
+    for offset in range(512, len(original) // 2, 512):
+        data = bytearray(original)
+        data[offset:offset + 16] = bytes(b ^ 0xFF for b in data[offset:offset + 16])
+        shard.write_bytes(bytes(data))
+        source = open_split(dataset_dir, "train")
+        damaged = set()
+        for i in range(len(source)):
+            try:
+                source[i]
+            except DamagedStoreError:
+                damaged.add(i)
+        if damaged and not damaged & later_than and len(damaged) < len(source) - len(later_than):
+            return damaged
+    shard.write_bytes(original)
+    pytest.fail("no overwritten range damaged only records read after the first batches")
+
+
+def test_a_damaged_shard_mid_run_exits_2_naming_it_and_resumes_once_repaired(world_run, tmp_path, capsys):
+    """A record of the prepared split that cannot be read in the middle of a run (bytes of its
+    shard overwritten, as a partial copy or a bad disk leaves them) ended `xdistill train` with
+    array_record's traceback, naming neither the file nor the example. Now: status 2, the shard
+    file, record and example named with the step it stopped after and the checkpoint to resume
+    from, no traceback; with the shard repaired the same command resumes and finishes."""
+    import shutil
+
+    from eval_workdir import REPO
+    from xdistill_jax import cli
+
+    base, _, _ = world_run
+    shutil.copytree(base / "tfds" / "kitti_triplets" / "train", tmp_path / "tfds" / "kitti_triplets" / "train")
+    (shard,) = (tmp_path / "tfds").rglob("*.array_record-00000-of-00001")
+    original = shard.read_bytes()
+    steps = 4
+    args = ["train", "--config", f"{REPO / 'configs' / 'synthetic_demo.py'}:smoke", "--workdir",
+            str(tmp_path / "w")] + [f"--config.{k}={v}" for k, v in {
+                **_world_overrides(tmp_path), "optim.num_steps": steps, "run.log_every": 1,
+                "data.val_split": ""}.items()]
+    config = _world_config(tmp_path, **{"optim.num_steps": steps, "data.val_split": ""})
+    it = training_loop.tfds_training_data(config).make_train_iterator()
+    order = [[int(i) for i in next(it)["index"]] for _ in range(steps)]
+    it.close()
+    damaged = _damage_a_later_record(shard, tmp_path / "tfds", {i for b in order[:3] for i in b})
+    assert damaged & {i for b in order[3:] for i in b}, (damaged, order)
+
+    status = cli.main(args)
+    err = capsys.readouterr().err
+    assert status == 2, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    m = re.search(rf"xdistill train: prepared split 'train': .*{re.escape(shard.name)}, record (\d+) \(example "
+                  r"(\d+), the split file's entry \d+\) cannot be read \(RuntimeError: Corrupted Riegeli.*\)\. The "
+                  r"store is damaged .*\. Stopped after step (\d+); the last checkpoint is step (\d+): rerun the "
+                  r"same command once the store is repaired to resume from it", err)
+    assert m, err[-3000:]
+    assert int(m.group(2)) in damaged and int(m.group(1)) == int(m.group(2))
+    stopped = int(m.group(3))
+    assert 1 <= stopped < steps and int(m.group(4)) == stopped and ckpt_steps(tmp_path / "w")[-1] == stopped
+
+    shard.write_bytes(original)  # repaired
+    assert cli.main(args) == 0, capsys.readouterr().err[-3000:]
+    assert [m["step"] for m in read_metrics(tmp_path / "w")] == list(range(1, steps + 1))
+    assert ckpt_steps(tmp_path / "w")[-1] == steps

@@ -57,6 +57,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from data_pipelines.damaged_store import DamagedStoreError
 from xdistill_jax import config_utils, gc_pauses, hosts, local_paths, train
 from xdistill_jax.checkpoints import Checkpointer, CheckpointError
 from xdistill_jax.metric_writer import MetricWriter, colormap, label_image
@@ -596,6 +597,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, data=None)
         except NonFiniteLossError as e:
             print(str(e), file=sys.stderr, flush=True)
             status = EXIT_NONFINITE
+        except DamagedStoreError as e:  # a record of the split or teacher store, mid-run
+            last = ckpt.latest_step()
+            raise DamagedStoreError(
+                f"{e}. Stopped after step {step}; " + (
+                    f"the last checkpoint is step {last}: rerun the same command once the store is "
+                    "repaired to resume from it" if last is not None else "no checkpoint was saved yet")
+            ) from e
         finally:
             train_iter.close()  # the loader's worker processes and their batches ahead
             ckpt.close()

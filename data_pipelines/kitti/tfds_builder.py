@@ -30,8 +30,10 @@ and `metadata.json` (the storage settings and the split file's SHA-256).
 
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 import multiprocessing
+import operator
 import os
 import pathlib
 import threading
@@ -40,6 +42,7 @@ from typing import Any, Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 
+from data_pipelines.damaged_store import DamagedStoreError, is_damage
 from data_pipelines.kitti import triplets
 
 DATASET_NAME = "kitti_triplets"
@@ -229,8 +232,9 @@ def shard_compressions(path: str | pathlib.Path) -> dict[str, str]:
     return out
 
 
-def open_split(out_dir: str | pathlib.Path, split_name: str):
-    """Random-access source of a prepared split (a TFDS `ArrayRecordDataSource`).
+def open_split(out_dir: str | pathlib.Path, split_name: str) -> "PreparedSplit":
+    """Random-access source of a prepared split (TFDS's `ArrayRecordDataSource` in a
+    `PreparedSplit`, which names the shard and example of a record that cannot be read).
 
     `source[i]` is a dict: id (bytes), image_m1 / image_0 / image_p1 uint8 (H,W,3),
     K float32 (4,4), index (int), and image_0_s1..3 (H/2^s,W/2^s,3) when prepared with
@@ -250,7 +254,53 @@ def open_split(out_dir: str | pathlib.Path, split_name: str):
             "run `xdistill prepare` first"
         )
     builder = tfds.builder_from_directory(str(path))
-    return builder.as_data_source(split=split_name)
+    return PreparedSplit(builder.as_data_source(split=split_name), path, split_name)
+
+
+class PreparedSplit(collections.abc.Sequence):
+    """A prepared split's records by index (`open_split`): TFDS's `ArrayRecordDataSource`, with
+    a record that cannot be read (a damaged shard) raised as `DamagedStoreError` naming the
+    split, the shard file, the record in it and the example, instead of array_record's error,
+    which names none of them. `tfds_source` is the TFDS source."""
+
+    def __init__(self, tfds_source, path: pathlib.Path, split_name: str):
+        self.tfds_source = tfds_source
+        self.path = pathlib.Path(path)
+        self.split_name = split_name
+        try:  # [(first index, number of records, shard file)]
+            info = tfds_source.dataset_info.splits[split_name]
+            starts = np.cumsum([0, *info.shard_lengths[:-1]]).tolist()
+            self._shards = [(int(a), int(n), str(f)) for a, n, f in
+                            zip(starts, info.shard_lengths, info.filepaths, strict=True)]
+        except (AttributeError, KeyError, TypeError, ValueError):  # another TFDS: the directory only
+            self._shards = []
+
+    def __len__(self) -> int:
+        return len(self.tfds_source)
+
+    def __getitem__(self, index):
+        n = len(self.tfds_source)
+        i = operator.index(index)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"prepared split {self.split_name!r} ({self.path}): index {index} "
+                             f"out of range 0..{n - 1}")
+        try:
+            return self.tfds_source[i]
+        except BaseException as e:
+            if not is_damage(e):
+                raise
+            raise DamagedStoreError(
+                f"prepared split {self.split_name!r}: {self._where(i)} cannot be read "
+                f"({type(e).__name__}: {e}). The store is damaged (a partial copy, a bad disk): "
+                "prepare the split again (`xdistill prepare`) or copy it anew") from e
+
+    def _where(self, i: int) -> str:
+        for start, count, file in self._shards:
+            if start <= i < start + count:
+                return f"{file}, record {i - start} (example {i}, the split file's entry {i + 1})"
+        return f"{self.path}, example {i} (the split file's entry {i + 1})"
 
 
 def read_metadata(out_dir: str | pathlib.Path, split_name: str) -> dict[str, Any]:

@@ -38,6 +38,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from data_pipelines.damaged_store import DamagedStoreError, is_damage
+
 METADATA_FILE = "teacher.json"
 FORMAT = "xdistill-teacher-logits"
 VERSION = 1
@@ -143,8 +145,17 @@ class TeacherLogitsSource:
         if not 0 <= index < self._len:
             raise IndexError(f"teacher store {self.path}: index {index} out of range 0..{self._len - 1}")
         shard, offset = divmod(index, self.shard_size)
-        (record,) = self._reader(shard).read([offset])
-        return decode_record(record, (self.height, self.width, self.num_groups))
+        try:
+            (record,) = self._reader(shard).read([offset])
+            return decode_record(record, (self.height, self.width, self.num_groups))
+        except BaseException as e:
+            if not is_damage(e):
+                raise
+            raise DamagedStoreError(
+                f"teacher store {self.path}: {self.path / shard_name(shard)}, record {offset} "
+                f"(example {index}) cannot be read ({type(e).__name__}: {e}). The store is damaged "
+                "(a partial copy, a bad disk): run `xdistill teacher precompute` again into a new "
+                "--out, or copy it anew") from e
 
 
 class TeacherLogitsWriter:

@@ -5,7 +5,11 @@ Trains (or resumes) the run in W. Without --config, the workdir's saved config.j
 SIGTERM/SIGINT after saving a checkpoint (rerun to continue), 2 bad config or workdir (in a
 multi-host run, once the processes have joined: on any process, or a workdir that not every host
 sees, and every process exits 2; a config that fails to load or validate before they join stops
-that process alone, and the others' `jax.distributed.initialize` times out).
+that process alone, and the others' `jax.distributed.initialize` times out). 2 also for a record
+of the prepared split or teacher store that cannot be read during the run (a damaged store: the
+shard file, record and example named, and the last checkpoint to resume from once it is
+repaired); in a multi-host run only the process that read it says so, and then it and the
+others wait out JAX's shutdown barrier (5 minutes with two CPU processes) and abort.
 """
 
 from __future__ import annotations
@@ -54,8 +58,10 @@ def run(args) -> int:
     except (ValueError, SetupError) as e:  # ConfigError is a ValueError
         print(f"xdistill train: {e}", file=sys.stderr)
         return 2
+    from data_pipelines.damaged_store import DamagedStoreError
+
     try:
         return train.train_and_evaluate(config, args.workdir)
-    except (CheckpointError, config_utils.ConfigError, SetupError) as e:
+    except (CheckpointError, config_utils.ConfigError, SetupError, DamagedStoreError) as e:
         print(f"xdistill train: {e}", file=sys.stderr)
         return 2
