@@ -14,6 +14,7 @@ places it through `make_array_from_callback`, which the guard takes for an impli
 import json
 import os
 import pathlib
+import re
 import socket
 import subprocess
 import sys
@@ -77,7 +78,8 @@ def _write_gt(tfds_dir):
     np.savez_compressed(tfds_dir / "gt_depths.npz", files=np.array(ids), **gt)
 
 
-def _two_processes(dataset, workdir, steps, *, datasets=None, workdirs=None, end_others=True, timeout=600):
+def _two_processes(dataset, workdir, steps, *, datasets=None, workdirs=None, end_others=True, timeout=600,
+                   extra=()):
     """Both processes of one `xdistill train` command; [(exit status, output)] by process.
     `datasets` / `workdirs`: each process's own (as if each host's disk held a different one).
     With `end_others`, one that fails ends the other (which would wait for it at its next
@@ -93,7 +95,7 @@ def _two_processes(dataset, workdir, steps, *, datasets=None, workdirs=None, end
                    XDISTILL_TEST_BATCH_LOG=str(workdir.parent / f"batches_{i}.txt"))
         env.pop("XDISTILL_TEST_FAULT", None)
         cmd = [sys.executable, "-m", "xdistill_jax", "train", "--config", CONFIG, "--workdir", str(workdirs[i]),
-               *_overrides(datasets[i], steps), "--config.distributed.enabled=True",
+               *_overrides(datasets[i], steps), *extra, "--config.distributed.enabled=True",
                f"--config.distributed.coordinator_address=127.0.0.1:{port}",
                "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"]
         logs.append(workdir.parent / f"train_{steps}_{i}.log")
@@ -338,6 +340,65 @@ def test_hosts_reading_different_data_stop_every_process(dataset, tmp_path):
                 "the data must be the same on every host") in out, out[-2000:]
         assert "Traceback" not in out
     assert not workdir.exists()
+
+
+def _damage_records_of(dataset_dir, host: int, hosts: int = 2) -> set[int]:
+    """Overwrites 16 bytes of the split's shard at the first 512-byte step where the records
+    that fail are some of `host`'s (indices host, host + hosts, ...) and no other host's, and
+    not record 0; returns their indices."""
+    from data_pipelines.damaged_store import DamagedStoreError
+    from data_pipelines.kitti.tfds_builder import open_split
+
+    (shard,) = pathlib.Path(dataset_dir).rglob("*.array_record-00000-of-00001")
+    original = shard.read_bytes()
+    for offset in range(512, len(original) // 2, 512):
+        data = bytearray(original)
+        data[offset:offset + 16] = bytes(b ^ 0xFF for b in data[offset:offset + 16])
+        shard.write_bytes(bytes(data))
+        source, damaged = open_split(dataset_dir, "train"), set()
+        for i in range(len(source)):
+            try:
+                source[i]
+            except DamagedStoreError:
+                damaged.add(i)
+        # not record 0: the setup checks read it (its stored size), and stop every process then
+        if damaged and 0 not in damaged and all(i % hosts == host for i in damaged):
+            return damaged
+    pytest.fail(f"no overwritten range damaged only host {host}'s records")
+
+
+@pytest.mark.parametrize("host", [1, 0])
+def test_a_damaged_record_on_one_host_ends_every_process_at_once(dataset, tmp_path, host):
+    """One host's copy of the split has a damaged record in its slice (16 bytes overwritten, the
+    shard's size unchanged: the hosts' fingerprints agree). That process exits 2 naming the
+    shard file and record; the other exits 2 at once naming the failed process and its error
+    (`hosts.StopTogether`), with no traceback. Until 2026-12-06 the failing one printed its
+    error and both waited out JAX's shutdown barrier, then aborted (SIGABRT) after 5 minutes.
+    Host 1 damaged: process 0's collective breaks when process 1 ends (Gloo on the CPU) and the
+    report says why; host 0 damaged: process 0, which hosts the coordination service, reports
+    and waits until process 1's watcher has seen it."""
+    import shutil
+
+    damaged_copy = tmp_path / "damaged_tfds"
+    shutil.copytree(dataset, damaged_copy)
+    damaged = _damage_records_of(damaged_copy, host)
+    datasets = [damaged_copy if p == host else dataset for p in range(2)]
+    t0 = time.monotonic()
+    # no validation split: its ground truth check would read the damaged record before training
+    # (every process stops there together, as for any setup check)
+    results = _two_processes(dataset, tmp_path / "run", 4, datasets=datasets, end_others=False, timeout=240,
+                             extra=["--config.data.val_split=", "--config.data.val_gt_depth="])
+    elapsed = time.monotonic() - t0
+    out_failed, out_other = results[host][1], results[1 - host][1]
+    assert [rc for rc, _ in results] == [2, 2], (results[0][1][-2000:], results[1][1][-2000:], elapsed)
+    m = re.search(r"xdistill train: prepared split 'train': .*damaged_tfds.*array_record-00000-of-00001, "
+                  r"record (\d+) \(example \d+, the split file's entry \d+\) cannot be read", out_failed)
+    assert m and int(m.group(1)) in damaged, out_failed[-2000:]
+    assert re.search(rf"xdistill train: process {host} of 2 failed during training \(DamagedStoreError: "
+                     rf"prepared split 'train': .*record {m.group(1)} .*\); process {1 - host} \(.*\) stops with it",
+                     out_other), out_other[-2000:]
+    assert "Traceback" not in out_failed + out_other
+    assert elapsed < 200, elapsed
 
 
 def test_a_resume_from_config_json_without_a_process_id_is_a_config_error(tmp_path):

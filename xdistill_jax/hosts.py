@@ -14,20 +14,40 @@ workdir or (a new run's) its deepest existing ancestor; every process reads it b
 named by the token: never looked up before, so no filesystem cache of another host, NFS's or
 gcsfuse's, holds a stale "absent" for it); the probe is removed whatever the outcome.
 
-With one process both are no-ops (beyond re-raising the process's own error).
+`StopTogether`: once the setup checks have passed, a failure is one process's own (a record of
+its copy of the data that cannot be read, a disk error): it raises there alone, while the others
+wait in the step's collectives. Two CPU processes, a damaged record on process 1: process 1
+printed its error, then both waited out JAX's shutdown barrier and aborted (SIGABRT) after 5
+minutes. Inside `StopTogether` each process watches the coordination service's key-value store
+(a thread polling every 0.5 s); the failing process writes its error there, and every other
+process prints it ("process 1 of 2 failed during training (...)") and ends at once with exit 2,
+and the failing one ends with its own status without JAX's shutdown barrier
+(`end_if_reported`). Process 0, which hosts the service, waits (10 s at most) until every other
+process has seen the report before it ends.
+
+With one process all of these are no-ops (beyond re-raising the process's own error).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import multiprocessing
 import os
 import pathlib
 import socket
+import sys
+import threading
+import time
 
 import jax
 import numpy as np
 
 PROBE_NAME = ".xdistill_shared_probe"
+FAILED_KEY = "xdistill/failed"  # FAILED_KEY/<process>: that process's error, mid-run
+SEEN_KEY = "xdistill/failure_seen"  # SEEN_KEY/<process>: that process has seen a report
+
+log = logging.getLogger(__name__)
 
 
 class SetupError(RuntimeError):
@@ -165,3 +185,111 @@ def check_shared_directory(path: pathlib.Path, what: str = "workdir") -> None:
             + f"the {what} must be one directory every host sees ({_processes(failed)} of "
             f"{jax.process_count()} {'do' if len(failed) > 1 else 'does'} not): a shared or mounted "
             "filesystem (NFS, Filestore, Cloud Storage FUSE `gcsfuse BUCKET /mnt/BUCKET`), not each host's own disk")
+
+
+def _coordination_client():
+    """JAX's distributed runtime client (None without jax.distributed)."""
+    try:
+        from jax._src import distributed
+    except ImportError:  # pragma: no cover - a jax without the module
+        return None
+    return getattr(distributed.global_state, "client", None)
+
+
+def _end_now(status: int) -> None:
+    """End this process at once: output flushed, child processes (grain's loader workers)
+    terminated, and no atexit handlers (JAX's shutdown barrier would wait for the others)."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    for child in multiprocessing.active_children():
+        with contextlib.suppress(Exception):
+            child.terminate()
+    logging.shutdown()
+    os._exit(status)
+
+
+def end_if_reported(error: BaseException, status: int) -> None:
+    """If `StopTogether` reported `error` to the other processes: end this process now with
+    `status` (the caller has printed the error). Otherwise return."""
+    if getattr(error, "xdistill_reported", False):
+        _end_now(status)
+
+
+class StopTogether:
+    """A block after which every process of a multi-process run ends when one fails (module
+    docstring). With one process, or without jax.distributed, it does nothing."""
+
+    def __init__(self, poll_s: float = 0.5, seen_wait_s: float = 10.0):
+        self.poll_s, self.seen_wait_s = poll_s, seen_wait_s
+        self._client, self._thread, self._stop = None, None, threading.Event()
+
+    def __enter__(self):
+        if jax.process_count() > 1:
+            self._client = _coordination_client()
+        if self._client is not None:
+            self._thread = threading.Thread(target=self._watch, name="xdistill-stop-together", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, exc_type, error, tb):
+        if self._client is None:
+            return False
+        self._stop.set()
+        self._thread.join(timeout=5 * self.poll_s + 5)
+        if error is not None:
+            me = jax.process_index()
+            # a collective that broke because another process ended (Gloo on the CPU: "Connection
+            # closed by peer"): that process's report says why, this error is a consequence
+            with contextlib.suppress(Exception):
+                others = {p: r for p, r in self._reports().items() if p != me}
+                if others:
+                    log.info("after another process's failure: %s: %s", type(error).__name__, error)
+                    self._stop_with(others)
+            report = f"{type(error).__name__}: {error}".replace("\n", " ")[:4000]
+            try:
+                self._client.key_value_set(f"{FAILED_KEY}/{me}", report)
+                error.xdistill_reported = True
+            except Exception as e:  # noqa: BLE001 - the service is gone: JAX's own handling remains
+                log.warning("could not report this process's failure to the others: %s", e)
+            if me == 0 and getattr(error, "xdistill_reported", False):
+                self._await_seen()
+        return False
+
+    def _reports(self) -> dict[int, str]:
+        return {int(k.rsplit("/", 1)[1]): v for k, v in self._client.key_value_dir_get(FAILED_KEY)}
+
+    def _await_seen(self) -> None:
+        """Process 0 hosts the coordination service: it waits until each other process has
+        seen a report or reported its own (at most `seen_wait_s`), so that they end by the
+        report, not by the service's disappearance (JAX aborts a process then)."""
+        others = set(range(jax.process_count())) - {0}
+        deadline = time.monotonic() + self.seen_wait_s
+        while time.monotonic() < deadline:
+            with contextlib.suppress(Exception):
+                seen = {int(k.rsplit("/", 1)[1]) for k, _ in self._client.key_value_dir_get(SEEN_KEY)}
+                if others <= seen | set(self._reports()):
+                    return
+            time.sleep(self.poll_s / 2)
+
+    def _watch(self) -> None:
+        me = jax.process_index()
+        while not self._stop.wait(self.poll_s):
+            try:
+                reports = {p: r for p, r in self._reports().items() if p != me}
+            except Exception:  # noqa: BLE001 - the service is gone; JAX's own handling ends us
+                return
+            if reports and not self._stop.is_set():
+                self._stop_with(reports)
+
+    def _stop_with(self, reports: dict[int, str]) -> None:
+        """Another process failed: say which and why, and end this one with exit 2."""
+        me, n = jax.process_index(), jax.process_count()
+        with contextlib.suppress(Exception):
+            self._client.key_value_set(f"{SEEN_KEY}/{me}", "1")
+        if me == 0:
+            self._await_seen()
+        for p, report in sorted(reports.items()):
+            print(f"xdistill train: process {p} of {n} failed during training ({report}); process "
+                  f"{me} ({socket.gethostname()}) stops with it", file=sys.stderr, flush=True)
+        _end_now(2)

@@ -394,7 +394,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, data=None)
     maybe_initialize_distributed(config)
     workdir = pathlib.Path(workdir)
     mesh = train.make_mesh(config)
-    is_main = jax.process_index() == 0
     # Bad settings, data or ground truth fail here, on every process together (one that failed
     # alone would leave the others waiting at a collective), before the workdir is touched and
     # before any compilation.
@@ -427,6 +426,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, data=None)
                      "the data must be the same on every host (the same prepared splits at config.data.dataset_dir "
                      "and teacher stores)")
     hosts.check_shared_directory(workdir)
+    # From here on a failure is this process's own (a record of its copy of the data that cannot
+    # be read, a disk error), where the others would wait in the step's collectives: with
+    # several processes every one ends when one fails (hosts.StopTogether).
+    with hosts.StopTogether():
+        return _train(config, workdir, data, mesh, gt, steps_per_epoch, encoder_init, t_call)
+
+
+def _train(config, workdir: pathlib.Path, data: TrainingData, mesh, gt, steps_per_epoch: int, encoder_init,
+           t_call: float) -> int:
+    """`train_and_evaluate` once every process has passed the setup checks."""
+    is_main = jax.process_index() == 0
     num_steps = train.total_steps(config, steps_per_epoch)
     if is_main:
         workdir.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ from typing import Callable
 import ml_collections
 import numpy as np
 
+from data_pipelines.damaged_store import DamagedStoreError
 from xdistill_jax import config_utils
 
 
@@ -75,6 +76,8 @@ def open_val_ground_truth(config: ml_collections.ConfigDict, data) -> ValGroundT
         if config.data.val_batches > 0:
             n = min(n, config.data.val_batches * config.optim.batch_size)
         gt.check(n)
+    except DamagedStoreError:  # the val split's own record, read for its id: not the GT file's fault
+        raise
     except (OSError, ValueError) as e:
         raise config_utils.ConfigError(f"{key}: {e}") from e
     return gt

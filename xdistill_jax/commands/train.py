@@ -8,14 +8,17 @@ sees, and every process exits 2; a config that fails to load or validate before 
 that process alone, and the others' `jax.distributed.initialize` times out). 2 also for a record
 of the prepared split or teacher store that cannot be read during the run (a damaged store: the
 shard file, record and example named, and the last checkpoint to resume from once it is
-repaired); in a multi-host run only the process that read it says so, and then it and the
-others wait out JAX's shutdown barrier (5 minutes with two CPU processes) and abort.
+repaired). In a multi-host run any error of one process during training (such a record, a disk
+error) ends every process at once: that one with its own message and status, the others with
+exit 2 naming it (`hosts.StopTogether`; before, both waited out JAX's 5-minute shutdown barrier
+and aborted).
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+import traceback
 
 ACCEPTS_EXTRA_ARGS = True
 
@@ -64,4 +67,10 @@ def run(args) -> int:
         return train.train_and_evaluate(config, args.workdir)
     except (CheckpointError, config_utils.ConfigError, SetupError, DamagedStoreError) as e:
         print(f"xdistill train: {e}", file=sys.stderr)
+        hosts.end_if_reported(e, 2)  # several processes: the others have been told; no shutdown barrier
         return 2
+    except Exception as e:
+        if getattr(e, "xdistill_reported", False):
+            traceback.print_exc()
+            hosts.end_if_reported(e, 1)
+        raise
