@@ -86,3 +86,30 @@ def resized_source(raw: pathlib.Path, line: str, offset: int, height: int, width
 
     with Image.open(source_image(raw, line, offset)) as im:
         return np.asarray(im.convert("RGB").resize((width, height), Image.LANCZOS))
+
+
+def damage_shard(dataset_dir, accept) -> set[int]:
+    """Overwrites 16 bytes of the prepared train split's shard (one shard: these splits are small)
+    at the first 512-byte step where the examples that then cannot be read, a non-empty set,
+    satisfy `accept(damaged, num_examples)`, as a partial copy or a bad disk leaves a shard (its
+    size unchanged). Ranges in the file's header, block headers or index fail every record.
+    Returns the damaged examples' indices."""
+    from data_pipelines.damaged_store import DamagedStoreError
+    from data_pipelines.kitti.tfds_builder import open_split
+
+    (shard,) = pathlib.Path(dataset_dir).rglob("*.array_record-00000-of-00001")
+    original = shard.read_bytes()
+    for offset in range(512, len(original) // 2, 512):
+        data = bytearray(original)
+        data[offset:offset + 16] = bytes(b ^ 0xFF for b in data[offset:offset + 16])
+        shard.write_bytes(bytes(data))
+        source, damaged = open_split(dataset_dir, "train"), set()
+        for i in range(len(source)):
+            try:
+                source[i]
+            except DamagedStoreError:
+                damaged.add(i)
+        if damaged and accept(damaged, len(source)):
+            return damaged
+    shard.write_bytes(original)
+    raise AssertionError(f"no overwritten range of {shard} damaged records as asked")

@@ -342,31 +342,6 @@ def test_hosts_reading_different_data_stop_every_process(dataset, tmp_path):
     assert not workdir.exists()
 
 
-def _damage_records_of(dataset_dir, host: int, hosts: int = 2) -> set[int]:
-    """Overwrites 16 bytes of the split's shard at the first 512-byte step where the records
-    that fail are some of `host`'s (indices host, host + hosts, ...) and no other host's, and
-    not record 0; returns their indices."""
-    from data_pipelines.damaged_store import DamagedStoreError
-    from data_pipelines.kitti.tfds_builder import open_split
-
-    (shard,) = pathlib.Path(dataset_dir).rglob("*.array_record-00000-of-00001")
-    original = shard.read_bytes()
-    for offset in range(512, len(original) // 2, 512):
-        data = bytearray(original)
-        data[offset:offset + 16] = bytes(b ^ 0xFF for b in data[offset:offset + 16])
-        shard.write_bytes(bytes(data))
-        source, damaged = open_split(dataset_dir, "train"), set()
-        for i in range(len(source)):
-            try:
-                source[i]
-            except DamagedStoreError:
-                damaged.add(i)
-        # not record 0: the setup checks read it (its stored size), and stop every process then
-        if damaged and 0 not in damaged and all(i % hosts == host for i in damaged):
-            return damaged
-    pytest.fail(f"no overwritten range damaged only host {host}'s records")
-
-
 @pytest.mark.parametrize("host", [1, 0])
 def test_a_damaged_record_on_one_host_ends_every_process_at_once(dataset, tmp_path, host):
     """One host's copy of the split has a damaged record in its slice (16 bytes overwritten, the
@@ -381,7 +356,9 @@ def test_a_damaged_record_on_one_host_ends_every_process_at_once(dataset, tmp_pa
 
     damaged_copy = tmp_path / "damaged_tfds"
     shutil.copytree(dataset, damaged_copy)
-    damaged = _damage_records_of(damaged_copy, host)
+    # records of this host's slice (indices host, host + 2, ...) only, and not record 0: the
+    # setup checks read it (its stored size), and stop every process then
+    damaged = kitti_tiny.damage_shard(damaged_copy, lambda d, n: 0 not in d and all(i % 2 == host for i in d))
     datasets = [damaged_copy if p == host else dataset for p in range(2)]
     t0 = time.monotonic()
     # no validation split: its ground truth check would read the damaged record before training

@@ -16,6 +16,7 @@ import numpy as np
 import optax
 import pytest
 
+import kitti_tiny
 from train_fixtures import FakeTeacher, abstract_state_of, records, tiny_config
 from xdistill_jax import config_utils, input_pipeline, training_loop
 from xdistill_jax.checkpoints import CheckpointError
@@ -620,31 +621,6 @@ def test_state_layout_auto_trains_checkpoints_and_resumes_like_the_default(resum
         assert [m["loss"] for m in read_metrics(workdir, split)] == [m["loss"] for m in read_metrics(resumed_run[0], split)]
 
 
-def _damage_a_later_record(shard, dataset_dir, later_than: set):
-    """Overwrites 16 bytes of `shard` at the first 512-byte step where the records that fail are
-    some of the split's, none of them in `later_than` (the first batches' examples) and at least
-    one of the others; returns the damaged example indices."""
-    from data_pipelines.damaged_store import DamagedStoreError
-    from data_pipelines.kitti.tfds_builder import open_split
-
-    original = shard.read_bytes()
-    for offset in range(512, len(original) // 2, 512):
-        data = bytearray(original)
-        data[offset:offset + 16] = bytes(b ^ 0xFF for b in data[offset:offset + 16])
-        shard.write_bytes(bytes(data))
-        source = open_split(dataset_dir, "train")
-        damaged = set()
-        for i in range(len(source)):
-            try:
-                source[i]
-            except DamagedStoreError:
-                damaged.add(i)
-        if damaged and not damaged & later_than and len(damaged) < len(source) - len(later_than):
-            return damaged
-    shard.write_bytes(original)
-    pytest.fail("no overwritten range damaged only records read after the first batches")
-
-
 def test_a_damaged_shard_mid_run_exits_2_naming_it_and_resumes_once_repaired(world_run, tmp_path, capsys):
     """A record of the prepared split that cannot be read in the middle of a run (bytes of its
     shard overwritten, as a partial copy or a bad disk leaves them) ended `xdistill train` with
@@ -669,7 +645,8 @@ def test_a_damaged_shard_mid_run_exits_2_naming_it_and_resumes_once_repaired(wor
     it = training_loop.tfds_training_data(config).make_train_iterator()
     order = [[int(i) for i in next(it)["index"]] for _ in range(steps)]
     it.close()
-    damaged = _damage_a_later_record(shard, tmp_path / "tfds", {i for b in order[:3] for i in b})
+    first = {i for b in order[:3] for i in b}  # read before the first steps run (peek, prefetch)
+    damaged = kitti_tiny.damage_shard(tmp_path / "tfds", lambda d, n: not d & first and len(d) < n - len(first))
     assert damaged & {i for b in order[3:] for i in b}, (damaged, order)
 
     status = cli.main(args)

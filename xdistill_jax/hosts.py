@@ -209,11 +209,21 @@ def _end_now(status: int) -> None:
     os._exit(status)
 
 
+def reported(error: BaseException) -> bool:
+    """Whether `StopTogether` reported `error` to the other processes."""
+    return getattr(error, "xdistill_reported", False)
+
+
 def end_if_reported(error: BaseException, status: int) -> None:
-    """If `StopTogether` reported `error` to the other processes: end this process now with
-    `status` (the caller has printed the error). Otherwise return."""
-    if getattr(error, "xdistill_reported", False):
+    """If `StopTogether` reported `error`: end this process now with `status` (the caller has
+    printed the error). Otherwise return."""
+    if reported(error):
         _end_now(status)
+
+
+def _by_process(client, key: str) -> dict[int, str]:
+    """{process: value} of the key-value store's entries key/<process>."""
+    return {int(k.rsplit("/", 1)[1]): v for k, v in client.key_value_dir_get(key)}
 
 
 class StopTogether:
@@ -249,15 +259,16 @@ class StopTogether:
             report = f"{type(error).__name__}: {error}".replace("\n", " ")[:4000]
             try:
                 self._client.key_value_set(f"{FAILED_KEY}/{me}", report)
-                error.xdistill_reported = True
             except Exception as e:  # noqa: BLE001 - the service is gone: JAX's own handling remains
                 log.warning("could not report this process's failure to the others: %s", e)
-            if me == 0 and getattr(error, "xdistill_reported", False):
+                return False
+            error.xdistill_reported = True
+            if me == 0:
                 self._await_seen()
         return False
 
     def _reports(self) -> dict[int, str]:
-        return {int(k.rsplit("/", 1)[1]): v for k, v in self._client.key_value_dir_get(FAILED_KEY)}
+        return _by_process(self._client, FAILED_KEY)
 
     def _await_seen(self) -> None:
         """Process 0 hosts the coordination service: it waits until each other process has
@@ -267,8 +278,7 @@ class StopTogether:
         deadline = time.monotonic() + self.seen_wait_s
         while time.monotonic() < deadline:
             with contextlib.suppress(Exception):
-                seen = {int(k.rsplit("/", 1)[1]) for k, _ in self._client.key_value_dir_get(SEEN_KEY)}
-                if others <= seen | set(self._reports()):
+                if others <= set(_by_process(self._client, SEEN_KEY)) | set(self._reports()):
                     return
             time.sleep(self.poll_s / 2)
 

@@ -42,7 +42,7 @@ from typing import Any, Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 
-from data_pipelines.damaged_store import DamagedStoreError, is_damage
+from data_pipelines.damaged_store import PASS_THROUGH, damaged
 from data_pipelines.kitti import triplets
 
 DATASET_NAME = "kitti_triplets"
@@ -288,13 +288,11 @@ class PreparedSplit(collections.abc.Sequence):
                              f"out of range 0..{n - 1}")
         try:
             return self.tfds_source[i]
-        except BaseException as e:
-            if not is_damage(e):
-                raise
-            raise DamagedStoreError(
-                f"prepared split {self.split_name!r}: {self._where(i)} cannot be read "
-                f"({type(e).__name__}: {e}). The store is damaged (a partial copy, a bad disk): "
-                "prepare the split again (`xdistill prepare`) or copy it anew") from e
+        except PASS_THROUGH:
+            raise
+        except Exception as e:
+            raise damaged(f"prepared split {self.split_name!r}: {self._where(i)}", e,
+                          "prepare the split again (`xdistill prepare`) or copy it anew") from e
 
     def _where(self, i: int) -> str:
         for start, count, file in self._shards:

@@ -38,7 +38,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from data_pipelines.damaged_store import DamagedStoreError, is_damage
+from data_pipelines.damaged_store import PASS_THROUGH, damaged
 
 METADATA_FILE = "teacher.json"
 FORMAT = "xdistill-teacher-logits"
@@ -148,14 +148,12 @@ class TeacherLogitsSource:
         try:
             (record,) = self._reader(shard).read([offset])
             return decode_record(record, (self.height, self.width, self.num_groups))
-        except BaseException as e:
-            if not is_damage(e):
-                raise
-            raise DamagedStoreError(
-                f"teacher store {self.path}: {self.path / shard_name(shard)}, record {offset} "
-                f"(example {index}) cannot be read ({type(e).__name__}: {e}). The store is damaged "
-                "(a partial copy, a bad disk): run `xdistill teacher precompute` again into a new "
-                "--out, or copy it anew") from e
+        except PASS_THROUGH:
+            raise
+        except Exception as e:
+            raise damaged(f"teacher store {self.path}: {self.path / shard_name(shard)}, record {offset} "
+                          f"(example {index})", e,
+                          "run `xdistill teacher precompute` again into a new --out, or copy it anew") from e
 
 
 class TeacherLogitsWriter:

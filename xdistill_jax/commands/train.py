@@ -70,7 +70,7 @@ def run(args) -> int:
         hosts.end_if_reported(e, 2)  # several processes: the others have been told; no shutdown barrier
         return 2
     except Exception as e:
-        if getattr(e, "xdistill_reported", False):
+        if hosts.reported(e):
             traceback.print_exc()
             hosts.end_if_reported(e, 1)
         raise
