@@ -156,11 +156,12 @@ def test_cli_prepare_removes_what_a_killed_run_left(tree, tmp_path, capsys):
 def test_cli_raw_format_with_stored_target_scales(tree, prepared, tmp_path):
     """`--format raw --target-scales --compression none`: the same pixels as the PNG store,
     plus the target's chain, in shards that array_record wrote uncompressed."""
-    from tensorflow_datasets.core import file_adapters
+    from tensorflow_datasets.core import file_adapters, shuffle
     from xdistill_jax import cli
 
     raw, split = tree
     tfds_writer = file_adapters.ArrayRecordFileAdapter.__dict__["write_examples"]
+    tfds_shuffler = shuffle.Shuffler
     args = ["prepare", "--raw", str(raw), "--split-file", str(split), "--out", str(tmp_path),
             "--split", "train", "--height", str(H), "--width", str(W), "--format", "raw", "--target-scales",
             "--compression", "none", "--shards", "2"]
@@ -172,6 +173,7 @@ def test_cli_raw_format_with_stored_target_scales(tree, prepared, tmp_path):
     assert tfds_builder.read_metadata(tmp_path, "train")["settings"]["compression"] == "none"
     # TFDS's own writer is back once prepare is done
     assert file_adapters.ArrayRecordFileAdapter.__dict__["write_examples"] is tfds_writer
+    assert shuffle.Shuffler is tfds_shuffler
     got = tfds_builder.open_split(tmp_path, "train")
     want = tfds_builder.open_split(prepared[0], "train")
     assert len(got) == len(want) > 0
@@ -188,13 +190,14 @@ def test_writer_hooks_of_two_threads_take_turns():
     import threading
     import time
 
-    from tensorflow_datasets.core import file_adapters
+    from tensorflow_datasets.core import file_adapters, shuffle
 
     tfds_writer = file_adapters.ArrayRecordFileAdapter.__dict__["write_examples"]
+    tfds_shuffler = shuffle.Shuffler
     order, inside, release = [], threading.Event(), threading.Event()
 
     def hold(name, options, event=None):
-        with tfds_builder.shard_writer_options(options):
+        with tfds_builder.tfds_writer_hooks(options):
             order.append(f"{name} in")
             if event is not None:
                 inside.set()
@@ -212,6 +215,64 @@ def test_writer_hooks_of_two_threads_take_turns():
     first.join(10), second.join(10)
     assert order == ["first in", "first out", "second in", "second out"]
     assert file_adapters.ArrayRecordFileAdapter.__dict__["write_examples"] is tfds_writer
+    assert shuffle.Shuffler is tfds_shuffler
+
+
+def test_a_split_past_tfds_memory_buffer_is_written_without_tensorflow(tree, prepared, tmp_path, monkeypatch):
+    """TFDS keeps the serialized records in memory up to 1 GB, then spills them to bucket files
+    through TensorFlow: every real KITTI training split failed with "No module named
+    'tensorflow'" (and with TF would have been sorted in RAM whole). Here TFDS's buffer is cut
+    to one byte so that its spill would start at the first record: the split is written through
+    `record_spill` instead, the same records in split order, nothing left beside the shards."""
+    from tensorflow_datasets.core import shuffle
+
+    raw, split = tree
+    monkeypatch.setattr(shuffle, "MAX_MEM_BUFFER_SIZE", 1)
+    out = tmp_path / "out"
+    path = prepare.prepare_split(raw, split, out, "train", H, W)
+    assert "tensorflow" not in sys.modules
+    assert sorted(p.name for p in path.iterdir() if not p.name.startswith("kitti_triplets-")) == [
+        "dataset_info.json", "features.json", "metadata.json"]
+    assert not list(out.rglob("*.spill")) and not list(out.glob("kitti_triplets/train/incomplete*"))
+    spilled, reference = tfds_builder.open_split(out, "train"), tfds_builder.open_split(prepared[0], "train")
+    assert len(spilled) == len(reference) == 6
+    for i in range(len(reference)):
+        a, b = spilled[i], reference[i]
+        assert sorted(a) == sorted(b)
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=f"record {i} {key}")
+
+
+def test_record_spill_gives_records_in_key_order_and_refuses_repeated_keys(tmp_path):
+    from tensorflow_datasets.core import shuffle
+
+    from data_pipelines.kitti import record_spill
+
+    spill = record_spill.RecordSpill(tmp_path, "salt", disable_shuffling=True)
+    for key in (2, 0, 3, 1):
+        spill.add(key, b"record %d" % key * (key + 1))
+    assert spill.num_examples == 4 and spill.bucket_lengths == [4]
+    assert spill.size == sum(len(b"record %d" % k * (k + 1)) for k in range(4))
+    assert spill.path.is_file()
+    assert list(spill) == [(k, b"record %d" % k * (k + 1)) for k in range(4)]
+    assert not spill.path.exists(), "the spill file outlived the read"
+    with pytest.raises(AssertionError, match="after __iter__"):
+        spill.add(4, b"late")
+
+    repeated = record_spill.RecordSpill(tmp_path, "salt", disable_shuffling=True)
+    for key, data in ((1, b"a"), (0, b"b"), (1, b"c")):
+        repeated.add(key, data)
+    with pytest.raises(shuffle.DuplicatedKeysError):
+        list(repeated)
+    assert not repeated.path.exists()
+
+    first_kept = record_spill.RecordSpill(tmp_path, "salt", disable_shuffling=True, ignore_duplicates=True)
+    for key, data in ((1, b"a"), (0, b"b"), (1, b"c")):
+        first_kept.add(key, data)
+    assert list(first_kept) == [(0, b"b"), (1, b"a")]
+    with pytest.raises(ValueError, match="disable_shuffling=True"):
+        record_spill.RecordSpill(tmp_path, "salt")
+    assert list(tmp_path.iterdir()) == []
 
 
 # ------------------------------------------------------------------------------ bad input
@@ -223,7 +284,7 @@ def test_shards_tfds_wrote_otherwise_are_not_left_complete(tree, tmp_path, monke
     import contextlib
 
     raw, split = tree
-    monkeypatch.setattr(tfds_builder, "shard_writer_options", lambda options: contextlib.nullcontext())
+    monkeypatch.setattr(tfds_builder, "tfds_writer_hooks", lambda options: contextlib.nullcontext())
     with pytest.raises(ValueError, match=r"asked for compression 'none', the installed TFDS wrote "
                                          r"\{'kitti_triplets-train.array_record-00000-of-00001': 'zstd'\}"):
         prepare.prepare_split(raw, split, tmp_path, "train", H, W, compression="none")

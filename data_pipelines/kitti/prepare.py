@@ -130,7 +130,7 @@ def prepare_split(
     # Nothing is downloaded; keep TFDS's download folder out of OUT.
     options = tfds_builder.ARRAY_RECORD_OPTIONS[settings.compression]
     with tempfile.TemporaryDirectory(prefix="xdistill-prepare-") as scratch, \
-            tfds_builder.shard_writer_options(options):
+            tfds_builder.tfds_writer_hooks(options):
         builder.download_and_prepare(
             download_dir=scratch,
             download_config=_download_config(num_shards),

@@ -17,8 +17,11 @@ No TensorFlow is needed to write or read these datasets. What TFDS 4.9 does with
   split line i (the teacher logits store relies on that). Without it TFDS would store them
   in hashed-key order.
 - TFDS 4.9 writes array_record shards with fixed options ("group_size:1": zstd level 3);
-  `shard_writer_options` makes it write them uncompressed instead (settings.compression
+  `tfds_writer_hooks` makes it write them uncompressed instead (settings.compression
   "none"), and `shard_compressions` reads back what each shard holds.
+- TFDS 4.9 keeps the serialized records in memory up to 1 GB, then spills them through
+  `tf.io.gfile` (TensorFlow); `tfds_writer_hooks` also replaces that with `record_spill`'s
+  file on the output's disk, so a split of any size is written without TF or its size in RAM.
 - TFDS writes into `incomplete.*` and renames the version directory at the end; a failure
   removes the temporary directory. So a half-built dataset never looks complete.
 
@@ -179,19 +182,23 @@ class KittiTriplets(tfds.core.GeneratorBasedBuilder):
 # array_record writer options per `TripletSettings.compression`: "group_size:1" is what TFDS
 # itself writes (array_record's default compression, zstd level 3).
 ARRAY_RECORD_OPTIONS = {"zstd": "group_size:1", "none": "group_size:1,uncompressed"}
-# TFDS's writer is one class attribute: prepares in threads of one process take turns.
+# TFDS's writer and shuffler are module globals: prepares in threads of one process take turns.
 _WRITER_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
-def shard_writer_options(options: str):
-    """While the block runs, TFDS writes array_record shards with `options` instead of its
-    fixed "group_size:1" (this process; TFDS writes the shards in the process that calls
-    `download_and_prepare`; another thread's block waits for this one to end).
-    `prepare_split` checks the written shards with `shard_compressions`, so a TFDS that stops
-    calling this hook cannot go unnoticed."""
+def tfds_writer_hooks(options: str):
+    """While the block runs, TFDS (this process; it writes the shards in the process that calls
+    `download_and_prepare`) writes array_record shards with `options` instead of its fixed
+    "group_size:1", and keeps the records on their way to the shards in a
+    `record_spill.RecordSpill` instead of its shuffler (which needs TensorFlow past 1 GB).
+    Another thread's block waits for this one to end. `prepare_split` checks the written
+    shards with `shard_compressions`, so a TFDS that stops calling the writer hook cannot go
+    unnoticed; one that stops using `shuffle.Shuffler` writes as before up to 1 GB."""
     from array_record.python import array_record_module
-    from tensorflow_datasets.core import file_adapters
+    from tensorflow_datasets.core import file_adapters, shuffle
+
+    from data_pipelines.kitti import record_spill
 
     adapter = file_adapters.ArrayRecordFileAdapter
 
@@ -206,12 +213,14 @@ def shard_writer_options(options: str):
         return None  # as TFDS's: no record positions
 
     with _WRITER_LOCK:
-        saved = adapter.__dict__["write_examples"]
+        saved_writer, saved_shuffler = adapter.__dict__["write_examples"], shuffle.Shuffler
         adapter.write_examples = classmethod(write_examples)
+        shuffle.Shuffler = record_spill.RecordSpill
         try:
             yield
         finally:
-            adapter.write_examples = saved
+            adapter.write_examples = saved_writer
+            shuffle.Shuffler = saved_shuffler
 
 
 def shard_compressions(path: str | pathlib.Path) -> dict[str, str]:
