@@ -52,6 +52,17 @@ def test_read_calib_file_values_and_missing_key(tmp_path):
         raw.read_calib_file(folder / "calib_cam_to_cam.txt", required=("P_rect_01",))
     with pytest.raises(FileNotFoundError, match="calib_imu_to_velo.txt"):
         raw.imu_to_velo(folder)
+    # tab-separated values read as numbers; a key whose values are not numbers is named with its line
+    text = (folder / "calib_cam_to_cam.txt").read_text().splitlines()
+    row = next(i for i, t in enumerate(text) if t.startswith("P_rect_02:"))
+    tabbed = folder / "tabbed.txt"
+    tabbed.write_text("\n".join(t.replace(" ", "\t").replace(":\t", ": ", 1) for t in text) + "\n")
+    np.testing.assert_array_equal(raw.read_calib_file(tabbed)["P_rect_02"], calib["P_rect_02"])
+    text[row] = text[row].replace("e+0", "e+O", 1)  # a letter O for a zero
+    bad = folder / "bad.txt"
+    bad.write_text("\n".join(text) + "\n")
+    with pytest.raises(ValueError, match=rf"bad\.txt:{row + 1}: key P_rect_02 is not a list of numbers: '.*e\+O"):
+        raw.calib_matrix(raw.read_calib_file(bad), "P_rect_02", (3, 4), bad)
     # generate_depth_map names the file and the key it needs
     (folder / "calib_velo_to_cam.txt").write_text("calib_time: x\nR: 1 0 0 0 1 0 0 0 1\n")
     scan = _write_scan(tmp_path / "s.bin", [_velo_point(5, 3, 8.0)])
@@ -66,7 +77,8 @@ def test_read_split_file_and_malformed_lines(tmp_path):
     assert lines == [raw.SplitLine("2011_09_26/2011_09_26_drive_0002_sync", 69, "l"), raw.SplitLine("DATE/d", 5, "r")]
     assert raw.image_path("/R", lines[1], -1) == raw.Path("/R/DATE/d/image_03/data/0000000004.png")
     assert raw.image_path("/R", lines[0], 0, ".jpg").name == "0000000069.jpg"
-    for bad, what in (("a 1 l\nb 2\n", "3 fields"), ("a 1 l\nb x l\n", "frame index"), ("a 1 l\nb 2 q\n", "side")):
+    for bad, what in (("a 1 l\nb 2\n", "3 fields"), ("a 1 l\nb x l\n", "frame index"), ("a 1 l\nb 2 q\n", "side"),
+                      ("a 1 l\nb \u00b2 l\n", "frame index")):  # str.isdigit() is True for '²'
         path = tmp_path / "bad.txt"
         path.write_text(bad)
         with pytest.raises(ValueError, match=rf"bad\.txt:2: .*{what}"):

@@ -323,6 +323,29 @@ def test_missing_neighbour_frame(bad_tree):
     _assert_nothing_complete(out)
 
 
+def test_a_neighbour_of_another_size_and_a_first_frame_are_named(bad_tree):
+    """A neighbour frame of another size than the target (a foreign or damaged file) was
+    resized into the triplet silently; the first frame of a drive (no frame -1) was refused
+    without naming the split line."""
+    from PIL import Image
+
+    raw, split, out = bad_tree
+    lines = kitti_tiny.split_lines(split)
+    odd = kitti_tiny.source_image(raw, lines[2], +1)
+    with Image.open(odd) as image:
+        small = image.resize((image.width // 2, image.height))
+    small.save(odd)
+    with pytest.raises(ValueError, match=rf"{split}:3 .*frames differ in size: .* {odd} {small.width}x{small.height}"):
+        prepare.prepare_split(raw, split, out, "train", H, W)
+    _assert_nothing_complete(out)
+
+    first = lines[0].rsplit(" ", 2)[0] + " 0 " + lines[0].rsplit(" ", 1)[1]
+    split.write_text("\n".join([lines[1], first]) + "\n")
+    with pytest.raises(ValueError, match=rf"{split}:2 .*frame 0-1 is negative"):
+        prepare.prepare_split(raw, split, out, "train", H, W)
+    _assert_nothing_complete(out)
+
+
 def test_corrupt_image_found_while_building(bad_tree):
     raw, split, out = bad_tree
     lines = kitti_tiny.split_lines(split)

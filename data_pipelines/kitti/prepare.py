@@ -162,7 +162,10 @@ def _check_files_exist(raw_dir, lines, split_file, settings) -> None:
     for where, line in zip(split_line_locations(split_file), lines):
         where = f"{where} ({str(line)!r})"
         for offset in triplets.FRAME_OFFSETS:
-            path = pathlib.Path(raw.image_path(raw_dir, line, offset))
+            try:
+                path = pathlib.Path(raw.image_path(raw_dir, line, offset))
+            except ValueError as e:  # frame 0 of a drive has no frame -1
+                raise ValueError(f"{where}: {e}") from None
             if not path.is_file():
                 what = "frame" if offset == 0 else f"neighbour frame {offset:+d}"
                 raise ValueError(f"{where}: missing {what}: {path} (nor {path.with_suffix('.jpg').name})")

@@ -46,7 +46,16 @@ class SplitLine:
         return SIDE_TO_CAMERA[self.side]
 
 
-def read_calib_file(path, required: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+class CalibFile(dict):
+    """`read_calib_file`'s result: {key: float64 array or string}, and `lines[key]`, the line
+    the key was read from (for `calib_matrix`'s errors)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lines: dict[str, int] = {}
+
+
+def read_calib_file(path, required: tuple[str, ...] = ()) -> CalibFile:
     """Parse a KITTI `key: values` calibration file.
 
     Values made only of `0123456789.e+- ` become float64 1-D arrays (as the reference does);
@@ -56,7 +65,7 @@ def read_calib_file(path, required: tuple[str, ...] = ()) -> dict[str, np.ndarra
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"calibration file not found: {path}")
-    data: dict[str, np.ndarray] = {}
+    data = CalibFile()
     with open(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -64,14 +73,16 @@ def read_calib_file(path, required: tuple[str, ...] = ()) -> dict[str, np.ndarra
             key, sep, value = line.partition(":")
             if not sep:
                 raise ValueError(f"{path}:{lineno}: expected 'key: values', got {line.strip()!r}")
-            value = value.strip()
-            if value and set(value) <= _NUMERIC_CHARS:
+            key, value = key.strip(), value.strip()
+            data.lines[key] = lineno
+            tokens = value.split()  # spaces or tabs
+            if tokens and all(set(t) <= _NUMERIC_CHARS for t in tokens):
                 try:
-                    data[key.strip()] = np.array([float(x) for x in value.split()])
+                    data[key] = np.array([float(x) for x in tokens])
                 except ValueError:
-                    raise ValueError(f"{path}:{lineno}: bad number in {key.strip()!r}: {value!r}") from None
+                    raise ValueError(f"{path}:{lineno}: bad number in {key!r}: {value!r}") from None
             else:
-                data[key.strip()] = value
+                data[key] = value
     missing = [k for k in required if k not in data]
     if missing:
         raise ValueError(f"{path}: missing calibration key(s) {', '.join(missing)}")
@@ -82,9 +93,13 @@ def calib_matrix(calib: dict, key: str, shape: tuple[int, ...], path="calibratio
     """`calib[key]` reshaped to `shape`, with an error naming the file and key if absent or mis-sized."""
     if key not in calib:
         raise ValueError(f"{path}: missing calibration key {key}")
+    lineno = getattr(calib, "lines", {}).get(key)
+    where = f"{path}:{lineno}" if lineno else str(path)
+    if isinstance(calib[key], str):
+        raise ValueError(f"{where}: key {key} is not a list of numbers: {calib[key]!r}")
     value = np.asarray(calib[key])
     if value.dtype.kind not in "fi" or value.size != math.prod(shape):
-        raise ValueError(f"{path}: key {key} has {value.size} values, expected {math.prod(shape)}")
+        raise ValueError(f"{where}: key {key} has {value.size} values, expected {math.prod(shape)}")
     return value.reshape(shape)
 
 
@@ -105,7 +120,7 @@ def read_split_file(path) -> list[SplitLine]:
                     f"{path}:{lineno}: expected 'FOLDER FRAME SIDE' (3 fields), got {text!r}"
                 )
             folder, frame, side = parts
-            if not frame.isdigit():
+            if not (frame.isascii() and frame.isdigit()):  # str.isdigit() also takes '²'
                 raise ValueError(f"{path}:{lineno}: frame index {frame!r} is not a non-negative integer")
             if side not in SIDE_TO_CAMERA:
                 raise ValueError(f"{path}:{lineno}: side {side!r} must be 'l' or 'r'")

@@ -179,8 +179,12 @@ def make_example(
     raw_dir = pathlib.Path(raw_dir)
     images = {}
     native_size = None
+    native_sizes = {}
     for offset, key in zip(FRAME_OFFSETS, IMAGE_KEYS):
-        path = pathlib.Path(raw.image_path(raw_dir, line, offset))
+        try:
+            path = pathlib.Path(raw.image_path(raw_dir, line, offset))
+        except ValueError as e:  # frame 0 of a drive has no frame -1
+            raise ValueError(f"{where} ({str(line)!r}): {e}") from None
         if not path.is_file():
             what = "frame" if offset == 0 else f"neighbour frame {offset:+d}"
             raise ValueError(f"{where} ({str(line)!r}): missing {what}: {path}")
@@ -188,6 +192,7 @@ def make_example(
             image = load_rgb(path)
         except ValueError as e:
             raise ValueError(f"{where} ({str(line)!r}): {e}") from e
+        native_sizes[path] = image.size
         if offset == 0:
             native_size = image.size
         resized = resize_lanczos(image, settings.height, settings.width)
@@ -198,6 +203,11 @@ def make_example(
                 scaled = resize_lanczos(scaled, scaled.height // 2, scaled.width // 2)
                 images[scale_key] = encode_image(scaled, "raw")
 
+    if len(set(native_sizes.values())) > 1:
+        # One camera films a drive at one size: a frame of another size is not the neighbour
+        # (a damaged or foreign file), and resizing would stretch it into the triplet silently.
+        sizes = ", ".join(f"{p} {w}x{h}" for p, (w, h) in native_sizes.items())
+        raise ValueError(f"{where} ({str(line)!r}): the triplet's frames differ in size: {sizes}")
     if settings.intrinsics == "monodepth2":
         K = MONODEPTH2_K.copy()
     else:
