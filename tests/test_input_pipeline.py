@@ -178,6 +178,49 @@ def test_epochs_are_reshuffled_permutations_and_hosts_are_disjoint(source):
     assert len(hosts[0]) == len(hosts[1]) == ip.steps_per_epoch(n, 2, process_count=2) == 3
 
 
+class _NumberedSource:
+    """N tiny records whose pixels are their index (no files): for data-order tests."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        image = np.full((8, 16, 3), i, np.uint8)
+        return {"id": f"r{i}".encode(), "index": i, "image_m1": image, "image_0": image,
+                "image_p1": image, "K": np.eye(4, dtype=np.float32)}
+
+
+@pytest.mark.parametrize("n, global_batch, hosts", [(7, 2, 2), (13, 4, 2), (14, 6, 3)])
+def test_hosts_together_take_the_one_host_batches(n, global_batch, hosts):
+    """On several hosts each global batch is the one a single host would load (host p its p-th
+    share): the data order does not depend on the number of hosts. Until 2026-12-07 each host
+    took every `hosts`-th example once for all: on two hosts examples 2k and 2k+1 shared a
+    batch in every epoch, and the split's last n % hosts examples were never trained on."""
+    epochs = 6
+    one = ip.make_train_dataset(_NumberedSource(n), global_batch_size=global_batch, seed=3,
+                                num_epochs=epochs, augment=False)
+    shares = [ip.make_train_dataset(_NumberedSource(n), global_batch_size=global_batch, seed=3,
+                                    num_epochs=epochs, augment=False, process_index=p, process_count=hosts)
+              for p in range(hosts)]
+    steps = ip.steps_per_epoch(n, global_batch, process_count=hosts)
+    assert steps == n // global_batch and len(one) == steps * epochs
+    assert all(len(share) == len(one) for share in shares)
+    together = [np.concatenate([share[b]["index"] for share in shares]) for b in range(len(one))]
+    for b in range(len(one)):
+        np.testing.assert_array_equal(together[b], one[b]["index"])
+        np.testing.assert_array_equal(np.concatenate([share[b]["color"] for share in shares]), one[b]["color"])
+    left_out = [set(range(n)) - set(np.concatenate(together[e * steps:(e + 1) * steps]).tolist())
+                for e in range(epochs)]
+    assert all(len(x) == n - steps * global_batch for x in left_out)
+    assert set().union(*left_out) != left_out[0], "the same examples were left out in every epoch"
+    first_pairs = {tuple(sorted(b[:2].tolist())) for b in together[:steps]}
+    later_pairs = {tuple(sorted(b[:2].tolist())) for b in together[steps:]}
+    assert not first_pairs <= later_pairs or len(later_pairs) > len(first_pairs), "batches repeat their pairs"
+
+
 def test_determinism_and_exact_resume(source):
     def run(seed, n=None):
         return all_batches(ip.make_train_iterator(source, global_batch_size=2, seed=seed, num_epochs=3), n)

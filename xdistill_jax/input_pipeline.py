@@ -206,40 +206,49 @@ def make_train_dataset(
 ):
     """grain `MapDataset` of host-local training batches.
 
-    Each host takes every `process_count`-th example (after dropping the remainder, so all
-    hosts run the same number of steps), shuffles its share with a new permutation per epoch,
-    augments, and batches `global_batch_size / process_count` examples, dropping the last
-    partial batch of each epoch (Monodepth2's drop_last). `num_epochs=None` repeats forever.
-    `source_scales=False` leaves frames -1 and +1 out of `color_s1..3` (see `make_example`:
-    what a step without loss.v1_multiscale needs).
+    Each epoch is a new permutation of the whole split (seeded by `seed` and the epoch), cut
+    into global batches of `global_batch_size`, the last partial one dropped (Monodepth2's
+    shuffle with drop_last: a different remainder left out each epoch); host p takes the p-th
+    `global_batch_size / process_count` examples of every global batch, so which examples
+    share a batch, and which are left out, changes from epoch to epoch whatever the number of
+    hosts. Every host reads the whole split (the data is at the same path on every host) and
+    loads only its own examples. On one host the batches are those of the releases before
+    2026-12-07; on several they were not: each host took every `process_count`-th example once
+    for all (examples 2k and 2k+1 shared a global batch in every epoch on two hosts, and the
+    split's last `len % process_count` examples were never trained on). `num_epochs=None`
+    repeats forever. `source_scales=False` leaves frames -1 and +1 out of `color_s1..3` (see
+    `make_example`: what a step without loss.v1_multiscale needs).
     """
     import grain
 
     p, n_proc = _host_slice(process_index, process_count)
     batch = _per_host_batch(global_batch_size, n_proc)
     triplets = TripletSource(source, teacher)
-    per_host = len(triplets) // n_proc
-    if per_host < batch:
+    steps = steps_per_epoch(len(triplets), global_batch_size, n_proc)
+    if steps < 1:
         raise ValueError(
-            f"split has {len(triplets)} examples: fewer than one batch of {batch} per host "
-            f"on {n_proc} hosts"
+            f"split has {len(triplets)} examples: fewer than one global batch of {global_batch_size}"
+            + (f" ({batch} per host on {n_proc} hosts)" if n_proc > 1 else "")
         )
     shuffle_seed = int(np.random.SeedSequence([int(seed), _SHUFFLE_TAG]).generate_state(1)[0])
+    # permutation[e * N + g] = the split index at position g of epoch e's permutation (grain
+    # re-seeds its shuffle each epoch: seed + epoch), read lazily.
+    permutation = grain.MapDataset.range(len(triplets)).shuffle(seed=shuffle_seed)
+    per_epoch = steps * batch  # this host's examples per epoch
 
-    def transform(position: int, item) -> dict:
-        record, logits = item
-        epoch = position // per_host  # grain passes epoch * per_host + index in epoch
+    def load(position: int, _) -> dict:
+        epoch, j = divmod(position, per_epoch)
+        step, k = divmod(j, batch)
+        g = step * global_batch_size + p * batch + k  # position in the epoch's global order
+        record, logits = triplets[int(permutation[epoch * len(triplets) + g]) % len(triplets)]
         if augment:
             aug = sample_augmentation(example_rng(seed, epoch, int(record["index"])))
         else:
             aug = Augmentation()
         return make_example(record, aug, logits, source_scales=source_scales)
 
-    ds = grain.MapDataset.source(triplets)[p : per_host * n_proc : n_proc]
-    ds = ds.shuffle(seed=shuffle_seed)  # grain re-permutes each epoch (seed + epoch)
-    ds = ds.map_with_index(transform)
-    ds = ds.batch(batch, drop_remainder=True)
-    return ds.repeat(num_epochs)
+    ds = grain.MapDataset.range(per_epoch).repeat(num_epochs).map_with_index(load)
+    return ds.batch(batch, drop_remainder=True)
 
 
 def make_train_iterator(
@@ -417,8 +426,8 @@ def resolve_num_workers(num_workers: int) -> int:
 
 def steps_per_epoch(num_examples: int, global_batch_size: int, process_count: int = 1) -> int:
     """Training steps in one epoch of `make_train_dataset` (all hosts run the same number)."""
-    per_host = num_examples // process_count
-    return per_host // _per_host_batch(global_batch_size, process_count)
+    _per_host_batch(global_batch_size, process_count)  # checks the batch divides over the hosts
+    return num_examples // global_batch_size
 
 
 # ------------------------------------------------------------------------------ evaluation
