@@ -91,10 +91,17 @@ def test_make3d_scoring_by_hand():
     assert crop.shape == (21, 305) and crop[0, 0] == gt[17, 0] and crop[-1, -1] == gt[37, -1]
     e, ratio = eval_depth.score_make3d_image(crop, 3.0 / crop)  # depth = crop / 3 everywhere
     assert ratio == pytest.approx(3.0, rel=1e-6)
-    assert e["abs_rel"] < 1e-9 and e["log10"] < 1e-9 and e["a1"] == 1.0
+    assert e["abs_rel"] < 1e-9 and e["log10"] < 1e-9 and e["log10_abs"] < 1e-9 and e["a1"] == 1.0
     e, _ = eval_depth.score_make3d_image(crop, np.full((7, 50), 0.2))
     valid = crop[crop < 70]
-    np.testing.assert_allclose(e["log10"], np.mean(np.abs(np.log10(valid) - np.log10(np.median(valid)))))
+    log_diff = np.log10(valid) - np.log10(np.median(valid))
+    np.testing.assert_allclose(e["log10"], np.sqrt(np.mean(log_diff**2)))  # the authors' (Monodepth2's column)
+    np.testing.assert_allclose(e["log10_abs"], np.mean(np.abs(log_diff)))  # the classic one
+    # by hand: median 10 m both, no scaling; log10 differences -1, 0, +1 (cap raised for the 100 m)
+    e, ratio = eval_depth.score_make3d_image(np.array([[1.0, 10.0, 100.0]]), np.full((1, 3), 0.1), max_depth=200.0)
+    assert ratio == pytest.approx(1.0)
+    assert (e["log10"], e["log10_abs"]) == pytest.approx((np.sqrt(2.0 / 3.0), 2.0 / 3.0))
+    assert e["rmse_log"] == pytest.approx(np.log(10.0) * np.sqrt(2.0 / 3.0))  # natural log, as on KITTI
     assert eval_depth.make3d_crop_rows(2272, 1704) == (710, 1562)  # 852 central rows: 2:1
 
 
@@ -156,7 +163,7 @@ def test_fake_real_make3d_layout(tmp_path):
         crops.append(grid[17:38, :, 3])
     res = eval_depth.evaluate_make3d(fixed_model(np.full((64, 128), 0.25)), tmp_path, batch_size=4,
                                      show_progress=False)
-    assert res.summary["num_images"] == 2 and set(res.metric_keys) >= {"abs_rel", "sq_rel", "rmse", "log10"}
+    assert res.summary["num_images"] == 2 and res.metric_keys == evaluation.MAKE3D_METRIC_KEYS
     per = []
     for c in crops:
         g = c[(c > 0) & (c < 70)]
@@ -253,7 +260,8 @@ def test_cli_eval_kitti_make3d_and_pose(capsys):
     assert cli.main(["eval", "--workdir", str(t.workdir), "--split", "make3d", "--data", str(t.world / "make3d"),
                      "--no-progress"]) == 0
     summary = json.loads((t.workdir / "eval" / "make3d-step2.json").read_text())
-    assert summary["num_images"] == 2 and summary["log10"] > 0 and "log10" in capsys.readouterr().out.splitlines()[2]
+    assert summary["num_images"] == 2 and summary["log10"] > 0 and summary["log10_abs"] > 0
+    assert "log10" in capsys.readouterr().out.splitlines()[2]
 
     assert cli.main(["eval", "--workdir", str(t.workdir), "--pose", "--data", str(t.world), "--split-file",
                      str(test_split), "--batch-size", "3", "--no-progress"]) == 0
@@ -316,7 +324,7 @@ def test_gt_not_matching_split_and_unreadable_image(tmp_path):
         eval_depth.evaluate_kitti(model, tmp_path, swapped, gt_file, show_progress=False)
     longer = tmp_path / "longer.txt"
     longer.write_text(split.read_text() + f"{FOLDER} 9 l\n")
-    with pytest.raises(ValueError, match=rf"3 depth maps for a split of 4 lines; first unmatched split line 4"):
+    with pytest.raises(ValueError, match=r"3 depth maps for a split of 4 lines; first unmatched split line 4"):
         eval_depth.evaluate_kitti(model, tmp_path, longer, gt_file, show_progress=False)
     bad = tmp_path / FOLDER / "image_02" / "data" / "0000000001.png"
     bad.write_bytes(b"not a png")
@@ -325,6 +333,62 @@ def test_gt_not_matching_split_and_unreadable_image(tmp_path):
     bad.unlink()
     with pytest.raises(ValueError, match=r"image of split line .* 1 l' not found"):
         eval_depth.evaluate_kitti(model, tmp_path, split, gt_file, show_progress=False)
+
+
+def test_bad_gt_files_and_entries_exit_2_before_inference(tmp_path, capsys, monkeypatch):
+    """`xdistill eval` with a --gt that is no .npz, or has an entry that is no (H,W) map or has no
+    pixel its protocol scores (Monodepth2: NaN for every mean): exit 2, one line naming the file,
+    the entry and its split line; the model never runs."""
+    good = np.zeros((15, 40), np.float32)
+    good[8:14, 2:38] = 5.0
+    split, gt_file = write_kitti_like(tmp_path, 3, 15, 40, good)
+    lines = split.read_text().splitlines()
+    model = fixed_model(np.full((8, 24), 0.1, np.float32))
+    monkeypatch.setattr(inference, "load_workdir_model", lambda workdir, step=None: model)
+
+    def no_inference(*args, **kwargs):
+        raise AssertionError("the model ran before the GT was checked")
+
+    np.save(tmp_path / "gt.npy", np.stack([good] * 3))
+    (tmp_path / "trunc.npz").write_bytes(gt_file.read_bytes()[:200])
+    cases = [("eigen", tmp_path / "gt.npy", "is a single .npy array, not an .npz archive"),
+             ("eigen", tmp_path / "trunc.npz", "cannot be read as an .npz archive")]
+    for name, protocol, entries, message in [
+            ("hw1.npz", "eigen_benchmark", [good, good[..., None], good],
+             f"entry 1 (split line 2: '{lines[1]}') has shape (15, 40, 1), expected a 2-D (H,W) depth map"),
+            ("zero_eigen.npz", "eigen", [good, good, np.zeros_like(good)],
+             f"entry 2 (split line 3: '{lines[2]}') has no pixel with 0.001 < gt < 80.0 m inside the Garg crop"),
+            ("zero_bench.npz", "eigen_benchmark", [good, np.zeros_like(good), good],
+             f"entry 1 (split line 2: '{lines[1]}') has no pixel with 0 < gt (eigen_benchmark)")]:
+        np.savez_compressed(tmp_path / name, files=np.array(lines), **{f"depth_{i:05d}": g for i, g in enumerate(entries)})
+        cases.append((protocol, tmp_path / name, message))
+    out = tmp_path / "out"
+    for protocol, path, message in cases:
+        with monkeypatch.context() as m:
+            m.setattr(eval_depth, "DepthPredictor", no_inference)
+            with pytest.raises(ValueError, match=re.escape(message)):
+                eval_depth.evaluate_kitti(model, tmp_path, split, path, protocol=protocol, show_progress=False)
+            assert cli.main(["eval", "--workdir", str(tmp_path), "--split", protocol, "--data", str(tmp_path),
+                             "--gt", str(path), "--split-file", str(split), "--out", str(out), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("xdistill eval: ") and str(path) in err and message in err, err
+        assert "Traceback" not in err and len(err.splitlines()) == 1 and not out.exists()
+    # the good file through the same command (the GT maps are all 5 m: exact after median scaling)
+    assert cli.main(["eval", "--workdir", str(tmp_path), "--split", "eigen", "--data", str(tmp_path), "--gt",
+                     str(gt_file), "--split-file", str(split), "--out", str(out), "--no-progress"]) == 0
+    assert json.loads((out / "eigen-split-stepNone.json").read_text())["abs_rel"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_an_empty_odometry_split_or_poses_file_is_named(tmp_path):
+    empty = tmp_path / "test_files_09.txt"
+    empty.write_text("\n")  # was an IndexError traceback
+    with pytest.raises(ValueError, match=re.escape(f"{empty}: split file has no lines")):
+        eval_pose.odometry_sequence(tmp_path, "odom_09", empty)
+    (tmp_path / "poses").mkdir()
+    (tmp_path / "poses" / "09.txt").write_text("")
+    empty.write_text("9 0 l\n")
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'poses' / '09.txt'}: no poses")):
+        eval_pose.odometry_sequence(tmp_path, "odom_09", empty)
 
 
 def test_monodepth2_weights_match_torch_evaluation(tmp_path):

@@ -91,3 +91,19 @@ def test_post_process_disparity_by_hand():
     ramp = np.broadcast_to(np.arange(w, dtype=float), (1, h, w))
     # the flipped image's prediction of a ramp, flipped back, is the ramp itself
     np.testing.assert_allclose(E.post_process_disparity(ramp[..., None], ramp[..., ::-1, None]), ramp[..., None])
+
+
+def test_make3d_log10_metrics_by_hand():
+    """Make3D's "log10" column is the RMS of the log10 differences (the authors' script, reference
+    §6.6); `log10_abs` is the classic mean |log10 difference|; rmse_log stays the natural log."""
+    gt = np.array([1.0, 10.0, 100.0])
+    pred = np.full(3, 10.0)  # log10 differences -1, 0, +1
+    e = E.make3d_log10_errors(gt, pred)
+    assert tuple(e) == ("log10", "log10_abs") and E.MAKE3D_METRIC_KEYS == E.METRIC_KEYS + tuple(e)
+    np.testing.assert_allclose(e["log10"], np.sqrt((1.0 + 0.0 + 1.0) / 3.0))  # 0.8165
+    np.testing.assert_allclose(e["log10_abs"], (1.0 + 0.0 + 1.0) / 3.0)  # 0.6667
+    np.testing.assert_allclose(E.compute_depth_errors(gt, pred)["rmse_log"], np.log(10.0) * np.sqrt(2.0 / 3.0))
+    # every prediction 10x too far: both log10 errors are exactly 1
+    assert E.make3d_log10_errors(gt, 10.0 * gt) == pytest.approx({"log10": 1.0, "log10_abs": 1.0})
+    with pytest.raises(ValueError, match="depths must be > 0"):
+        E.make3d_log10_errors(gt, np.zeros(3))

@@ -3,6 +3,8 @@ projection of the scans and against the rendered dense depth; the npz format and
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -124,3 +126,71 @@ def test_monodepth2_pickled_format_needs_explicit_opt_in(tmp_path):
         load_gt_depths(path)
     depths, files = load_gt_depths(path, allow_pickle=True)
     assert [d.shape for d in depths] == [(3, 4), (2, 5)] and files == ["", ""]
+    # same-size maps: np.array stacks them into a plain (N,H,W) float array, stored without pickle
+    same = tmp_path / "gt_same.npz"
+    np.savez_compressed(same, data=np.array([np.ones((3, 4), np.float32), np.full((3, 4), 2.0, np.float32)]))
+    depths, files = load_gt_depths(same)
+    assert [float(d[0, 0]) for d in depths] == [1.0, 2.0] and depths[0].shape == (3, 4) and files == ["", ""]
+    ragged[1] = np.zeros((2, 5, 1), np.float32)
+    np.savez_compressed(path, data=ragged)
+    with pytest.raises(ValueError, match=re.escape(f"{path}: entry 1 has shape (2, 5, 1), expected a 2-D (H,W)")):
+        load_gt_depths(path, allow_pickle=True)
+
+
+def test_malformed_gt_files_are_named(tmp_path):
+    """Whatever is wrong with a --gt file, a ValueError naming it and what was expected (the CLI's
+    exit 2), never numpy's or zipfile's own exception: a .npy, a truncated archive, an empty file,
+    a text file (numpy took it for a pickle and did not name it), a damaged member."""
+    maps = [np.full((3, 4), 2.0, np.float32), np.full((3, 4), 3.0, np.float32)]
+    good = tmp_path / "good.npz"
+    np.savez_compressed(good, depth_00000=maps[0], depth_00001=maps[1], files=np.array(["a 1 l", "a 2 l"]))
+    assert load_gt_depths(good)[1] == ["a 1 l", "a 2 l"]
+    expected = "expected an .npz archive written by `xdistill export-gt`"
+    cases = {
+        "gt.npy": (lambda f: np.save(f, np.stack(maps)), "is a single .npy array, not an .npz archive"),
+        "trunc.npz": (lambda f: f.write_bytes(good.read_bytes()[:200]), "cannot be read as an .npz archive"),
+        "half.npz": (lambda f: f.write_bytes(good.read_bytes()[:good.stat().st_size // 2]),
+                     "cannot be read as an .npz archive"),
+        "empty.npz": (lambda f: f.write_bytes(b""), "is empty"),
+        "text.npz": (lambda f: f.write_text("not a numpy file\n"), "is neither an .npz archive nor a numpy array"),
+    }
+    for name, (write, what) in cases.items():
+        path = tmp_path / name
+        write(path)
+        with pytest.raises(ValueError, match=re.escape(f"{path}: {what}") + ".*" + re.escape(expected)):
+            load_gt_depths(path)
+    # the archive's index intact, a member's compressed bytes overwritten: CRC or deflate error
+    damaged = tmp_path / "damaged.npz"
+    raw_bytes = bytearray(good.read_bytes())
+    start = raw_bytes.index(b"depth_00001.npy") + len(b"depth_00001.npy")
+    raw_bytes[start + 8:start + 40] = b"\xff" * 32
+    damaged.write_bytes(bytes(raw_bytes))
+    with pytest.raises(ValueError, match=re.escape(f"{damaged}: array 'depth_00001' cannot be read")):
+        load_gt_depths(damaged)
+
+
+def test_bad_gt_entries_are_named_with_their_split_line(tmp_path):
+    """Entries that are no (H,W) map, stray or missing arrays: named by file, entry and split line."""
+    good = np.full((3, 4), 2.0, np.float32)
+    files = np.array(["d 0 l", "d 1 l"])
+
+    def check(arrays, message):
+        path = tmp_path / "gt.npz"
+        np.savez_compressed(path, **arrays)
+        with pytest.raises(ValueError, match=re.escape(f"{path}: {message}")):
+            load_gt_depths(path)
+
+    check(dict(depth_00000=good, depth_00001=good[..., None], files=files),
+          "entry 1 (split line 2: 'd 1 l') has shape (3, 4, 1), expected a 2-D (H,W) depth map")
+    check(dict(depth_00000=good.ravel(), depth_00001=good, files=files),
+          "entry 0 (split line 1: 'd 0 l') has shape (12,), expected a 2-D (H,W) depth map")
+    check(dict(depth_00000=good, depth_00001=np.array([["a", "b"]]), files=files),
+          "entry 1 (split line 2: 'd 1 l') is of type <U1, expected a depth map of numbers")
+    check(dict(depth_00000=good, depth_00001=good, depth_extra=good, files=files),
+          "unexpected arrays ['depth_extra']")  # was int('extra'): "invalid literal for int()"
+    check(dict(depth_00000=good, depth_00002=good, files=files), "depth_00001 is missing")
+    check(dict(depth_0=good, depth_00000=good, files=files[:1]), "arrays depth_0 and depth_00000 are both entry 0")
+    check(dict(depth_00000=good, depth_00001=good), "has depth_* arrays but no 'files' array")
+    check(dict(data=np.stack([good, good]), files=files), "unexpected arrays ['files'] beside Monodepth2's 'data'")
+    check(dict(data=good), "'data' has shape (3, 4), expected (N,H,W) depth maps")
+    check(dict(other=good), "neither depth_NNNNN arrays nor Monodepth2's 'data' array inside")

@@ -57,3 +57,43 @@ def test_real_layout_without_list_file_and_missing_depth(tmp_path):
     items[1].image_path.write_bytes(b"not a jpeg")
     with pytest.raises(ValueError, match=r"img-b-p-2t0\.jpg: cannot read the Make3D image"):
         reader.load_image(items[1].image_path)
+
+
+def _layout(root, grids):
+    """A real-layout folder with one small image per laser grid; returns its items."""
+    (root / "Test134").mkdir()
+    (root / "Gridlaserdata").mkdir()
+    for i, grid in enumerate(grids):
+        Image.fromarray(np.full((80, 60, 3), 100, np.uint8)).save(root / "Test134" / f"img-{i}.jpg")
+        scipy.io.savemat(root / "Gridlaserdata" / f"depth_sph_corr-{i}.mat", {"Position3DGrid": grid})
+    return reader.list_test_set(root)
+
+
+def test_a_grid_of_another_shape_is_named(tmp_path):
+    """GRID_SHAPE is checked: a transposed (305, 55, 4) grid was cropped to 21 of its 305 rows and scored."""
+    grid = np.random.default_rng(0).uniform(1.0, 60.0, reader.GRID_SHAPE)
+    items = _layout(tmp_path, [grid, np.transpose(grid, (1, 0, 2)), grid[:50]])
+    assert reader.load_depth(items[0].depth_path).shape == (55, 305)
+    with pytest.raises(ValueError, match=r"depth_sph_corr-1\.mat: Position3DGrid has shape \(305, 55, 4\), "
+                                         r"expected \(55, 305, 4\)"):
+        reader.load_depth(items[1].depth_path)
+    with pytest.raises(ValueError, match=r"depth_sph_corr-2\.mat: Position3DGrid has shape \(50, 305, 4\)"):
+        reader.load_depth(items[2].depth_path)
+
+
+def test_a_grid_without_scored_depth_is_named_before_inference(tmp_path):
+    """No laser depth in (0, 70) m in the 21 scored rows: the authors' median scaling would give NaN;
+    here a ValueError naming the file and its image, raised before the model is touched (None)."""
+    from xdistill_jax import eval_depth
+
+    grid = np.random.default_rng(0).uniform(1.0, 60.0, reader.GRID_SHAPE)
+    far = grid.copy()
+    far[17:38, :, 3] = 81.92  # every scored return saturated; the rows outside the crop do not count
+    items = _layout(tmp_path, [grid, far])
+    assert len(eval_depth.load_make3d_gts(items[:1])) == 1
+    message = (r"depth_sph_corr-1\.mat: no laser depth in \(0, 70\.0\) m in rows \[17, 38\) of "
+               r"Position3DGrid\[:, :, 3\] \(test image 1, img-1\.jpg\)")
+    with pytest.raises(ValueError, match=message):
+        eval_depth.load_make3d_gts(items)
+    with pytest.raises(ValueError, match=message):
+        eval_depth.evaluate_make3d(None, tmp_path, show_progress=False)

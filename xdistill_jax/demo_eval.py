@@ -3,14 +3,15 @@
 The protocols are `xdistill eval`'s (`xdistill_jax.eval_depth`): the Eigen protocol on the
 synthetic test split (the held-out drive, every frame; velodyne GT exported by `export-gt`, Garg
 crop, per-image median scaling, 80 m cap) and the Make3D protocol on W/world/make3d (2:1 image
-crop, central 21 laser rows, 70 m cap, median scaling, + log10).
+crop, central 21 laser rows, 70 m cap, median scaling, + log10 (Monodepth2's Make3D column, the
+RMS of log10 differences) and log10_abs (mean |log10 difference|)).
 
 The constant predictor (disparity 1 everywhere) is the sanity row: after median scaling it
 predicts every pixel at the image's median GT depth. It is scored by the same per-image
 functions (`score_kitti_image`, `score_make3d_image`).
 
 Outputs (`eval_depth.write_result`: JSON + per-image CSV, atomic): W/runs/<run>/eval/<split>-step<N>
-with the seven metric keys (+ log10 for Make3D) and num_images; W/eval/constant-<split>.
+with the seven metric keys (+ log10 and log10_abs for Make3D) and num_images; W/eval/constant-<split>.
 
 `predict_frames` (the report's figures) runs a run's depth net and, for X-Distill, its
 translator on a few images.
@@ -20,11 +21,14 @@ from __future__ import annotations
 
 import json
 import pathlib
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from xdistill_jax import evaluation
+
+if TYPE_CHECKING:  # eval_depth imports jax: only where the demo evaluates
+    from xdistill_jax.eval_depth import EvalResult
 
 PREDICT_BATCH = 8
 
@@ -98,7 +102,7 @@ def predict_frames(run_dir, config, images: np.ndarray):
     return np.asarray(disp), (None if labels is None else np.asarray(labels))
 
 
-def _summary(per_image: list, keys) -> "EvalResult":  # noqa: F821
+def _summary(per_image: list, keys) -> EvalResult:
     from xdistill_jax.eval_depth import EvalResult
 
     summary = evaluation.aggregate(per_image)
@@ -122,14 +126,14 @@ def evaluate_all(workdir, configs: dict, gt_path, world, *, printer: Callable[[s
     paths = result_paths(workdir, steps)
 
     lines = raw.read_split_file(split_file)
-    gts = eval_depth.load_matching_gt(gt_path, lines)
-    m3_gts = [eval_depth.make3d_gt_crop(make3d.load_depth(i.depth_path)) for i in make3d.list_test_set(make3d_dir)]
+    gts = eval_depth.load_matching_gt(gt_path, lines, protocol="eigen")  # bad entries fail before any model runs
+    m3_gts = eval_depth.load_make3d_gts(make3d.list_test_set(make3d_dir))
     ones = np.ones((8, 8), np.float32)  # any size: resized to the GT's
     constant = {
         EIGEN_SPLIT: _summary([eval_depth.score_kitti_image(g, ones, "eigen") for g in gts],
                               evaluation.METRIC_KEYS),
         MAKE3D_SPLIT: _summary([eval_depth.score_make3d_image(g, ones) for g in m3_gts],
-                               evaluation.METRIC_KEYS + ("log10",)),
+                               evaluation.MAKE3D_METRIC_KEYS),
     }
     for split, result in constant.items():
         eval_depth.write_result(paths[("constant", split)].parent, paths[("constant", split)].stem, result,

@@ -20,6 +20,8 @@ import numpy as np
 from xdistill_jax import semantics
 
 EIGEN_KEYS = ("abs_rel", "sq_rel", "rmse", "rmse_log", "a1", "a2", "a3")
+# Monodepth2's Make3D table columns; its "log10" is the RMS of the log10 differences (the authors'
+# script), not the mean |log10 difference| of older tables (eval JSON key `log10_abs`).
 MAKE3D_KEYS = ("abs_rel", "sq_rel", "rmse", "log10")
 NUM_FRAMES = 4
 RUN_COLOURS = {"baseline": (31, 119, 180), "xdistill": (214, 39, 40), "xdistill_distill": (255, 127, 14)}
@@ -49,7 +51,8 @@ def results_table(results: dict[str, dict[str, dict]]) -> str:
     for split, keys, title in ((EIGEN_SPLIT, EIGEN_KEYS, "Synthetic Eigen-style test split (velodyne GT, "
                                 "Garg crop, median scaling, cap 80 m)"),
                                (MAKE3D_SPLIT, MAKE3D_KEYS, "Synthetic Make3D (central 21 grid rows, "
-                                "depth < 70 m, median scaling)")):
+                                "depth < 70 m, median scaling; log10 = RMS of log10 differences, "
+                                "Monodepth2's column)")):
         n = next(iter(results.values()))[split]["num_images"]
         lines += [f"{title}, {n} images:", "",
                   "| method | " + " | ".join(f"{k:>8s}" for k in keys) + " |",

@@ -17,8 +17,16 @@ training size with LANCZOS; the laser depth `Position3DGrid[:, :, 3]` (55 x 305)
 cropped to its 21 middle rows [17, 38); the predicted scaled disparity is resized bilinearly to
 21 x 305 and inverted; pixels with 0 < gt < 70 m count (70 m cap, the usual choice; the
 scanner's 81.92 m saturation is excluded with it); per-image median scaling; prediction
-clamped to [1e-3, 70]. Metrics: the seven standard ones plus `log10 = mean |log10 gt - log10 pred|`
-(the column Make3D tables report). Final figures are means over images.
+clamped to [1e-3, 70]. Metrics: the seven standard ones (rmse_log with the natural log, as on
+KITTI) plus `log10 = sqrt(mean((log10 gt - log10 pred)^2))`, the authors' Make3D compute_errors'
+"rmse_log" (it takes log10) and so the "log10" column of Monodepth2's and X-Distill's Make3D
+table, and `log10_abs = mean |log10 gt - log10 pred|`, the classic Saxena / Eigen log10 error
+(reported as `log10` until 2026-12-07). Final figures are means over images.
+
+The GT is checked when it is read, before any inference: every entry a 2-D map, each with at
+least one pixel the protocol scores. Monodepth2 would score an entry without one as NaN (the
+median and means of no pixels), and so every mean; here it is a ValueError naming the file, the
+entry and its split line (Make3D: the depth file and image).
 """
 
 from __future__ import annotations
@@ -65,11 +73,15 @@ def shipped_split_file(split: str) -> pathlib.Path:
     return splits_dir() / split / "test_files.txt"
 
 
-def load_matching_gt(gt_path, lines: Sequence, allow_pickle: bool = False) -> list[np.ndarray]:
+def load_matching_gt(gt_path, lines: Sequence, allow_pickle: bool = False, *, protocol: str | None = None,
+                     crop: str | None = "garg") -> list[np.ndarray]:
     """GT depth maps of `gt_path` (export-gt format), checked entry by entry against the split lines.
 
     A count mismatch, or the first stored line that differs from the split's, raises ValueError
-    naming both. Monodepth2's pickled file has no names: only its count is checked.
+    naming both. Monodepth2's pickled file has no names: only its count is checked. Every entry
+    is a 2-D (H,W) map (`load_gt_depths` checks). With `protocol` ("eigen" with `crop`, or
+    "eigen_benchmark"), an entry without a single pixel that protocol scores raises ValueError
+    naming the entry and its split line (see the module docstring).
     """
     from data_pipelines.kitti.export_gt import load_gt_depths
 
@@ -83,7 +95,25 @@ def load_matching_gt(gt_path, lines: Sequence, allow_pickle: bool = False) -> li
         raise ValueError(f"--gt {gt_path}: {len(depths)} depth maps for a split of {len(wanted)} lines"
                          + (f"; first unmatched split line {len(depths) + 1}: '{wanted[len(depths)]}'"
                             if len(depths) < len(wanted) else ""))
+    if protocol is not None:
+        for i, (depth, want) in enumerate(zip(depths, wanted)):
+            if not kitti_valid_mask(depth, protocol, crop).any():
+                scored = ("0 < gt" if protocol == "eigen_benchmark" else
+                          f"{evaluation.MIN_DEPTH} < gt < {evaluation.MAX_DEPTH} m"
+                          + (" inside the Garg crop" if crop == "garg" else ""))
+                raise ValueError(f"--gt {gt_path}: entry {i} (split line {i + 1}: '{want}') has no pixel "
+                                 f"with {scored} ({protocol}); Monodepth2 would score it NaN and every "
+                                 "mean with it: leave the frame out of the split, or export its GT again")
     return depths
+
+
+def kitti_valid_mask(gt_depth, protocol: str, crop: str | None = "garg") -> np.ndarray:
+    """(H,W) bool: the pixels `protocol` scores (eigen: 1e-3 < gt < 80 [& Garg crop]; eigen_benchmark: gt > 0)."""
+    if protocol == "eigen":
+        return evaluation.eigen_mask(gt_depth, crop=crop)
+    if protocol == "eigen_benchmark":
+        return np.asarray(gt_depth) > 0
+    raise ValueError(f"protocol: expected one of {KITTI_PROTOCOLS}, got {protocol!r}")
 
 
 def kitti_image(data_dir, line) -> pathlib.Path:
@@ -102,11 +132,13 @@ def kitti_image(data_dir, line) -> pathlib.Path:
 def eval_benchmark_image(gt_depth, pred_disp, *, stereo: bool = False):
     """Monodepth2's non-Eigen branch: mask gt > 0 (no crop, no GT cap); returns (errors, ratio)."""
     gt = np.asarray(gt_depth, np.float64)
+    if gt.ndim != 2:
+        raise ValueError(f"gt_depth: expected a 2-D (H,W) depth map, got shape {gt.shape}")
     h, w = gt.shape
     pred = 1.0 / evaluation.resize_linear(pred_disp, h, w)
     mask = gt > 0
     if not mask.any():
-        raise ValueError("gt_depth: no valid pixels")
+        raise ValueError("gt_depth: no pixel with gt > 0")
     gt_v, pred_v = gt[mask], pred[mask] * (evaluation.STEREO_SCALE_FACTOR if stereo else 1.0)
     ratio = None
     if not stereo:
@@ -147,8 +179,9 @@ def evaluate_kitti(model: DepthModel, data_dir, split_file, gt_path, *, protocol
     lines = raw.read_split_file(split_file)
     if not lines:
         raise ValueError(f"{split_file}: split file has no lines")
-    gt = load_matching_gt(gt_path, lines, allow_pickle=allow_pickle)
-    paths = [kitti_image(data_dir, line) for line in lines]  # fail on a missing file before computing
+    # the GT's shapes and scored pixels, and every image's presence, are checked before computing
+    gt = load_matching_gt(gt_path, lines, allow_pickle=allow_pickle, protocol=protocol, crop=crop)
+    paths = [kitti_image(data_dir, line) for line in lines]
     predictor = DepthPredictor(model, batch_size, post_process)
     per_image = []
     load = lambda p: load_resized(p, model.height, model.width)[0]  # noqa: E731
@@ -156,7 +189,10 @@ def evaluate_kitti(model: DepthModel, data_dir, split_file, gt_path, *, protocol
                                  lambda i: load(paths[i]), desc="eval", show_progress=show_progress):
         disp = predictor.predict(np.stack(images))
         for j, i in enumerate(chunk):
-            per_image.append(score_kitti_image(gt[i], disp[j], protocol, stereo=stereo, crop=crop))
+            try:
+                per_image.append(score_kitti_image(gt[i], disp[j], protocol, stereo=stereo, crop=crop))
+            except ValueError as e:  # checked above; should scoring still refuse, name the entry
+                raise ValueError(f"--gt {gt_path}: entry {i} (split line {i + 1}: '{lines[i]}'): {e}") from e
     return _result(per_image, [str(line) for line in lines], evaluation.METRIC_KEYS)
 
 
@@ -178,20 +214,51 @@ def make3d_gt_crop(depth: np.ndarray) -> np.ndarray:
     return depth[r0:r0 + MAKE3D_GT_ROWS]
 
 
+def make3d_valid_mask(gt_depth, max_depth: float = MAKE3D_MAX_DEPTH) -> np.ndarray:
+    """(h,w) bool: the laser depths the Make3D protocol scores, 0 < gt < max_depth."""
+    gt = np.asarray(gt_depth)
+    return (gt > 0) & (gt < max_depth)
+
+
 def score_make3d_image(gt_depth, pred_disp, max_depth: float = MAKE3D_MAX_DEPTH):
-    """(errors incl. log10, ratio) of one Make3D image: gt already cropped to 21 rows (see module doc)."""
+    """(errors, ratio) of one Make3D image: gt (h,w) metres, already cropped to 21 rows; pred_disp
+    any (h',w') scaled disparity. errors: evaluation.MAKE3D_METRIC_KEYS (see the module doc)."""
     gt = np.asarray(gt_depth, np.float64)
+    if gt.ndim != 2:
+        raise ValueError(f"gt_depth: expected a 2-D (h,w) depth map, got shape {gt.shape}")
     h, w = gt.shape
     pred = 1.0 / evaluation.resize_linear(pred_disp, h, w)
-    mask = (gt > 0) & (gt < max_depth)
+    mask = make3d_valid_mask(gt, max_depth)
     if not mask.any():
         raise ValueError(f"gt_depth: no laser depth in (0, {max_depth}) m")
     gt_v, pred_v = gt[mask], pred[mask]
     ratio = float(np.median(gt_v) / np.median(pred_v))
     pred_v = np.clip(pred_v * ratio, evaluation.MIN_DEPTH, max_depth)
     errors = evaluation.compute_depth_errors(gt_v, pred_v)
-    errors["log10"] = float(np.mean(np.abs(np.log10(gt_v) - np.log10(pred_v))))
+    errors.update(evaluation.make3d_log10_errors(gt_v, pred_v))
     return errors, ratio
+
+
+def load_make3d_gts(items, max_depth: float = MAKE3D_MAX_DEPTH) -> list[np.ndarray]:
+    """The (21, 305) cropped laser depths of Make3D `items` (reader.Make3DItem), before any inference.
+
+    A grid of another shape is refused by `reader.load_depth`; a crop without a single depth in
+    (0, max_depth) m raises ValueError naming the depth file and its image (the authors' median
+    scaling of no pixels would score it NaN, and every mean with it).
+    """
+    from data_pipelines.make3d.reader import GRID_SHAPE, load_depth
+
+    r0 = (GRID_SHAPE[0] - MAKE3D_GT_ROWS) // 2
+    gts = []
+    for i, item in enumerate(items):
+        gt = make3d_gt_crop(load_depth(item.depth_path))
+        if not make3d_valid_mask(gt, max_depth).any():
+            raise ValueError(f"{item.depth_path}: no laser depth in (0, {max_depth}) m in rows "
+                             f"[{r0}, {r0 + MAKE3D_GT_ROWS}) of Position3DGrid[:, :, 3] (test image {i}, "
+                             f"{item.image_path.name}); its median scaling would score NaN: leave it out "
+                             "of make3d_test_files.txt")
+        gts.append(gt)
+    return gts
 
 
 def _load_make3d_image(path, height: int, width: int) -> np.ndarray:
@@ -206,10 +273,10 @@ def _load_make3d_image(path, height: int, width: int) -> np.ndarray:
 def evaluate_make3d(model: DepthModel, make3d_dir, *, batch_size: int = 16, post_process: bool = False,
                     max_depth: float = MAKE3D_MAX_DEPTH, show_progress: bool = True) -> EvalResult:
     """Evaluate `model` on a Make3D-layout test set (Test134/, Gridlaserdata/) with our protocol."""
-    from data_pipelines.make3d.reader import list_test_set, load_depth
+    from data_pipelines.make3d.reader import list_test_set
 
     items = list_test_set(make3d_dir)
-    gts = [make3d_gt_crop(load_depth(item.depth_path)) for item in items]
+    gts = load_make3d_gts(items, max_depth)  # bad laser files fail here, before inference
     predictor = DepthPredictor(model, batch_size, post_process)
     per_image = []
     for chunk, images in batched(list(range(len(items))), predictor.batch_size,
@@ -217,8 +284,11 @@ def evaluate_make3d(model: DepthModel, make3d_dir, *, batch_size: int = 16, post
                                  desc="make3d", show_progress=show_progress):
         disp = predictor.predict(np.stack(images))
         for j, i in enumerate(chunk):
-            per_image.append(score_make3d_image(gts[i], disp[j], max_depth))
-    return _result(per_image, [item.image_path.name for item in items], evaluation.METRIC_KEYS + ("log10",))
+            try:
+                per_image.append(score_make3d_image(gts[i], disp[j], max_depth))
+            except ValueError as e:  # checked above; should scoring still refuse, name the image
+                raise ValueError(f"{items[i].depth_path} (test image {i}, {items[i].image_path.name}): {e}") from e
+    return _result(per_image, [item.image_path.name for item in items], evaluation.MAKE3D_METRIC_KEYS)
 
 
 # ------------------------------------------------------------------------------------------ output

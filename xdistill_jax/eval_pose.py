@@ -99,6 +99,8 @@ def read_odometry_poses(path) -> np.ndarray:
         pose = np.eye(4)
         pose[:3] = np.reshape(values, (3, 4))
         out.append(pose)
+    if not out:
+        raise ValueError(f"{path}: no poses (expected one line of 12 numbers per frame)")
     return np.stack(out)
 
 
@@ -118,6 +120,8 @@ def odometry_sequence(data_dir, split: str, split_file=None) -> PoseSequence:
         if len(parts) != 3 or not parts[1].isdigit() or int(parts[0]) != seq:
             raise ValueError(f"{split_file}:{lineno}: expected '{seq} FRAME l', got {text!r}")
         frames.append(int(parts[1]))
+    if not frames:
+        raise ValueError(f"{split_file}: split file has no lines (expected one '{seq} FRAME l' line per frame pair)")
     frames.append(frames[-1] + 1)
     _check_consecutive(frames, split_file)
     poses = read_odometry_poses(pathlib.Path(data_dir) / "poses" / f"{seq:02d}.txt")

@@ -5,6 +5,11 @@ disparity* is resized to the ground-truth size (bilinear like cv2.resize INTER_L
 depth, masked to min_depth < gt < max_depth inside the Garg crop, multiplied by a fixed scale factor
 (5.4 for stereo models), median-scaled per image (mono), clamped to [min_depth, max_depth], and
 scored. The final figures are means over images of the per-image metrics.
+
+`rmse_log` is the natural-log RMS of every split, as Monodepth2 computes it. Make3D adds two log10
+metrics (`make3d_log10_errors`): `log10`, the RMS of the log10 differences that the authors'
+Make3D script (reference §6.6) computes and Monodepth2's Make3D table prints as "log10", and
+`log10_abs`, the classic mean absolute log10 difference of Saxena et al. / Eigen et al.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 METRIC_KEYS = ("abs_rel", "sq_rel", "rmse", "rmse_log", "a1", "a2", "a3")
+MAKE3D_METRIC_KEYS = METRIC_KEYS + ("log10", "log10_abs")
 MIN_DEPTH = 1e-3
 MAX_DEPTH = 80.0
 STEREO_SCALE_FACTOR = 5.4  # KITTI baseline 0.54 m over Monodepth2's nominal training baseline 0.1
@@ -23,17 +29,12 @@ GARG_CROP = (0.40810811, 0.99189189, 0.03594771, 0.96405229)  # fractions of (h,
 def compute_depth_errors(gt, pred) -> dict:
     """Seven depth metrics between 1-D arrays of valid ground-truth and predicted depths (> 0).
 
-    abs_rel = mean(|gt-pred|/gt), sq_rel = mean((gt-pred)^2/gt), rmse, rmse_log (natural log),
+    abs_rel = mean(|gt-pred|/gt), sq_rel = mean((gt-pred)^2/gt), rmse,
+    rmse_log = sqrt(mean((ln gt - ln pred)^2)) (natural log, Monodepth2's evaluate_depth.py; the
+    Make3D "log10" column is another metric, see `make3d_log10_errors`),
     a1/a2/a3 = fraction with max(gt/pred, pred/gt) < 1.25, 1.25^2, 1.25^3. Floats out.
     """
-    gt = np.asarray(gt, dtype=np.float64)
-    pred = np.asarray(pred, dtype=np.float64)
-    if gt.ndim != 1 or pred.shape != gt.shape:
-        raise ValueError(f"gt/pred: expected two 1-D arrays of equal length, got {gt.shape} and {pred.shape}")
-    if gt.size == 0:
-        raise ValueError("gt/pred: no valid pixels to evaluate")
-    if np.any(gt <= 0) or np.any(pred <= 0):
-        raise ValueError("gt/pred: depths must be > 0 (mask and clamp before calling)")
+    gt, pred = _valid_pair(gt, pred)
     thresh = np.maximum(gt / pred, pred / gt)
     diff = gt - pred
     return {
@@ -45,6 +46,32 @@ def compute_depth_errors(gt, pred) -> dict:
         "a2": float(np.mean(thresh < 1.25**2)),
         "a3": float(np.mean(thresh < 1.25**3)),
     }
+
+
+def _valid_pair(gt, pred) -> tuple[np.ndarray, np.ndarray]:
+    gt = np.asarray(gt, dtype=np.float64)
+    pred = np.asarray(pred, dtype=np.float64)
+    if gt.ndim != 1 or pred.shape != gt.shape:
+        raise ValueError(f"gt/pred: expected two 1-D arrays of equal length, got {gt.shape} and {pred.shape}")
+    if gt.size == 0:
+        raise ValueError("gt/pred: no valid pixels to evaluate")
+    if np.any(gt <= 0) or np.any(pred <= 0):
+        raise ValueError("gt/pred: depths must be > 0 (mask and clamp before calling)")
+    return gt, pred
+
+
+def make3d_log10_errors(gt, pred) -> dict:
+    """The two log10 metrics of Make3D tables, between 1-D arrays of valid depths (> 0).
+
+    log10 = sqrt(mean((log10 gt - log10 pred)^2)): what the authors' Make3D script's compute_errors
+      returns as rmse_log (it takes log10 there; reference §6.6), i.e. the "log10" column of
+      Monodepth2's and X-Distill's Make3D table (Monodepth2 M: 0.163).
+    log10_abs = mean |log10 gt - log10 pred|: the classic log10 error of Saxena et al. and Eigen
+      et al. (what this project reported as `log10` until 2026-12-07).
+    """
+    gt, pred = _valid_pair(gt, pred)
+    d = np.log10(gt) - np.log10(pred)
+    return {"log10": float(np.sqrt(np.mean(d**2))), "log10_abs": float(np.mean(np.abs(d)))}
 
 
 def garg_crop_mask(h: int, w: int) -> np.ndarray:
@@ -83,6 +110,18 @@ def resize_linear(img, out_h: int, out_w: int) -> np.ndarray:
     return cols[r0] * (1.0 - rw)[:, None] + cols[r1] * rw[:, None]
 
 
+def eigen_mask(gt, *, min_depth: float = MIN_DEPTH, max_depth: float = MAX_DEPTH,
+               crop: str | None = "garg") -> np.ndarray:
+    """(H,W) bool: the pixels the Eigen protocol scores, min_depth < gt < max_depth [& Garg crop]."""
+    gt = np.asarray(gt)
+    if crop not in ("garg", None):
+        raise ValueError(f"crop: expected 'garg' or None, got {crop!r}")
+    mask = (gt > min_depth) & (gt < max_depth)
+    if crop == "garg":
+        mask &= garg_crop_mask(*gt.shape)
+    return mask
+
+
 def eval_eigen_image(
     gt_depth,
     pred_disp,
@@ -117,11 +156,10 @@ def eval_eigen_image(
         median_scaling = not stereo
     h, w = gt.shape
     pred_depth = 1.0 / resize_linear(disp, h, w)
-    mask = (gt > min_depth) & (gt < max_depth)
-    if crop == "garg":
-        mask &= garg_crop_mask(h, w)
+    mask = eigen_mask(gt, min_depth=min_depth, max_depth=max_depth, crop=crop)
     if not mask.any():
-        raise ValueError("gt_depth: no valid pixels inside the mask")
+        raise ValueError(f"gt_depth: no pixel with {min_depth} < gt < {max_depth} m"
+                         + (" inside the Garg crop" if crop == "garg" else ""))
     gt_v = gt[mask]
     pred_v = pred_depth[mask] * scale_factor
     ratio = None

@@ -16,6 +16,9 @@ runs code from the file, so only do it for files you trust.
 from __future__ import annotations
 
 import os
+import re
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -76,30 +79,129 @@ def export_gt_depths(raw_dir, split_file, out_path, split: str = "eigen") -> int
 def load_gt_depths(path, allow_pickle: bool = False) -> tuple[list[np.ndarray], list[str]]:
     """(depth maps, split lines) from a GT file written by `export_gt_depths`.
 
-    Monodepth2's own `gt_depths.npz` (a pickled object array under `data`, no file names) is
-    read only with `allow_pickle=True`; its lines come back as empty strings.
+    Each map comes back as (H,W) float32. Monodepth2's own `gt_depths.npz` (a pickled object array
+    under `data`, no file names) is read only with `allow_pickle=True`; a `data` array of
+    same-size maps, which numpy stores as a plain (N,H,W) number array without pickle, is read
+    without it. Their lines come back as empty strings.
+
+    Whatever is wrong with the file raises ValueError naming it and what was expected: not an .npz
+    (a .npy, text, empty, truncated or damaged archive), arrays other than `depth_NNNNN` + `files`
+    or `data`, a missing entry number, or an entry that is not a 2-D map of numbers (named by its
+    index and, where the file has them, its split line).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"ground-truth file not found: {path}")
-    with np.load(path, allow_pickle=False) as npz:
+    npz = _open_npz(path)
+    with npz:
         keys = set(npz.files)
-        depth_keys = sorted((k for k in keys if k.startswith("depth_")), key=lambda k: int(k[6:]))
-        if depth_keys:
-            if "files" not in keys:
-                raise ValueError(f"{path}: has depth_* arrays but no 'files' array")
-            files = [str(f) for f in npz["files"]]
-            if len(files) != len(depth_keys):
-                raise ValueError(f"{path}: {len(depth_keys)} depth maps but {len(files)} file names")
-            return [np.asarray(npz[k], np.float32) for k in depth_keys], files
-        if "data" not in keys:
-            raise ValueError(f"{path}: neither depth_* arrays nor Monodepth2's 'data' array inside")
+        depth_keys = sorted(k for k in keys if k.startswith("depth_"))
+        if "data" in keys and not depth_keys:
+            if keys != {"data"}:
+                raise ValueError(f"{path}: unexpected arrays {sorted(keys - {'data'})} beside Monodepth2's "
+                                 "'data' array, which holds every depth map")
+            return _monodepth2_data(path, npz, allow_pickle)
+        if not depth_keys:
+            raise ValueError(f"{path}: neither depth_NNNNN arrays nor Monodepth2's 'data' array inside "
+                             f"(arrays: {sorted(keys)}); expected a file written by `xdistill export-gt`")
+        stray = sorted(k for k in keys - {"files"} if not re.fullmatch(r"depth_[0-9]+", k))
+        if stray:
+            raise ValueError(f"{path}: unexpected arrays {stray}; an `xdistill export-gt` file holds "
+                             "depth_NNNNN (one per split line) and files only")
+        if "files" not in keys:
+            raise ValueError(f"{path}: has depth_* arrays but no 'files' array")
+        by_number = {}
+        for k in depth_keys:
+            if int(k[6:]) in by_number:
+                raise ValueError(f"{path}: arrays {by_number[int(k[6:])]} and {k} are both entry {int(k[6:])}")
+            by_number[int(k[6:])] = k
+        if sorted(by_number) != list(range(len(by_number))):
+            missing = min(set(range(len(by_number))) - set(by_number))
+            raise ValueError(f"{path}: depth_{missing:05d} is missing (arrays up to depth_{max(by_number):05d}, "
+                             f"{len(by_number)} in all): entries are numbered from 0, one per split line")
+        files = _read_member(path, npz, "files")
+        if files.ndim != 1 or files.dtype.kind not in "US":
+            raise ValueError(f"{path}: 'files' is {files.dtype} {files.shape}, expected a 1-D array of split lines")
+        files = [str(f) for f in files]
+        if len(files) != len(by_number):
+            raise ValueError(f"{path}: {len(by_number)} depth maps but {len(files)} file names")
+        depths = [_depth_map(path, i, _read_member(path, npz, by_number[i]), files[i])
+                  for i in range(len(by_number))]
+        return depths, files
+
+
+# what numpy and zipfile raise on a file that is not an .npz, or is one cut short or damaged
+_UNREADABLE = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)
+
+
+def _open_npz(path: Path) -> np.lib.npyio.NpzFile:
+    expected = "expected an .npz archive written by `xdistill export-gt` (or Monodepth2's gt_depths.npz)"
+    with open(path, "rb") as f:
+        head = f.read(8)
+    # Told apart by their first bytes, so that nothing else reaches np.load, which would take any
+    # other file for a pickle (and, refusing it, say so without naming the file).
+    if not head:
+        raise ValueError(f"{path}: is empty; {expected}")
+    if head.startswith(b"\x93NUMPY"):
+        raise ValueError(f"{path}: is a single .npy array, not an .npz archive; {expected}")
+    if not head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        raise ValueError(f"{path}: is neither an .npz archive nor a numpy array (it starts with {head!r}); {expected}")
+    try:
+        return np.load(path, allow_pickle=False)
+    except _UNREADABLE as e:  # a zip cut short (no central directory) or damaged
+        raise ValueError(f"{path}: cannot be read as an .npz archive, truncated or damaged? "
+                         f"({type(e).__name__}: {e}); {expected}") from e
+
+
+def _read_member(path: Path, npz, key: str) -> np.ndarray:
+    try:
+        return npz[key]
+    except _UNREADABLE as e:  # a damaged member (bad CRC, cut deflate stream), or an object array
+        raise ValueError(f"{path}: array '{key}' cannot be read ({type(e).__name__}: {e})") from e
+
+
+def _member_is_object_array(npz, key: str) -> bool:
+    """Whether npz[key] is a pickled object array, from its .npy header alone (nothing unpickled)."""
+    from numpy.lib import format as npy_format
+
+    with npz.zip.open(f"{key}.npy") as f:
+        version = npy_format.read_magic(f)
+        read = npy_format.read_array_header_1_0 if version == (1, 0) else npy_format.read_array_header_2_0
+        _, _, dtype = read(f)
+    return dtype.hasobject
+
+
+def _depth_map(path: Path, i: int, depth, line: str = "") -> np.ndarray:
+    """Entry i as (H,W) float32, or ValueError naming the file, the entry and its split line."""
+    name = f"entry {i}" + (f" (split line {i + 1}: '{line}')" if line else "")
+    depth = np.asarray(depth)
+    if depth.dtype.kind not in "biuf":
+        raise ValueError(f"{path}: {name} is of type {depth.dtype}, expected a depth map of numbers")
+    if depth.ndim != 2 or 0 in depth.shape:
+        raise ValueError(f"{path}: {name} has shape {depth.shape}, expected a 2-D (H,W) depth map")
+    return depth.astype(np.float32)
+
+
+def _monodepth2_data(path: Path, npz, allow_pickle: bool) -> tuple[list[np.ndarray], list[str]]:
+    """Monodepth2's `data` array: (N,H,W) numbers, or an object array of (H,W) maps (pickled)."""
+    try:
+        pickled = _member_is_object_array(npz, "data")
+    except _UNREADABLE as e:
+        raise ValueError(f"{path}: array 'data' cannot be read ({type(e).__name__}: {e})") from e
+    if not pickled:
+        # same-size maps: np.array made a plain number array, stored without pickle
+        data = _read_member(path, npz, "data")
+        if data.ndim != 3:
+            raise ValueError(f"{path}: 'data' has shape {data.shape}, expected (N,H,W) depth maps")
+        return [_depth_map(path, i, d) for i, d in enumerate(data)], [""] * len(data)
     if not allow_pickle:
         raise ValueError(
             f"{path} is in Monodepth2's pickled format ('data' object array); loading it runs "
             "pickle. Pass allow_pickle=True only if you trust the file, or re-export it with "
             "`xdistill export-gt`.")
-    with np.load(path, allow_pickle=True) as npz:
-        data = npz["data"]
-    depths = [np.asarray(d, np.float32) for d in data]
+    with np.load(path, allow_pickle=True) as trusted:
+        data = _read_member(path, trusted, "data")
+    if data.ndim != 1:
+        raise ValueError(f"{path}: 'data' is an object array of shape {data.shape}, expected one (H,W) map per entry")
+    depths = [_depth_map(path, i, d) for i, d in enumerate(data)]
     return depths, [""] * len(depths)

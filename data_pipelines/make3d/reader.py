@@ -53,7 +53,10 @@ def list_test_set(root) -> list[Make3DItem]:
 
 
 def load_depth(path) -> np.ndarray:
-    """(55, 305) float32 depth in metres: `Position3DGrid[:, :, 3]` of a Make3D .mat file."""
+    """(55, 305) float32 depth in metres: `Position3DGrid[:, :, 3]` of a Make3D .mat file.
+
+    ValueError naming the file when it cannot be read or its grid is not (55, 305, 4) numbers.
+    """
     import scipy.io  # lazily: scipy only where .mat files are read
 
     path = Path(path)
@@ -66,8 +69,13 @@ def load_depth(path) -> np.ndarray:
     if "Position3DGrid" not in mat:
         raise ValueError(f"{path}: no 'Position3DGrid' variable")
     grid = np.asarray(mat["Position3DGrid"])
-    if grid.ndim != 3 or grid.shape[2] != 4:
-        raise ValueError(f"{path}: Position3DGrid has shape {grid.shape}, expected (rows, cols, 4)")
+    # Every evaluation crops fixed rows of this grid (17:38 of 55): a grid of another shape, e.g.
+    # a transposed (305, 55, 4) one, would be cropped and scored as something else.
+    if grid.shape != GRID_SHAPE:
+        raise ValueError(f"{path}: Position3DGrid has shape {grid.shape}, expected {GRID_SHAPE} "
+                         "(rows, cols, [X, Y, Z, depth]) as in Make3D's Gridlaserdata")
+    if not np.issubdtype(grid.dtype, np.number):
+        raise ValueError(f"{path}: Position3DGrid is of type {grid.dtype}, expected numbers")
     return grid[:, :, 3].astype(np.float32)
 
 

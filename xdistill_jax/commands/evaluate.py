@@ -110,7 +110,10 @@ def run(args) -> int:
                 raise ValueError("--stereo: the Make3D protocol always median-scales")
             result = eval_depth.evaluate_make3d(model, args.data, batch_size=args.batch_size,
                                                 post_process=args.post_process, show_progress=show)
-            settings["protocol"] = "make3d: 2:1 centre crop, GT rows 17:38, 0 < gt < 70 m, median scaling"
+            # the definitions travel with the figures: `log10` meant the mean-abs one until 2026-12-07
+            settings["protocol"] = ("make3d: 2:1 centre crop, GT rows 17:38, 0 < gt < 70 m, median scaling; "
+                                    "log10 = RMS of log10 differences (Monodepth2's column), "
+                                    "log10_abs = mean |log10 difference|")
         else:
             if not args.gt:
                 raise ValueError(f"--gt is required for --split {args.split} (write it with `xdistill export-gt`)")
