@@ -74,3 +74,20 @@ def test_group_labels_keeps_ignore():
                                   [[0, 0, 255], [5, 6, 4]])
     with pytest.raises(ValueError, match=r"values \[19, 200\] outside trainIds 0..18"):
         semantics.group_labels(np.array([19, 200, 3]), "geometric")
+
+
+def test_group_labels_out_of_range_map_to_ignore_on_jax_input_as_numpy_refuses_them():
+    """The jax path clipped labels into 0..255, so -3 became road's group 0; now every label
+    outside 0..C-1 maps to 255 there (numpy input: a ValueError naming them)."""
+    labels = np.array([0, 19, 255, -3, -1, 256, 1000, 13], np.int32)
+    out = np.asarray(semantics.group_labels(jax.numpy.asarray(labels), "geometric"))
+    np.testing.assert_array_equal(out, [0, 255, 255, 255, 255, 255, 255, 6])
+    # under jit too, and the in-range labels as the numpy path maps them
+    jitted = jax.jit(lambda x: semantics.group_labels(x, "cityscapes_categories"))
+    np.testing.assert_array_equal(np.asarray(jitted(jax.numpy.asarray(labels))),
+                                  [0, 255, 255, 255, 255, 255, 255, 6])
+    inside = np.arange(19)
+    np.testing.assert_array_equal(np.asarray(semantics.group_labels(jax.numpy.asarray(inside))),
+                                  semantics.group_labels(inside))
+    with pytest.raises(ValueError, match=r"values \[-3\] outside trainIds 0..18"):
+        semantics.group_labels(np.array([-3, 2]), "geometric")

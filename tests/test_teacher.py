@@ -176,16 +176,24 @@ def _grouped_numpy(class_logits, class_to_group):
                      for g in range(class_to_group.max() + 1)], axis=-1)
 
 
-def _onnx_1x1_conv(path, weight, bias):
+def _onnx_1x1_conv(path, weight, bias, in_shape=None, out_shape=None, nhwc=False):
+    """A 1x1-conv "segmentation net" (k classes); NCHW [N,3,H,W] -> [N,k,H,W] unless the
+    declared shapes are given; nhwc: transposes around the conv (input and output NHWC)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     k = weight.shape[0]
+    if nhwc:
+        nodes = [helper.make_node("Transpose", ["x"], ["xt"], perm=[0, 3, 1, 2]),
+                 helper.make_node("Conv", ["xt", "w", "b"], ["lt"], kernel_shape=[1, 1]),
+                 helper.make_node("Transpose", ["lt"], ["logits"], perm=[0, 2, 3, 1])]
+    else:
+        nodes = [helper.make_node("Conv", ["x", "w", "b"], ["logits"], kernel_shape=[1, 1])]
     graph = helper.make_graph(
-        [helper.make_node("Conv", ["x", "w", "b"], ["logits"], kernel_shape=[1, 1])],
+        nodes,
         "tiny_seg",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, H, W])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", k, H, W])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, in_shape or ["N", 3, H, W])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, out_shape or ["N", k, H, W])],
         [numpy_helper.from_array(weight.reshape(k, 3, 1, 1), "w"), numpy_helper.from_array(bias, "b")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     onnx.checker.check_model(model)
@@ -484,3 +492,250 @@ def test_a_damaged_shard_names_the_file_record_and_example(tmp_path):
         assert re.search(rf"teacher store .*: .*logits-00001\.array_record, record {i - 3} \(example {i}\) "
                          r"cannot be read \(RuntimeError: Corrupted Riegeli.*\)\. The store is damaged .*"
                          r"`xdistill teacher precompute` again", str(e.value)), str(e.value)
+
+
+# ------------------------------------------------------------ network teachers' faults
+
+class _NetTeacher:
+    """A network teacher's contract (`OnnxBackend` / `FlaxBackend`): resize "linear", NaN no
+    "no opinion". class_logits gives random logits with `fill` at one value of example `bad`."""
+
+    resize_method = "linear"
+    nan_means_no_opinion = False
+    num_classes = 19
+
+    def __init__(self, fill, bad=1):
+        self.fill, self.bad = fill, bad
+
+    def describe(self):
+        return {"backend": "onnx:/models/seg.onnx"}
+
+    def class_logits(self, images, ids):
+        out = np.random.default_rng(0).normal(size=images.shape[:3] + (19,)).astype(np.float32)
+        for k, eid in enumerate(ids):
+            if eid == _ids(9)[self.bad]:
+                out[k, 3, 4, 5] = self.fill
+        return out
+
+
+@pytest.mark.parametrize("fill, kind", [(np.nan, "NaN"), (np.inf, r"\+inf"), (-np.inf, "-inf")])
+def test_non_finite_logits_of_a_network_teacher_are_named_not_stored_as_ignored(tmp_path, fill, kind):
+    """One NaN or inf at one pixel of a network teacher's logits: the antialiased resize spread
+    it over the whole map, which was then stored as all-zero ("no opinion") logits: the example
+    silently ignored (hard distillation loss 0). Now a ValueError naming the teacher (its
+    backend spec) and the example, and the store is not completed."""
+    with pytest.raises(ValueError, match=rf"teacher onnx:/models/seg\.onnx gave non-finite class "
+                                         rf"logits \({kind}: 1 of {H * W * 19} values\) for example "
+                                         r"'.* 0000000001 l' \(split index 1\)"):
+        precompute.precompute(_NetTeacher(fill), _source(3), tmp_path / "s", stride=4,
+                              batch_size=2, progress=False)
+    with pytest.raises(ValueError, match="incomplete"):
+        store.TeacherLogitsSource(tmp_path / "s")
+    # the labels: backend's NaN is its label 255 ("no opinion": stored as all-zero logits, as
+    # test_labels_backend_* check); an inf from it is an error all the same
+    labels_like = _NetTeacher(np.inf)
+    labels_like.nan_means_no_opinion, labels_like.resize_method = True, "nearest"
+    with pytest.raises(ValueError, match=r"non-finite class logits \(\+inf: 1 of"):
+        precompute.precompute(labels_like, _source(3), tmp_path / "s2", stride=4, progress=False)
+    assert backends.LabelsBackend.nan_means_no_opinion and not backends.OnnxBackend.nan_means_no_opinion
+    from data_pipelines.teacher.train_teacher import FlaxBackend
+    assert not FlaxBackend.nan_means_no_opinion
+
+
+def test_a_real_onnx_teacher_giving_inf_is_named(tmp_path):
+    pytest.importorskip("onnxruntime")
+    rng = np.random.default_rng(1)
+    weight = rng.normal(size=(19, 3)).astype(np.float32)
+    bias = rng.normal(size=(19,)).astype(np.float32)
+    bias[7] = np.inf
+    _onnx_1x1_conv(tmp_path / "seg.onnx", weight, bias)
+    backend = backends.make_backend(f"onnx:{tmp_path / 'seg.onnx'}")
+    with pytest.raises(ValueError, match=rf"teacher onnx:{re.escape(str(tmp_path))}/seg\.onnx gave "
+                                         r"non-finite class logits .* for example '.* 0000000000 l' "
+                                         r"\(split index 0\)"):
+        precompute.precompute(backend, _source(2), tmp_path / "s", stride=2, progress=False)
+
+
+@pytest.mark.parametrize("static_batch, batch_size", [(1, 8), (2, 3), (4, 2)])
+def test_onnx_model_of_a_static_batch_runs_with_any_batch_size(tmp_path, static_batch, batch_size):
+    """The usual export has a static batch of 1 (input [1,3,H,W]): precompute's default
+    --batch-size 8 crashed with onnxruntime's uncaught InvalidArgument. Now the backend runs
+    chunks of the model's batch (the last one padded, its padding dropped)."""
+    pytest.importorskip("onnxruntime")
+    rng = np.random.default_rng(1)
+    weight = rng.normal(size=(19, 3)).astype(np.float32)
+    bias = rng.normal(size=(19,)).astype(np.float32)
+    _onnx_1x1_conv(tmp_path / "seg.onnx", weight, bias, in_shape=[static_batch, 3, H, W],
+                   out_shape=[static_batch, 19, H, W])
+    backend = backends.make_backend(f"onnx:{tmp_path / 'seg.onnx'}")
+    assert backend.static_batch == static_batch and backend.input_size == (H, W)
+    src = _source(5)
+    precompute.precompute(backend, src, tmp_path / "store", stride=1, batch_size=batch_size,
+                          shard_size=3, progress=False)
+    st = store.TeacherLogitsSource(tmp_path / "store")
+    for i in range(5):
+        x = (src[i]["image_0"].astype(np.float64) / 255 - backends.IMAGENET_MEAN) / backends.IMAGENET_STD
+        expected = _grouped_numpy(x @ weight.T.astype(np.float64) + bias, semantics.GEOMETRIC.class_to_group)
+        assert st[i][0] == _ids(5)[i]
+        np.testing.assert_allclose(st[i][1].astype(np.float64), expected, rtol=2e-3, atol=2e-3)
+
+
+def test_onnx_errors_are_value_errors_naming_the_file(tmp_path):
+    """A file that is not ONNX raised onnxruntime's InvalidProtobuf (a traceback from `xdistill
+    teacher precompute`), a run onnxruntime refuses its InvalidArgument: now ValueErrors naming
+    the .onnx file, on one line."""
+    pytest.importorskip("onnxruntime")
+    (tmp_path / "garbage.onnx").write_bytes(b"this is not an onnx model")
+    with pytest.raises(ValueError, match=rf"onnx teacher model {re.escape(str(tmp_path))}/garbage\.onnx: "
+                                         r"onnxruntime cannot load it \(InvalidProtobuf: .*\)$"):
+        backends.make_backend(f"onnx:{tmp_path / 'garbage.onnx'}")
+    rng = np.random.default_rng(1)
+    _onnx_1x1_conv(tmp_path / "seg.onnx", rng.normal(size=(19, 3)).astype(np.float32),
+                   rng.normal(size=(19,)).astype(np.float32))  # static H, W
+    backend = backends.make_backend(f"onnx:{tmp_path / 'seg.onnx'}", input_size=(H + 2, W))
+    with pytest.raises(ValueError, match=rf"onnx teacher model {re.escape(str(tmp_path))}/seg\.onnx: "
+                                         rf"onnxruntime failed on a batch of input shape \(2, 3, {H + 2}, "
+                                         rf"{W}\) \(InvalidArgument: [^\n]*\)$"):
+        backend.class_logits(np.stack([s["image_0"] for s in _source(2)]), _ids(2))
+
+
+def test_onnx_nhwc_model_with_the_default_layout_hints_at_the_layout(tmp_path):
+    """An NHWC model run as NCHW (the default) was told "outputs 8 classes ... give a
+    class_order" (8: its height). Now the message points at the layout option."""
+    pytest.importorskip("onnxruntime")
+    rng = np.random.default_rng(1)
+    weight = rng.normal(size=(19, 3)).astype(np.float32)
+    bias = rng.normal(size=(19,)).astype(np.float32)
+    path = tmp_path / "nhwc.onnx"
+    _onnx_1x1_conv(path, weight, bias, in_shape=["N", H, W, 3], out_shape=["N", H, W, 19], nhwc=True)
+    with pytest.raises(ValueError, match=r"input 'x' has shape \['N', 8, 12, 3\], not a NCHW batch of RGB "
+                                         r"images \(3 channels\); its NHWC channel axis has 3: if the "
+                                         r"model is NHWC, give layout='NHWC' \(--layout NHWC\)"):
+        backends.make_backend(f"onnx:{path}")
+    # an input of unknown sizes: the output's shape is the hint
+    _onnx_1x1_conv(path, weight, bias, in_shape=["N", "h", "w", "c"], out_shape=["N", H, W, 19], nhwc=True)
+    with pytest.raises(ValueError, match=r"outputs 8 classes but the grouping expects 19 teacher classes; "
+                                         r"give a class_order; its NHWC channel axis has 19: if the model "
+                                         r"is NHWC, give layout='NHWC' \(--layout NHWC\)"):
+        backends.make_backend(f"onnx:{path}")
+    with pytest.raises(ValueError, match=r"class_order has 19 entries but the model outputs 8 channels; "
+                                         r"its NHWC channel axis has 19"):
+        backends.make_backend(f"onnx:{path}", class_order=list(range(19)))
+    # with layout NHWC it is the same net as an NCHW one
+    out = backends.make_backend(f"onnx:{path}", layout="NHWC", input_size=(H, W)).class_logits(
+        np.stack([s["image_0"] for s in _source(2)]), _ids(2))
+    x = (np.stack([s["image_0"] for s in _source(2)]) / 255.0 - backends.IMAGENET_MEAN) / backends.IMAGENET_STD
+    np.testing.assert_allclose(out, x @ weight.T + bias, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------ teacher stores checked against their splits
+
+@pytest.fixture(scope="module")
+def prepared_world(tmp_path_factory):
+    """The tiny world's train (3 examples) and val (1) splits prepared at 32x96, and the train
+    split's teacher store (labels: backend) written through `xdistill teacher precompute`."""
+    import synth_world_tiny
+    from data_pipelines.kitti import prepare
+    from xdistill_jax import cli
+
+    base = tmp_path_factory.mktemp("prepared")
+    world = synth_world_tiny.tiny_world()
+    for split in ("train", "val"):
+        prepare.prepare_split(world, world / "splits" / f"{split}_files.txt", base / "tfds", split, 32, 96)
+    rc = cli.main(["teacher", "precompute", "--backend", f"labels:{world}", "--dataset", str(base / "tfds"),
+                   "--split", "train", "--out", str(base / "store_train"), "--no-progress"])
+    assert rc == 0
+    return base
+
+
+def _store_config(base, **more):
+    from xdistill_jax import config_defaults
+
+    c = config_defaults.base_config()
+    c.data.dataset_dir = str(base / "tfds")
+    c.data.height, c.data.width = 32, 96
+    c.distill.weight = 0.1
+    c.optim.batch_size = 2
+    c.data.teacher_dir = str(base / "store_train")
+    for key, value in more.items():
+        section, name = key.split(".")
+        setattr(getattr(c, section), name, value)
+    return c
+
+
+def test_a_teacher_store_of_another_split_is_refused_at_setup_naming_it(prepared_world, tmp_path):
+    """`data.val_teacher_dir` pointing at the train split's store passed setup; the loader's
+    count check fired at the first validation (step run.val_every, 2000 by default), a
+    ValueError naming neither the store nor the key. Now `tfds_training_data` (inside the setup
+    checks, before anything compiles) raises a ConfigError naming the key, the store and the
+    split; a store of another split file with the same count is caught by its recorded hash."""
+    import shutil
+
+    from xdistill_jax import config_utils, training_loop
+
+    base = prepared_world
+    train_store = base / "store_train"
+    # the train split's store as the train split's passes
+    assert training_loop.tfds_training_data(_store_config(base, **{"data.val_split": ""})).num_examples == 3
+    with pytest.raises(config_utils.ConfigError,
+                       match=rf"config\.data\.val_teacher_dir: the teacher store {re.escape(str(train_store))} "
+                             rf"has 3 records but split 'val' in .*tfds has 1 examples: it was computed "
+                             r"for another split \('train', its teacher\.json says\); precompute it for "
+                             r"this one \(xdistill teacher precompute --split val\)"):
+        training_loop.tfds_training_data(_store_config(base, **{"data.val_teacher_dir": str(train_store)}))
+    # the train key, and a store of the right count whose split file is another one
+    other = tmp_path / "store_other"
+    shutil.copytree(train_store, other)
+    meta = json.loads((other / "teacher.json").read_text())
+    meta["fingerprint"] = "0" * 64
+    (other / "teacher.json").write_text(json.dumps(meta))
+    with pytest.raises(config_utils.ConfigError,
+                       match=rf"config\.data\.teacher_dir: the teacher store {re.escape(str(other))} was "
+                             r"computed from another split file than split 'train' in .* \(split_sha256 "
+                             r"000000000000\.\.\. in its teacher\.json, [0-9a-f]{12}\.\.\. in the split's "
+                             r"metadata\.json\), though both have 3 examples"):
+        training_loop.tfds_training_data(_store_config(base, **{"data.teacher_dir": str(other),
+                                                                "data.val_split": ""}))
+
+
+def test_cli_train_with_a_val_store_of_another_split_exits_2_before_compiling(prepared_world, tmp_path,
+                                                                                monkeypatch, capsys):
+    from xdistill_jax import cli, train
+
+    base = prepared_world
+    compiled = []
+    monkeypatch.setattr(train, "make_train_step", lambda *a, **k: compiled.append(1))
+    monkeypatch.setattr(train, "create_train_state", lambda *a, **k: compiled.append(1))
+    from eval_workdir import REPO
+
+    workdir = tmp_path / "run"
+    status = cli.main(["train", "--config", f"{REPO / 'configs' / 'synthetic_demo.py'}:smoke",
+                       "--workdir", str(workdir), f"--config.data.dataset_dir={base / 'tfds'}",
+                       "--config.optim.batch_size=2", "--config.mesh.num_devices=1",
+                       "--config.distill.weight=0.1", f"--config.data.teacher_dir={base / 'store_train'}",
+                       f"--config.data.val_teacher_dir={base / 'store_train'}"])
+    err = capsys.readouterr().err
+    assert status == 2, err[-2000:]
+    line = [x for x in err.splitlines() if x.startswith("xdistill train: ")]
+    assert len(line) == 1 and re.search(r"config\.data\.val_teacher_dir: the teacher store .*store_train "
+                                        r"has 3 records but split 'val'", line[0]), err[-2000:]
+    assert "Traceback" not in err
+    assert not compiled and not workdir.exists()
+
+
+def test_loader_errors_name_the_teacher_store(tmp_path):
+    """The loader's own checks (other callers than training's setup) name the store directory."""
+    from xdistill_jax import input_pipeline
+
+    write = lambda path, ids: store.write_store(path, len(ids), _fake_batch(ids), grouping="geometric",  # noqa: E731
+                                                group_names=GROUPS7, height=3, width=5, progress=False)
+    other_ids = [i.replace("drive_0001", "drive_0009") for i in _ids(4)]
+    write(tmp_path / "short", other_ids[:3])
+    write(tmp_path / "same_len", other_ids)
+    src = _source(4)
+    with pytest.raises(ValueError, match=rf"teacher store {re.escape(str(tmp_path / 'short'))} has 3 "
+                                         r"records but the triplet split has 4 examples"):
+        input_pipeline.TripletSource(src, store.TeacherLogitsSource(tmp_path / "short"))
+    with pytest.raises(ValueError, match=rf"teacher store {re.escape(str(tmp_path / 'same_len'))} record 0 "
+                                         r"has id '.*drive_0009.*' but triplet example 0 is"):
+        input_pipeline.TripletSource(src, store.TeacherLogitsSource(tmp_path / "same_len"))[0]

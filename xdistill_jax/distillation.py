@@ -2,22 +2,28 @@
 
 The translator maps predicted disparity to G group logits (B,h,w,G); the teacher gives either
 group logits (B,h',w',G) (float, e.g. float16 from the logits store) or group labels (B,h',w')
-(integer group ids, 255 = ignore). Two modes:
+(integer group ids, 255 = ignore).
+
+Ignored pixels, the same in both modes: an integer label outside 0..G-1 (255, the ignore value,
+or any other), and teacher *logits* that are equal for every group at a pixel (no opinion: that
+is how the logits store represents label 255; the `labels:` teacher backend writes all-zero
+logits there). They are left out of the mean's numerator and denominator; an all-ignored batch
+gives 0, not NaN. Two modes:
 
 - ``"hard"`` (default): cross-entropy to the teacher's argmax (or to the labels), averaged over
-  valid pixels (labels != ignore_index). Teacher *logits* that are equal for every group at a
-  pixel carry no opinion and count as ignored too: that is how the logits store represents
-  label 255 (the `labels:` teacher backend writes all-zero logits there). An all-ignored batch
-  gives 0, not NaN.
+  the valid pixels.
 - ``"soft"``: ``T^2 * KL(softmax(teacher/T) || softmax(student/T))`` summed over groups and
-  averaged over pixels (Hinton et al.'s scaling keeps gradient magnitude independent of T).
-  Needs teacher logits.
+  averaged over the valid pixels (Hinton et al.'s scaling keeps gradient magnitude independent
+  of T). Needs teacher logits.
 
 Resolution: when the teacher's (h',w') differs from the translator's (h,w), the teacher is
 resized to (h,w): labels and the hard-mode argmax by nearest neighbour (pixel centres,
 ``src = floor((dst + 0.5) * in / out)``, so no label is invented); logits in soft mode
 bilinearly (half-pixel centres, no antialiasing), since a blend of logits is itself a valid,
-smooth teacher distribution. All arithmetic and reductions are float32 whatever the inputs' dtype.
+smooth teacher distribution. The ignored pixels are found at the teacher's resolution and resized
+by nearest neighbour in both modes, so soft mode ignores exactly the pixels hard mode ignores (in
+soft mode a valid pixel next to an ignored one still blends in its all-zero logits: a flatter
+target there). All arithmetic and reductions are float32 whatever the inputs' dtype.
 """
 
 from __future__ import annotations
@@ -67,7 +73,7 @@ def distillation_loss(translator_logits, teacher, *, mode: str = "hard", tempera
       teacher: (B,h',w',G) float group logits, or (B,h',w') / (B,h',w',1) integer group ids.
       mode: "hard" (cross-entropy to the teacher's argmax / labels) or "soft" (KL at temperature).
       temperature: T > 0 for soft mode (ignored in hard mode).
-      ignore_index: label value excluded from the hard-mode mean.
+      ignore_index: the label that marks an ignored pixel (any label outside [0, G) is ignored).
     """
     if mode not in ("hard", "soft"):
         raise ValueError(f"distillation mode must be 'hard' or 'soft', got {mode!r}")
@@ -86,6 +92,17 @@ def distillation_loss(translator_logits, teacher, *, mode: str = "hard", tempera
         raise ValueError(f"teacher batch {teacher.shape[0]} != translator batch {b}")
 
     student = translator_logits.astype(jnp.float32)
+    if is_labels:
+        labels = resize_nearest(teacher, h, w).astype(jnp.int32)
+        # a label outside the G groups (255, or e.g. a trainId given where a group id is due) has
+        # no student logit to compare with: ignored, not counted as a pixel of zero loss
+        valid = (labels != ignore_index) & (labels >= 0) & (labels < g)
+    else:
+        # "all groups equal" (no opinion, e.g. an ignored label), found at the teacher's resolution
+        flat = jnp.max(teacher, axis=-1) == jnp.min(teacher, axis=-1)
+        valid = ~resize_nearest(flat, h, w)
+    count = jnp.sum(valid.astype(jnp.float32))
+
     if mode == "soft":
         if is_labels:
             raise ValueError("soft distillation needs teacher logits, got integer labels")
@@ -96,21 +113,19 @@ def distillation_loss(translator_logits, teacher, *, mode: str = "hard", tempera
         log_p = jax.nn.log_softmax(tl, axis=-1)
         log_q = jax.nn.log_softmax(student / t, axis=-1)
         kl = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)  # (B,h,w)
-        return jnp.mean(kl) * t * t
+        masked = jnp.sum(jnp.where(valid, kl, 0.0)) / jnp.maximum(count, 1.0)
+        # with every pixel valid, jnp.mean(kl) itself: bitwise the loss (and gradient: the other
+        # branch's cotangent is an exact 0) of before ignored pixels left soft mode, eagerly and
+        # under jit, where XLA may order the masked sum's float32 additions otherwise
+        mean = jnp.where(count == kl.size, jnp.mean(kl), masked)
+        return mean * t * t
 
-    if is_labels:
-        labels = resize_nearest(teacher, h, w).astype(jnp.int32)
-    else:
-        # argmax, with "all groups equal" (no opinion, e.g. an ignored label) -> ignore_index
-        flat = jnp.max(teacher, axis=-1) == jnp.min(teacher, axis=-1)
-        arg = jnp.where(flat, ignore_index, jnp.argmax(teacher, axis=-1)).astype(jnp.int32)
-        labels = resize_nearest(arg, h, w)
-    valid = labels != ignore_index
+    if not is_labels:
+        labels = resize_nearest(jnp.argmax(teacher, axis=-1).astype(jnp.int32), h, w)
     safe = jnp.where(valid, labels, 0)
     log_q = jax.nn.log_softmax(student, axis=-1)
     # The label's log-probability as a masked sum over the groups, not a gather: the same value
     # (the other terms are exact zeros) and the same gradient, but its gradient is a select that
     # fuses into the softmax's backward instead of a scatter (atomics on a GPU).
     nll = -jnp.sum(jnp.where(safe[..., None] == jnp.arange(g), log_q, 0.0), axis=-1)
-    count = jnp.sum(valid.astype(jnp.float32))
     return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(count, 1.0)

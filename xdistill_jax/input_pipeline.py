@@ -136,13 +136,21 @@ def _as_str(value) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
+def _store_path(teacher) -> str:
+    """' DIR' for a teacher store that knows its directory (`TeacherLogitsSource.path`), else ''."""
+    path = getattr(teacher, "path", None)
+    return f" {path}" if path is not None else ""
+
+
 class TripletSource:
     """Random access to stored triplets joined with an optional teacher logits store.
 
     `source` is a prepared split (`tfds_builder.open_split`): record i is split line i.
     `teacher` is any object with `__len__` and `__getitem__(i) -> (id, logits (h,w,G))`
     whose record i belongs to split line i; `self[i]` checks the ids agree and raises a
-    ValueError naming the first mismatch it meets.
+    ValueError naming the first mismatch it meets (and the store's directory, where the teacher
+    has a `path`: a `TeacherLogitsSource`). Training checks the record count before it starts
+    (`training_loop.tfds_training_data`); the count check here is for other callers.
     """
 
     def __init__(self, source, teacher=None):
@@ -150,8 +158,8 @@ class TripletSource:
         self.teacher = teacher
         if teacher is not None and len(teacher) != len(source):
             raise ValueError(
-                f"teacher store has {len(teacher)} records but the triplet split has "
-                f"{len(source)} examples; it was computed for another split"
+                f"teacher store{_store_path(teacher)} has {len(teacher)} records but the triplet "
+                f"split has {len(source)} examples; it was computed for another split"
             )
 
     def __len__(self) -> int:
@@ -165,9 +173,9 @@ class TripletSource:
         example_id = _as_str(record["id"])
         if _as_str(teacher_id) != example_id:
             raise ValueError(
-                f"teacher store record {int(record['index'])} has id {_as_str(teacher_id)!r} "
-                f"but triplet example {int(record['index'])} is {example_id!r}: the store "
-                "belongs to another split or order"
+                f"teacher store{_store_path(self.teacher)} record {int(record['index'])} has id "
+                f"{_as_str(teacher_id)!r} but triplet example {int(record['index'])} is "
+                f"{example_id!r}: the store belongs to another split or order"
             )
         return record, logits
 

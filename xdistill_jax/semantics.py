@@ -188,4 +188,7 @@ def group_labels(labels, grouping: str | Grouping = "geometric"):
                              f"outside trainIds 0..{g.num_classes - 1} and ignore {IGNORE_INDEX}")
         return table[lab.astype(np.int64)]
     lab = jnp.asarray(labels).astype(jnp.int32)
-    return jnp.asarray(table, jnp.int32)[jnp.clip(lab, 0, 255)]
+    # the table maps 0..255 (C..254 -> 255); a label outside 0..255 is out of range too, and
+    # clipping alone would map a negative one to class 0's group
+    inside = (lab >= 0) & (lab <= IGNORE_INDEX)
+    return jnp.where(inside, jnp.asarray(table, jnp.int32)[jnp.clip(lab, 0, IGNORE_INDEX)], IGNORE_INDEX)

@@ -100,7 +100,13 @@ class TrainingData:
 
 
 def tfds_training_data(config: ml_collections.ConfigDict) -> TrainingData:
-    """TrainingData over the TFDS splits in `config.data.dataset_dir` (+ teacher stores)."""
+    """TrainingData over the TFDS splits in `config.data.dataset_dir` (+ teacher stores).
+
+    Opens and checks everything it can without compiling (a ConfigError naming the config key):
+    the splits (present, at the config's size) and the teacher stores (present, complete, of
+    `distill.grouping`, and of their split: the record count, and the split file's hash where the
+    store recorded one).
+    """
     from data_pipelines.kitti.tfds_builder import open_split
     from xdistill_jax import input_pipeline
 
@@ -137,6 +143,37 @@ def tfds_training_data(config: ml_collections.ConfigDict) -> TrainingData:
                 f"with --grouping {wanted}")
         return source
 
+    def check_store_split(store, key, source, name):
+        # A store of another split fails here, before anything compiles, naming the store and
+        # the key: the loader's own checks (count, then each record's id) would fire only when
+        # its iterator is first built, for the val store at the first validation
+        # (run.val_every steps in), with neither named.
+        if store is None:
+            return
+        where = f"config.{key}: the teacher store {store.path}"
+        if len(store) != len(source):
+            made_for = store.metadata.get("split")
+            raise config_utils.ConfigError(
+                f"{where} has {len(store)} records but split {name!r} in {d.dataset_dir} has "
+                f"{len(source)} examples: it was computed for another split"
+                + (f" ({made_for!r}, its teacher.json says)" if made_for else "")
+                + f"; precompute it for this one (xdistill teacher precompute --split {name})")
+        # the ids without reading a record: the store keeps the split file's hash it was made
+        # from (`precompute_split`); a store written without one is checked id by id when read
+        from data_pipelines.kitti.tfds_builder import read_metadata
+
+        theirs = store.metadata.get("fingerprint") or ""
+        try:
+            ours = read_metadata(d.dataset_dir, name).get("split_sha256") or ""
+        except (OSError, ValueError):  # an unreadable metadata.json is named by split_fingerprint below
+            ours = ""
+        if theirs and ours and theirs != ours:
+            raise config_utils.ConfigError(
+                f"{where} was computed from another split file than split {name!r} in "
+                f"{d.dataset_dir} (split_sha256 {theirs[:12]}... in its teacher.json, "
+                f"{ours[:12]}... in the split's metadata.json), though both have {len(source)} "
+                f"examples; precompute it for this split (xdistill teacher precompute --split {name})")
+
     def split(name, key):
         try:
             source = open_split(d.dataset_dir, name)
@@ -157,6 +194,7 @@ def tfds_training_data(config: ml_collections.ConfigDict) -> TrainingData:
 
     train_source = split(d.train_split, "train_split")
     train_teacher = teacher(d.teacher_dir, "data.teacher_dir")
+    check_store_split(train_teacher, "data.teacher_dir", train_source, d.train_split)
 
     num_workers = input_pipeline.resolve_num_workers(d.num_workers)
     log.info("loader: %s", f"{num_workers} grain worker processes" if num_workers else "this process's threads")
@@ -171,6 +209,7 @@ def tfds_training_data(config: ml_collections.ConfigDict) -> TrainingData:
     if d.val_split:
         val_source = split(d.val_split, "val_split")
         val_teacher = teacher(d.val_teacher_dir, "data.val_teacher_dir") if d.val_teacher_dir else None
+        check_store_split(val_teacher, "data.val_teacher_dir", val_source, d.val_split)
 
         def make_val():
             return input_pipeline.make_eval_iterator(

@@ -11,6 +11,10 @@ A backend is chosen by a spec string ``KIND:PATH``:
   ``layout`` "NCHW" (default) or "NHWC" for input and output, ``class_order``: for each model
   output channel, the Cityscapes trainId it is (-1 = drop; several channels of one trainId are
   merged by log-sum-exp). Without it the model must output exactly the grouping's classes.
+  A model with a static batch dimension (the usual export: input [1,3,H,W]) is run on chunks
+  of exactly that many images (the last one padded with copies of its last image, their
+  outputs dropped), so any precompute --batch-size works. A file onnxruntime cannot load, or an
+  onnxruntime error during a run, is a ValueError naming the file.
 - ``labels:DIR``    files written by any external tool, one per example id. Naming rule: the id
   is a split line ``FOLDER FRAME SIDE`` (``2011_09_26/2011_09_26_drive_0001_sync 5 l``) and the
   file is ``DIR/`` + ``template`` + ``.npy`` or ``.png`` (``.npy`` preferred), with the default
@@ -24,9 +28,11 @@ A backend is chosen by a spec string ``KIND:PATH``:
   ValueError naming the file.
 
 Every backend returns float32 class logits (N,h,w,C) in the teacher's Cityscapes trainId order at
-its own resolution; NaN at a pixel means "no opinion" (an ignored label). The precompute groups
-them, resizes to the store resolution (``resize_method``) and stores NaN pixels as all-zero
-logits (which the distillation loss ignores in hard mode).
+its own resolution. From the `labels:` backend (``nan_means_no_opinion = True``) NaN at a pixel
+means "no opinion" (label 255): the precompute groups the logits, resizes them to the store
+resolution (``resize_method``) and stores NaN pixels as all-zero logits, which the distillation
+loss ignores (hard and soft mode). From a network backend (``flax:``, ``onnx:``) a NaN or inf
+is an error naming the teacher and the example (`precompute.check_finite`).
 """
 
 from __future__ import annotations
@@ -51,10 +57,33 @@ def _resize_images(images: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.stack(out).astype(np.float32) / 255.0
 
 
+def _onnxruntime_errors() -> tuple[type, ...]:
+    """onnxruntime's own exception classes (InvalidArgument, InvalidProtobuf, Fail, ...): they
+    derive from Exception directly, so no narrower built-in class catches them."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    return tuple(c for c in vars(state).values() if isinstance(c, type) and issubclass(c, Exception))
+
+
+def _one_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"
+
+
+def _other_layout_hint(shape, layout: str, want) -> str:
+    """A hint when the model's other layout's channel axis has the size wanted (an NHWC model run
+    as NCHW, or the reverse); "" otherwise."""
+    other, axis = ("NHWC", -1) if layout == "NCHW" else ("NCHW", 1)
+    if len(shape) == 4 and isinstance(shape[axis], int) and shape[axis] == want:
+        return (f"; its {other} channel axis has {want}: if the model is {other}, give "
+                f"layout={other!r} (--layout {other})")
+    return ""
+
+
 class OnnxBackend:
     """``onnx:FILE`` (see the module docstring for the options)."""
 
     resize_method = "linear"
+    nan_means_no_opinion = False  # a NaN from a network is a broken teacher (precompute.check_finite)
 
     def __init__(self, path, *, num_classes: int = 19, input_size: Sequence[int] | None = None,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
@@ -69,7 +98,12 @@ class OnnxBackend:
             raise ValueError(f"onnx teacher model {self.path} does not exist")
         if layout not in ("NCHW", "NHWC"):
             raise ValueError(f"onnx layout must be NCHW or NHWC, got {layout!r}")
-        self.session = ort.InferenceSession(str(self.path), providers=["CPUExecutionProvider"])
+        self._ort_errors = _onnxruntime_errors()
+        try:
+            self.session = ort.InferenceSession(str(self.path), providers=["CPUExecutionProvider"])
+        except self._ort_errors as e:  # not an ONNX file, a truncated one, an unsupported opset
+            raise ValueError(f"onnx teacher model {self.path}: onnxruntime cannot load it "
+                             f"({_one_line(e)})") from e
         self.layout = layout
         self.num_classes = num_classes
         self.mean = np.asarray(mean, np.float32)
@@ -78,6 +112,13 @@ class OnnxBackend:
             raise ValueError(f"onnx mean/std need 3 values each (std > 0), got {mean}, {std}")
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
+        in_channels = inp.shape[1] if layout == "NCHW" else inp.shape[-1]
+        if len(inp.shape) != 4 or (isinstance(in_channels, int) and in_channels != 3):
+            raise ValueError(f"{self.path}: model input {inp.name!r} has shape {inp.shape}, not a "
+                             f"{layout} batch of RGB images (3 channels)"
+                             + _other_layout_hint(inp.shape, layout, 3))
+        # a static batch dimension (exported as [1,3,H,W]) takes exactly that many images a run
+        self.static_batch = inp.shape[0] if isinstance(inp.shape[0], int) and inp.shape[0] > 0 else None
         static = inp.shape[2:4] if layout == "NCHW" else inp.shape[1:3]
         if input_size is None and all(isinstance(s, int) for s in static):
             input_size = tuple(static)
@@ -88,7 +129,8 @@ class OnnxBackend:
         if self.class_order is not None:
             if isinstance(channels, int) and len(self.class_order) != channels:
                 raise ValueError(f"{self.path}: class_order has {len(self.class_order)} entries but "
-                                 f"the model outputs {channels} channels")
+                                 f"the model outputs {channels} channels"
+                                 + _other_layout_hint(out_shape, layout, len(self.class_order)))
             bad = [c for c in self.class_order if not -1 <= c < num_classes]
             if bad:
                 raise ValueError(f"{self.path}: class_order values {bad} outside -1..{num_classes - 1}")
@@ -98,7 +140,8 @@ class OnnxBackend:
                                  f"classes {missing}")
         elif isinstance(channels, int) and channels != num_classes:
             raise ValueError(f"ONNX teacher {self.path} outputs {channels} classes but the grouping "
-                             f"expects {num_classes} teacher classes; give a class_order")
+                             f"expects {num_classes} teacher classes; give a class_order"
+                             + _other_layout_hint(out_shape, layout, num_classes))
 
     def describe(self) -> dict:
         return {"backend": f"onnx:{self.path}", "input_size": self.input_size,
@@ -110,18 +153,38 @@ class OnnxBackend:
         x = (_resize_images(images, h, w) - self.mean) / self.std
         if self.layout == "NCHW":
             x = x.transpose(0, 3, 1, 2)
-        (out,) = self.session.run(None, {self.input_name: np.ascontiguousarray(x, np.float32)})[:1]
-        out = np.asarray(out, np.float32)
+        x = np.ascontiguousarray(x, np.float32)
+        n = len(x)
+        chunk = self.static_batch or n
+        outs = []
+        for start in range(0, n, chunk):
+            part = x[start:start + chunk]
+            if len(part) < chunk:  # a static batch: pad with copies of the last image, dropped below
+                part = np.concatenate([part, np.repeat(part[-1:], chunk - len(part), axis=0)])
+            try:
+                (out,) = self.session.run(None, {self.input_name: part})[:1]
+            except self._ort_errors as e:  # e.g. an input size the model's graph cannot take
+                raise ValueError(f"onnx teacher model {self.path}: onnxruntime failed on a batch of "
+                                 f"input shape {part.shape} ({_one_line(e)})") from e
+            out = np.asarray(out, np.float32)
+            if out.ndim != 4 or out.shape[0] != len(part):
+                raise ValueError(f"onnx teacher model {self.path}: output shape {out.shape} for an "
+                                 f"input of shape {part.shape}; expected a {self.layout} batch of logits")
+            outs.append(out[:min(chunk, n - start)])
+        out = np.concatenate(outs)
+        raw_shape = out.shape
         if self.layout == "NCHW":
             out = out.transpose(0, 2, 3, 1)
         if self.class_order is None:
             if out.shape[-1] != self.num_classes:
                 raise ValueError(f"ONNX teacher {self.path} outputs {out.shape[-1]} classes but the "
-                                 f"grouping expects {self.num_classes} teacher classes")
+                                 f"grouping expects {self.num_classes} teacher classes"
+                                 + _other_layout_hint(raw_shape, self.layout, self.num_classes))
             return out
         if out.shape[-1] != len(self.class_order):
             raise ValueError(f"{self.path}: model output has {out.shape[-1]} channels, class_order "
-                             f"{len(self.class_order)}")
+                             f"{len(self.class_order)}"
+                             + _other_layout_hint(raw_shape, self.layout, len(self.class_order)))
         order = np.asarray(self.class_order)
         merged = np.empty(out.shape[:-1] + (self.num_classes,), np.float32)
         for c in range(self.num_classes):
@@ -146,6 +209,7 @@ class LabelsBackend:
     """``labels:DIR`` (see the module docstring for the naming rule and file kinds)."""
 
     resize_method = "nearest"
+    nan_means_no_opinion = True  # NaN stands for label 255 (`_labels_to_logits`)
 
     def __init__(self, root, *, num_classes: int = 19, template: str = DEFAULT_TEMPLATE,
                  expected_size: Sequence[int] | None = None, label_logit: float = 10.0):

@@ -8,6 +8,13 @@ for network logits, nearest for label files) and marks "no opinion" pixels (NaN 
 labels) as all-zero logits; the store writer keeps them as float16. Default store resolution:
 a quarter of the image size in each dimension (stride 4, a segmentation net's native output).
 
+Non-finite logits: NaN means "no opinion" only from a backend that says so
+(``nan_means_no_opinion``: the `labels:` backend, where it stands for label 255). A network
+teacher's (``flax:``, ``onnx:``) NaN or inf is a broken teacher (a diverged checkpoint, an fp16
+overflow): a ValueError naming the teacher and the example (`check_finite`), before the resize,
+whose antialiasing would spread one NaN over the whole map (then stored as all-zero, i.e.
+ignored, logits). An inf is an error from every backend.
+
 Resumable: rerunning the same command continues after the last complete shard (see store.py).
 """
 
@@ -27,7 +34,12 @@ from xdistill_jax import distillation, semantics
 
 @functools.partial(jax.jit, static_argnames=("grouping", "height", "width", "method"))
 def group_and_resize(class_logits, *, grouping, height: int, width: int, method: str):
-    """(N,h0,w0,C) class logits -> (N,height,width,G) float32 group logits; NaN pixels -> 0."""
+    """(N,h0,w0,C) class logits -> (N,height,width,G) float32 group logits; NaN pixels -> 0.
+
+    NaN (a `labels:` backend's "no opinion") reaches here only with method "nearest", which
+    keeps it at its own pixels; a network teacher's non-finite logits are refused before
+    (`check_finite`), since the antialiased resize would spread them over the whole map.
+    """
     g = semantics.group_logits(class_logits, grouping)
     if method == "nearest":
         g = distillation.resize_nearest(g, height, width)
@@ -35,6 +47,26 @@ def group_and_resize(class_logits, *, grouping, height: int, width: int, method:
         g = jax.image.resize(g, (g.shape[0], height, width, g.shape[-1]), "linear", antialias=True)
     no_opinion = jnp.any(jnp.isnan(g), axis=-1, keepdims=True)
     return jnp.where(no_opinion, 0.0, g)
+
+
+def check_finite(class_logits: np.ndarray, backend, ids: Sequence[str], indices) -> None:
+    """Raises a ValueError naming the teacher and the first example with logits it must not give:
+    any inf, and NaN unless the backend's NaN means "no opinion" (`nan_means_no_opinion`)."""
+    logits = np.asarray(class_logits)
+    nan_ok = bool(getattr(backend, "nan_means_no_opinion", False))
+    bad = np.isinf(logits) if nan_ok else ~np.isfinite(logits)
+    per_example = bad.reshape(len(logits), -1).sum(axis=1)
+    if not per_example.any():
+        return
+    k = int(np.flatnonzero(per_example)[0])
+    kinds = [name for name, hit in (("NaN", not nan_ok and np.isnan(logits[k]).any()),
+                                     ("+inf", np.isposinf(logits[k]).any()),
+                                     ("-inf", np.isneginf(logits[k]).any())) if hit]
+    teacher = backend.describe().get("backend", type(backend).__name__)
+    raise ValueError(f"teacher {teacher} gave non-finite class logits ({', '.join(kinds)}: "
+                     f"{int(per_example[k])} of {logits[k].size} values) for example {ids[k]!r} "
+                     f"(split index {int(indices[k])}); a broken teacher (diverged weights, a "
+                     "float16 overflow?): its logits are not stored as \"no opinion\"")
 
 
 def _as_str(x) -> str:
@@ -83,6 +115,7 @@ def precompute(backend, source, out_dir, *, grouping: str = "geometric", stride:
         if logits.ndim != 4 or logits.shape[0] != len(ids) or logits.shape[-1] != g.num_classes:
             raise ValueError(f"teacher backend returned logits {logits.shape} for {len(ids)} "
                              f"examples; expected (N,h,w,{g.num_classes})")
+        check_finite(logits, backend, ids, indices)
         out = group_and_resize(logits, grouping=g, height=height, width=width,
                                method=backend.resize_method)
         return ids, np.asarray(out)

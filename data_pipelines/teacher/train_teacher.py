@@ -298,6 +298,7 @@ class FlaxBackend:
     """``flax:WORKDIR`` teacher backend: our checkpoint, jitted, logits at stride 4."""
 
     resize_method = "linear"
+    nan_means_no_opinion = False  # a NaN from a network is a broken teacher (precompute.check_finite)
 
     def __init__(self, workdir, *, num_classes: int = 19):
         import jax
