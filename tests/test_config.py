@@ -74,10 +74,60 @@ def test_bad_overrides_name_the_key(args, key):
     (["--config.optim.b2=-0.1"], "optim.b2"),
     (["--config.optim.eps=0"], "optim.eps"),
     (["--config.data.num_workers=-2"], "data.num_workers"),
+    (["--config.distill.scale=7"], "distill.scale"),  # a traceback in the first train step
+    (["--config.distill.scale=-1"], "distill.scale"),
+    (["--config.optim.lr_drop_epochs=(0,)"], "optim.lr_drop_epochs"),
+    (["--config.optim.lr_drop_epochs=(10, 5)"], "optim.lr_drop_epochs"),
+    (["--config.optim.lr_drop_steps=(-3,)"], "optim.lr_drop_steps"),  # the lr dropped from step 0
+    (["--config.optim.lr_drop_steps=(5, 5)"], "optim.lr_drop_steps"),  # one drop, not two
 ])
 def test_impossible_values_name_the_key(args, key):
     with pytest.raises(config_utils.ConfigError, match=key.replace(".", r"\.")):
         config_utils.config_from_args(str(CONFIGS / "synthetic_demo.py"), args)
+
+
+@pytest.mark.parametrize("spec", ["synthetic_demo.py", "synthetic_demo.py:smoke"])  # (1500,) and ()
+@pytest.mark.parametrize("value, message", [
+    ("(2.9,)", "expected a tuple of int"),    # was truncated to step 2
+    ("('a',)", "expected a tuple of int"),    # was a traceback after config.json was written
+    ("(True,)", "expected a tuple of int"),
+])
+def test_drop_steps_are_typed_even_when_empty(spec, value, message):
+    """An empty tuple has no element to take the type from: the field's type comes from
+    config_defaults.TUPLE_ELEMENT_TYPES, whichever the config file's value."""
+    with pytest.raises(config_utils.ConfigError, match=rf"optim\.lr_drop_steps: {message}"):
+        config_utils.config_from_args(str(CONFIGS / spec), [f"--config.optim.lr_drop_steps={value}"])
+    c = config_utils.config_from_args(str(CONFIGS / spec), ["--config.optim.lr_drop_steps=(3, 7)"])
+    assert c.optim.lr_drop_steps == (3, 7)
+
+
+def test_every_tuple_field_has_an_element_type():
+    from xdistill_jax import config_defaults
+
+    specs = [CONFIGS / "synthetic_demo.py:smoke", CONFIGS / "demo.py"] + sorted(CONFIGS.glob("*.py"))
+    for spec in specs:
+        flat = config_utils._flatten(config_utils.load_config_file(str(spec)).to_dict())
+        tuples = {k for k, v in flat.items() if isinstance(v, (tuple, list))}
+        assert tuples <= set(config_defaults.TUPLE_ELEMENT_TYPES), (spec, tuples)
+
+
+def test_bad_train_overrides_exit_2_before_the_workdir_is_made(tmp_path, capsys, monkeypatch):
+    """Both were tracebacks from the first train step, after config.json and checkpoints/ were
+    written (and a resume crashed the same way): validate() refuses them before training starts."""
+    from xdistill_jax import train
+
+    def reached(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(train, "train_and_evaluate", reached)
+    for arg, key in (("--config.optim.lr_drop_steps=('a',)", "optim.lr_drop_steps"),
+                     ("--config.distill.scale=7", "distill.scale")):
+        workdir = tmp_path / "w"
+        assert cli.main(["train", "--config", str(CONFIGS / "synthetic_demo.py") + ":smoke",
+                         "--workdir", str(workdir), arg]) == 2
+        err = capsys.readouterr().err
+        assert key in err and "Traceback" not in err
+        assert not workdir.exists()
 
 
 @pytest.mark.parametrize("spec, message", [

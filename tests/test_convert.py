@@ -235,6 +235,14 @@ def test_convert_weights_cli_round_trip(torch_folder, converted, tmp_path, capsy
     assert "is a folder; --torchvision writes one .msgpack file" in capsys.readouterr().err
     assert cli.main(["convert-weights", "--monodepth2", str(torch_folder[0]), "--out", str(msg)]) == 2
     assert "exists and is not a folder" in capsys.readouterr().err
+    # --out below a file: named, exit 2, before the weights are read (a NotADirectoryError
+    # traceback, exit 1, from the folder made after the conversion)
+    for flag, src in (("--monodepth2", torch_folder[0]), ("--torchvision", pth)):
+        args = ["convert-weights", flag, str(src), "--out", str(msg / "sub")] + (
+            ["--num-layers", "18"] if flag == "--torchvision" else [])
+        assert cli.main(args) == 2
+        err = capsys.readouterr().err
+        assert f"--out {msg / 'sub'}: cannot be made: {msg} is a file" in err and "Traceback" not in err
 
 
 class _Payload:

@@ -1,8 +1,11 @@
 """`xdistill predict`: magma table, test_simple-style resizing, depth units, outputs and bad input."""
 
+import re
+import shutil
+
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from eval_workdir import TEST_DRIVE, trained
 from xdistill_jax import cli, inference, predict
@@ -90,6 +93,12 @@ def test_bad_inputs_are_named(tmp_path, capsys):
     assert "broken.png" in capsys.readouterr().err
 
 
+def _prediction(folder, stem):
+    """What predict writes for `stem`: the .npy, then the PNG."""
+    np.save(folder / f"{stem}_depth.npy", np.ones((8, 8), np.float32))
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / f"{stem}_disp.png")
+
+
 def test_inputs_leave_out_the_outputs_hidden_files_and_refuse_bad_images_before_compute(tmp_path):
     """--out inside an input folder (Monodepth2's test_simple writes next to its inputs): the
     predictions are not inputs of the next run. A truncated JPEG passes PIL's verify() and was
@@ -100,13 +109,13 @@ def test_inputs_leave_out_the_outputs_hidden_files_and_refuse_bad_images_before_
     for name in ("a", "b"):
         Image.fromarray(rng.integers(0, 256, (64, 64, 3), np.uint8)).save(frames / f"{name}.jpg")
     (frames / "depth").mkdir()
-    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(frames / "depth" / "a_disp.png")  # a prediction
+    _prediction(frames / "depth", "a")  # --out frames/depth
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(frames / ".a_disp.tmp123.png")  # a killed write
-    assert predict.collect_inputs([frames], frames / "depth") == [(frames / "a.jpg", "a"), (frames / "b.jpg", "b")]
-    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(frames / "a_disp.png")  # --out frames
-    assert predict.collect_inputs([frames], frames) == [(frames / "a.jpg", "a"), (frames / "b.jpg", "b")]
-    (frames / "a_disp.png").unlink()
-    assert [stem for _, stem in predict.collect_inputs([frames])] == ["a", "b", "depth/a_disp"]
+    assert predict.collect_inputs([frames]) == [(frames / "a.jpg", "a"), (frames / "b.jpg", "b")]
+    _prediction(frames, "a")  # --out frames
+    assert predict.collect_inputs([frames]) == [(frames / "a.jpg", "a"), (frames / "b.jpg", "b")]
+    (frames / "a_depth.npy").unlink()  # a user's image that merely ends in _disp.png stays an input
+    assert [stem for _, stem in predict.collect_inputs([frames])] == ["a", "a_disp", "b"]
 
     model = inference.DepthModel(None, {}, None, None, 32, 96, 0.1, 100.0, None, "unused")
     whole = (frames / "b.jpg").read_bytes()
@@ -126,3 +135,98 @@ def test_inputs_leave_out_the_outputs_hidden_files_and_refuse_bad_images_before_
     with pytest.raises(ValueError, match=r"--scale must be a finite number > 0, got inf"):
         predict.predict_paths(model, [frames / "a.jpg"], tmp_path / "out", scale=float("inf"), show_progress=False)
 
+
+
+def test_earlier_outputs_are_never_inputs_wherever_they_are(tmp_path, capsys):
+    """Predicting a folder in place and then into another --out read the first run's PNGs as
+    images ("wrote 4 depth maps" for 2 images, rgb_disp_depth.npy...): only outputs under the
+    *current* --out were left out. An output is the pair predict writes, wherever it lies."""
+    t = trained()
+    frames = t.world / TEST_DRIVE / "image_02" / "data"
+    mine = tmp_path / "my_images"
+    mine.mkdir()
+    for name in ("0000000001", "0000000002"):
+        shutil.copy(frames / f"{name}.png", mine / f"{name}.png")
+    run = ["predict", "--workdir", str(t.workdir), "--no-progress"]
+    assert cli.main(run + ["--out", str(mine), str(mine)]) == 0  # in place, as test_simple
+    assert "wrote 2 depth maps" in capsys.readouterr().out
+    assert cli.main(run + ["--out", str(mine / "again"), str(mine)]) == 0  # an out folder inside
+    out = capsys.readouterr().out
+    assert "wrote 2 depth maps" in out and "left out 2 earlier outputs" in out
+    assert cli.main(run + ["--out", str(tmp_path / "elsewhere"), str(mine)]) == 0
+    assert "wrote 2 depth maps" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "elsewhere").iterdir()) == [
+        "0000000001_depth.npy", "0000000001_disp.png", "0000000002_depth.npy", "0000000002_disp.png"]
+    # named explicitly, an output is refused (not silently dropped, not predicted)
+    assert cli.main(run + ["--out", str(tmp_path / "o2"), str(mine / "0000000001_disp.png")]) == 2
+    assert "is a disparity map this tool wrote" in capsys.readouterr().err
+    # a user's x_disp.png next to x.png, predicted in place, would be overwritten: refused
+    shutil.copy(frames / "0000000003.png", mine / "x.png")
+    shutil.copy(frames / "0000000004.png", mine / "x_disp.png")
+    with pytest.raises(ValueError, match=r"predicting .*x\.png would overwrite the input .*x_disp\.png"):
+        predict.prepare([mine], mine)
+
+
+def test_symlinked_folders_are_searched_and_loops_named(tmp_path):
+    """Path.rglob (Python < 3.13) does not enter symlinked folders: a folder of links to drives
+    gave no images, silently; the help says folders are searched recursively."""
+    drive = tmp_path / "drive1"
+    drive.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(drive / "f.png")
+    links = tmp_path / "links"
+    links.mkdir()
+    (links / "d1").symlink_to(drive)
+    (links / "d2").symlink_to(drive, target_is_directory=True)  # twice: both names predicted
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(links / "top.png")
+    assert predict.collect_inputs([links]) == [
+        (links / "d1" / "f.png", "d1/f"), (links / "d2" / "f.png", "d2/f"), (links / "top.png", "top")]
+    (drive / "up").symlink_to(links)  # links/d1/up -> links: a loop
+    with pytest.raises(ValueError, match=r"links/d1/up links back to .*links \(a symlink loop\)"):
+        predict.collect_inputs([links])
+
+
+def test_exif_orientation_is_applied_for_predict_only(tmp_path):
+    """A phone photo stored 100x40 with orientation 6 is shown 40 wide x 100 high: its depth map
+    is too. Evaluation's loading (no exif_orientation) is unchanged."""
+    t = trained()
+    frames = t.world / TEST_DRIVE / "image_02" / "data"
+    photo = tmp_path / "photo.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    Image.open(frames / "0000000003.png").convert("RGB").resize((100, 40)).save(photo, exif=exif)
+    stored, size = inference.load_resized(photo, 32, 96)
+    assert size == (40, 100)  # as evaluation reads files: the stored pixels
+    turned, size = inference.load_resized(photo, 32, 96, exif_orientation=True)
+    assert size == (100, 40)
+    upright = ImageOps.exif_transpose(Image.open(photo).convert("RGB"))
+    np.testing.assert_array_equal(turned, np.asarray(upright.resize((96, 32), Image.Resampling.LANCZOS)))
+    assert cli.main(["predict", "--workdir", str(t.workdir), "--no-progress", "--out", str(tmp_path / "o"),
+                     str(photo)]) == 0
+    assert np.load(tmp_path / "o" / "photo_depth.npy").shape == (100, 40)
+    assert Image.open(tmp_path / "o" / "photo_disp.png").size == (40, 100)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--batch-size", "0"], "--batch-size must be an integer > 0, got 0"),
+    (["--batch-size", "-4"], "--batch-size must be an integer > 0, got -4"),
+    (["--out", "FILE/sub"], "--out .*FILE/sub: cannot make the folder: .*FILE is a file"),
+    (["--monodepth2", "MD2", "--step", "5"], "--step applies to --workdir checkpoints"),
+])
+def test_bad_options_exit_2_before_the_model_loads(tmp_path, capsys, monkeypatch, extra, message):
+    """--batch-size 0 was taken as 1; --out below a file was a NotADirectoryError traceback after
+    the model loaded; --step with --monodepth2 was ignored (`xdistill eval` refuses it)."""
+    def load(*args, **kwargs):
+        raise AssertionError("model loaded")
+
+    monkeypatch.setattr(inference, "load_workdir_model", load)
+    monkeypatch.setattr(inference, "load_monodepth2_model", load)
+    image = tmp_path / "a.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
+    (tmp_path / "FILE").write_text("x")
+    extra = [str(tmp_path / a) if a in ("FILE/sub", "MD2") else a for a in extra]
+    args = ["predict", "--no-progress"] + ([] if "--monodepth2" in extra else ["--workdir", str(tmp_path)])
+    args += extra + ([] if "--out" in extra else ["--out", str(tmp_path / "o")]) + [str(image)]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()

@@ -221,6 +221,11 @@ def test_synth_command_writes_a_world(tmp_path, capsys):
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
     assert cli.main(["synth", "--out", str(tmp_path / "w2"), "--drives", "1"]) == 2
     assert "xdistill synth: error: " in capsys.readouterr().err
+    # a negative seed: named, and checked before the temporary w4.partial/ is made
+    assert cli.main(["synth", "--out", str(tmp_path / "w4"), "--seed", "-1", "--drives", "2", "--frames", "3",
+                     "--width", "48", "--height", "16", "--make3d-images", "0", "--workers", "1"]) == 2
+    assert "xdistill synth: error: --seed must be >= 0, got -1" in capsys.readouterr().err
+    assert not (tmp_path / "w4").exists() and not (tmp_path / "w4.partial").exists()
     with pytest.raises(SystemExit):
         cli.main(["synth", "--out", str(tmp_path / "w3"), "--make3d-size", "0x0"])
     assert "rows and cols must be positive, got '0x0'" in capsys.readouterr().err

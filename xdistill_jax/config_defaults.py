@@ -11,6 +11,18 @@ import ml_collections
 
 STATE_LAYOUTS = ("default", "auto")  # run.state_layout, train.make_train_step(state_layout=)
 
+# The element type of every tuple field, which `--config.a.b=(...)` overrides are checked against:
+# a field whose value is an empty tuple (optim.lr_drop_steps' default, or one a config file empties)
+# has no element to take the type from, and took any literal (negative, fractional or text drop
+# steps that crashed or changed the run). tests/test_config.py checks every tuple field is here.
+TUPLE_ELEMENT_TYPES = {
+    "optim.lr_drop_epochs": int,
+    "optim.lr_drop_steps": int,
+    "distill.translator.dilations": int,
+}
+
+DISPARITY_SCALES = (0, 1, 2, 3)  # the depth net's outputs (models/depth.py); distill.scale is one
+
 
 # What an empty `distill.translator` group meant in a config.json written before the group spelled
 # out its fields (cbc9120, 2026-12-02): the Translator's defaults of that time. The default
@@ -89,7 +101,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.distill.mode = "hard"          # "hard" (CE to teacher argmax) | "soft" (T^2 KL)
     c.distill.temperature = 1.0      # soft mode only
     c.distill.grouping = "geometric"  # xdistill_jax.semantics grouping name
-    c.distill.scale = 0              # disparity scale fed to the translator
+    c.distill.scale = 0              # disparity scale fed to the translator (DISPARITY_SCALES)
     c.distill.stop_gradient = False  # True: translator trains, depth net gets no distill gradient
     # Warm-up of the distillation gradient into the depth net (objective.depth_grad_factor): 0
     # before step depth_grad_start, then a linear ramp to 1 over depth_grad_ramp steps. The
@@ -122,6 +134,7 @@ def base_config() -> ml_collections.ConfigDict:
     # drops the rate after 14 epochs (reference §1). We copy what the authors ran: (14,).
     c.optim.lr_drop_epochs = (14,)
     c.optim.lr_drop_steps = ()       # non-empty: drop at these optimiser steps instead of epochs
+                                     # (both: increasing integers > 0)
     c.optim.lr_decay_factor = 0.1
 
     c.run = ml_collections.ConfigDict()

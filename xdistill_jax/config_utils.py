@@ -99,11 +99,16 @@ def _parse_value(key: str, text: str, current: Any) -> Any:
             raise ConfigError(f"--config.{key}: expected a tuple like (1, 2), got {text!r}") from None
         if not isinstance(value, (tuple, list)):
             value = (value,)
-        if current and any(type(v) is not type(current[0]) for v in value):
+        # the element type from the field's table, else from its current elements: an empty
+        # tuple has none to take it from, and would take any literal
+        elem = config_defaults.TUPLE_ELEMENT_TYPES.get(key) or (type(current[0]) if current else None)
+        if elem is None:
+            raise ConfigError(f"--config.{key}: the element type of this empty tuple is unknown; "
+                              "add the field to config_defaults.TUPLE_ELEMENT_TYPES")
+        if any(type(v) is not elem for v in value):  # `type is`: a bool is no int here
             # allow ints where floats are expected, nothing else
-            if not (isinstance(current[0], float) and all(isinstance(v, (int, float)) for v in value)):
-                raise ConfigError(
-                    f"--config.{key}: expected a tuple of {type(current[0]).__name__}, got {text!r}")
+            if not (elem is float and all(type(v) in (int, float) for v in value)):
+                raise ConfigError(f"--config.{key}: expected a tuple of {elem.__name__}, got {text!r}")
             value = tuple(float(v) for v in value)
         return type(current)(value)
     if current is None:
@@ -199,6 +204,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
            f"must be one of {', '.join(sorted(semantics.GROUPINGS))}, got {ds.grouping!r}")
     _check(ds.mode in ("hard", "soft"), "distill.mode", f"must be 'hard' or 'soft', got {ds.mode!r}")
     _check(ds.temperature > 0, "distill.temperature", f"must be > 0, got {ds.temperature}")
+    _check(type(ds.scale) is int and ds.scale in config_defaults.DISPARITY_SCALES, "distill.scale",
+           f"must be one of the depth net's disparity scales {config_defaults.DISPARITY_SCALES}, got {ds.scale!r}")
     for key in ("depth_grad_start", "depth_grad_ramp"):
         _check(isinstance(ds[key], int) and ds[key] >= 0, f"distill.{key}",
                f"must be an integer >= 0, got {ds[key]!r}")
@@ -218,7 +225,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     _check(o.batch_size > 0, "optim.batch_size", f"must be > 0, got {o.batch_size}")
     _check(o.epochs > 0 or o.num_steps > 0, "optim.num_steps", "set optim.epochs or optim.num_steps > 0")
     _check(0 < o.lr_decay_factor <= 1, "optim.lr_decay_factor", f"must be in (0, 1], got {o.lr_decay_factor}")
-    _check(all(e > 0 for e in o.lr_drop_epochs), "optim.lr_drop_epochs", f"must be > 0, got {o.lr_drop_epochs}")
+    for key in ("lr_drop_epochs", "lr_drop_steps"):
+        # increasing: optax keys the drops by step, so a repeated one would drop the rate once
+        drops = o[key]
+        _check(isinstance(drops, (tuple, list)) and all(type(v) is int and v > 0 for v in drops)
+               and all(a < b for a, b in zip(drops, drops[1:])), f"optim.{key}",
+               f"must be increasing integers > 0, got {drops!r}")
     _check(r.on_nonfinite in ("stop", "skip"), "run.on_nonfinite", f"must be 'stop' or 'skip', got {r.on_nonfinite!r}")
     state_layout = r.get("state_layout", "default")  # .get: a config.json saved before the field existed
     _check(state_layout in config_defaults.STATE_LAYOUTS, "run.state_layout",

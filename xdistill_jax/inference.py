@@ -218,10 +218,14 @@ class PosePredictor:
         return np.asarray(out, np.float64)[:n]
 
 
-def load_resized(path, height: int, width: int) -> tuple[np.ndarray, tuple[int, int]]:
+def load_resized(path, height: int, width: int, *,
+                 exif_orientation: bool = False) -> tuple[np.ndarray, tuple[int, int]]:
     """(uint8 (height,width,3) PIL-LANCZOS-resized RGB, original (h, w)) of an image file.
 
-    A missing or undecodable file raises ValueError naming it.
+    `exif_orientation`: first turn the image as its EXIF orientation tag says, as viewers show it
+    (`predict`: a phone's portrait photo is stored landscape). Off for evaluation, which reads the
+    pixels as Monodepth2 does (KITTI and Make3D carry no such tag). A missing or undecodable file
+    raises ValueError naming it.
     """
     from data_pipelines.kitti.triplets import load_rgb, resize_lanczos
 
@@ -229,6 +233,10 @@ def load_resized(path, height: int, width: int) -> tuple[np.ndarray, tuple[int, 
     if not path.is_file():
         raise ValueError(f"image not found: {path}")
     image = load_rgb(path)  # ValueError naming the file when it cannot be decoded
+    if exif_orientation:
+        from PIL import ImageOps
+
+        image = ImageOps.exif_transpose(image)  # convert("RGB") keeps the EXIF block it reads
     size = (image.height, image.width)
     return np.asarray(resize_lanczos(image, height, width), np.uint8), size
 

@@ -12,14 +12,27 @@ align_corners=False). Per image `NAME` (relative names are kept for folders) it 
       (`disp_to_depth`), correct only up to an unknown scale for monocular models;
 - `NAME_disp.png`: the disparity mapped with magma, normalised like test_simple (vmin = the map's
   minimum, vmax = its 95th percentile, clipped).
-Unreadable inputs raise ValueError naming the file before anything is computed.
+Images are taken as viewers show them: a JPEG's EXIF orientation (a phone's portrait photo) is
+applied first, so the maps line up with the photo (test_simple ignores it; evaluation never reads
+EXIF, as KITTI and Make3D carry none).
+
+Which files are inputs: the named image files, and in the named folders (searched recursively,
+following symlinked folders; a symlink loop is an error) every file with an image suffix but
+- hidden files and folders (`.name`, as this tool's temporary files while it writes), and
+- this tool's outputs: a `NAME_disp.png` with `NAME_depth.npy` beside it, the pair it writes,
+  wherever it is (so a folder predicted in place, or into a folder inside it, can be predicted
+  again); a `NAME_disp.png` of the user's without that `.npy` stays an input.
+Naming such an output file explicitly, or an output that would overwrite an input, is an error.
+Everything is checked before the model runs or anything is written (`prepare`): ValueError
+naming the file or option.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -56,32 +69,60 @@ def colorize_disparity(disp: np.ndarray) -> np.ndarray:
     return (magma(x) * 255.0 + 0.5).astype(np.uint8)
 
 
-def collect_inputs(inputs: Sequence, out_dir=None) -> list[tuple[pathlib.Path, str]]:
-    """(image path, output stem) for files and folders (searched recursively, sorted).
+OUTPUT_SUFFIXES = ("_depth.npy", "_disp.png")  # what predict writes per image
 
-    A folder's hidden files and the `*_disp.png` under `out_dir` are left out: predictions
-    written into (a folder under) an input folder, as Monodepth2's test_simple writes next to
-    its inputs, are not inputs of the next run. A missing input, an empty folder, a file that is
-    not an image and a name used twice raise ValueError naming it.
-    """
-    out, seen = [], {}
-    skip = pathlib.Path(out_dir).resolve() if out_dir is not None else None
 
-    def wanted(p: pathlib.Path, root: pathlib.Path) -> bool:
-        if not p.is_file() or p.suffix.lower() not in IMAGE_SUFFIXES:
-            return False
-        if any(part.startswith(".") for part in p.relative_to(root).parts):
-            return False
-        return skip is None or not (p.name.endswith("_disp.png") and p.resolve().is_relative_to(skip))
+def is_prediction(path: pathlib.Path) -> bool:
+    """Whether `path` is a `NAME_disp.png` this tool wrote: its `NAME_depth.npy` lies beside it."""
+    name = path.name
+    if not name.endswith("_disp.png"):
+        return False
+    return path.with_name(name[:-len("_disp.png")] + "_depth.npy").is_file()
 
+
+def _files_under(root: pathlib.Path) -> Iterator[pathlib.Path]:
+    """Files under `root`, as reached through it (a symlinked folder's files keep the link's name),
+    hidden files and folders left out. Symlinked folders are followed (Path.rglob before Python
+    3.13 does not: a folder of links to drives gave nothing); a folder that is one of its own
+    ancestors (a symlink loop) raises ValueError naming the link."""
+    stack = [(root, (root.resolve(),))]
+    while stack:
+        folder, ancestors = stack.pop()
+        for entry in folder.iterdir():
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir():
+                real = entry.resolve()
+                if real in ancestors:
+                    raise ValueError(f"input folder {root}: {entry} links back to {real} (a symlink "
+                                     "loop); remove the link or name the folders to predict")
+                stack.append((entry, ancestors + (real,)))
+            elif entry.is_file():
+                yield entry
+
+
+def scan_inputs(inputs: Sequence) -> tuple[list[tuple[pathlib.Path, str]], list[pathlib.Path]]:
+    """((image path, output stem) of every input, sorted per folder; the earlier outputs of this
+    tool found in the folders and left out). See the module doc for which files are inputs.
+
+    A missing input, a folder without images, a named file that is not an image or is an output
+    of this tool, and a name used twice raise ValueError naming it."""
+    out, seen, left_out = [], {}, []
     for item in inputs:
         path = pathlib.Path(item)
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if wanted(p, path))
+            found = sorted(p for p in _files_under(path) if p.suffix.lower() in IMAGE_SUFFIXES)
+            outputs = {p for p in found if is_prediction(p)}
+            left_out += sorted(outputs)
+            files = [p for p in found if p not in outputs]
             if not files:
-                raise ValueError(f"input folder {path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+                also = " other than this tool's outputs (NAME_disp.png beside NAME_depth.npy)" if outputs else ""
+                raise ValueError(f"input folder {path} holds no images ({', '.join(IMAGE_SUFFIXES)}){also}")
             pairs = [(p, str(p.relative_to(path).with_suffix(""))) for p in files]
         elif path.is_file():
+            if is_prediction(path):
+                raise ValueError(f"input {path} is a disparity map this tool wrote ({path.name[:-len('_disp.png')]}"
+                                 "_depth.npy lies beside it), not an image to predict")
             pairs = [(path, path.stem)]
         else:
             raise ValueError(f"input not found: {path}")
@@ -91,7 +132,34 @@ def collect_inputs(inputs: Sequence, out_dir=None) -> list[tuple[pathlib.Path, s
                                  "predict them into different --out folders")
             seen[stem] = p
             out.append((p, stem))
-    return out
+    return out, left_out
+
+
+def collect_inputs(inputs: Sequence) -> list[tuple[pathlib.Path, str]]:
+    """(image path, output stem) of every input: `scan_inputs` without the list of left-out outputs."""
+    return scan_inputs(inputs)[0]
+
+
+def _check_out_dir(out_dir: pathlib.Path) -> None:
+    """Refuse an --out that cannot be a folder (a file, or a path below one) before anything runs."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir} exists and is not a folder")
+    parent = out_dir
+    while not parent.exists() and parent != parent.parent:  # the nearest existing ancestor
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise ValueError(f"--out {out_dir}: cannot make the folder: {parent} is a file")
+
+
+def _check_no_overwrite(items: Sequence[tuple[pathlib.Path, str]], out_dir: pathlib.Path) -> None:
+    """Predicting in place must not replace an input: `x.png`'s `x_disp.png` is a user's image too."""
+    inputs = {p.resolve(): p for p, _ in items}
+    for path, stem in items:
+        for suffix in OUTPUT_SUFFIXES:
+            target = (out_dir / f"{stem}{suffix}").resolve()
+            if target in inputs and target != path.resolve():
+                raise ValueError(f"predicting {path} would overwrite the input {inputs[target]}; "
+                                 "predict into another --out folder")
 
 
 def _save_atomic(path: pathlib.Path, write) -> None:
@@ -112,19 +180,33 @@ def depth_at_size(scaled_disp: np.ndarray, height: int, width: int, scale: float
     return disp, depth.astype(np.float32)
 
 
-def predict_paths(model: DepthModel, inputs: Sequence, out_dir, *, scale: float | None = None,
-                  batch_size: int = 8, show_progress: bool = True) -> list[pathlib.Path]:
-    """Predict every input image; returns the written `.npy` paths (PNG next to each)."""
+@dataclasses.dataclass
+class Prepared:
+    """Checked inputs and options of a prediction (`prepare`), before any model is loaded."""
+
+    items: list[tuple[pathlib.Path, str]]  # (image, output stem)
+    left_out: list[pathlib.Path]           # earlier outputs of this tool in the input folders
+    out_dir: pathlib.Path
+    scale: float | None
+    batch_size: int
+
+
+def prepare(inputs: Sequence, out_dir, *, scale: float | None = None, batch_size: int = 8) -> Prepared:
+    """Check the options, the inputs and every image (decoded in full) without writing anything.
+
+    A bad option or input raises ValueError naming it (see the module doc)."""
     from PIL import Image
 
     from data_pipelines.kitti.triplets import check_image_mode
 
     if scale is not None and not (np.isfinite(scale) and scale > 0):
         raise ValueError(f"--scale must be a finite number > 0, got {scale}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"--batch-size must be an integer > 0, got {batch_size}")
     out_dir = pathlib.Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"--out {out_dir} exists and is not a folder")
-    items = collect_inputs(inputs, out_dir)
+    _check_out_dir(out_dir)
+    items, left_out = scan_inputs(inputs)
+    _check_no_overwrite(items, out_dir)
     for path, _ in items:  # name an unreadable image before any compute: decoded in full, as a
         try:               # truncated JPEG passes PIL's verify()
             with Image.open(path) as im:
@@ -134,17 +216,37 @@ def predict_paths(model: DepthModel, inputs: Sequence, out_dir, *, scale: float 
             raise
         except Exception as e:  # PIL raises several types
             raise ValueError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
-    predictor = DepthPredictor(model, max(1, min(batch_size, len(items))))
+    return Prepared(items, left_out, out_dir, scale, int(batch_size))
+
+
+def predict_prepared(model: DepthModel, job: Prepared, *, show_progress: bool = True) -> list[pathlib.Path]:
+    """Predict the images of `job`; returns the written `.npy` paths (PNG next to each)."""
+    from PIL import Image
+
+    try:
+        job.out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # checked in prepare, but the file system may have changed since
+        raise ValueError(f"--out {job.out_dir}: cannot make the folder: {e.strerror or e}") from e
+    predictor = DepthPredictor(model, min(job.batch_size, len(job.items)))
     written = []
-    load = lambda item: load_resized(item[0], model.height, model.width)  # noqa: E731
-    for chunk, loaded in batched(items, predictor.batch_size, load, desc="predict", show_progress=show_progress):
+    # EXIF orientation applied: the maps line up with the photo as viewers show it
+    load = lambda item: load_resized(item[0], model.height, model.width, exif_orientation=True)  # noqa: E731
+    for chunk, loaded in batched(job.items, predictor.batch_size, load, desc="predict", show_progress=show_progress):
         disp = predictor.predict(np.stack([img for img, _ in loaded]))
         for (path, stem), (_, (h, w)), d in zip(chunk, loaded, disp):
-            full_disp, depth = depth_at_size(d, h, w, scale)
-            npy = out_dir / f"{stem}_depth.npy"
+            full_disp, depth = depth_at_size(d, h, w, job.scale)
+            npy = job.out_dir / f"{stem}_depth.npy"
             _save_atomic(npy, lambda p: np.save(p, depth))
-            png = out_dir / f"{stem}_disp.png"
+            png = job.out_dir / f"{stem}_disp.png"
             _save_atomic(png, lambda p: Image.fromarray(colorize_disparity(full_disp)).save(p, format="PNG"))
             written.append(npy)
     return written
 
+
+def predict_paths(model: DepthModel, inputs: Sequence, out_dir, *, scale: float | None = None,
+                  batch_size: int = 8, show_progress: bool = True) -> list[pathlib.Path]:
+    """Predict every input image; returns the written `.npy` paths (PNG next to each).
+
+    `prepare` then `predict_prepared`; the CLI calls them apart, to check before loading the model."""
+    return predict_prepared(model, prepare(inputs, out_dir, scale=scale, batch_size=batch_size),
+                            show_progress=show_progress)

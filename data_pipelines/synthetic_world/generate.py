@@ -56,8 +56,9 @@ def generate_world(out, seed: int = 0, drives: int = DEMO["drives"], frames: int
     if velodyne not in ("all", "test"):
         raise ValueError(f"--velodyne must be 'all' or 'test', got {velodyne!r}")
     out = Path(out)
-    for name, value, low in (("drives", drives, 2), ("frames", frames, 3), ("width", width, 16),
-                             ("height", height, 8), ("make3d_images", make3d_images, 0),
+    # the seed too, before the temporary folder is made (numpy refused it there, naming no option)
+    for name, value, low in (("seed", seed, 0), ("drives", drives, 2), ("frames", frames, 3),
+                             ("width", width, 16), ("height", height, 8), ("make3d_images", make3d_images, 0),
                              ("lidar_azimuths", lidar_azimuths, 16)):
         if int(value) < low:
             raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")

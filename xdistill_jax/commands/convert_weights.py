@@ -38,6 +38,14 @@ def _write_json_atomic(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def _below_a_file(path: Path) -> Path | None:
+    """The file among `path`'s ancestors that keeps it from being made, if any."""
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:  # the nearest existing ancestor
+        parent = parent.parent
+    return parent if parent.exists() and not parent.is_dir() else None
+
+
 def run(args) -> int:
     from xdistill_jax import convert
 
@@ -48,6 +56,10 @@ def run(args) -> int:
         return 2
     if args.monodepth2 and out.exists() and not out.is_dir():
         print(f"xdistill convert-weights: --out {out} exists and is not a folder", file=sys.stderr)
+        return 2
+    blocker = _below_a_file(out)  # before the weights are read, not after (a traceback, exit 1)
+    if blocker is not None:
+        print(f"xdistill convert-weights: --out {out}: cannot be made: {blocker} is a file", file=sys.stderr)
         return 2
     try:
         if args.torchvision:
@@ -69,7 +81,11 @@ def run(args) -> int:
     except (ValueError, OSError) as e:
         print(f"xdistill convert-weights: {e}", file=sys.stderr)
         return 2
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # checked above, but permissions (or the file system since) may refuse it
+        print(f"xdistill convert-weights: --out {out}: cannot make the folder: {e.strerror or e}", file=sys.stderr)
+        return 2
     # an earlier conversion here is no longer complete while this one writes (meta.json marks a
     # complete folder), and a pose.msgpack it left must not outlive a model without a pose net
     (out / "meta.json").unlink(missing_ok=True)
