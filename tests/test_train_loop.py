@@ -164,9 +164,13 @@ def test_the_step_compiles_while_the_state_is_initialised(resumed_run):
         assert 0 < lower and 0 < compile_ and lower + compile_ < start, m
 
 
-def test_pretrained_weights_that_do_not_fit_fail_before_the_step_compiles(tmp_path, monkeypatch):
+def test_pretrained_weights_that_do_not_fit_fail_before_the_step_compiles(tmp_path, monkeypatch, caplog):
     """config.model.init of a ResNet-18 for a ResNet-34 config: the loop names the parameters
-    before the step's compile starts (a process that failed after it would wait for it)."""
+    before the step's compile starts (a process that failed after it would wait for it). The
+    ResNet-18 pose encoder, of another depth than the file's, starts from scratch: a warning
+    says so (Monodepth2 initialises both encoders from ImageNet; silent until 2026-12-07)."""
+    import logging
+
     import jax.numpy as jnp
 
     from xdistill_jax import background_compile
@@ -179,9 +183,12 @@ def test_pretrained_weights_that_do_not_fit_fail_before_the_step_compiles(tmp_pa
     started = []
     monkeypatch.setattr(background_compile, "AheadStep", lambda *a, **k: started.append(1))
     config = tiny_config(distill_weight=0.1, **{"model.init": str(path), "model.num_layers": 34})
-    with pytest.raises(ValueError, match=r"pretrained depth encoder params: \d+ missing .*layer1_2"):
+    with pytest.raises(ValueError, match=r"pretrained depth encoder params: \d+ missing .*layer1_2"), \
+            caplog.at_level(logging.WARNING, logger="xdistill_jax.train"):
         training_loop.train_and_evaluate(config, tmp_path / "run", data=make_data())
     assert not started
+    assert ("the pose encoder (ResNet-18, model.pose_num_layers) starts from scratch: model.init holds "
+            "ResNet-34 weights") in caplog.text
 
 
 @pytest.mark.parametrize("kind", ["missing", "not_msgpack"])
@@ -365,6 +372,15 @@ def test_nonfinite_step_skipped_by_config_leaves_state_and_is_counted(tmp_path):
     assert [int(states[s].opt_state[0].count) for s in (1, 2, 3)] == [1, 1, 2]
     assert [int(states[s].opt_state[1].count) for s in (1, 2, 3)] == [1, 2, 3]
 
+    # one log line for the three steps: its means are those of the two steps that trained (the
+    # skipped step's NaN made them all NaN until 2026-12-07, a whole log_every window of curve)
+    config.run.log_every = 3
+    assert training_loop.train_and_evaluate(config, tmp_path / "one_line", data=make_data(hook)) == training_loop.EXIT_OK
+    (line,) = read_metrics(tmp_path / "one_line")
+    assert line["step"] == 3 and line["skipped_steps"] == 1 and line["skipped"] == pytest.approx(1 / 3)
+    for key in ("loss", "photometric_loss", "grad_norm"):
+        np.testing.assert_allclose(line[key], (m[0][key] + m[2][key]) / 2, rtol=1e-6, err_msg=key)
+
 
 def test_the_time_spent_waiting_for_data_is_logged(resumed_run, tmp_path, capsys):
     """input_wait_frac: the share of the loop's time since the last log line spent in next(batch).
@@ -496,6 +512,34 @@ def test_cli_val_ground_truth_of_another_split_exits_2_before_compiling(world_ru
         assert "Traceback" not in err
     assert not compiled
     after = {p.relative_to(workdir): p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_cli_rerun_of_a_finished_run_says_so(world_run, caplog):
+    """`xdistill train` on a finished workdir trains nothing and says so in its log. Importing
+    orbax had made absl configure logging before the command did, so none of its INFO lines
+    (this one, the compile times, the loader) were printed until 2026-12-07. Nothing else is
+    made louder: the root logger stays at WARNING (orbax logs INFO lines through absl)."""
+    import logging
+
+    from xdistill_jax import cli, log_setup
+
+    _, workdir, _ = world_run
+    before = {p.relative_to(workdir): p.read_bytes() for p in workdir.rglob("*")
+              if p.is_file() and p.parent.name != "tensorboard"}
+    levels = {name: logging.getLogger(name).level for name in log_setup.PROJECT_LOGGERS}
+    try:
+        status = cli.main(["train", "--workdir", str(workdir)])
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+    assert status == 0
+    assert f"{workdir} is complete at step {LEARN_STEPS}; config.json left as it was" in caplog.messages
+    assert logging.getLogger().level == logging.WARNING
+    assert not [r for r in caplog.records if r.levelno < logging.WARNING and not r.name.startswith(
+        log_setup.PROJECT_LOGGERS)], "another library's INFO lines were let through"
+    after = {p.relative_to(workdir): p.read_bytes() for p in workdir.rglob("*")
+             if p.is_file() and p.parent.name != "tensorboard"}
     assert after == before
 
 

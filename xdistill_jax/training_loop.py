@@ -613,7 +613,11 @@ def _train(config, workdir: pathlib.Path, data: TrainingData, mesh, gt, steps_pe
                             f"stopping. The last good checkpoint is {ckpt.latest_step()}")
                     checked_step = step
                     if step % config.run.log_every == 0 or boundary:
-                        scalars = {k: float(np.mean([m[k] for m in window])) for k in window[-1]}
+                        # a skipped step's NaN metrics would make the whole window's means NaN:
+                        # they average the steps that trained ("skipped" itself all of them)
+                        trained = [m for m in window if not m.get("skipped")] or window
+                        scalars = {k: float(np.mean([m[k] for m in (window if k == "skipped" else trained)]))
+                                   for k in window[-1]}
                         window = []
                         scalars["lr"] = float(train.lr_schedule(config, steps_per_epoch)(step - 1))
                         scalars["images_per_s"] = (step - step_start) * config.optim.batch_size / max(

@@ -24,7 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     import logging
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from xdistill_jax import log_setup
+
+    log_setup.configure(logging.WARNING, "%(levelname)s %(name)s: %(message)s")
     try:
         from xdistill_jax.compilation_cache import enable_compilation_cache
     except ImportError:  # the cache module is optional

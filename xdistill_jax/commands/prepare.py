@@ -45,8 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from data_pipelines.kitti.prepare import prepare_split
+    from xdistill_jax import log_setup
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    log_setup.configure(logging.INFO, "%(message)s")
     try:
         path = prepare_split(
             args.raw,

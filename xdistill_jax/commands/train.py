@@ -35,10 +35,10 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    from xdistill_jax import config_utils
+    from xdistill_jax import config_utils, log_setup
     from xdistill_jax.checkpoints import CheckpointError
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_setup.configure(logging.INFO, "%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.config:
             config = config_utils.apply_overrides(config_utils.load_config_file(args.config), args.extra_args)
