@@ -208,6 +208,60 @@ def test_batchnorm_moment_forms_and_the_form_each_platform_gets():
     assert found == {"cpu": 0, "cuda": 1, "tpu": 1}, found  # max(E[(x-K)^2] - E[x-K]^2, 0)
 
 
+def test_a_bn_shift_collection_gives_the_one_pass_variance_its_shift(monkeypatch):
+    """A call from zero running statistics (the pose net's one-device vmap, which needs the update
+    terms alone) took the GPU/TPU form's one-pass variance unshifted, E[x^2] - E[x]^2: as
+    inexact as `use_fast_variance` on activations whose mean is far beyond their spread, however
+    well the running means had followed the batches (until 2026-12-07). A "bn_shift" collection
+    now gives it the running means; `objective.predict_poses` passes them on one device."""
+    from xdistill_jax import objective, platform_forms
+    from xdistill_jax.models import resnet
+
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(100.0 + 0.01 * rng.normal(size=(4, 6, 10, 3)), jnp.float32)
+    x32 = np.asarray(x, np.float64)
+    true_var = x32.var(axis=(0, 1, 2))
+    bn = resnet.TorchBatchNorm()
+    variables = bn.init(jax.random.key(0), x)
+    zeros = jax.tree.map(jnp.zeros_like, variables["batch_stats"])
+    near = {"mean": jnp.asarray(x32.mean(axis=(0, 1, 2)) + 0.004, jnp.float32)}
+
+    def running_var(extra):
+        @jax.jit
+        def f(x):
+            with platform_forms.target("gpu"):
+                return bn.apply({"params": variables["params"], "batch_stats": zeros, **extra}, x,
+                                mutable=["batch_stats"])[1]["batch_stats"]["var"]
+        n = x.size // 3
+        return np.asarray(f(x), np.float64) / (1 - bn.momentum) * (n - 1) / n  # the batch variance
+
+    np.testing.assert_allclose(running_var({"bn_shift": near}), true_var, rtol=2e-3)
+    assert np.max(np.abs(running_var({}) / true_var - 1)) > 0.5  # unshifted: catastrophic
+
+    # predict_poses on one device gives each pose-net BatchNorm the running mean as its shift
+    shifts = []
+    moments = resnet._moments_shifted
+
+    def spy(x, shift, axes):
+        shifts.append(shift)
+        return moments(x, shift, axes)
+
+    monkeypatch.setattr(resnet, "_moments_shifted", spy)
+    net = PoseNet()
+
+    class Nets:
+        pose = net
+
+    pose = net.init(jax.random.key(0), jnp.zeros((2, 32, 64, 6)), train=False)
+    stats = jax.tree.map(lambda a: jnp.full_like(a, 0.75), pose["batch_stats"])
+    aug = jax.random.uniform(jax.random.key(1), (2, 3, 32, 64, 3))
+    with platform_forms.target("gpu", devices=1):  # eagerly: the shifts are concrete arrays
+        objective.predict_poses(Nets, pose["params"], stats, aug, True)
+    assert len(shifts) == 20  # the ResNet-18 pose encoder's BatchNorms, once for both pairs
+    for shift in shifts:
+        np.testing.assert_array_equal(np.asarray(shift), 0.75)  # were 0
+
+
 def test_posenet_forward(pose_vars):
     apply = jax.jit(PoseNet().apply)
     pair = _images(7, channels=6)

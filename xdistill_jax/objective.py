@@ -146,7 +146,8 @@ def predict_poses(nets: Networks, params, batch_stats, color_aug, train: bool):
     r1 = m r0 + (1-m) s1, then r2 = m r1 + (1-m) s2, as torch's two calls in a row. Two forms:
     - the batch on one device (`platform_forms.batch_devices() == 1`): a `vmap` over a leading
       pair axis. Each pair's call starts from zero running statistics and returns its own
-      term (1-m) s_i; r2 is assembled from them in that order.
+      term (1-m) s_i; r2 is assembled from them in that order. The running means are passed
+      apart ("bn_shift", `TorchBatchNorm`) as the GPU/TPU form's variance shift.
     - otherwise (a batch sharded over devices, or unknown): the pairs interleaved example-major,
       row 2b + i = example b's pair i, and the pose net's BatchNorms take `batch_groups=2`
       (`TorchBatchNorm`). Each device then runs the pose net on its own examples. The vmap's
@@ -165,8 +166,12 @@ def predict_poses(nets: Networks, params, batch_stats, color_aug, train: bool):
             zeros = jax.tree.map(jnp.zeros_like, batch_stats)
 
             def one_pair(x):
-                out, updates = nets.pose.apply({"params": params, "batch_stats": zeros}, x, train=True,
-                                               mutable=["batch_stats"])
+                # from zero running statistics, so that the update returns (1-m) s_i alone; the
+                # one-pass variance of the GPU/TPU form still takes the running mean as its shift
+                # ("bn_shift"): shifted by 0 it cancels catastrophically where an activation's
+                # mean is far larger than its spread (until 2026-12-07)
+                out, updates = nets.pose.apply({"params": params, "batch_stats": zeros, "bn_shift": batch_stats},
+                                               x, train=True, mutable=["batch_stats"])
                 return out, updates["batch_stats"]
 
             (axisangles, translations), terms = jax.vmap(one_pair)(pairs)

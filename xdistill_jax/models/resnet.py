@@ -140,6 +140,10 @@ class TorchBatchNorm(nn.Module):
     are updated G times in batch order: what G calls in a row do, in one call. Monodepth2's pose
     encoder runs once per source pair; its two pairs go through one call this way
     (`objective.predict_poses`), so that a batch sharded over devices stays sharded.
+
+    A "bn_shift" variable collection holding `mean` (the batch_stats tree, passed with the
+    variables) gives the one-pass variance its shift instead of the running mean: for a call
+    that runs from zero running statistics to get the update terms alone.
     """
 
     use_running_average: bool = False
@@ -171,7 +175,12 @@ class TorchBatchNorm(nn.Module):
             y, mean, var = _batch_norm_train(xf, jnp.zeros((features,), jnp.float32), scale, bias, axes=axes,
                                              epsilon=self.epsilon, moments=_moments_shifted)
         else:
-            y, mean, var = _batch_norm(xf, jax.lax.stop_gradient(ra_mean.value), scale, bias, axes=axes,
+            # The one-pass variance's shift (GPU/TPU form): the running mean, or the "bn_shift"
+            # collection's mean where the caller runs from other running statistics (the pose
+            # net's one-device vmap starts each pair from zeros: `objective.predict_poses`).
+            shift = (self.get_variable("bn_shift", "mean") if self.has_variable("bn_shift", "mean")
+                     else ra_mean.value)
+            y, mean, var = _batch_norm(xf, jax.lax.stop_gradient(shift), scale, bias, axes=axes,
                                        epsilon=self.epsilon)
         if not self.is_initializing():
             n = x.size // (groups * features)
