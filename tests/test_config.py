@@ -24,6 +24,10 @@ def test_paper_config_values():
     assert (c.optim.lr, c.optim.batch_size, c.optim.epochs, c.optim.lr_drop_epochs) == (1e-4, 12, 20, (14,))
     assert (c.data.height, c.data.width, c.model.num_layers, c.loss.align_corners) == (192, 640, 18, True)
     assert c.data.num_workers == -1  # a worker process per core: one process's threads starve a GPU
+    # Monodepth2's --num_layers 50: both encoders ResNet-50, both from the one ImageNet file (the
+    # pose encoder stayed ResNet-18 until 2026-12-07, which that file could not initialise)
+    r50 = config_utils.load_config_file(str(CONFIGS / "kitti_resnet50_640x192.py"))
+    assert (r50.model.num_layers, r50.model.pose_num_layers) == (50, 50)
     smoke = config_utils.load_config_file(str(CONFIGS / "synthetic_demo.py") + ":smoke")
     assert (smoke.data.height, smoke.data.width, smoke.optim.num_steps) == (32, 96, 2)
 

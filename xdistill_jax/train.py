@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 from typing import Any, Callable
 
 import flax
@@ -300,6 +301,11 @@ def load_pretrained_encoders(config: ml_collections.ConfigDict, platform: str | 
             kernel = parent[key]
             parent[key] = np.concatenate([kernel, kernel], axis=2) / 2.0
         out["pose"] = {"params": params, "batch_stats": variables.get("batch_stats", {})}
+    else:  # Monodepth2 gives both encoders one depth, both from ImageNet: say that this run does not
+        logging.getLogger(__name__).warning(
+            "the pose encoder (ResNet-%d, model.pose_num_layers) starts from scratch: model.init holds "
+            "ResNet-%d weights (model.num_layers); Monodepth2 initialises both from ImageNet",
+            config.model.pose_num_layers, config.model.num_layers)
     # The file holds flax's HWIO kernels; the networks store theirs in model.kernel_layout.
     layout = objective.kernel_layout(config, platform)
     return {net: {**v, "params": hwio_tree_to(layout, v["params"])} for net, v in out.items()}
