@@ -205,7 +205,7 @@ def runs(dataset, tmp_path_factory):
         assert rc == 0, out[-3000:]
     ref = base / "one_process"
     _one_process_of_two_devices(dataset, ref)
-    return dict(workdir=workdir, ref=ref, first=first, second=second, after_first=after_first,
+    return dict(workdir=workdir, ref=ref, first=first, second=second, after_first=after_first, dataset=dataset,
                 batches=[_batch_lines(base / f"batches_{i}.txt") for i in range(2)])
 
 
@@ -229,16 +229,25 @@ def test_process_0_writes_the_run_and_both_resume_it(runs):
 
 
 def test_each_process_reads_its_own_slice_and_resumes_its_order(runs):
-    """Process p trains on examples p, p + 2, ... (its slice, one example per step: the global
-    batch of 2 over 2 processes); after the resume each continues with the batches the first run
-    had fetched ahead for steps 3 and 4 (the loader's position in the checkpoint)."""
+    """Process p trains on the p-th example of each global batch (one example per step: the
+    global batch of 2 over 2 processes), which is what one process's loader gives for that
+    global batch; after the resume each continues with the batches the first run had fetched
+    ahead for steps 3 and 4 (the loader's position in the checkpoint)."""
+    from data_pipelines.kitti.tfds_builder import open_split
+
+    config = config_utils.load_config(runs["workdir"])
+    one = input_pipeline.make_train_dataset(open_split(runs["dataset"], "train"), global_batch_size=2,
+                                            seed=config.run.seed, augment=False, num_epochs=None)
     for p in range(2):
         lines, first = runs["batches"][p], runs["after_first"][p]
-        assert all(len(b) == 1 and b[0] % 2 == p for b in lines), (p, lines)
+        assert all(len(b) == 1 for b in lines), (p, lines)
+        steps = [int(line.split()[0]) for line in (runs["workdir"].parent / f"batches_{p}.txt").read_text().splitlines()]
+        assert [b[0] for b in lines] == [int(one[step - 1]["index"][p]) for step in steps], (p, lines)
         ahead = first[FIRST:]  # fetched ahead by the first run, not trained
         assert len(ahead) >= STEPS - FIRST
         assert lines[len(first):len(first) + STEPS - FIRST] == ahead[:STEPS - FIRST], (p, lines)
-    assert {b[0] for b in runs["batches"][0]}.isdisjoint({b[0] for b in runs["batches"][1]})
+    # the two processes' examples of a step are two different examples (one's batch of that step)
+    assert all(a != b for a, b in zip(runs["batches"][0], runs["batches"][1]))
 
 
 def test_two_processes_train_as_one_process_of_two_devices(runs):
@@ -248,7 +257,10 @@ def test_two_processes_train_as_one_process_of_two_devices(runs):
     Measured 2026-12-06 (AMD EPYC VM): losses 4.3e-8 apart, weights 3.5e-6 (a near-zero
     gradient whose sign rounding flips moves a weight by up to 2 x lr per step), running
     statistics 2.6e-6, Adam's moments 1.1e-3 of their leaf's largest. A state not restored at
-    the resume (weights re-initialised, statistics or moments reset) is far beyond these bounds."""
+    the resume (weights re-initialised, statistics or moments reset) is far beyond these bounds.
+    Since the hosts share each global batch (2026-12-07) the batches differ from those of that
+    measurement: losses and weights as close, one near-zero first-moment leaf 1.4e-2 of its
+    largest (2.2e-8 apart)."""
     got, want = _metrics(runs["workdir"]), _metrics(runs["ref"])
     assert [(m["step"], m["split"]) for m in got] == [(m["step"], m["split"]) for m in want]
     np.testing.assert_allclose([m["loss"] for m in got], [m["loss"] for m in want], rtol=0, atol=1e-6)
@@ -258,12 +270,21 @@ def test_two_processes_train_as_one_process_of_two_devices(runs):
     np.testing.assert_allclose([m["abs_rel"] for m, _ in vals], [w["abs_rel"] for _, w in vals], rtol=1e-5)
     a, b = restored_state(runs["workdir"], STEPS), restored_state(runs["ref"], STEPS)
     assert a.keys() == b.keys()
-    # params and batch_stats: absolute; Adam's moments: relative to each leaf's largest
+    # params and batch_stats: absolute; Adam's moments: relative to each leaf's largest, or to
+    # 1e-3 of the largest of that moment's leaves where a leaf's gradients are all near zero (its
+    # rounding differences are then a large fraction of it: 1.4e-2 of a first moment whose
+    # largest entry is 1.6e-6, 2.2e-8 apart, 2026-12-07)
+    def kind(k):
+        return ".mu[" if ".mu[" in k else ".nu[" if ".nu[" in k else "other"
+
+    largest = {}
+    for k in b:
+        largest[kind(k)] = max(largest.get(kind(k), 0.0), float(np.max(np.abs(b[k]))))
     for part, bound, scale in (("[0]", 2 * LR * STEPS, None), ("[1]", 1e-4, None), ("[2]", 1e-2, "leaf")):
         keys = [k for k in a if k.startswith(part)]
         assert keys
-        worst = max((float(np.max(np.abs(a[k] - b[k])) / (np.max(np.abs(b[k])) + 1e-30 if scale else 1)), k)
-                    for k in keys)
+        worst = max((float(np.max(np.abs(a[k] - b[k])) / (
+            max(float(np.max(np.abs(b[k]))), 1e-3 * largest[kind(k)]) + 1e-30 if scale else 1)), k) for k in keys)
         assert worst[0] <= bound, (worst, bound)
     # both started from the encoder file (its weights x 0.9 stay within lr x steps of the init)
     from xdistill_jax.convert import load_variables
