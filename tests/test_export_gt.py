@@ -186,6 +186,10 @@ def test_bad_gt_entries_are_named_with_their_split_line(tmp_path):
           "entry 0 (split line 1: 'd 0 l') has shape (12,), expected a 2-D (H,W) depth map")
     check(dict(depth_00000=good, depth_00001=np.array([["a", "b"]]), files=files),
           "entry 1 (split line 2: 'd 1 l') is of type <U1, expected a depth map of numbers")
+    inf = good.copy()
+    inf[2, 1] = np.inf
+    check(dict(depth_00000=good, depth_00001=inf, files=files),
+          "entry 1 (split line 2: 'd 1 l') holds an infinite depth (first at row 2, column 1)")
     check(dict(depth_00000=good, depth_00001=good, depth_extra=good, files=files),
           "unexpected arrays ['depth_extra']")  # was int('extra'): "invalid literal for int()"
     check(dict(depth_00000=good, depth_00002=good, files=files), "depth_00001 is missing")

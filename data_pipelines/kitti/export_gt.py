@@ -179,6 +179,11 @@ def _depth_map(path: Path, i: int, depth, line: str = "") -> np.ndarray:
         raise ValueError(f"{path}: {name} is of type {depth.dtype}, expected a depth map of numbers")
     if depth.ndim != 2 or 0 in depth.shape:
         raise ValueError(f"{path}: {name} has shape {depth.shape}, expected a 2-D (H,W) depth map")
+    if depth.dtype.kind == "f" and np.isinf(depth).any():
+        # eigen_benchmark scores every gt > 0: an infinite depth would make every mean inf or NaN
+        row, col = (int(v) for v in np.argwhere(np.isinf(depth))[0])
+        raise ValueError(f"{path}: {name} holds an infinite depth (first at row {row}, column {col}); "
+                         "a pixel without depth is 0")
     return depth.astype(np.float32)
 
 
