@@ -86,6 +86,15 @@ def test_a_tree_converted_to_jpeg_as_monodepth2_suggests(tree, tmp_path):
     frame.with_suffix(".jpg").unlink()
     with pytest.raises(ValueError, match=rf"missing frame: .*{frame.stem}\.png \(nor {frame.stem}\.jpg\)"):
         prepare.prepare_split(converted, split, tmp_path / "out2", "train", H, W)
+    # half converted: a triplet whose frame 0 is a PNG and a neighbour only a JPEG is refused
+    # (until 2026-12-07 each frame took its own format, the PNG where both existed)
+    line = kitti_tiny.split_lines(split)[1]
+    shutil.copy(kitti_tiny.source_image(raw, line, 0), converted / kitti_tiny.source_image(raw, line, 0).relative_to(raw))
+    neighbour = converted / kitti_tiny.source_image(raw, line, -1).relative_to(raw)
+    with pytest.raises(ValueError, match=rf"{split}:2 .*frame 0 is .*\.png but frame -1 exists only as "
+                                         rf"{neighbour.with_suffix('.jpg')}"):
+        prepare.prepare_split(converted, split, tmp_path / "out3", "train", H, W)
+    _assert_nothing_complete(tmp_path / "out3")
 
 
 def test_rerun_is_idempotent_and_other_settings_are_refused(tree, prepared, tmp_path, caplog):

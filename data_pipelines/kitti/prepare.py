@@ -161,11 +161,12 @@ def _check_files_exist(raw_dir, lines, split_file, settings) -> None:
 
     for where, line in zip(split_line_locations(split_file), lines):
         where = f"{where} ({str(line)!r})"
+        try:
+            paths = raw.triplet_paths(raw_dir, line, triplets.FRAME_OFFSETS)
+        except ValueError as e:  # frame 0 of a drive has no frame -1; a triplet of two formats
+            raise ValueError(f"{where}: {e}") from None
         for offset in triplets.FRAME_OFFSETS:
-            try:
-                path = pathlib.Path(raw.image_path(raw_dir, line, offset))
-            except ValueError as e:  # frame 0 of a drive has no frame -1
-                raise ValueError(f"{where}: {e}") from None
+            path = pathlib.Path(paths[offset])
             if not path.is_file():
                 what = "frame" if offset == 0 else f"neighbour frame {offset:+d}"
                 raise ValueError(f"{where}: missing {what}: {path} (nor {path.with_suffix('.jpg').name})")

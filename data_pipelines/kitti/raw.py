@@ -150,6 +150,30 @@ def image_path(root, line: SplitLine, frame_offset: int = 0, ext: str | None = N
     return stem.with_suffix(IMAGE_EXTS[0])
 
 
+def triplet_paths(root, line: SplitLine, offsets=(-1, 0, 1)) -> dict[int, Path]:
+    """{offset: image path} of `line`'s frames, all in frame 0's format (its .png, else its .jpg).
+
+    A neighbour that exists only in the other format (a tree half-converted to JPEG) raises
+    ValueError naming both files: a photometric loss between a JPEG and a PNG frame is not the one
+    Monodepth2 trains with. A frame in neither format gets its path in frame 0's, or every frame
+    its own where frame 0 is missing (the caller's missing-frame error names it).
+    """
+    frame0 = image_path(root, line, 0)
+    if not frame0.is_file():  # each frame in its own format: the caller names what is missing
+        return {offset: image_path(root, line, offset) for offset in offsets}
+    ext = frame0.suffix
+    out = {}
+    for offset in offsets:
+        path = image_path(root, line, offset, ext)
+        other = path.with_suffix(IMAGE_EXTS[1] if ext == IMAGE_EXTS[0] else IMAGE_EXTS[0])
+        if not path.is_file() and other.is_file():
+            raise ValueError(f"split line {line}: frame 0 is {frame0.name} but frame "
+                             f"{offset:+d} exists only as {other} (a tree half-converted to JPEG?): "
+                             "a triplet's frames must share one format")
+        out[offset] = path
+    return out
+
+
 def velodyne_path(root, line: SplitLine) -> Path:
     """`ROOT/FOLDER/velodyne_points/data/%010d.bin` of `line`'s frame."""
     return Path(root) / line.folder / "velodyne_points" / "data" / f"{line.frame_index:010d}.bin"

@@ -180,11 +180,12 @@ def make_example(
     images = {}
     native_size = None
     native_sizes = {}
+    try:
+        paths = raw.triplet_paths(raw_dir, line, FRAME_OFFSETS)
+    except ValueError as e:  # frame 0 of a drive has no frame -1; a triplet of two formats
+        raise ValueError(f"{where} ({str(line)!r}): {e}") from None
     for offset, key in zip(FRAME_OFFSETS, IMAGE_KEYS):
-        try:
-            path = pathlib.Path(raw.image_path(raw_dir, line, offset))
-        except ValueError as e:  # frame 0 of a drive has no frame -1
-            raise ValueError(f"{where} ({str(line)!r}): {e}") from None
+        path = pathlib.Path(paths[offset])
         if not path.is_file():
             what = "frame" if offset == 0 else f"neighbour frame {offset:+d}"
             raise ValueError(f"{where} ({str(line)!r}): missing {what}: {path}")
