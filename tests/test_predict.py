@@ -183,6 +183,13 @@ def test_symlinked_folders_are_searched_and_loops_named(tmp_path):
     (drive / "up").symlink_to(links)  # links/d1/up -> links: a loop
     with pytest.raises(ValueError, match=r"links/d1/up links back to .*links \(a symlink loop\)"):
         predict.collect_inputs([links])
+    (drive / "up").unlink()
+    # a link to nothing was skipped without a word (until 2026-12-07)
+    (links / "notes.txt").symlink_to(tmp_path / "moved" / "notes.txt")  # no input either way: ignored
+    assert len(predict.collect_inputs([links])) == 3
+    (links / "gone.png").symlink_to(tmp_path / "moved" / "gone.png")
+    with pytest.raises(ValueError, match=r"links/gone\.png links to .*moved/gone\.png, which does not exist"):
+        predict.collect_inputs([links])
 
 
 def test_exif_orientation_is_applied_for_predict_only(tmp_path):

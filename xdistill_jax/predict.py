@@ -17,7 +17,8 @@ applied first, so the maps line up with the photo (test_simple ignores it; evalu
 EXIF, as KITTI and Make3D carry none).
 
 Which files are inputs: the named image files, and in the named folders (searched recursively,
-following symlinked folders; a symlink loop is an error) every file with an image suffix but
+following symlinked folders; a symlink loop, or a link to nothing named as an image or a
+folder, is an error) every file with an image suffix but
 - hidden files and folders (`.name`, as this tool's temporary files while it writes), and
 - this tool's outputs: a `NAME_disp.png` with `NAME_depth.npy` beside it, the pair it writes,
   wherever it is (so a folder predicted in place, or into a folder inside it, can be predicted
@@ -84,7 +85,7 @@ def _files_under(root: pathlib.Path) -> Iterator[pathlib.Path]:
     """Files under `root`, as reached through it (a symlinked folder's files keep the link's name),
     hidden files and folders left out. Symlinked folders are followed (Path.rglob before Python
     3.13 does not: a folder of links to drives gave nothing); a folder that is one of its own
-    ancestors (a symlink loop) raises ValueError naming the link."""
+    ancestors (a symlink loop) or a link to nothing raises ValueError naming the link."""
     stack = [(root, (root.resolve(),))]
     while stack:
         folder, ancestors = stack.pop()
@@ -99,6 +100,11 @@ def _files_under(root: pathlib.Path) -> Iterator[pathlib.Path]:
                 stack.append((entry, ancestors + (real,)))
             elif entry.is_file():
                 yield entry
+            elif entry.is_symlink() and entry.suffix.lower() in IMAGE_SUFFIXES + ("",):
+                # a link to nothing that was an image, or may have been a folder: not left out
+                # without a word (a link to a missing notes.txt is no input anyway)
+                raise ValueError(f"input folder {root}: {entry} links to {entry.readlink()}, which does "
+                                 "not exist; remove the link or restore its target")
 
 
 def scan_inputs(inputs: Sequence) -> tuple[list[tuple[pathlib.Path, str]], list[pathlib.Path]]:
