@@ -31,7 +31,8 @@ class MetricWriter:
         self.path = self.workdir / "metrics.jsonl"
         self._tb = None
         self._file = None
-        self._tensorboard = enabled and tensorboard  # the event file: opened by the first write or resume
+        self._tensorboard = enabled and tensorboard  # the event file: opened by the first write
+        self._purge_step = None  # a resume's: the first event written after it hides later ones
         if enabled:
             self.workdir.mkdir(parents=True, exist_ok=True)
 
@@ -47,7 +48,7 @@ class MetricWriter:
 
     def _board(self):
         if self._tb is None and self._tensorboard:
-            self._open_tensorboard()
+            self._open_tensorboard(self._purge_step)
         return self._tb
 
     def truncate_after(self, step: int) -> set[tuple[int, str]]:
@@ -58,7 +59,12 @@ class MetricWriter:
         """
         if not self.enabled:
             return set()
-        self._open_tensorboard(purge_step=int(step) + 1)
+        # the event file with the purge is opened by the first write: a resume that writes
+        # nothing (a finished run rerun) leaves no empty event file behind (until 2026-12-07)
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        self._purge_step = int(step) + 1
         if not self.path.exists():
             return set()
         keep, kept = [], set()
