@@ -189,10 +189,7 @@ def evaluate_kitti(model: DepthModel, data_dir, split_file, gt_path, *, protocol
                                  lambda i: load(paths[i]), desc="eval", show_progress=show_progress):
         disp = predictor.predict(np.stack(images))
         for j, i in enumerate(chunk):
-            try:
-                per_image.append(score_kitti_image(gt[i], disp[j], protocol, stereo=stereo, crop=crop))
-            except ValueError as e:  # checked above; should scoring still refuse, name the entry
-                raise ValueError(f"--gt {gt_path}: entry {i} (split line {i + 1}: '{lines[i]}'): {e}") from e
+            per_image.append(score_kitti_image(gt[i], disp[j], protocol, stereo=stereo, crop=crop))
     return _result(per_image, [str(line) for line in lines], evaluation.METRIC_KEYS)
 
 
@@ -284,10 +281,7 @@ def evaluate_make3d(model: DepthModel, make3d_dir, *, batch_size: int = 16, post
                                  desc="make3d", show_progress=show_progress):
         disp = predictor.predict(np.stack(images))
         for j, i in enumerate(chunk):
-            try:
-                per_image.append(score_make3d_image(gts[i], disp[j], max_depth))
-            except ValueError as e:  # checked above; should scoring still refuse, name the image
-                raise ValueError(f"{items[i].depth_path} (test image {i}, {items[i].image_path.name}): {e}") from e
+            per_image.append(score_make3d_image(gts[i], disp[j], max_depth))
     return _result(per_image, [item.image_path.name for item in items], evaluation.MAKE3D_METRIC_KEYS)
 
 
