@@ -1,7 +1,11 @@
 """`xdistill predict`: magma table, test_simple-style resizing, depth units, outputs and bad input."""
 
+import errno
+import os
+import pathlib
 import re
 import shutil
+import tempfile
 
 import numpy as np
 import pytest
@@ -135,6 +139,48 @@ def test_inputs_leave_out_the_outputs_hidden_files_and_refuse_bad_images_before_
     with pytest.raises(ValueError, match=r"--scale must be a finite number > 0, got inf"):
         predict.predict_paths(model, [frames / "a.jpg"], tmp_path / "out", scale=float("inf"), show_progress=False)
 
+
+def test_out_where_this_user_may_not_write_is_refused_before_anything_runs():
+    """An --out this user may not write in (or make) was found only when the folder was made or the
+    first map written, after the model loaded and the first batch ran."""
+    base = pathlib.Path(tempfile.mkdtemp(prefix="xdistill_test_"))  # under /tmp: any user reaches it
+    locked = base / "locked"
+    try:
+        base.chmod(0o755)
+        image = base / "a.png"
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
+        image.chmod(0o644)
+        locked.mkdir(mode=0o555)
+        locked.chmod(0o555)
+        (base / "open").mkdir()
+        (base / "open").chmod(0o777)
+        as_nobody = os.geteuid() == 0  # root writes anywhere: check as the user 'nobody' (65534)
+        if as_nobody:
+            os.seteuid(65534)
+        try:
+            with pytest.raises(ValueError, match=rf"--out {re.escape(str(locked))}: cannot write in it"):
+                predict.prepare([image], locked)
+            with pytest.raises(ValueError, match=rf"--out .*locked/sub/deeper: cannot make the folder in "
+                                                 rf"{re.escape(str(locked))} \(permission denied"):
+                predict.prepare([image], locked / "sub" / "deeper")
+            assert predict.prepare([image], base / "open" / "out").out_dir == base / "open" / "out"
+        finally:
+            if as_nobody:
+                os.seteuid(0)
+        assert not any(locked.iterdir()) and not any((base / "open").iterdir())  # nothing made
+    finally:
+        locked.chmod(0o755)
+        shutil.rmtree(base)
+
+
+def test_a_failed_write_names_the_file_and_leaves_no_part(tmp_path):
+    def write_half_then_fail(p):
+        p.write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(ValueError, match=r"cannot write .*a_depth\.npy: No space left on device"):
+        predict._save_atomic(tmp_path / "a_depth.npy", write_half_then_fail)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_earlier_outputs_are_never_inputs_wherever_they_are(tmp_path, capsys):

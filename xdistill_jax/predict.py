@@ -147,7 +147,8 @@ def collect_inputs(inputs: Sequence) -> list[tuple[pathlib.Path, str]]:
 
 
 def _check_out_dir(out_dir: pathlib.Path) -> None:
-    """Refuse an --out that cannot be a folder (a file, or a path below one) before anything runs."""
+    """Refuse an --out that cannot be a folder (a file, or a path below one) or that this user may
+    not write in (the folder, or the nearest existing folder above it) before anything runs."""
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out {out_dir} exists and is not a folder")
     parent = out_dir
@@ -155,6 +156,9 @@ def _check_out_dir(out_dir: pathlib.Path) -> None:
         parent = parent.parent
     if parent.exists() and not parent.is_dir():
         raise ValueError(f"--out {out_dir}: cannot make the folder: {parent} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK, effective_ids=True):  # False on a read-only file system too
+        what = "cannot write in it" if parent == out_dir else f"cannot make the folder in {parent}"
+        raise ValueError(f"--out {out_dir}: {what} (permission denied or read-only)")
 
 
 def _check_no_overwrite(items: Sequence[tuple[pathlib.Path, str]], out_dir: pathlib.Path) -> None:
@@ -169,11 +173,15 @@ def _check_no_overwrite(items: Sequence[tuple[pathlib.Path, str]], out_dir: path
 
 
 def _save_atomic(path: pathlib.Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write `path` through a hidden temporary file; an OSError (disk full, permission) becomes a
+    ValueError naming the file, and no partial file is left behind."""
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        raise ValueError(f"cannot write {path}: {e.strerror or e}") from e
     finally:
         if tmp.exists():
             tmp.unlink()
