@@ -106,6 +106,24 @@ def _kl(p_logits, q_logits, t=1.0):
     return (np.exp(lp) * (lp - lq)).sum(-1)
 
 
+def test_soft_mode_at_another_resolution_blends_only_valid_teacher_pixels():
+    """A valid pixel next to an ignored one blended the ignored pixel's all-zero logits into its
+    target (here 0.75 x [4, 0] + 0.25 x [0, 0] = [3, 0]): a flatter target than the teacher's."""
+    teacher = np.array([[[[4.0, 0.0], [0.0, 0.0]]]], np.float32)  # (1,1,2,2): valid, no opinion
+    student = np.zeros((1, 1, 4, 2), np.float32)  # 2x wider: nearest -> pixels 0,0,1,1
+    # translator pixel 0 samples x = -0.25 (teacher pixel 0 alone), pixel 1 x = 0.25 (0.75 of
+    # pixel 0, 0.25 of the ignored pixel 1): both targets are teacher pixel 0's logits
+    for t in (1.0, 2.0):
+        loss = distillation_loss(jnp.asarray(student), jnp.asarray(teacher), mode="soft", temperature=t)
+        np.testing.assert_allclose(float(loss), t * t * _kl(teacher[0, 0, 0], student[0, 0, 0], t), rtol=1e-6)
+    # with no ignored pixel: the plain bilinear blend of the teacher's logits
+    rng = np.random.default_rng(1)
+    teacher = rng.normal(size=(2, 3, 5, 4)).astype(np.float32)
+    student = rng.normal(size=(2, 6, 10, 4)).astype(np.float32)
+    target = np.asarray(jax.image.resize(jnp.asarray(teacher), (2, 6, 10, 4), "linear", antialias=False))
+    np.testing.assert_allclose(float(distillation_loss(jnp.asarray(student), jnp.asarray(teacher), mode="soft")),
+                               _kl(target, student).mean(), rtol=1e-5)
+
 def test_soft_mode_ignores_the_pixels_hard_mode_ignores():
     """All-zero teacher logits (the store's label 255) were uniform targets in soft mode and
     counted in the mean's denominator (loss 0.816 where the one valid pixel's KL is 2.264)."""

@@ -21,9 +21,10 @@ resized to (h,w): labels and the hard-mode argmax by nearest neighbour (pixel ce
 ``src = floor((dst + 0.5) * in / out)``, so no label is invented); logits in soft mode
 bilinearly (half-pixel centres, no antialiasing), since a blend of logits is itself a valid,
 smooth teacher distribution. The ignored pixels are found at the teacher's resolution and resized
-by nearest neighbour in both modes, so soft mode ignores exactly the pixels hard mode ignores (in
-soft mode a valid pixel next to an ignored one still blends in its all-zero logits: a flatter
-target there). All arithmetic and reductions are float32 whatever the inputs' dtype.
+by nearest neighbour in both modes, so soft mode ignores exactly the pixels hard mode ignores; in
+soft mode a valid pixel next to an ignored one blends its valid neighbours only (the bilinear
+weights renormalised over them: an ignored pixel's all-equal logits would flatten the target).
+All arithmetic and reductions are float32 whatever the inputs' dtype.
 """
 
 from __future__ import annotations
@@ -109,7 +110,14 @@ def distillation_loss(translator_logits, teacher, *, mode: str = "hard", tempera
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         t = jnp.float32(temperature)
-        tl = resize_bilinear(teacher, h, w) / t
+        if teacher.shape[1:3] == (h, w):
+            tl = teacher.astype(jnp.float32) / t
+        else:  # the ignored pixels' logits left out of their valid neighbours' blend: the bilinear
+            # weights renormalised over the valid teacher pixels (a valid pixel's nearest teacher
+            # pixel is one of its taps, weighted >= 1/2 along each axis: the sum is >= 1/4 there)
+            keep = (~flat).astype(jnp.float32)[..., None]
+            blend = resize_bilinear(teacher.astype(jnp.float32) * keep, h, w)
+            tl = blend / jnp.maximum(resize_bilinear(keep, h, w), 0.25) / t
         log_p = jax.nn.log_softmax(tl, axis=-1)
         log_q = jax.nn.log_softmax(student / t, axis=-1)
         kl = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)  # (B,h,w)
