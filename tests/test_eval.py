@@ -223,6 +223,17 @@ def test_pose_gt_from_synthetic_oxts_and_odometry_layout(tmp_path):
     res = eval_pose.evaluate_pose(model, odom, batch_size=3, show_progress=False)
     np.testing.assert_allclose([res["ate_mean"], res["ate_std"]], [raw_res["ate_mean"], raw_res["ate_std"]],
                                rtol=1e-6)
+    # side r reads image_3 (Monodepth2's side map; was image_2 whatever the side), a JPEG tree its
+    # .jpg frames (was: "images missing"); the same frames (PNG bytes under .jpg names) give the same ATE
+    (tmp_path / "sequences" / "09" / "image_2").rename(tmp_path / "sequences" / "09" / "image_3")
+    for png in (tmp_path / "sequences" / "09" / "image_3").glob("*.png"):
+        png.rename(png.with_suffix(".jpg"))
+    (tmp_path / "test_files_09.txt").write_text("\n".join(line[:-1] + "r" for line in lines) + "\n")
+    odom = eval_pose.odometry_sequence(tmp_path, "odom_09", tmp_path / "test_files_09.txt")
+    assert odom.images[0] == tmp_path / "sequences" / "09" / "image_3" / "000000.jpg"
+    res = eval_pose.evaluate_pose(model, odom, batch_size=3, show_progress=False)
+    np.testing.assert_allclose([res["ate_mean"], res["ate_std"]], [raw_res["ate_mean"], raw_res["ate_std"]],
+                               rtol=1e-6)
 
 
 # ------------------------------------------------------------------------- from checkpoints
@@ -389,6 +400,31 @@ def test_an_empty_odometry_split_or_poses_file_is_named(tmp_path):
     empty.write_text("9 0 l\n")
     with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'poses' / '09.txt'}: no poses")):
         eval_pose.odometry_sequence(tmp_path, "odom_09", empty)
+
+
+def test_odometry_split_sides_and_image_formats_are_checked(tmp_path):
+    """An odometry split's side column was never read (any word passed, `r` read image_2); a
+    sequence half-converted to JPEG is refused naming both formats."""
+    split = tmp_path / "test_files_09.txt"
+    (tmp_path / "poses").mkdir()
+    (tmp_path / "poses" / "09.txt").write_text("1 0 0 0 0 1 0 0 0 0 1 0\n" * 4)
+    for text, message in [("9 0 banana\n", r":1: expected '9 FRAME SIDE' \(SIDE l or r\), got '9 0 banana'"),
+                          ("x 0 l\n", r":1: expected '9 FRAME SIDE'"),
+                          ("9 0 l\n9 1 l\n9 2 r\n", r":3: camera image_3 \(side r\), line 1 image_2: "
+                                                     "pose evaluation takes one camera")]:
+        split.write_text(text)
+        with pytest.raises(ValueError, match=re.escape(str(split)) + message):
+            eval_pose.odometry_sequence(tmp_path, "odom_09", split)
+    split.write_text("9 0 3\n9 1 r\n")  # Monodepth2's side map: 3 and r are image_3
+    image_3 = tmp_path / "sequences" / "09" / "image_3"
+    assert eval_pose.odometry_sequence(tmp_path, "odom_09", split).images == [
+        image_3 / f"00000{i}.png" for i in range(3)]  # none exist: the missing-image error names .png
+    image_3.mkdir(parents=True)
+    for i, ext in enumerate([".jpg", ".jpg", ".png"]):
+        (image_3 / f"00000{i}{ext}").write_bytes(b"x")
+    with pytest.raises(ValueError, match=re.escape(f"{image_3 / '000000.jpg'} is .jpg but {image_3 / '000002.png'} "
+                                                   "exists only as .png")):
+        eval_pose.odometry_sequence(tmp_path, "odom_09", split)
 
 
 def test_monodepth2_weights_match_torch_evaluation(tmp_path):

@@ -10,9 +10,11 @@ For a sequence of N frames with camera-to-world poses G_0..G_{N-1}:
   and s = sum(p_gt . p_pred) / sum(p_pred^2); reported as mean and std over snippets.
 
 Sequences come from
-- KITTI odometry (`--split odom_09|odom_10`): `DATA/sequences/NN/image_2/%06d.png` and
-  `DATA/poses/NN.txt` (12 numbers per line, 3x4 camera-0-to-world), frames from the shipped
-  `splits/odom/test_files_NN.txt` (one line per pair; the last line's frame + 1 ends the sequence);
+- KITTI odometry (`--split odom_09|odom_10`): `DATA/sequences/NN/image_2/%06d.png` (or `.jpg`, as
+  Monodepth2 reads by default; one format per sequence, frame 0's; `image_3` for side `r`, as
+  Monodepth2's side map) and `DATA/poses/NN.txt` (12 numbers per line, 3x4 camera-0-to-world),
+  frames from the shipped `splits/odom/test_files_NN.txt` (one `NN FRAME SIDE` line per pair, one
+  side throughout; the last line's frame + 1 ends the sequence);
 - the KITTI raw layout (real or the synthetic world, `--pose --split-file`): consecutive frames of
   one drive; GT from `oxts/data/*.txt` (devkit's convertOxtsToPose) and the calibration chain
   IMU -> velodyne -> camera 0 -> rectified camera 2/3.
@@ -30,6 +32,7 @@ from xdistill_jax.inference import DepthModel, PosePredictor, batched, load_resi
 
 TRACK_LENGTH = 5
 ODOM_SEQUENCES = {"odom_09": 9, "odom_10": 10}
+ODOM_SIDES = {"l": 2, "2": 2, "r": 3, "3": 3}  # split-file side -> image_N folder (Monodepth2's side map)
 
 
 @dataclasses.dataclass
@@ -112,13 +115,19 @@ def odometry_sequence(data_dir, split: str, split_file=None) -> PoseSequence:
         raise ValueError(f"--split: expected one of {sorted(ODOM_SEQUENCES)}, got {split!r}")
     seq = ODOM_SEQUENCES[split]
     split_file = pathlib.Path(split_file or splits_dir() / "odom" / f"test_files_{seq:02d}.txt")
-    frames = []
+    frames, camera, first_line = [], None, None
     for lineno, text in enumerate(split_file.read_text().splitlines(), 1):
         parts = text.split()
         if not parts:
             continue
-        if len(parts) != 3 or not parts[1].isdigit() or int(parts[0]) != seq:
-            raise ValueError(f"{split_file}:{lineno}: expected '{seq} FRAME l', got {text!r}")
+        if (len(parts) != 3 or not parts[0].isdigit() or int(parts[0]) != seq or not parts[1].isdigit()
+                or parts[2] not in ODOM_SIDES):
+            raise ValueError(f"{split_file}:{lineno}: expected '{seq} FRAME SIDE' (SIDE l or r), got {text!r}")
+        if camera is None:
+            camera, first_line = ODOM_SIDES[parts[2]], lineno
+        elif ODOM_SIDES[parts[2]] != camera:
+            raise ValueError(f"{split_file}:{lineno}: camera image_{ODOM_SIDES[parts[2]]} (side {parts[2]}), "
+                             f"line {first_line} image_{camera}: pose evaluation takes one camera")
         frames.append(int(parts[1]))
     if not frames:
         raise ValueError(f"{split_file}: split file has no lines (expected one '{seq} FRAME l' line per frame pair)")
@@ -127,8 +136,21 @@ def odometry_sequence(data_dir, split: str, split_file=None) -> PoseSequence:
     poses = read_odometry_poses(pathlib.Path(data_dir) / "poses" / f"{seq:02d}.txt")
     if len(poses) <= frames[-1]:
         raise ValueError(f"{data_dir}/poses/{seq:02d}.txt has {len(poses)} poses; frame {frames[-1]} needs more")
-    images = [pathlib.Path(data_dir) / "sequences" / f"{seq:02d}" / "image_2" / f"{f:06d}.png" for f in frames]
-    return PoseSequence(images, poses[frames], f"sequence {seq:02d}")
+    folder = pathlib.Path(data_dir) / "sequences" / f"{seq:02d}" / f"image_{camera}"
+    return PoseSequence(_one_format([folder / f"{f:06d}" for f in frames]), poses[frames], f"sequence {seq:02d}")
+
+
+def _one_format(stems: Sequence[pathlib.Path]) -> list[pathlib.Path]:
+    """The frames' paths in frame 0's format: .png if it exists, else .jpg if that exists, else .png
+    (the missing-image error names it). A frame only in the other format (a sequence half-converted
+    to JPEG) raises ValueError naming both."""
+    ext = ".jpg" if not stems[0].with_suffix(".png").is_file() and stems[0].with_suffix(".jpg").is_file() else ".png"
+    other = ".png" if ext == ".jpg" else ".jpg"
+    for stem in stems:
+        if not stem.with_suffix(ext).is_file() and stem.with_suffix(other).is_file():
+            raise ValueError(f"{stems[0].with_suffix(ext)} is {ext} but {stem.with_suffix(other)} exists only as "
+                             f"{other} (a sequence half-converted to JPEG?): a sequence's frames must share one format")
+    return [stem.with_suffix(ext) for stem in stems]
 
 
 def _check_consecutive(frames: Sequence[int], source) -> None:
