@@ -4,7 +4,9 @@ the torch forward (eval and train mode). Plus error reporting and the convert-we
 
 import copy
 import json
+import re
 import shutil
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -200,7 +202,8 @@ def test_convert_weights_cli_round_trip(torch_folder, converted, tmp_path, capsy
     out = tmp_path / "converted"
     assert cli.main(["convert-weights", "--monodepth2", str(torch_folder[0]), "--out", str(out)]) == 0
     meta = json.loads((out / "meta.json").read_text())
-    assert meta == {"num_layers": 18, "height": H, "width": W, "has_pose": True}
+    assert meta == {"num_layers": 18, "height": H, "width": W, "has_pose": True, "kernel_layout": "HWIO",
+                    "use_stereo": False}
     for name in ("depth", "pose"):
         loaded = convert.load_variables(out / f"{name}.msgpack")
         assert jax.tree.structure(loaded) == jax.tree.structure(converted[name])
@@ -243,6 +246,73 @@ def test_convert_weights_cli_round_trip(torch_folder, converted, tmp_path, capsy
         assert cli.main(args) == 2
         err = capsys.readouterr().err
         assert f"--out {msg / 'sub'}: cannot be made: {msg} is a file" in err and "Traceback" not in err
+
+
+def test_a_converted_folder_is_read_by_eval_and_predict_without_torch(torch_folder, converted, tmp_path,
+                                                                      monkeypatch, capsys):
+    """What `convert-weights --monodepth2` wrote was read by nothing (eval/predict --monodepth2 asked
+    for encoder.pth), and `eval --monodepth2` without torch was a traceback (predict: exit 2)."""
+    from PIL import Image
+
+    from xdistill_jax import inference
+
+    out = tmp_path / "converted"
+    assert cli.main(["convert-weights", "--monodepth2", str(torch_folder[0]), "--out", str(out)]) == 0
+    monkeypatch.setitem(sys.modules, "torch", None)  # as without the torch extra: `import torch` fails
+    model = inference.load_monodepth2_model(out)
+    assert (model.height, model.width, model.min_depth, model.max_depth) == (H, W, 0.1, 100.0)
+    for got, want in ((model.depth_variables, converted["depth"]), (model.pose_variables, converted["pose"])):
+        assert jax.tree.structure(got) == jax.tree.structure(want)
+        jax.tree.map(np.testing.assert_array_equal, got, want)
+    image = tmp_path / "a.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 100, 3), np.uint8)).save(image)
+    assert cli.main(["predict", "--monodepth2", str(out), "--no-progress", "--out", str(tmp_path / "pred"),
+                     str(image)]) == 0
+    assert np.load(tmp_path / "pred" / "a_depth.npy").shape == (40, 100)
+    # the .pth folder without torch: exit 2 saying what to do, no traceback
+    for verb in (["eval", "--monodepth2", str(torch_folder[0]), "--data", str(tmp_path), "--gt", str(tmp_path / "g"),
+                  "--out", str(tmp_path / "ev")],
+                 ["predict", "--monodepth2", str(torch_folder[0]), "--out", str(tmp_path / "p2"), str(image)]):
+        capsys.readouterr()
+        assert cli.main(verb) == 2
+        err = capsys.readouterr().err
+        assert "needs PyTorch" in err and "convert-weights --monodepth2" in err and "Traceback" not in err
+    # a converted folder that does not fit: every problem named with its file
+    meta = json.loads((out / "meta.json").read_text())
+    (out / "meta.json").write_text(json.dumps(dict(meta, num_layers=20, height=100)))
+    with pytest.raises(ValueError, match=r"meta\.json: num_layers = 20, expected one of \[18, 34, 50\]\n.*"
+                                         r"meta\.json: height = 100, expected a positive multiple of 32"):
+        inference.load_monodepth2_model(out)
+    (out / "meta.json").write_text(json.dumps(meta))
+    pose = convert.load_variables(out / "pose.msgpack")
+    del pose["params"]["decoder"]["squeeze"]
+    convert.save_variables(out / "pose.msgpack", pose)
+    with pytest.raises(ValueError, match=r"pose\.msgpack: missing keys: params/decoder/squeeze/bias, "
+                                         r"params/decoder/squeeze/kernel"):
+        inference.load_monodepth2_model(out)
+
+
+def test_an_encoder_file_of_no_resnet_or_a_bad_size_is_named(torch_folder, tmp_path):
+    """Which file and why: its keys lack 'encoder.' (torchvision's), or are the decoder's (the files
+    swapped); a training size that is no multiple of 32 (was found by the network after loading)."""
+    state = torch.load(torch_folder[0] / "encoder.pth", weights_only=True)
+    folder = tmp_path / "m"
+    folder.mkdir()
+    shutil.copy(torch_folder[0] / "depth.pth", folder / "depth.pth")
+    enc = folder / "encoder.pth"
+    torchvision_named = {k[len("encoder."):] if k.startswith("encoder.") else k: v for k, v in state.items()}
+    for bad, hint in ((torchvision_named, "its keys lack the 'encoder.' prefix: a torchvision state dict"),
+                      (torch.load(torch_folder[0] / "depth.pth", weights_only=True), "depth decoder's: encoder.pth "
+                                                                                   "and depth.pth swapped"),
+                      ({}, "the file holds no weights")):
+        torch.save(bad, enc)
+        with pytest.raises(ValueError, match=re.escape(f"{enc}: state dict has ResNet blocks per stage") + ".*"
+                                             + re.escape(hint)):
+            convert.load_monodepth2(folder)
+    torch.save(dict(state, height=100), enc)
+    with pytest.raises(ValueError, match=re.escape(f"{enc}: entry 'height' = 100: the training size must be a "
+                                                   "positive multiple of 32")):
+        convert.load_monodepth2(folder)
 
 
 class _Payload:

@@ -128,9 +128,9 @@ class _Problems:
         for key, got, want in mismatched:
             self.lines.append(f"{source}: shape mismatch for {key}: file has {got}, expected {want}")
 
-    def raise_if_any(self):
+    def raise_if_any(self, header: str = "cannot convert PyTorch weights"):
         if self.lines:
-            raise ValueError("cannot convert PyTorch weights:\n  " + "\n  ".join(self.lines))
+            raise ValueError(f"{header}:\n  " + "\n  ".join(self.lines))
 
 
 def _convert(state: Mapping[str, Any], abstract_vars: Mapping, key_fn, *, source: str, prefix: str = "",
@@ -283,11 +283,16 @@ def load_monodepth2(folder, num_layers: int | None = None) -> dict:
 
     enc = _torch_load(enc_path)
     if num_layers is None:
-        num_layers = infer_resnet_depth(enc, prefix="encoder.")
+        try:
+            num_layers = infer_resnet_depth(enc, prefix="encoder.")
+        except ValueError as e:
+            raise ValueError(f"{enc_path}: {e}{_encoder_hint(enc)}") from None
     problems = _Problems()
     height, width = _meta_int(enc, "height", enc_path), _meta_int(enc, "width", enc_path)
     missing_meta = [k for k, v in (("height", height), ("width", width)) if v is None]
     problems.add(str(enc_path), missing_meta, [], [])
+    problems.lines += [f"{enc_path}: entry {k!r} = {v}: the training size must be a positive multiple of 32"
+                       for k, v in (("height", height), ("width", width)) if v is not None and (v <= 0 or v % 32)]
 
     depth_abstract = _abstract_net(DepthNet(num_layers, kernel_layout="HWIO"), 3)
     enc_vars = _convert(enc, {c: t["encoder"] for c, t in depth_abstract.items()}, _resnet_torch_key,
@@ -307,7 +312,76 @@ def load_monodepth2(folder, num_layers: int | None = None) -> dict:
         pose = {"params": {"encoder": penc_vars.get("params", {}), "decoder": pdec_vars.get("params", {})},
                 "batch_stats": {"encoder": penc_vars.get("batch_stats", {})}}
     problems.raise_if_any()
-    return {"depth": depth, "pose": pose, "num_layers": num_layers, "height": height, "width": width}
+    out = {"depth": depth, "pose": pose, "num_layers": num_layers, "height": height, "width": width}
+    if "use_stereo" in enc:
+        out["use_stereo"] = bool(enc["use_stereo"])
+    return out
+
+
+def _encoder_hint(state: Mapping[str, Any]) -> str:
+    """Why an encoder.pth holds no `encoder.layer*` blocks, where its keys tell."""
+    keys = [k for k in state if k not in MONODEPTH2_META_KEYS]
+    if not keys:
+        return " (the file holds no weights)"
+    if any(k.startswith("layer1.") for k in keys):
+        return " (its keys lack the 'encoder.' prefix: a torchvision state dict? use --torchvision)"
+    if any(k.startswith("decoder.") for k in keys):
+        return " (its keys are a depth decoder's: encoder.pth and depth.pth swapped?)"
+    if any(k.startswith("net.") for k in keys):
+        return " (its keys are a pose decoder's)"
+    return f" (first keys: {', '.join(keys[:3])})"
+
+
+CONVERTED_META = "meta.json"
+
+
+def load_converted_monodepth2(folder) -> dict:
+    """A folder written by `xdistill convert-weights --monodepth2` (depth.msgpack [, pose.msgpack],
+    meta.json) -> the dict `load_monodepth2` returns; no torch needed. meta.json's entries and every
+    variable's name and shape are checked; all problems are raised in one ValueError naming the files."""
+    import json
+
+    folder = Path(folder)
+    meta_path = folder / CONVERTED_META
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{meta_path}: cannot read ({e})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
+    lines = []
+    n = meta.get("num_layers")
+    if isinstance(n, bool) or n not in LAYOUTS:
+        lines.append(f"{meta_path}: num_layers = {n!r}, expected one of {sorted(LAYOUTS)}")
+    for k in ("height", "width"):
+        v = meta.get(k)
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v % 32:
+            lines.append(f"{meta_path}: {k} = {v!r}, expected a positive multiple of 32")
+    if not isinstance(meta.get("has_pose"), bool):
+        lines.append(f"{meta_path}: has_pose = {meta.get('has_pose')!r}, expected true or false")
+    if meta.get("kernel_layout", "HWIO") != "HWIO":
+        lines.append(f"{meta_path}: kernel_layout = {meta['kernel_layout']!r}, expected 'HWIO'")
+    if lines:
+        raise ValueError("converted Monodepth2 folder does not fit:\n  " + "\n  ".join(lines))
+    problems = _Problems()
+    out = {"num_layers": n, "height": meta["height"], "width": meta["width"], "pose": None}
+    nets = [("depth", DepthNet(n, kernel_layout="HWIO"), 3)]
+    if meta["has_pose"]:
+        nets.append(("pose", PoseNet(n, kernel_layout="HWIO"), 6))
+    for name, model, channels in nets:
+        path = folder / f"{name}.msgpack"
+        got = load_variables(path)
+        want = dict(_leaves(_abstract_net(model, channels)))
+        have = dict(_leaves(got)) if isinstance(got, Mapping) else {}
+        join = "/".join
+        problems.add(str(path), [join(k) for k in want if k not in have], [join(k) for k in have if k not in want],
+                     [(join(k), tuple(np.shape(have[k])), tuple(want[k].shape))
+                      for k in want if k in have and tuple(np.shape(have[k])) != tuple(want[k].shape)])
+        out[name] = got
+    problems.raise_if_any("converted Monodepth2 folder does not fit the networks")
+    if "use_stereo" in meta:
+        out["use_stereo"] = bool(meta["use_stereo"])
+    return out
 
 
 def insert_encoder(variables: Mapping, encoder_variables: Mapping, source: str = "encoder variables") -> dict:

@@ -109,12 +109,18 @@ def load_workdir_model(workdir, step: int | None = None) -> DepthModel:
 
 
 def load_monodepth2_model(folder) -> DepthModel:
-    """A Monodepth2 model folder (encoder.pth, depth.pth [, pose_encoder.pth, pose.pth]) as a DepthModel."""
-    from xdistill_jax.convert import load_monodepth2
+    """A Monodepth2 model folder (encoder.pth, depth.pth [, pose_encoder.pth, pose.pth]; needs torch)
+    or one `xdistill convert-weights --monodepth2` wrote (meta.json, depth.msgpack [, pose.msgpack];
+    no torch) as a DepthModel. A folder holding both forms is read from its .pth files."""
+    from xdistill_jax.convert import CONVERTED_META, load_converted_monodepth2, load_monodepth2
     from xdistill_jax.models.depth import DepthNet
     from xdistill_jax.models.pose import PoseNet
 
-    loaded = load_monodepth2(folder)
+    folder = pathlib.Path(folder)
+    if (folder / CONVERTED_META).is_file() and not (folder / "encoder.pth").exists():
+        loaded = load_converted_monodepth2(folder)
+    else:
+        loaded = load_monodepth2(folder)
     n = loaded["num_layers"]
     pose = loaded["pose"]
     # Converted weights hold flax's HWIO kernels: the networks are built to read them as they are.

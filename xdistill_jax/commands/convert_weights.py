@@ -4,8 +4,10 @@
     xdistill convert-weights --monodepth2 models/mono_640x192 --out converted/mono_640x192
 
 The Monodepth2 form writes ``depth.msgpack`` (DepthNet variables), ``pose.msgpack`` (PoseNet
-variables, when the folder has a pose network) and, last, ``meta.json`` with num_layers, height
-and width. Read them back with `xdistill_jax.convert.load_variables`.
+variables, when the folder has a pose network) and, last, ``meta.json`` with num_layers, height,
+width, has_pose, kernel_layout (HWIO) and use_stereo when encoder.pth has it. `xdistill eval` and
+`xdistill predict` take the folder as ``--monodepth2 OUT`` without torch
+(`xdistill_jax.convert.load_converted_monodepth2`; `load_variables` reads one file).
 """
 
 from __future__ import annotations
@@ -96,6 +98,9 @@ def run(args) -> int:
         convert.save_variables(out / "pose.msgpack", loaded["pose"])
     meta = {k: loaded[k] for k in ("num_layers", "height", "width")}
     meta["has_pose"] = loaded["pose"] is not None
+    meta["kernel_layout"] = "HWIO"  # flax's; the networks read them with kernel_layout="HWIO"
+    if "use_stereo" in loaded:
+        meta["use_stereo"] = loaded["use_stereo"]
     _write_json_atomic(out / "meta.json", meta)  # written last: its presence marks a complete folder
     print(f"wrote {out}/depth.msgpack" + (", pose.msgpack" if meta["has_pose"] else "") + f", meta.json {meta}")
     return 0

@@ -27,7 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--workdir", help="training workdir (config.json + checkpoints/)")
     src.add_argument("--monodepth2", metavar="MODEL_DIR",
-                     help="a released Monodepth2 folder (encoder.pth, depth.pth[, pose*.pth]), via the converter")
+                     help="a released Monodepth2 folder (encoder.pth, depth.pth[, pose*.pth]; needs torch) or "
+                          "one `xdistill convert-weights --monodepth2` wrote (no torch)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     parser.add_argument("--split", choices=SPLITS, default="eigen",
                         help="eigen (Garg crop, 80 m cap), eigen_benchmark (gt > 0), make3d, odom_09/odom_10 (pose)")
@@ -130,4 +131,9 @@ def run(args) -> int:
         return 0
     except (ValueError, FileNotFoundError, CheckpointError) as e:
         print(f"xdistill eval: {e}", file=sys.stderr)
+        return 2
+    except ImportError as e:  # --monodepth2 .pth files: torch is an optional extra
+        print(f"xdistill eval: reading Monodepth2's .pth files needs PyTorch ({e}); pip install torch "
+              "(CPU is enough), or convert them once with `xdistill convert-weights --monodepth2` where "
+              "torch is installed and pass the converted folder", file=sys.stderr)
         return 2

@@ -17,7 +17,9 @@ import sys
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--workdir", help="training workdir (config.json + checkpoints/)")
-    src.add_argument("--monodepth2", metavar="MODEL_DIR", help="a released Monodepth2 folder, via the converter")
+    src.add_argument("--monodepth2", metavar="MODEL_DIR",
+                     help="a released Monodepth2 folder (.pth files; needs torch) or one `xdistill convert-weights "
+                          "--monodepth2` wrote (no torch)")
     parser.add_argument("--step", type=int, default=None,
                         help="checkpoint step of --workdir (default: the latest)")
     parser.add_argument("--out", required=True, help="output folder (may be an input folder)")
@@ -51,7 +53,8 @@ def run(args) -> int:
         return 2
     except ImportError as e:  # --monodepth2 reads .pth files: torch is an optional extra
         print(f"xdistill predict: reading Monodepth2's .pth files needs PyTorch ({e}); pip install "
-              "torch (CPU is enough)", file=sys.stderr)
+              "torch (CPU is enough), or convert them once with `xdistill convert-weights --monodepth2` where "
+              "torch is installed and pass the converted folder", file=sys.stderr)
         return 2
     print(f"wrote {len(written)} depth maps (+ _disp.png) to {args.out}")
     if job.left_out:  # said, not silent: these were in the input folders
