@@ -126,7 +126,7 @@ def main() -> int:
             shutil.rmtree(workdir)
         cmd = [sys.executable, "-m", "xdistill_jax", "train", "--config", args.config, "--workdir", str(workdir),
                f"--config.data.dataset_dir={data['data_dir']}", f"--config.data.teacher_dir={data['teacher_dir']}",
-               "--config.data.val_split=", f"--config.data.num_workers={w}",
+               "--config.data.val_split=", f"--config.data.num_workers={w}", "--config.model.init=scratch",
                f"--config.data.height={args.height}", f"--config.data.width={args.width}",
                f"--config.model.dtype={args.dtype}", f"--config.optim.num_steps={args.steps}",
                f"--config.run.log_every={args.log_every}", f"--config.run.ckpt_every={args.steps}",

@@ -31,4 +31,7 @@ from xdistill_jax.config_defaults import base_config
 def get_config():
     config = base_config()
     config.data.num_workers = -1  # a grain worker process per CPU core (less one; at most 16)
+    # ImageNet encoders (Monodepth2's default, the paper's figures): train asks for the file's
+    # path, --config.model.init=PATH.msgpack (`xdistill convert-weights --torchvision`), or scratch
+    config.model.init = "imagenet"
     return config

@@ -28,6 +28,9 @@ def test_paper_config_values():
     # pose encoder stayed ResNet-18 until 2026-12-07, which that file could not initialise)
     r50 = config_utils.load_config_file(str(CONFIGS / "kitti_resnet50_640x192.py"))
     assert (r50.model.num_layers, r50.model.pose_num_layers) == (50, 50)
+    # ImageNet encoders as Monodepth2's default (training asks for the file); were "scratch"
+    hr = config_utils.load_config_file(str(CONFIGS / "kitti_resnet18_1024x320.py"))
+    assert c.model.init == r50.model.init == hr.model.init == "imagenet"
     smoke = config_utils.load_config_file(str(CONFIGS / "synthetic_demo.py") + ":smoke")
     assert (smoke.data.height, smoke.data.width, smoke.optim.num_steps) == (32, 96, 2)
 

@@ -191,18 +191,21 @@ def test_pretrained_weights_that_do_not_fit_fail_before_the_step_compiles(tmp_pa
             "ResNet-34 weights") in caplog.text
 
 
-@pytest.mark.parametrize("kind", ["missing", "not_msgpack"])
+@pytest.mark.parametrize("kind", ["missing", "not_msgpack", "imagenet"])
 def test_an_unreadable_encoder_file_fails_naming_the_key_before_the_workdir_is_made(kind, tmp_path):
     """config.model.init that does not exist or is not a weights file: a ConfigError (exit 2 from
     the CLI) naming the key and the file, read with the setup checks (in a multi-host run every
     process stops with it), before the workdir is made. Until 2026-12-06 a ValueError traceback
-    after the workdir and its config.json were written."""
+    after the workdir and its config.json were written. "imagenet" (the KITTI configs' value):
+    the path is asked for (until 2026-12-07 those configs trained from scratch unless told)."""
     path = tmp_path / "resnet18.msgpack"
     if kind == "not_msgpack":
         path.write_bytes(b"not msgpack")
-    config = tiny_config(distill_weight=0.1, **{"model.init": str(path)})
-    with pytest.raises(config_utils.ConfigError, match=rf"config\.model\.init: {re.escape(str(path))}: "
-                       + ("no such file" if kind == "missing" else "not a flax msgpack")):
+    config = tiny_config(distill_weight=0.1, **{"model.init": "imagenet" if kind == "imagenet" else str(path)})
+    expected = {"missing": f"{re.escape(str(path))}: no such file", "not_msgpack": f"{re.escape(str(path))}: not a flax msgpack",
+                "imagenet": r"'imagenet': this config starts both encoders from ImageNet weights.* pass "
+                            r"--config\.model\.init=resnet18_imagenet\.msgpack, or --config\.model\.init=scratch"}[kind]
+    with pytest.raises(config_utils.ConfigError, match=r"config\.model\.init: " + expected):
         training_loop.train_and_evaluate(config, tmp_path / "run", data=make_data())
     assert not (tmp_path / "run").exists()
 

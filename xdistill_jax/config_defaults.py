@@ -1,5 +1,6 @@
 """The full set of config fields, with the paper setting (X-Distill on Monodepth2, ResNet-18,
-640x192, KITTI Eigen-Zhou) as defaults. The files under `configs/` start from `base_config()` and
+640x192, KITTI Eigen-Zhou) as defaults, but for `model.init`: "scratch" here (the tests' and
+synthetic worlds' configs), "imagenet" in the KITTI configs (ImageNet encoders, as the paper). The files under `configs/` start from `base_config()` and
 change only what their experiment changes, so every field exists (and is type-checked by the
 `--config.a.b=value` overrides) in every config.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 import ml_collections
 
 
+INIT_IMAGENET = "imagenet"  # model.init of the KITTI configs: a path must be given (or "scratch")
 STATE_LAYOUTS = ("default", "auto")  # run.state_layout, train.make_train_step(state_layout=)
 
 # The element type of every tuple field, which `--config.a.b=(...)` overrides are checked against:
@@ -76,7 +78,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.num_layers = 18          # depth encoder ResNet-18/34/50
     c.model.pose_num_layers = 18     # pose encoder ResNet-18/50 (two-image input)
     c.model.dtype = "float32"        # compute dtype ("bfloat16"); params and losses stay fp32
-    c.model.init = "scratch"         # "scratch" | path to a `convert-weights` ImageNet .msgpack
+    c.model.init = "scratch"         # "scratch" | path to a `convert-weights` ImageNet .msgpack |
+                                     # "imagenet" (the KITTI configs: ImageNet weights, as Monodepth2's
+                                     # default and the paper; training asks for the file's path)
     c.model.kernel_layout = "auto"   # how the depth, pose and translator nets store conv kernels:
                                      # OHWI (cuDNN's; in-place Adam updates on a GPU) or HWIO (flax's,
                                      # XLA:CPU's); "auto": the platform's (`kernel_layout_for`),

@@ -192,7 +192,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
            f"must be one of {config_defaults.KERNEL_LAYOUT_SETTINGS}, got {m.kernel_layout!r}")
     _check(isinstance(m.get("gpu_channel_padding", True), bool), "model.gpu_channel_padding",
            f"must be true or false, got {m.get('gpu_channel_padding')!r}")
-    _check(m.init == "scratch" or m.init.endswith(".msgpack"), "model.init",
+    _check(m.init in ("scratch", config_defaults.INIT_IMAGENET) or m.init.endswith(".msgpack"), "model.init",
            f"must be 'scratch' or a path to a converted .msgpack, got {m.init!r}")
     _check(0 < lo.min_depth < lo.max_depth, "loss.min_depth",
            f"need 0 < min_depth < max_depth, got {lo.min_depth} and {lo.max_depth}")

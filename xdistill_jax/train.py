@@ -32,7 +32,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from xdistill_jax import objective, platform_forms, threefry_cpu
+from xdistill_jax import config_defaults, objective, platform_forms, threefry_cpu
 from xdistill_jax.config_defaults import STATE_LAYOUTS
 from xdistill_jax.models.conv import hwio_tree_to
 from xdistill_jax.objective import Networks
@@ -286,6 +286,14 @@ def load_pretrained_encoders(config: ml_collections.ConfigDict, platform: str | 
     """
     if config.model.init == "scratch":
         return None
+    if config.model.init == config_defaults.INIT_IMAGENET:
+        n = config.model.num_layers
+        raise ValueError(
+            f"'{config_defaults.INIT_IMAGENET}': this config starts both encoders from ImageNet weights, as "
+            f"Monodepth2's default and the paper's figures do: convert torchvision's ResNet-{n} weights once "
+            f"(`xdistill convert-weights --torchvision resnet{n}.pth --num-layers {n} --out resnet{n}_imagenet.msgpack`) "
+            f"and pass --config.model.init=resnet{n}_imagenet.msgpack, or --config.model.init=scratch to train "
+            "from random weights")
     from xdistill_jax.convert import load_variables
 
     variables = load_variables(config.model.init)

@@ -31,7 +31,9 @@ def add_arguments(parser):
                         help="persistent XLA compile cache dir ('off' to disable); default "
                              "$XDISTILL_COMPILATION_CACHE, $JAX_COMPILATION_CACHE_DIR or ~/.cache/xdistill_jax/jax_cache")
     parser.epilog = ("Override any config field with --config.FIELD=VALUE, e.g. --config.distill.weight=0 "
-                     "(baseline Monodepth2) or --config.optim.batch_size=8.")
+                     "(baseline Monodepth2) or --config.optim.batch_size=8. The KITTI configs need "
+                     "--config.model.init=PATH.msgpack (ImageNet encoders from `xdistill convert-weights "
+                     "--torchvision`) or --config.model.init=scratch.")
 
 
 def run(args) -> int:
