@@ -532,11 +532,17 @@ def test_cli_rerun_of_a_finished_run_says_so(world_run, caplog):
     levels = {name: logging.getLogger(name).level for name in log_setup.PROJECT_LOGGERS}
     try:
         status = cli.main(["train", "--workdir", str(workdir)])
+        # fewer steps asked for: the message names the checkpoint's step, not the number asked
+        # for ("complete at step 2" of a run at step LEARN_STEPS, until 2026-12-07)
+        fewer = cli.main(["train", "--workdir", str(workdir), "--config.optim.num_steps=2"])
     finally:
         for name, level in levels.items():
             logging.getLogger(name).setLevel(level)
-    assert status == 0
-    assert f"{workdir} is complete at step {LEARN_STEPS}; config.json left as it was" in caplog.messages
+    assert status == fewer == 0
+    ckpt = workdir / "checkpoints" / str(LEARN_STEPS)
+    for asked in (LEARN_STEPS, 2):
+        assert (f"{workdir} is complete: its checkpoint {ckpt} is at or past the {asked} steps asked for; "
+                "nothing to train") in caplog.messages
     assert logging.getLogger().level == logging.WARNING
     assert not [r for r in caplog.records if r.levelno < logging.WARNING and not r.name.startswith(
         log_setup.PROJECT_LOGGERS)], "another library's INFO lines were let through"

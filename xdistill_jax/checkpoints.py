@@ -98,6 +98,26 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(
             self.directory, options=options,
             item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()})
+        self.damaged_steps: list[int] = []  # newer steps the last `restore` skipped as unreadable
+
+    def set_aside(self, steps) -> list[pathlib.Path]:
+        """Rename the step folders `steps` to `<step>.damaged` (`.damaged-2`, ... if taken), so that
+        a run that fell back to an older checkpoint can save those steps again; returns the new
+        paths. Call `reload` afterwards (on every process of a multi-host run)."""
+        moved = []
+        for s in steps:
+            src = self.directory / str(s)
+            dst, n = self.directory / f"{s}.damaged", 1
+            while dst.exists():
+                n += 1
+                dst = self.directory / f"{s}.damaged-{n}"
+            src.rename(dst)
+            moved.append(dst)
+        return moved
+
+    def reload(self) -> None:
+        """Read the step folders again (after `set_aside`)."""
+        self.manager.reload()
 
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -161,6 +181,7 @@ class Checkpointer:
         (None, None, None) when there is no checkpoint; else (state, data_state, step).
         """
         steps = [step] if step is not None else sorted(self.all_steps(), reverse=True)
+        self.damaged_steps = []
         if not steps:
             return None, None, None
         wanted = _describe_tree(abstract_state)
@@ -190,6 +211,7 @@ class Checkpointer:
             if failures:
                 log.warning("restored checkpoint %s instead of the damaged %s", self.directory / str(s),
                             ", ".join(str(self.directory / str(f)) for f, _ in failures))
+                self.damaged_steps = [f for f, _ in failures]
             return state, data_state, s
         raise CheckpointError("no checkpoint in {} could be restored: {}".format(
             self.directory, "; ".join(f"step {s}: {type(e).__name__}: {str(e)[:200]}" for s, e in failures)))

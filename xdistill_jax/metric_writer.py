@@ -68,7 +68,8 @@ class MetricWriter:
         if not self.path.exists():
             return set()
         keep, kept = [], set()
-        for line in self.path.read_text().splitlines():
+        text = self.path.read_text()
+        for line in text.splitlines():
             try:
                 record = json.loads(line)
                 if record["step"] <= step:
@@ -76,6 +77,8 @@ class MetricWriter:
                     kept.add((int(record["step"]), str(record.get("split", "train"))))
             except (ValueError, KeyError, TypeError):
                 continue  # a half-written last line from a killed run
+        if "".join(s + "\n" for s in keep) == text:  # nothing dropped: the file is left as it is
+            return kept
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(s + "\n" for s in keep))
         os.replace(tmp, self.path)

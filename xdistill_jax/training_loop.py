@@ -484,8 +484,9 @@ def _train(config, workdir: pathlib.Path, data: TrainingData, mesh, gt, steps_pe
         finished = max(checkpoint_steps(workdir), default=-1) >= num_steps
         if finished and (workdir / config_utils.CONFIG_JSON).is_file():
             # nothing will be trained: the saved config stays the one the checkpoints were
-            # trained with (a changed setting would label the finished run with it)
-            log.info("%s is complete at step %d; config.json left as it was", workdir, num_steps)
+            # trained with (a changed setting would label the finished run with it); said below,
+            # once a checkpoint restored (a damaged last one falls back and trains again)
+            pass
         else:
             config_utils.save_config(config, workdir)
 
@@ -499,6 +500,18 @@ def _train(config, workdir: pathlib.Path, data: TrainingData, mesh, gt, steps_pe
     # the state's abstract tree (a trace of the whole init) only when there is a checkpoint to read
     abstract_state = train.abstract_train_state(nets, tx, mesh)[0] if ckpt.all_steps() else None
     state, data_state, step = ckpt.restore(abstract_state)
+    if ckpt.damaged_steps:
+        # those steps are trained again and saved under the same numbers, which orbax refuses
+        # while their folders exist: they are kept aside, renamed, not deleted
+        if is_main:
+            moved = ckpt.set_aside(ckpt.damaged_steps)
+            log.warning("set the damaged checkpoints aside: %s", ", ".join(str(m) for m in moved))
+            print(f"set the damaged checkpoints aside: {', '.join(str(m) for m in moved)}", flush=True)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("xdistill: damaged checkpoints set aside")
+        ckpt.reload()
     lowered_init = None
     if state is None:
         if encoder_init is None:  # checkpoint directories, none complete: read it now
@@ -511,6 +524,12 @@ def _train(config, workdir: pathlib.Path, data: TrainingData, mesh, gt, steps_pe
         except ValueError as e:
             raise config_utils.ConfigError(f"config.model.init={config.model.init}: {e}") from e
         data_state, step = {}, 0
+    elif step >= num_steps:
+        log.info("%s is complete: its checkpoint %s is at or past the %d steps asked for; nothing to train",
+                 workdir, ckpt.directory / str(step), num_steps)
+        if is_main:
+            print(f"{workdir} is complete: checkpoint {ckpt.directory / str(step)} is at or past the "
+                  f"{num_steps} steps asked for; nothing to train", flush=True)
     else:
         log.info("resuming from %s at step %d", ckpt.directory / str(step), step)
         if is_main:
