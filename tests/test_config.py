@@ -322,3 +322,29 @@ def test_kernel_layout_reaches_every_trained_conv_and_old_config_json_reads_hwio
     assert config_utils.structural_differences(loaded, explicit) == ["model.kernel_layout: 'HWIO' -> 'OHWI'"]
     resumed = config_utils.apply_overrides(loaded, [])
     assert config_utils.structural_differences(loaded, resumed) == []
+
+
+def test_a_damaged_or_foreign_config_json_is_named(tmp_path, capsys):
+    """A config.json cut short was a JSONDecodeError traceback from `xdistill train` (and an unnamed
+    "Unterminated string" from eval/predict); a teacher workdir's config.json an AttributeError
+    traceback. Both: exit 2 naming the file; a converted Monodepth2 folder as --workdir: a hint."""
+    from xdistill_jax import inference
+
+    config_utils.save_config(config_utils.config_from_args(str(CONFIGS / "synthetic_demo.py")), tmp_path / "cut")
+    path = tmp_path / "cut" / config_utils.CONFIG_JSON
+    path.write_text(path.read_text()[:200])
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "teacher" / config_utils.CONFIG_JSON).write_text('{"variant": "resnet18_tiny", "num_classes": 19}\n')
+    (tmp_path / "converted").mkdir()
+    (tmp_path / "converted" / "meta.json").write_text("{}\n")
+    for name, message in (("cut", r"cut/config\.json: not a readable config\.json \(.*line \d+ column \d+"),
+                          ("teacher", r"teacher/config\.json is not an `xdistill train` config \(needs the groups "
+                                      r"\['data', 'loss', 'model', 'optim'\], found \['num_classes', 'variant'\]\); "
+                                      r"is .*teacher another tool's workdir"),
+                          ("converted", r"converted/config\.json does not exist: .*\(a folder `xdistill "
+                                        r"convert-weights --monodepth2` wrote: pass it as --monodepth2")):
+        assert cli.main(["train", "--workdir", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert re.search(message, err) and "Traceback" not in err, err
+        with pytest.raises(inference.ModelLoadError, match=message):
+            inference.load_workdir_model(tmp_path / name)

@@ -280,8 +280,19 @@ def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     """Read `workdir/config.json` back (lists become tuples, as the config files write them)."""
     path = pathlib.Path(workdir) / CONFIG_JSON
     if not path.is_file():
-        raise ConfigError(f"{path} does not exist: is {workdir} a training workdir?")
-    config = ml_collections.ConfigDict(_tuplify(json.loads(path.read_text())))
+        hint = (" (a folder `xdistill convert-weights --monodepth2` wrote: pass it as --monodepth2)"
+                if (pathlib.Path(workdir) / "meta.json").is_file() else "")
+        raise ConfigError(f"{path} does not exist: is {workdir} a training workdir?{hint}")
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        raise ConfigError(f"{path}: not a readable config.json ({e})") from None
+    groups = {"data", "model", "loss", "optim"}  # in every config.json since the first (later groups may be absent)
+    if not isinstance(saved, dict) or not groups <= set(saved):
+        found = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
+        raise ConfigError(f"{path} is not an `xdistill train` config (needs the groups {sorted(groups)}, "
+                          f"found {found}); is {workdir} another tool's workdir, e.g. `xdistill teacher train`'s?")
+    config = ml_collections.ConfigDict(_tuplify(saved))
     # Files saved before distill.translator spelled out its fields (an empty group) meant the
     # Translator's defaults of that time (full resolution), not today's: fill those in, so that
     # the checkpoint's translator is rebuilt as it was and comparisons and overrides see every field.
