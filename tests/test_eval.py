@@ -390,6 +390,28 @@ def test_bad_gt_files_and_entries_exit_2_before_inference(tmp_path, capsys, monk
     assert json.loads((out / "eigen-split-stepNone.json").read_text())["abs_rel"] == pytest.approx(0.0, abs=1e-6)
 
 
+def test_a_results_folder_that_cannot_be_written_exits_2_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    """--out a file, --out below a file, or WORKDIR/eval a file (no --out): the model loaded and
+    scored every image, then a FileExistsError / NotADirectoryError traceback (exit 1)."""
+    def load(*args, **kwargs):
+        raise AssertionError("model loaded")
+
+    monkeypatch.setattr(inference, "load_workdir_model", load)
+    monkeypatch.setattr(inference, "load_monodepth2_model", load)
+    (tmp_path / "FILE").write_text("x")
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "eval").write_text("x")
+    base = ["eval", "--split", "make3d", "--data", str(tmp_path), "--no-progress"]
+    for args, message in [
+            (["--workdir", str(tmp_path), "--out", str(tmp_path / "FILE")], f"--out {tmp_path / 'FILE'} exists and is not a folder"),
+            (["--monodepth2", str(tmp_path), "--out", str(tmp_path / "FILE" / "r")],
+             f"--out {tmp_path / 'FILE' / 'r'}: cannot make the folder: {tmp_path / 'FILE'} is a file"),
+            (["--workdir", str(tmp_path / "w")], f"results folder (no --out) {tmp_path / 'w' / 'eval'} exists and is not a folder")]:
+        assert cli.main(base + args) == 2
+        err = capsys.readouterr().err
+        assert err == f"xdistill eval: {message}\n", err
+
+
 def test_an_empty_odometry_split_or_poses_file_is_named(tmp_path):
     empty = tmp_path / "test_files_09.txt"
     empty.write_text("\n")  # was an IndexError traceback

@@ -296,10 +296,18 @@ def format_table(summary: dict, keys: Sequence[str]) -> str:
 
 
 def _atomic_write(path: pathlib.Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write `text` to `path` through a hidden temporary file; no part is left on failure (an
+    OSError naming the file is raised)."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from e
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def write_result(out_dir, name: str, result: EvalResult, settings: dict | None = None) -> tuple[pathlib.Path, pathlib.Path]:

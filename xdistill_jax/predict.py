@@ -39,6 +39,7 @@ import numpy as np
 
 from xdistill_jax import evaluation
 from xdistill_jax.inference import DepthModel, DepthPredictor, batched, load_resized
+from xdistill_jax.output_dirs import check_output_dir
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
 
@@ -147,18 +148,8 @@ def collect_inputs(inputs: Sequence) -> list[tuple[pathlib.Path, str]]:
 
 
 def _check_out_dir(out_dir: pathlib.Path) -> None:
-    """Refuse an --out that cannot be a folder (a file, or a path below one) or that this user may
-    not write in (the folder, or the nearest existing folder above it) before anything runs."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"--out {out_dir} exists and is not a folder")
-    parent = out_dir
-    while not parent.exists() and parent != parent.parent:  # the nearest existing ancestor
-        parent = parent.parent
-    if parent.exists() and not parent.is_dir():
-        raise ValueError(f"--out {out_dir}: cannot make the folder: {parent} is a file")
-    if not os.access(parent, os.W_OK | os.X_OK, effective_ids=True):  # False on a read-only file system too
-        what = "cannot write in it" if parent == out_dir else f"cannot make the folder in {parent}"
-        raise ValueError(f"--out {out_dir}: {what} (permission denied or read-only)")
+    """Refuse an --out that cannot be a folder or that this user may not write in, before anything runs."""
+    check_output_dir(out_dir, "--out")
 
 
 def _check_no_overwrite(items: Sequence[tuple[pathlib.Path, str]], out_dir: pathlib.Path) -> None:

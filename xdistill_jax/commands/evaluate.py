@@ -68,17 +68,22 @@ def run(args) -> int:
     from xdistill_jax import eval_depth, eval_pose, inference
     from xdistill_jax.checkpoints import CheckpointError
 
+    from xdistill_jax.output_dirs import check_output_dir
+
     show = not args.no_progress
     try:
         if args.workdir:
-            model = inference.load_workdir_model(args.workdir, args.step)
             out_dir = pathlib.Path(args.out or pathlib.Path(args.workdir) / "eval")
+            # before the model loads and every image is scored: the results must have a place
+            check_output_dir(out_dir, "--out" if args.out else "results folder (no --out)")
+            model = inference.load_workdir_model(args.workdir, args.step)
             suffix = f"step{model.step}"
         else:
             if not args.out:
                 raise ValueError("--out is required with --monodepth2 (results are not written into the model folder)")
             if args.step is not None:
                 raise ValueError("--step applies to --workdir checkpoints, not to --monodepth2 weights")
+            check_output_dir(args.out, "--out")
             model = inference.load_monodepth2_model(args.monodepth2)
             out_dir, suffix = pathlib.Path(args.out), "monodepth2"
         tag = args.split
@@ -129,7 +134,7 @@ def run(args) -> int:
         json_path, csv_path = eval_depth.write_result(out_dir, name, result, settings)
         print(f"wrote {json_path} and {csv_path}")
         return 0
-    except (ValueError, FileNotFoundError, CheckpointError) as e:
+    except (ValueError, OSError, CheckpointError) as e:  # OSError: the results folder changed since its check
         print(f"xdistill eval: {e}", file=sys.stderr)
         return 2
     except ImportError as e:  # --monodepth2 .pth files: torch is an optional extra
