@@ -717,3 +717,26 @@ def test_a_damaged_shard_mid_run_exits_2_naming_it_and_resumes_once_repaired(wor
     assert cli.main(args) == 0, capsys.readouterr().err[-3000:]
     assert [m["step"] for m in read_metrics(tmp_path / "w")] == list(range(1, steps + 1))
     assert ckpt_steps(tmp_path / "w")[-1] == steps
+
+
+def test_a_workdir_in_use_by_another_run_is_refused_and_left_alone(tmp_path):
+    """Two runs in one workdir (a requeued job started while the old one still runs) both trained:
+    duplicated metrics lines, overlapping event files, orbax tracebacks. Now the second one stops
+    with a ConfigError (exit 2 from the CLI) naming the workdir and the run that holds it."""
+    import fcntl
+
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    with open(workdir / training_loop.WORKDIR_LOCK, "a+") as held:  # another run, as lock_workdir holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("4242 otherhost\n")
+        held.flush()
+        with pytest.raises(config_utils.ConfigError, match=re.escape(
+                f"workdir {workdir} is in use by another `xdistill train` (pid 4242 on otherhost, per "
+                f"{workdir / training_loop.WORKDIR_LOCK})")):
+            training_loop.train_and_evaluate(tiny_config(distill_weight=0.0), workdir, data=make_data())
+        assert os.listdir(workdir) == [training_loop.WORKDIR_LOCK]  # nothing written
+        assert (workdir / training_loop.WORKDIR_LOCK).read_text() == "4242 otherhost\n"
+    lock = training_loop.lock_workdir(workdir)  # released with its file: the next run takes it
+    assert (workdir / training_loop.WORKDIR_LOCK).read_text() == f"{os.getpid()} {__import__('socket').gethostname()}\n"
+    lock.close()

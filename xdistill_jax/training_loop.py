@@ -472,9 +472,50 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, data=None)
         return _train(config, workdir, data, mesh, gt, steps_per_epoch, encoder_init, t_call)
 
 
+WORKDIR_LOCK = ".lock"
+
+
+def lock_workdir(workdir: pathlib.Path):
+    """Hold an exclusive lock on `workdir/.lock` (made with the workdir) for as long as the returned
+    file stays open, holding this process's pid and host; the kernel drops it when the process
+    ends, however it ends. Another run holding it: ConfigError naming the workdir and that run."""
+    import fcntl
+    import socket
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    f = open(workdir / WORKDIR_LOCK, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        pid, _, host = holder.partition(" ")
+        raise config_utils.ConfigError(
+            f"workdir {workdir} is in use by another `xdistill train` (pid {pid} on {host or 'unknown host'}, "
+            f"per {workdir / WORKDIR_LOCK}): two runs would write the same checkpoints and metrics; wait for it "
+            "to end or stop it") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()} {socket.gethostname()}\n")
+    f.flush()
+    return f
+
+
 def _train(config, workdir: pathlib.Path, data: TrainingData, mesh, gt, steps_per_epoch: int, encoder_init,
            t_call: float) -> int:
-    """`train_and_evaluate` once every process has passed the setup checks."""
+    """`train_and_evaluate` once every process has passed the setup checks, the workdir locked by
+    process 0 (all processes share it) for the run."""
+    lock = lock_workdir(workdir) if jax.process_index() == 0 else None
+    try:
+        return _train_locked(config, workdir, data, mesh, gt, steps_per_epoch, encoder_init, t_call)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _train_locked(config, workdir: pathlib.Path, data: TrainingData, mesh, gt, steps_per_epoch: int, encoder_init,
+                  t_call: float) -> int:
     is_main = jax.process_index() == 0
     num_steps = train.total_steps(config, steps_per_epoch)
     if is_main:
