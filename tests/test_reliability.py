@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -230,3 +231,33 @@ def test_only_closed_loop_callback_errors_are_dropped(monkeypatch):
                                              exc_traceback=closed.value.__traceback__, err_msg=None, object=None))
     sys.unraisablehook(other)
     assert seen == [other]
+
+
+def test_a_failed_checkpoint_write_is_one_error_naming_the_step_and_the_last_complete_one(tmp_path):
+    """A write that fails (the disk full; here the file size limit) was orbax's traceback followed by
+    ~1,000 "Event loop is closed" and ~400 shutdown tracebacks, exit 1: now one CheckpointError
+    (exit 2 from `xdistill train`) naming the step, the OS's reason and the checkpoint to resume
+    from; the half-written step is no checkpoint."""
+    import resource
+    import signal
+
+    import jax.numpy as jnp
+
+    ckpt = Checkpointer(tmp_path / "c", keep=3, async_save=True)
+    state = {"w": jnp.asarray(np.random.default_rng(0).normal(size=(512, 1024)).astype(np.float32))}
+    ckpt.save(1, state, {"at": 1})
+    ckpt.wait()
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, limit[1]))
+    try:
+        ckpt.save(2, state, {"at": 2})
+        with pytest.raises(CheckpointError, match=(
+                rf"writing checkpoint {re.escape(str(tmp_path / 'c' / '2'))} failed \(.*File too large.*\); the last "
+                rf"complete checkpoint is {re.escape(str(tmp_path / 'c' / '1'))}: rerun the same command")):
+            ckpt.wait()
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+        signal.signal(signal.SIGXFSZ, handler)
+    ckpt.close()
+    assert Checkpointer(tmp_path / "c").all_steps() == [1]  # the half-written step 2 is none

@@ -14,6 +14,7 @@ Every process calls save/restore (orbax coordinates multi-host writes).
 
 from __future__ import annotations
 
+import inspect
 import logging
 import pathlib
 import sys
@@ -40,8 +41,18 @@ def _closed_loop_callback(exc: BaseException | None) -> bool:
     return last is not None and last.tb_frame.f_code.co_name == "_check_closed"
 
 
+def _unfinished_coroutine_at_exit(unraisable) -> bool:
+    """Whether `unraisable` is a coroutine's "sys.meta_path is None" ImportError: a coroutine that
+    never ran to its end (orbax's writes after a failed save) closed while Python shuts down
+    (nothing may be imported then: `inspect` is imported with the module)."""
+    exc = unraisable.exc_value
+    return (isinstance(exc, ImportError) and "sys.meta_path is None" in str(exc)
+            and inspect.iscoroutine(unraisable.object))
+
+
 def quiet_closed_loop_callbacks() -> None:
-    """Drop the "Event loop is closed" errors of a failed restore's reads (idempotent).
+    """Drop the "Event loop is closed" errors of a failed restore's reads, and the unfinished
+    coroutines of a failed write finalised at exit (idempotent).
 
     When a read of a damaged checkpoint fails, orbax closes the event loop it ran on while
     tensorstore reads started on that loop are still in flight; as they finish, each hands its
@@ -58,6 +69,8 @@ def quiet_closed_loop_callbacks() -> None:
         if _closed_loop_callback(unraisable.exc_value):
             log.debug("a read of a checkpoint that failed to restore finished after its event loop closed")
             return
+        if _unfinished_coroutine_at_exit(unraisable):
+            return  # a failed write's coroutines, finalised as the interpreter ends (425 tracebacks)
         previous(unraisable)
 
     hook._xdistill_quiet = True
@@ -99,6 +112,25 @@ class Checkpointer:
             self.directory, options=options,
             item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()})
         self.damaged_steps: list[int] = []  # newer steps the last `restore` skipped as unreadable
+        # a failed write (disk full) leaves orbax's in-flight reads and writes handing results to
+        # a closed event loop, as a damaged checkpoint's reads do: one error, not a thousand
+        quiet_closed_loop_callbacks()
+
+    def _complete_steps(self) -> list[int]:
+        if not self.directory.is_dir():
+            return []
+        return sorted(int(p.name) for p in self.directory.iterdir() if p.is_dir() and p.name.isdigit())
+
+    def _write_error(self, error: Exception, step: int | None) -> CheckpointError:
+        """A failed save as one CheckpointError: the step, the error, the last complete checkpoint."""
+        steps = [s for s in self._complete_steps() if s != step]
+        where = f"checkpoint {self.directory / str(step)}" if step is not None else f"a checkpoint in {self.directory}"
+        last = (f"the last complete checkpoint is {self.directory / str(steps[-1])}: rerun the same command "
+                "to resume from it once the cause is fixed" if steps else "no complete checkpoint was written")
+        text = str(error)
+        if len(text) > 400:  # orbax's messages end with the OS's reason ("No space left on device")
+            text = f"{text[:200]} ... {text[-200:]}"
+        return CheckpointError(f"writing {where} failed ({type(error).__name__}: {text}); {last}")
 
     def set_aside(self, steps) -> list[pathlib.Path]:
         """Rename the step folders `steps` to `<step>.damaged` (`.damaged-2`, ... if taken), so that
@@ -129,15 +161,28 @@ class Checkpointer:
         """Start an (async) save of `state` and `data_state` at `step`."""
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                                   data=ocp.args.JsonSave(data_state or {}))
-        return self.manager.save(step, args=args, force=force)
+        self.wait()  # an earlier async save's failure named with its own step (orbax waits for it anyway)
+        try:
+            saved = self.manager.save(step, args=args, force=force)
+        except Exception as e:  # noqa: BLE001 - orbax raises many kinds (ValueError for ENOSPC)
+            raise self._write_error(e, step) from e
+        self._pending = step
+        return saved
+
+    _pending: int | None = None  # the step of the last save started
 
     def wait(self):
-        """Block until pending async saves are on disk."""
-        self.manager.wait_until_finished()
+        """Block until pending async saves are on disk; a failed one raises CheckpointError."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            raise self._write_error(e, self._pending) from e
 
     def close(self):
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
 
     def read_data_state(self, step: int) -> dict:
         """The JSON data state (loader position, bookkeeping) saved at `step`, without the arrays."""
