@@ -535,12 +535,18 @@ def _train_locked(config, workdir: pathlib.Path, data: TrainingData, mesh, gt, s
     tx = train.make_optimizer(config, steps_per_epoch)
     ckpt = Checkpointer(workdir / "checkpoints", keep=config.run.keep, async_save=config.run.async_checkpoints)
     _fault.settle = ckpt.wait
-    base_rng = jax.random.key(config.run.seed)
-    init_rng, step_rng, val_rng = jax.random.split(base_rng, 3)
 
     # the state's abstract tree (a trace of the whole init) only when there is a checkpoint to read
     abstract_state = train.abstract_train_state(nets, tx, mesh)[0] if ckpt.all_steps() else None
     state, data_state, step = ckpt.restore(abstract_state)
+    # the run's keys from the PRNG implementation it started with (saved with each checkpoint): a
+    # resume under another JAX_DEFAULT_PRNG_IMPL trained on with other keys until 2026-12-07
+    prng_impl = (data_state or {}).get("prng_impl") or str(jax.config.jax_default_prng_impl)
+    if prng_impl != str(jax.config.jax_default_prng_impl):
+        log.warning("resuming with the PRNG implementation the run started with (%s), not this process's "
+                    "default (%s)", prng_impl, jax.config.jax_default_prng_impl)
+    base_rng = jax.random.key(config.run.seed, impl=prng_impl)
+    init_rng, step_rng, val_rng = jax.random.split(base_rng, 3)
     if ckpt.damaged_steps:
         # those steps are trained again and saved under the same numbers, which orbax refuses
         # while their folders exist: they are kept aside, renamed, not deleted
@@ -612,7 +618,8 @@ def _train_locked(config, workdir: pathlib.Path, data: TrainingData, mesh, gt, s
     kept = writer.truncate_after(step)
 
     def save(at_step):
-        ckpt.save(at_step, state, {"loader": train_iter.get_state(), "skipped": skipped, "log_window": window})
+        ckpt.save(at_step, state, {"loader": train_iter.get_state(), "skipped": skipped, "log_window": window,
+                                   "prng_impl": prng_impl})
         _fault.at("ckpt", at_step)
 
     # Due at the restored step: the previous run was stopped during this validation, redo it
