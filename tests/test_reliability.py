@@ -278,3 +278,15 @@ def test_a_resume_under_another_default_prng_keeps_the_runs_keys(runs, dataset, 
                         f"process's default ({other})") in out, out[-3000:]
     ref, again = restored_state(runs["ref"], STEPS), restored_state(w, STEPS)
     assert all(np.array_equal(ref[k], again[k]) for k in ref)
+
+
+def test_a_stop_while_starting_exits_75_and_changes_nothing(runs, dataset, tmp_path):
+    """SIGTERM while a resumed run starts (restoring, compiling, redoing the validation): the
+    process died of the signal (-15; SIGINT: a KeyboardInterrupt traceback) where a requeue
+    wrapper waits for 75. Now 75, saying so; the checkpoints are as they were."""
+    w = _copy_ckpts(runs, tmp_path)
+    shutil.rmtree(w / "checkpoints" / "6")
+    rc, out = _train(dataset, w, fault="term@start:4")
+    assert rc == 75 and ("SIGTERM: stopped while starting, before any step was trained; the checkpoints are as "
+                         "they were: rerun the same command to continue") in out, out[-3000:]
+    assert "Traceback" not in out and _ckpts(w) == [4]

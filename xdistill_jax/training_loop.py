@@ -36,7 +36,8 @@ Test-only fault hooks (tests/test_reliability.py; unset in normal use, no effect
   XDISTILL_TEST_FAULT="ACTION@POINT:STEP" with ACTION kill (SIGKILL) | term (SIGTERM) and POINT
     step (just after step STEP is dispatched, i.e. while it computes), ckpt (just after the save
     at STEP has started: with async checkpoints, mid-write) or val (after the first batch of the
-    validation at STEP, once pending checkpoint saves are on disk).
+    validation at STEP, once pending checkpoint saves are on disk) or start (once the checkpoint of
+    STEP, 0 for none, is restored: the run is starting).
   XDISTILL_TEST_BATCH_LOG=PATH appends "STEP i,j,..." (the batch's split indices) per step.
 """
 
@@ -281,8 +282,8 @@ class _FaultHook:
                 self.step = int(step)
             except ValueError:
                 raise ValueError(f"XDISTILL_TEST_FAULT={spec!r}: expected ACTION@POINT:STEP") from None
-            if self.action not in ("kill", "term") or self.point not in ("step", "ckpt", "val"):
-                raise ValueError(f"XDISTILL_TEST_FAULT={spec!r}: ACTION kill|term, POINT step|ckpt|val")
+            if self.action not in ("kill", "term") or self.point not in ("step", "ckpt", "val", "start"):
+                raise ValueError(f"XDISTILL_TEST_FAULT={spec!r}: ACTION kill|term, POINT step|ckpt|val|start")
 
     def at(self, point: str, step: int) -> None:
         if (point, step) == (self.point, self.step):
@@ -320,6 +321,31 @@ class _BatchLog:
 
     def close(self):
         self.it.close()
+
+
+class _StoppedWhileStarting(BaseException):
+    """SIGTERM/SIGINT before the step loop (restoring, compiling, the redone validation)."""
+
+
+def _stop_while_starting(signum, frame):
+    raise _StoppedWhileStarting(signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def _stops_while_starting():
+    """Until the loop's `_StopSignal` takes over (and after it), SIGTERM/SIGINT end the run at
+    once through `_StoppedWhileStarting`: the checkpoint on disk is the state, nothing to save."""
+    old = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            old[sig] = signal.signal(sig, _stop_while_starting)
+        except ValueError:  # not the main thread
+            pass
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 class _StopSignal:
@@ -508,7 +534,12 @@ def _train(config, workdir: pathlib.Path, data: TrainingData, mesh, gt, steps_pe
     process 0 (all processes share it) for the run."""
     lock = lock_workdir(workdir) if jax.process_index() == 0 else None
     try:
-        return _train_locked(config, workdir, data, mesh, gt, steps_per_epoch, encoder_init, t_call)
+        with _stops_while_starting():
+            return _train_locked(config, workdir, data, mesh, gt, steps_per_epoch, encoder_init, t_call)
+    except _StoppedWhileStarting as e:  # exit 75 as a stop in the loop (was -15, or a KeyboardInterrupt traceback)
+        print(f"{e}: stopped while starting, before any step was trained; the checkpoints are as they were: "
+              "rerun the same command to continue", flush=True)
+        return EXIT_PREEMPTED
     finally:
         if lock is not None:
             lock.close()
@@ -547,6 +578,7 @@ def _train_locked(config, workdir: pathlib.Path, data: TrainingData, mesh, gt, s
                     "default (%s)", prng_impl, jax.config.jax_default_prng_impl)
     base_rng = jax.random.key(config.run.seed, impl=prng_impl)
     init_rng, step_rng, val_rng = jax.random.split(base_rng, 3)
+    _fault.at("start", step or 0)
     if ckpt.damaged_steps:
         # those steps are trained again and saved under the same numbers, which orbax refuses
         # while their folders exist: they are kept aside, renamed, not deleted
