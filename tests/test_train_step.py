@@ -430,6 +430,21 @@ def test_lr_schedule_drops_after_14_epochs_like_the_original_code():
     assert train.total_steps(config, 3317) == 2  # num_steps overrides epochs
     config.optim.num_steps = -1
     assert train.total_steps(config, 3317) == 66340
+    # what the run's log says of it (steps counted from 1): the drop from the 46,439th step; an
+    # epoch drop inside a run of num_steps is said too (the demo's quick run: 8 of its 120 steps)
+    assert train.describe_lr_schedule(config, 3317) == (
+        "learning rate 0.0001, x0.1 from step 46439 of 66340 (optim.lr_drop_epochs=(14,) x 3317 steps per epoch)")
+    config.optim.num_steps = 120
+    assert train.describe_lr_schedule(config, 8) == (
+        "learning rate 0.0001, x0.1 from step 113 of 120 (optim.lr_drop_epochs=(14,) x 8 steps per epoch)")
+    config.optim.num_steps = 100
+    assert train.describe_lr_schedule(config, 8) == (
+        "learning rate 0.0001, no drop within the 100 steps (optim.lr_drop_epochs=(14,) x 8 steps per epoch: "
+        "from step 113)")
+    config.optim.lr_drop_steps, config.optim.lr_drop_epochs = (50,), ()
+    assert train.describe_lr_schedule(config, 8) == "learning rate 0.0001, x0.1 from step 51 of 100 (optim.lr_drop_steps=(50,))"
+    config.optim.lr_drop_steps = ()
+    assert train.describe_lr_schedule(config, 8) == "learning rate 0.0001, constant"
 
 
 def _two_processes(tmp_path, dtype: str):

@@ -218,6 +218,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     _check(isinstance(stride, int) and 1 <= stride <= 32 and stride & (stride - 1) == 0,
            "distill.translator.output_stride", f"must be a power of 2 from 1 to 32, got {stride!r}")
     _check(isinstance(t.multi_scale, bool), "distill.translator.multi_scale", f"must be true or false, got {t.multi_scale!r}")
+    _check(not t.multi_scale or ds.scale == 0, "distill.scale",
+           f"is {ds.scale}, but distill.translator.multi_scale=True feeds every scale to the translator: "
+           "leave distill.scale at 0 (a 'which scale' ablation needs multi_scale=False)")
     _check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
     for key in ("b1", "b2"):
         _check(0 <= o[key] < 1, f"optim.{key}", f"must be in [0, 1), got {o[key]}")

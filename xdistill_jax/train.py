@@ -78,6 +78,25 @@ def lr_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> opta
     return optax.piecewise_constant_schedule(o.lr, {int(b): o.lr_decay_factor for b in boundaries})
 
 
+def describe_lr_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> str:
+    """The learning rate and its drops within the run, as the log's first lines say it; steps
+    counted from 1, as the log counts them (a boundary b is the b+1-th step's rate)."""
+    o = config.optim
+    if o.lr_drop_steps:
+        source, boundaries = f"optim.lr_drop_steps={tuple(o.lr_drop_steps)}", list(o.lr_drop_steps)
+    else:
+        source = f"optim.lr_drop_epochs={tuple(o.lr_drop_epochs)} x {steps_per_epoch} steps per epoch"
+        boundaries = [int(e) * steps_per_epoch for e in o.lr_drop_epochs]
+    total = total_steps(config, steps_per_epoch)
+    inside = [b for b in boundaries if b < total]
+    if not boundaries:
+        return f"learning rate {o.lr:g}, constant"
+    if not inside:
+        return f"learning rate {o.lr:g}, no drop within the {total} steps ({source}: from step {boundaries[0] + 1})"
+    return (f"learning rate {o.lr:g}, x{o.lr_decay_factor:g} from step " + ", ".join(str(b + 1) for b in inside)
+            + f" of {total} ({source})")
+
+
 def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.GradientTransformation:
     """Adam (torch defaults: no weight decay, no clipping) with the step schedule, over all params."""
     o = config.optim

@@ -564,6 +564,7 @@ def _train_locked(config, workdir: pathlib.Path, data: TrainingData, mesh, gt, s
 
     nets = Networks.from_config(config)
     tx = train.make_optimizer(config, steps_per_epoch)
+    log.info("%s", train.describe_lr_schedule(config, steps_per_epoch))
     ckpt = Checkpointer(workdir / "checkpoints", keep=config.run.keep, async_save=config.run.async_checkpoints)
     _fault.settle = ckpt.wait
 
