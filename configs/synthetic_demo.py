@@ -10,7 +10,7 @@ Baseline: `--config.distill.weight=0`. A tiny smoke variant: `configs/synthetic_
 Expected time: not yet measured (2-core CPU). Expected metrics: not yet measured. It keeps the
 paper's loss settings (min_depth 0.1, lambda 0.1 from step 0) at 64x192 from scratch, which the
 demo's runs found to learn badly on this world (`configs/demo.py`'s docstring: the depth net
-saturated at maximum disparity at 64x192 with min_depth 0.1; lambda 0.1 from step 0 scored worse
+saturated at maximum disparity at 64x192 with min_depth 0.1; lambda 0.1 from step 0 scored no better
 than a constant). For a run known to learn here, use `xdistill demo` (`configs/demo.py`).
 """
 
