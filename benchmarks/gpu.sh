@@ -147,6 +147,8 @@ run() {  # name dtype distill [time limit s] [more bench arguments...]
     return 0
   fi
   [ "$limit" -gt "$left" ] && limit=$left
+  # an earlier call's JSON of this run must not stand in for this one's if it fails (OUTDIR reused)
+  rm -f "$OUTDIR/$name.json"
   local flags="${XLA_FLAGS:+ XLA_FLAGS=$XLA_FLAGS}"
   echo "=== $name: dtype=$dtype distill=$distill $*$flags (limit ${limit}s)"
   local start=$SECONDS
@@ -156,10 +158,14 @@ run() {  # name dtype distill [time limit s] [more bench arguments...]
     { echo "$name (process wall time $((SECONDS - start)) s$flags):"; awk '/^[|]/{p=1; print; next} p{exit}' "$OUTDIR/$name.log"; echo; } \
       | tee -a "$OUTDIR/summary.md"
   else
-    echo "    FAILED or timed out after $((SECONDS - start)) s; last lines of $OUTDIR/$name.log:"
+    local status=$?
+    echo "=== $name: FAILED (exit status $status$([ "$status" = 124 ] && echo ': timed out')) after $((SECONDS - start)) s; its log: $OUTDIR/$name.log" \
+      | tee -a "$OUTDIR/summary.md"
     tail -n 20 "$OUTDIR/$name.log"
+    FAILED_RUNS="${FAILED_RUNS:+$FAILED_RUNS }$name"
   fi
 }
+FAILED_RUNS=""
 
 echo "# GPU train-step benchmark ($(date -u +%F), $("$PY" -c 'import jax; print(jax.devices()[0].device_kind)'))" >"$OUTDIR/summary.md"
 echo "" >>"$OUTDIR/summary.md"
@@ -207,7 +213,9 @@ elif timeout $((60 * LIMIT_SCALE)) "$PY" -u benchmarks/loss_cost.py --batch 12 -
     >"$OUTDIR/loss_cost.log" 2>&1; then
   tail -n 1 "$OUTDIR/loss_cost.log" | tee -a "$OUTDIR/summary.md"
 else
-  echo "    loss_cost FAILED or timed out"; tail -n 5 "$OUTDIR/loss_cost.log"
+  echo "=== loss_cost: FAILED or timed out; its log: $OUTDIR/loss_cost.log" | tee -a "$OUTDIR/summary.md"
+  tail -n 5 "$OUTDIR/loss_cost.log"
+  FAILED_RUNS="${FAILED_RUNS:+$FAILED_RUNS }loss_cost"
 fi
 echo "cache entries written: $(ls "$CACHE" | wc -l)" | tee -a "$OUTDIR/summary.md"
 # Without command buffers: a profile whose every kernel is named by scope, and what CUDA graphs buy.
@@ -222,4 +230,9 @@ run bf16_distill_stride1_cold bfloat16 on 120 --config.distill.translator.output
 run bf16_distill_hwio_cold bfloat16 on 120 --config.model.kernel_layout=HWIO
 # The issue's targets, each figure against its target (benchmarks/gpu_targets.py).
 { echo; "$PY" benchmarks/gpu_targets.py "$OUTDIR"; } | tee -a "$OUTDIR/summary.md"
+if [ -n "$FAILED_RUNS" ]; then
+  echo "runs that FAILED: $FAILED_RUNS (their logs in $OUTDIR)" | tee -a "$OUTDIR/summary.md"
+  echo "done; results in $OUTDIR"
+  exit 1
+fi
 echo "done; results in $OUTDIR"

@@ -4,6 +4,7 @@
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import types
@@ -51,7 +52,13 @@ def test_bench_prints_table_and_writes_json(bench_run):
     # the flags the run was compiled under (gpu.sh's run without autotuning sets some)
     assert doc["xla_flags"] == os.environ.get("XLA_FLAGS", "")
     assert ("(XLA_FLAGS=" in lines[header - 2]) == bool(doc["xla_flags"].strip())
+    # what was measured: the code (this checkout's commit), the host CPU, the compilation cache
+    head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    if head.returncode == 0:
+        assert doc["code_version"].split("+")[0] == head.stdout.strip()
+    assert doc["host_cpu"]["cores_usable"] >= 1 and doc["compilation_cache_dir"]
     (r,) = doc["results"]
+    assert r["teacher_stride"] == 4 and r["peak_memory_scope"] == "process"
     assert (r["dtype"], r["distill"], r["batch"], r["height"], r["width"]) == ("float32", True, 2, 32, 64)
     assert r["steps"] == 3 and r["devices"] == 1
     # the table shows the JSON's figures
@@ -139,6 +146,48 @@ def test_bench_rejects_bad_lists(capsys):
     assert "--dtypes" in capsys.readouterr().err
     assert cli.main(["bench", "--config.optim.nope=1"]) == 2
     assert "optim.nope" in capsys.readouterr().err
+    # were tracebacks (a ZeroDivisionError; the mesh's ConfigError raised outside the checks; the
+    # loader's UnboundLocalError when no batch was left to time)
+    for args, message in ((["--teacher-stride", "0"], "--teacher-stride must be >= 1, got 0"),
+                          (["--config.mesh.num_devices=8"], "config.mesh.num_devices=8 but only 4 devices exist"),
+                          (["--config.mesh.num_devices=2", "--config.optim.batch_size=3"], "batch_size"),
+                          (["--loader", "--loader-epochs", "0"], "epochs must be an integer >= 1, got 0"),
+                          (["--loader", "--loader-examples", "12", "--loader-epochs", "1"],
+                           "12 examples x 1 epochs at batch 12 give 1 batch(es): the first warms up, none would be timed")):
+        assert cli.main(["bench", *args]) == 2, args
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+
+
+def test_fraction_of_peak_is_against_the_meshs_peak(monkeypatch):
+    """The FLOPs are the whole mesh's: on 2 devices the fraction is against 2 devices' peak (it
+    was against one's, reading twice the fraction)."""
+    from xdistill_jax import config_utils
+
+    monkeypatch.setattr(benchmark, "peak_flops", lambda device: 1e12)
+    config = config_utils.config_from_args(str(ROOT / "configs" / "synthetic_demo.py") + ":smoke", [
+        "--config.mesh.num_devices=2", "--config.data.height=32", "--config.data.width=64",
+        "--config.optim.batch_size=2", "--config.distill.weight=0"])
+    r = benchmark.benchmark_step(config, steps=1, warmup=0)
+    assert r["devices"] == 2 and r["peak_flops_per_s"] == 2e12 and r["peak_flops_dtype"] == "bfloat16"
+    assert r["fraction_of_peak"] == pytest.approx(r["flops_per_step"] / (r["step_ms_median"] / 1e3) / 2e12)
+
+
+def test_later_variants_peak_memory_is_marked_the_processs():
+    """Several variants in one process: the device's peak counter is never reset, so the rows after
+    the first show the process's peak so far, marked "<=" (they read as each variant's own)."""
+    base = {"batch": 12, "height": 192, "width": 640, "images_per_s_median": 600.0, "images_per_s_pipelined": 700.0,
+            "step_ms_median": 20.0, "init_s": 5.0, "compile_s": 9.0, "cold_start_s": 9.5, "flops_per_step": 1.2e12,
+            "fraction_of_peak": 0.06, "xla_memory_bytes": 2e9, "devices": 1}
+    results = benchmark.mark_process_peaks([{**base, "variant": "fp32 distill=on", "peak_memory_bytes": 5.77e9,
+                                             "peak_memory_scope": "process"},
+                                            {**base, "variant": "fp32 distill=off", "peak_memory_bytes": 5.77e9,
+                                             "peak_memory_scope": "process"}])
+    assert results[0]["peak_memory_scope"] == "process" and "upper bound" in results[1]["peak_memory_scope"]
+    table = benchmark.markdown_table(results, device="1 x NVIDIA H100 80GB HBM3 (gpu)")
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| fp32")]
+    assert rows[0][11] == "5.77" and rows[1][11] == "<= 5.77"
+    assert "| % of bf16 peak |" in table
 
 
 def test_state_layout_auto_runs_the_same_step():
@@ -190,6 +239,7 @@ def test_peak_flops_table():
     assert benchmark.peak_flops(dev("NVIDIA H100 80GB HBM3")) == 989e12
     assert benchmark.peak_flops(dev("NVIDIA H100 PCIe")) == 756e12
     assert benchmark.peak_flops(dev("NVIDIA H200")) == 989e12
+    assert benchmark.peak_flops(dev("NVIDIA H100 NVL")) == benchmark.peak_flops(dev("NVIDIA H200 NVL")) == 835e12
     assert benchmark.peak_flops(dev("cpu", "cpu")) is None
     assert benchmark.peak_flops(dev("Some Future Chip")) is None
 
@@ -334,7 +384,7 @@ def test_gpu_targets_reads_each_figure_against_its_target(tmp_path):
     _gpu_run_json(tmp_path / "bf16_distill_warm_sequential.json", cold_start_s=14.3)
     _gpu_run_json(tmp_path / "bf16_distill_nocmdbuf.json", step_ms_median=11.55, step_ms_all=[11.5, 11.6])
     _gpu_run_json(tmp_path / "bf16_nodistill_cold.json", step_ms_median=10.0, peak_memory_bytes=7.0e9)
-    _gpu_run_json(tmp_path / "bf16_distill_stride1_cold.json", step_ms_median=12.5)
+    _gpu_run_json(tmp_path / "bf16_distill_stride1_cold.json", step_ms_median=12.5, peak_memory_bytes=9.0e9)
     _gpu_run_json(tmp_path / "bf16_distill_nopad_cold.json", step_ms_median=13.2)
     _gpu_run_json(tmp_path / "bf16_distill_noautotune_cold.json", images_per_s_median=950.0, cold_start_s=21.0,
                   compile_s=18.2)
@@ -355,7 +405,9 @@ def test_gpu_targets_reads_each_figure_against_its_target(tmp_path):
     assert rows["distillation's step time, bf16 (median step, on vs off)"] == ["+10.0 %", "<= +10 %", "met |"]
     assert rows["distillation's step time, bf16, full-resolution translator"][0] == "+25.0 %"
     assert rows["distillation's step time, fp32"][0] == "not measured"
-    assert rows["peak device memory, largest of the runs"] == ["7.00 GB", "<= 6.6 GB", "MISSED |"]
+    # over the targets' own runs: the full-resolution translator's 9 GB is an experiment's
+    assert rows["peak device memory, largest of the target runs (bf16/fp32, distillation on/off)"] == \
+        ["7.00 GB", "<= 6.6 GB", "MISSED |"]
     assert rows["cold start (init + compile), empty cache"] == ["28.0 s", "<= 30 s", "met |"]
     assert rows["start (init + compile), warm cache"] == ["12.5 s", "<= 10 s", "MISSED |"]
     assert rows["start, warm cache, init then compile (bf16_distill_warm_sequential)"] == \
@@ -378,8 +430,13 @@ def test_gpu_targets_reads_each_figure_against_its_target(tmp_path):
 
     _gpu_run_json(tmp_path / "bf16_nodistill_cold.json", step_ms_median=10.0, batch=2)
     out, _ = _gpu_targets_rows(tmp_path)
-    assert "192x640 batch 2 ResNet-18; no verdicts" in out
+    assert "192x640 batch 2 ResNet-18 on 1 device(s); no verdicts" in out
     assert " met |" not in out and "MISSED" not in out
+    # 4 GPUs: another setting too (their images/s are not one H100's)
+    _gpu_run_json(tmp_path / "bf16_nodistill_cold.json", step_ms_median=10.0, devices=4)
+    out, _ = _gpu_targets_rows(tmp_path)
+    assert "192x640 batch 12 ResNet-18 on 4 device(s); no verdicts" in out and " met |" not in out
+    _gpu_run_json(tmp_path / "bf16_nodistill_cold.json", step_ms_median=10.0)
 
     (tmp_path / "broken.json").write_text("{")
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_targets.py"), str(tmp_path)],
@@ -400,7 +457,8 @@ def test_gpu_targets_on_an_h200_bound_the_h100_verdict(tmp_path, ips, verdict):
     out, rows = _gpu_targets_rows(tmp_path)
     assert rows["images/s, bf16, distillation on (bf16_distill_warm)"][2] == verdict + " |"
     assert rows["distillation's step time, bf16 (median step, on vs off)"] == ["+5.0 %", "<= +10 %", "met on the H200 |"]
-    assert rows["peak device memory, largest of the runs"][2] == "met on the H200 |"
+    assert rows["peak device memory, largest of the target runs (bf16/fp32, distillation on/off)"][2] == \
+        "met on the H200 |"
     assert rows["cold start (init + compile), empty cache"][2] == "MISSED on the H200 |"
     assert "this NVIDIA H200 is its chip with 1.43x its memory bandwidth" in out
 
@@ -411,10 +469,28 @@ def test_gpu_targets_give_no_verdict_for_another_device(tmp_path):
     out, rows = _gpu_targets_rows(tmp_path)
     assert "not a NVIDIA A100-SXM4-80GB's: no verdicts" in out
     assert rows["images/s, bf16, distillation on (bf16_distill_warm)"] == ["1,500.0", ">= 1,000", "does not apply (device) |"]
-    assert rows["peak device memory, largest of the runs"][2] == "does not apply (device) |"
+    assert rows["peak device memory, largest of the target runs (bf16/fp32, distillation on/off)"][2] == \
+        "does not apply (device) |"
     assert " met" not in out and "MISSED" not in out
 
     _gpu_run_json(tmp_path / "bf16_distill_cold.json", "NVIDIA H100 80GB HBM3", images_per_s_median=1500.0)
     out, _ = _gpu_targets_rows(tmp_path)
     assert "Runs from several devices (NVIDIA A100-SXM4-80GB, NVIDIA H100 80GB HBM3): no verdicts." in out
     assert " met" not in out and "MISSED" not in out
+
+
+def test_gpu_sh_names_a_failed_run_drops_its_old_json_and_exits_1(tmp_path):
+    """A failed run was said on stdout only: summary.md left it out, the script exited 0, and an
+    earlier call's JSON of that run (the output folder reused) was read as this call's figures."""
+    stale = {"kind": "train_step", "device": "1 x NVIDIA H100 80GB HBM3 (gpu)", "device_kind": "NVIDIA H100 80GB HBM3",
+             "results": [{"height": 192, "width": 640, "batch": 12, "num_layers": 18, "images_per_s_median": 4.4}]}
+    (tmp_path / "fp32_distill_cold.json").write_text(json.dumps(stale))
+    env = dict(os.environ, PYTHON=sys.executable, GPU_RUNS="fp32_distill_cold", LIMIT_SCALE="6",
+               BENCH_ARGS="--steps 1 --warmup 0 --teacher-stride 0")  # fails at its argument check
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), str(tmp_path)], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    summary = (tmp_path / "summary.md").read_text()
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert re.search(r"=== fp32_distill_cold: FAILED \(exit status 2\) after \d+ s; its log: ", summary), summary
+    assert "runs that FAILED: fp32_distill_cold" in summary
+    assert not (tmp_path / "fp32_distill_cold.json").exists() and "4.4" not in summary

@@ -16,7 +16,8 @@ What one measurement (`benchmark_step`) does, timed separately:
            under `jax.transfer_guard("disallow")`: an implicit host<->device transfer inside the
            loop raises instead of silently costing a sync.
 No data loading: the batch (the loader's contract, random uint8 frames, Monodepth2's K per
-scale, float16 teacher logits at half resolution) is placed on the mesh once.
+scale, float16 teacher logits at 1/teacher_stride of the image, a quarter by default) is placed
+on the mesh once.
 
 Then the same number of steps back to back with one block at the end ("pipelined": the host
 dispatches step n+1 while the device runs step n, as in the training loop).
@@ -25,11 +26,13 @@ after its first step (`gc_pauses.frozen_heap`), and the garbage collector's paus
 its time in each timed step, its collections over the timed and back-to-back steps.
 
 Reported per variant: median, mean and pipelined images/s, median step time, init, compile and start seconds,
-FLOPs (and bytes accessed) per step from XLA's cost analysis of the compiled step (per-device
-program x devices),
-the fraction of the device's peak FLOP/s (table `PEAK_FLOPS`, bf16 dense; n/a where unknown,
-e.g. CPU), the device's peak memory in use (`device.memory_stats()`, n/a on CPU) and XLA's
-own memory estimate of the step (arguments + outputs - aliased + temporaries).
+FLOPs per step from XLA's cost analysis of the traced (whole-mesh) step (`_cost`; bytes
+accessed from the compiled per-device program x devices), the fraction of the mesh's peak FLOP/s
+(`PEAK_FLOPS` per device x devices, dense bf16 tensor-core peak whatever the run's dtype; n/a where
+unknown, e.g. CPU), the device's peak memory in use (`device.memory_stats()`, n/a on CPU: the
+process's peak so far, so for a variant after the first in one process an upper bound,
+`peak_memory_scope`) and XLA's own memory estimate of the step (arguments + outputs - aliased +
+temporaries).
 
 Imports only jax, flax, optax, numpy and ml_collections: runs on accelerator images without
 TFDS or grain.
@@ -53,14 +56,18 @@ import numpy as np
 
 from xdistill_jax import gc_pauses
 
-# Peak dense bf16 FLOP/s by device kind substring (vendor data sheets; SXM parts). The fraction of
-# peak is always against the bf16 tensor-core peak, also for fp32 runs (which use TF32/fp32 units).
+# Peak dense bf16 FLOP/s by device kind substring, the first that matches (vendor data sheets;
+# the NVL and PCIe parts before the SXM ones their names contain). The fraction of peak is always
+# against the bf16 tensor-core peak, also for fp32 runs (which use TF32/fp32 units: about half).
 PEAK_FLOPS = {
     "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H200 NVL": 835e12,
     "H100": 989e12,
     "H200": 989e12,
     "A100": 312e12,
 }
+PEAK_DTYPE = "bfloat16"  # the dtype of PEAK_FLOPS' figures
 
 # Monodepth2's fixed normalised intrinsics (KITTI), as the loader uses by default.
 MONODEPTH2_K = np.array([[0.58, 0, 0.5, 0], [0, 1.92, 0.5, 0], [0, 0, 1, 0], [0, 0, 0, 1]], np.float32)
@@ -68,7 +75,7 @@ MONODEPTH2_K = np.array([[0.58, 0, 0.5, 0], [0, 1.92, 0.5, 0], [0, 0, 1, 0], [0,
 STARTS = ("overlapped", "sequential")
 
 COLUMNS = ("variant", "batch", "HxW", "images/s (median)", "images/s (pipelined)", "step ms (median)", "init s",
-           "compile s", "start s", "GFLOP/step", "% of peak", "peak mem GB", "XLA mem GB", "GB accessed/step")
+           "compile s", "start s", "GFLOP/step", "% of bf16 peak", "peak mem GB", "XLA mem GB", "GB accessed/step")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -425,19 +432,32 @@ def benchmark_step(config: ml_collections.ConfigDict, *, steps: int = 50, warmup
         "flops_per_step": flops,
         "bytes_accessed_per_step": None if bytes_device is None else bytes_device * mesh.size,
         "achieved_flops_per_s": achieved,
-        "peak_flops_per_s": peak,
-        "fraction_of_peak": None if (peak is None or achieved is None) else achieved / peak,
+        # the mesh's peak: the FLOPs are the whole mesh's (until 2026-12-07 one device's peak, so
+        # N devices read N times their fraction)
+        "peak_flops_per_s": None if peak is None else peak * mesh.size,
+        "peak_flops_dtype": PEAK_DTYPE,
+        "fraction_of_peak": None if (peak is None or achieved is None) else achieved / (peak * mesh.size),
+        "teacher_stride": teacher_stride if distill else None,
         "peak_memory_bytes": _peak_memory_bytes(mesh),
+        "peak_memory_scope": "process",
         "xla_memory_bytes": _xla_memory_bytes(compiled),
         "final_loss": loss,
         "profile": profile,
     }
 
 
+def mark_process_peaks(results: list[dict]) -> list[dict]:
+    """Mark the peak memory of every result after the first of one process as the process's peak
+    so far (the device's counter is never reset: an upper bound of that variant's own peak)."""
+    for r in results[1:]:
+        r["peak_memory_scope"] = "process peak so far (an upper bound: run one variant per process)"
+    return results
+
+
 def run_matrix(config: ml_collections.ConfigDict, variant_list: Sequence[Variant], **kwargs) -> list[dict]:
     """benchmark_step for each variant of `config` (same process: peak memory is the process's
-    peak so far; run one variant per process for per-variant peaks)."""
-    return [benchmark_step(variant_config(config, v), **kwargs) for v in variant_list]
+    peak so far, marked so; run one variant per process for per-variant peaks)."""
+    return mark_process_peaks([benchmark_step(variant_config(config, v), **kwargs) for v in variant_list])
 
 
 def _fmt(value, spec: str, scale: float = 1.0) -> str:
@@ -458,15 +478,49 @@ def markdown_table(results: Sequence[dict], device: str | None = None) -> str:
                  _fmt(r["step_ms_median"], ".1f"),
                  _fmt(r["init_s"], ".2f"), _fmt(r["compile_s"], ".2f"), _fmt(r.get("cold_start_s"), ".2f"),
                  _fmt(r["flops_per_step"], ".1f", 1e-9), _fmt(r["fraction_of_peak"], ".2f", 100.0),
-                 _fmt(r["peak_memory_bytes"], ".2f", 1e-9), _fmt(r["xla_memory_bytes"], ".2f", 1e-9),
+                 ("<= " if r.get("peak_memory_scope", "process") != "process" and r["peak_memory_bytes"] is not None
+                  else "") + _fmt(r["peak_memory_bytes"], ".2f", 1e-9), _fmt(r["xla_memory_bytes"], ".2f", 1e-9),
                  _fmt(r.get("bytes_accessed_per_step"), ".2f", 1e-9)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def code_version() -> str | None:
+    """The project's git commit (12 hex digits, "+dirty" with uncommitted changes), None outside a
+    git checkout (e.g. a copy of the tree on a device machine)."""
+    import subprocess
+
+    here = pathlib.Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True,
+                             text=True, timeout=10)
+        if rev.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return rev.stdout.strip() + ("+dirty" if dirty else "")
+
+
+def host_cpu() -> dict:
+    """The host CPU's model (from /proc/cpuinfo where there is one) and the cores this process may use."""
+    model = None
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"model": model, "cores_usable": cores, "cores_total": os.cpu_count()}
+
+
 def write_json(path: str | os.PathLike, results: Sequence[dict], **meta) -> pathlib.Path:
-    """Write {"device", "jax_version", "xla_flags", "date", ..., "results"} atomically (temp name,
-    rename); xla_flags: the XLA_FLAGS the programs were compiled under ("" when unset)."""
+    """Write {"device", "jax_version", "xla_flags", "date", "code_version", "host_cpu",
+    "compilation_cache_dir", ..., "results"} atomically (temp name, rename); xla_flags: the
+    XLA_FLAGS the programs were compiled under ("" when unset)."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     counts = {r.get("devices") for r in results}
@@ -475,6 +529,8 @@ def write_json(path: str | os.PathLike, results: Sequence[dict], **meta) -> path
            "platform": jax.devices()[0].platform, "jax_version": jax.__version__,
            "xla_flags": os.environ.get("XLA_FLAGS", ""),
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "code_version": code_version(), "host_cpu": host_cpu(),
+           "compilation_cache_dir": jax.config.jax_compilation_cache_dir,
            **meta, "results": list(results)}
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(doc, indent=2) + "\n")

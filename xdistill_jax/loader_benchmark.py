@@ -139,6 +139,15 @@ def run(*, examples: int = 48, height: int = 192, width: int = 640, batch: int =
     """
     from xdistill_jax import input_pipeline
 
+    if isinstance(examples, bool) or not isinstance(examples, int) or examples < 1:
+        raise ValueError(f"examples must be an integer >= 1, got {examples!r}")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
+    timed = input_pipeline.steps_per_epoch(examples, batch) * epochs - 1  # the first batch warms up
+    if timed < 1:
+        raise ValueError(f"{examples} examples x {epochs} epochs at batch {batch} give "
+                         f"{timed + 1} batch(es): the first warms up, none would be timed; "
+                         "give more examples or epochs")
     say = print if verbose else (lambda *a, **k: None)
     num_workers = input_pipeline.resolve_num_workers(workers)
     with tempfile.TemporaryDirectory(prefix="loader-bench-") as tmp:
@@ -158,6 +167,9 @@ def run(*, examples: int = 48, height: int = 192, width: int = 640, batch: int =
         try:
             next(it)  # warm-up: opens shards, first decode, starts the worker processes
             steps = input_pipeline.steps_per_epoch(len(source), batch) * epochs - 1
+            if steps < 1:  # a reused workdir's split of fewer examples
+                raise ValueError(f"the prepared split holds {len(source)} examples: at batch {batch} x {epochs} "
+                                 "epochs no batch would be timed after the warm-up")
             profiler = None
             if profile:
                 import cProfile

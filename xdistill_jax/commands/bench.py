@@ -8,8 +8,10 @@
 Train step: prints a markdown table (device named) of median images/s over --steps steps after
 --warmup, init, compile and start seconds (the step compiling while the init runs, as in
 training; --start sequential for one after the other), GFLOP per step (XLA cost analysis), % of
-the device's peak, peak and XLA-estimated memory, for each dtype x distillation variant; --json
-writes the figures.
+the mesh's dense bf16 peak (for fp32 runs too), peak and XLA-estimated memory, for each dtype x
+distillation variant; --json writes the figures (with the commit, host CPU and compilation cache).
+The variants run in one process: the device's peak memory of a variant after the first is the
+process's peak so far ("<=" in the table); one variant per call gives each its own (gpu.sh).
 Loader: examples/s per core through prepared TFDS shards + grain + augmentation + teacher join.
 """
 
@@ -85,12 +87,16 @@ def _run_loader(args) -> int:
         print(f"xdistill bench --loader: config overrides are not used: {' '.join(args.extra_args)}",
               file=sys.stderr)
         return 2
-    result = loader_benchmark.run(
-        examples=args.loader_examples, epochs=args.loader_epochs, threads=args.loader_threads,
-        workers=args.loader_workers,
-        image_format=args.loader_format, teacher=not args.loader_no_teacher, workdir=args.loader_workdir,
-        source_scales=args.loader_all_scales, target_scales=args.loader_stored_scales,
-        compression=args.loader_compression)
+    try:
+        result = loader_benchmark.run(
+            examples=args.loader_examples, epochs=args.loader_epochs, threads=args.loader_threads,
+            workers=args.loader_workers,
+            image_format=args.loader_format, teacher=not args.loader_no_teacher, workdir=args.loader_workdir,
+            source_scales=args.loader_all_scales, target_scales=args.loader_stored_scales,
+            compression=args.loader_compression)
+    except ValueError as e:
+        print(f"xdistill bench --loader: {e}", file=sys.stderr)
+        return 2
     if args.json:
         from xdistill_jax.benchmark import write_json
         write_json(args.json, [result], kind="loader")
@@ -113,13 +119,21 @@ def run(args) -> int:
         distill = [_ON_OFF[x] for x in _parse_list(args.distill, tuple(_ON_OFF), "--distill")]
         if args.steps < 1 or args.warmup < 0:
             raise ValueError(f"--steps must be >= 1 and --warmup >= 0, got {args.steps}, {args.warmup}")
+        if args.teacher_stride < 1:
+            raise ValueError(f"--teacher-stride must be >= 1, got {args.teacher_stride}")
         if args.config:
             config = config_utils.load_config_file(args.config)
         else:
             from xdistill_jax.config_defaults import base_config
             config = base_config()
         config = config_utils.apply_overrides(config, args.extra_args)
-        config_utils.validate(config)
+        from xdistill_jax import train
+
+        # the mesh's devices and the batch's split over them, as every variant will use them
+        config_utils.validate(config, num_devices=train.make_mesh(config).size)
+        if args.teacher_stride > min(config.data.height, config.data.width):
+            raise ValueError(f"--teacher-stride {args.teacher_stride} leaves no teacher pixel at "
+                             f"{config.data.height}x{config.data.width}")
     except ValueError as e:  # ConfigError is a ValueError
         print(f"xdistill bench: {e}", file=sys.stderr)
         return 2
@@ -138,8 +152,12 @@ def run(args) -> int:
         print(f"{r['variant']}: {r['images_per_s_median']:.1f} images/s (median of {args.steps}), "
               f"init {r['init_s']:.2f} s, compile {r['compile_s']:.2f} s, start {r['cold_start_s']:.2f} s "
               f"({r['start']})", flush=True)
+    benchmark.mark_process_peaks(results)  # the device's peak-memory counter is the process's, never reset
     print()
     print(benchmark.markdown_table(results))
+    if len(results) > 1 and results[0]["peak_memory_bytes"] is not None:
+        print("\npeak mem GB after the first row: the process's peak so far, an upper bound of that "
+              "variant's (run one variant per call, as benchmarks/gpu.sh does, for its own)")
     if args.profile_dir:
         from xdistill_jax import profile_summary
 
