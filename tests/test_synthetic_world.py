@@ -196,6 +196,17 @@ def test_generate_world_refuses_bad_arguments_and_existing_output(tmp_path):
     with pytest.raises(ValueError, match="not empty"):
         generate_world(tmp_path / "full", drives=2, frames=3, width=32, height=16)
     assert (tmp_path / "full" / "x").read_text() == "keep"
+    # --overwrite replaced any folder, deleting what it held (--out ~ --overwrite: a home folder)
+    with pytest.raises(ValueError, match=r"--out .*full holds no synthetic world \(no world\.json; found x\): "
+                                         "--overwrite replaces only a world `xdistill synth` wrote"):
+        generate_world(tmp_path / "full", drives=2, frames=3, width=32, height=16, overwrite=True)
+    assert (tmp_path / "full" / "x").read_text() == "keep"
+    for kwargs, message in (({"workers": 0}, "--workers must be >= 1, got 0"),  # was taken as 1
+                            ({}, "exists and is not a folder"), ({"sub": True}, "cannot be made: .*x is a file")):
+        out = tmp_path / "full" / "x" / "sub" if kwargs.pop("sub", False) else tmp_path / "full" / "x"
+        with pytest.raises(ValueError, match=message):
+            generate_world(out, drives=2, frames=3, width=32, height=16, **kwargs)
+    assert not list(tmp_path.glob("**/*.partial"))
 
 
 def test_synth_command_writes_a_world(tmp_path, capsys):

@@ -62,9 +62,20 @@ def generate_world(out, seed: int = 0, drives: int = DEMO["drives"], frames: int
                              ("lidar_azimuths", lidar_azimuths, 16)):
         if int(value) < low:
             raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+    if workers is not None and (isinstance(workers, bool) or int(workers) < 1):
+        raise ValueError(f"--workers must be >= 1, got {workers}")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a folder")
+    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise ValueError(f"--out {out}: cannot be made: {blocker} is a file")
     if out.exists() and any(out.iterdir()):
         if not overwrite:
-            raise ValueError(f"output folder {out} exists and is not empty (pass overwrite=True / --overwrite)")
+            raise ValueError(f"--out {out} exists and is not empty (--overwrite replaces a world written there)")
+        if not (out / "world.json").is_file():  # --overwrite deletes the folder: only a world of ours
+            found = ", ".join(sorted(p.name for p in out.iterdir())[:5])
+            raise ValueError(f"--out {out} holds no synthetic world (no world.json; found {found}): "
+                             "--overwrite replaces only a world `xdistill synth` wrote")
     start = time.time()
     tmp = out.with_name(out.name + ".partial")
     if tmp.exists():
@@ -85,7 +96,7 @@ def generate_world(out, seed: int = 0, drives: int = DEMO["drives"], frames: int
             for a in range(0, make3d_images, IMAGES_PER_JOB):
                 jobs.append(("make3d", str(tmp), seed, frames, d, make3d_images, tuple(make3d_size),
                              range(a, min(a + IMAGES_PER_JOB, make3d_images))))
-    workers = default_workers(len(jobs)) if workers is None else max(1, int(workers))
+    workers = default_workers(len(jobs)) if workers is None else int(workers)
     if workers > 1:
         # spawn: the parent may hold threads (e.g. jax), which fork would copy in a broken state.
         with multiprocessing.get_context("spawn").Pool(workers) as pool:

@@ -20,7 +20,7 @@ def _size(text: str) -> tuple[int, int]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from data_pipelines.synthetic_world.generate import DEMO
 
-    parser.add_argument("--out", required=True, help="output folder (must be empty or absent)")
+    parser.add_argument("--out", required=True, help="output folder (empty or absent; with --overwrite, a world written before)")
     parser.add_argument("--seed", type=int, default=0, help="world seed (output is a function of it)")
     parser.add_argument("--drives", type=int, default=DEMO["drives"], help="drives; the last is the test drive")
     parser.add_argument("--frames", type=int, default=DEMO["frames"], help="frames per drive (10 Hz)")
@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(the --demo default: scans are most of the bytes)")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: min(work chunks, CPUs); the world is rendered in chunks "
                              "of 20 frames and 5 Make3D images)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing world at --out")
+    parser.add_argument("--overwrite", action="store_true", help="replace a world `xdistill synth` wrote at --out (a folder without its world.json is refused)")
     parser.add_argument("--demo", action="store_true",
                         help="the demo world: 3 drives x 100 frames at 416x128, scans for the test drive only "
                              "(overrides --drives/--frames/--width/--height)")
