@@ -178,3 +178,32 @@ def test_background_run_failure_names_its_log(tmp_path):
     log = (tmp_path / "baseline" / "train.log").read_text()
     assert "no_such_key" in log
     assert any(line.startswith("  [baseline] ") and "no_such_key" in line for line in lines)
+
+
+def test_a_stop_signal_ends_the_demo_with_75_saying_what_is_kept(tmp_path, monkeypatch, capsys):
+    """SIGTERM outside the in-process training killed the demo silently (143), leaving its baseline
+    process without the SIGTERM that makes it checkpoint; in the training, a RuntimeError
+    traceback (exit 1). Now a stop signal unwinds the demo (its background run is SIGTERMed on the
+    way out, as on any failure), exit 75 with one line; the handlers are given back."""
+    import os
+    import signal
+    import time
+
+    from data_pipelines.synthetic_world import generate
+    from xdistill_jax import cli
+
+    def stopped_while_rendering(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)  # the handler raises in here
+        raise AssertionError("the signal did not stop the demo")
+
+    monkeypatch.setattr(generate, "generate_world", stopped_while_rendering)
+    before = signal.getsignal(signal.SIGTERM)
+    assert cli.main(["demo", "--quick", "--workdir", str(tmp_path / "d")]) == 75
+    err = capsys.readouterr().err
+    assert err == ("xdistill demo: stopped (SIGTERM); the finished stages and the runs' checkpoints are kept: "
+                   "rerun the same command to continue\n"), err
+    assert signal.getsignal(signal.SIGTERM) is before
+    # a workdir of another demo size: exit 2 (bad input, as every verb; was 1)
+    (tmp_path / "d" / "demo.json").write_text('{"seed": -5}\n')
+    assert cli.main(["demo", "--quick", "--workdir", str(tmp_path / "d")]) == 2

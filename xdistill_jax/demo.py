@@ -42,6 +42,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import signal
 import time
 from typing import Callable
 
@@ -189,6 +190,9 @@ class BackgroundRun:
         if it failed."""
         status = self.proc.wait()
         self._thread.join()
+        if status == 75:  # the child was stopped (a signal to the process group) and saved
+            raise DemoStopped(f"the {self.name} run's process was stopped (exit 75; its checkpoint and output: "
+                              f"{self.log.parent})")
         if status != 0:
             raise RuntimeError(f"training {self.name} stopped with exit status {status}; its output: {self.log}")
         return self.t_end - self.t0
@@ -247,8 +251,40 @@ def _latest_step(run_dir: pathlib.Path) -> int | None:
         ckpt.close()
 
 
+class DemoStopped(Exception):
+    """SIGTERM/SIGINT stopped the demo; what finished is kept, and a rerun resumes."""
+
+
+def _raise_stopped(signum, frame):
+    raise DemoStopped(signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def _stops_raise():
+    """SIGTERM/SIGINT as a DemoStopped exception in the main thread while the demo runs, so that
+    its background run is SIGTERMed (and checkpoints) on the way out, as on any failure; the
+    in-process training's own handlers take over while it trains (it saves and returns 75)."""
+    old = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            old[sig] = signal.signal(sig, _raise_stopped)
+        except ValueError:  # not the main thread
+            pass
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
 def run_demo(workdir, *, quick: bool = False, printer: Callable[[str], None] = print) -> dict:
-    """Runs (or resumes) the demo in `workdir`; returns {"table": str, "results": {...}, ...}."""
+    """Runs (or resumes) the demo in `workdir`; returns {"table": str, "results": {...}, ...}.
+    SIGTERM/SIGINT raise DemoStopped once the background run (if any) has stopped and saved."""
+    with _stops_raise():
+        return _run_demo(workdir, quick=quick, printer=printer)
+
+
+def _run_demo(workdir, *, quick: bool = False, printer: Callable[[str], None] = print) -> dict:
     import jax
 
     from xdistill_jax import config_utils, demo_eval, demo_report
@@ -347,6 +383,8 @@ def run_demo(workdir, *, quick: bool = False, printer: Callable[[str], None] = p
             from xdistill_jax import training_loop
 
             status = training_loop.train_and_evaluate(configs["xdistill"], xdistill_dir)
+            if status == training_loop.EXIT_PREEMPTED:  # SIGTERM/SIGINT while it trained: it saved
+                raise DemoStopped(f"a stop signal while X-Distill trained (its checkpoint is in {xdistill_dir})")
             if status != training_loop.EXIT_OK:
                 raise RuntimeError(f"training xdistill in {xdistill_dir} stopped with exit status {status}")
 

@@ -34,10 +34,15 @@ def run(args) -> int:
     try:
         if enable_compilation_cache is not None:
             enable_compilation_cache(args.compilation_cache)
-        from xdistill_jax.demo import run_demo
+        from xdistill_jax.demo import DemoStopped, run_demo
 
-        run_demo(args.workdir, quick=args.quick, printer=lambda s: print(s, flush=True))
-    except ValueError as e:
+        try:
+            run_demo(args.workdir, quick=args.quick, printer=lambda s: print(s, flush=True))
+        except DemoStopped as e:  # exit 75, as `xdistill train` stopped by a signal
+            print(f"xdistill demo: stopped ({e}); the finished stages and the runs' checkpoints are kept: "
+                  "rerun the same command to continue", file=sys.stderr)
+            return 75
+    except ValueError as e:  # bad input (e.g. a workdir of another demo size): exit 2, as the other verbs
         print(f"xdistill demo: error: {e}", file=sys.stderr)
-        return 1
+        return 2
     return 0
