@@ -113,6 +113,14 @@ def test_eval_jsons_have_the_metrics(quick_demo):
         for k in METRIC_KEYS:
             assert m[k] == m[k] and m[k] >= 0, (run, split, k, m[k])  # finite, not NaN
         assert 0 <= m["a1"] <= m["a2"] <= m["a3"] <= 1
+    # the per-image CSVs name their rows alike (split line, Make3D image): the constant's were 0, 1, ...
+    import csv
+
+    steps = json.loads((workdir / "runs" / "baseline" / "config.json").read_text())["optim"]["num_steps"]
+    for split in ("synthetic_eigen", "make3d"):
+        ids = [[row["id"] for row in csv.DictReader(path.open())] for path in (
+            workdir / "eval" / f"constant-{split}.csv", workdir / "runs" / "baseline" / "eval" / f"{split}-step{steps}.csv")]
+        assert ids[0] == ids[1] and not ids[0][0].isdigit(), (split, ids[0][:2])
 
 
 def test_runs_trained_the_same_steps_and_seed(quick_demo):

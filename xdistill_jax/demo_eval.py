@@ -21,14 +21,11 @@ from __future__ import annotations
 
 import json
 import pathlib
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import numpy as np
 
 from xdistill_jax import evaluation
-
-if TYPE_CHECKING:  # eval_depth imports jax: only where the demo evaluates
-    from xdistill_jax.eval_depth import EvalResult
 
 PREDICT_BATCH = 8
 
@@ -102,16 +99,6 @@ def predict_frames(run_dir, config, images: np.ndarray):
     return np.asarray(disp), (None if labels is None else np.asarray(labels))
 
 
-def _summary(per_image: list, keys) -> EvalResult:
-    from xdistill_jax.eval_depth import EvalResult
-
-    summary = evaluation.aggregate(per_image)
-    for k in keys:
-        summary.setdefault(k, float(np.mean([e[k] for e, _ in per_image])))
-    rows = [dict(index=i, id=str(i), **{k: e[k] for k in keys}, ratio=r) for i, (e, r) in enumerate(per_image)]
-    return EvalResult(summary, rows, tuple(keys))
-
-
 def evaluate_all(workdir, configs: dict, gt_path, world, *, printer: Callable[[str], None] = print):
     """Evaluate every run of `configs` ({run: config}) and the constant predictor; write the results."""
     from data_pipelines.kitti import raw
@@ -129,11 +116,13 @@ def evaluate_all(workdir, configs: dict, gt_path, world, *, printer: Callable[[s
     gts = eval_depth.load_matching_gt(gt_path, lines, protocol="eigen")  # bad entries fail before any model runs
     m3_gts = eval_depth.load_make3d_gts(make3d.list_test_set(make3d_dir))
     ones = np.ones((8, 8), np.float32)  # any size: resized to the GT's
+    # rows named as the runs' rows (split line, Make3D image), so the CSVs join (were 0, 1, ...)
+    m3_items = make3d.list_test_set(make3d_dir)
     constant = {
-        EIGEN_SPLIT: _summary([eval_depth.score_kitti_image(g, ones, "eigen") for g in gts],
-                              evaluation.METRIC_KEYS),
-        MAKE3D_SPLIT: _summary([eval_depth.score_make3d_image(g, ones) for g in m3_gts],
-                               evaluation.MAKE3D_METRIC_KEYS),
+        EIGEN_SPLIT: eval_depth.make_result([eval_depth.score_kitti_image(g, ones, "eigen") for g in gts],
+                                        [str(line) for line in lines], evaluation.METRIC_KEYS),
+        MAKE3D_SPLIT: eval_depth.make_result([eval_depth.score_make3d_image(g, ones) for g in m3_gts],
+                                         [item.image_path.name for item in m3_items], evaluation.MAKE3D_METRIC_KEYS),
     }
     for split, result in constant.items():
         eval_depth.write_result(paths[("constant", split)].parent, paths[("constant", split)].stem, result,

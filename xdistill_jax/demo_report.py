@@ -221,7 +221,9 @@ def _warmup_text(distill) -> str:
     if not (distill.depth_grad_start or distill.depth_grad_ramp):
         return ""
     return (f"; its gradient reaches the depth net from step {distill.depth_grad_start}, ramped to full "
-            f"over {distill.depth_grad_ramp} steps (the translator learns from step 0)")
+            f"over {distill.depth_grad_ramp} steps (the translator learns from step 0; the two runs' "
+            "photometric curves part before that all the same, at rounding level first: X-Distill's step "
+            "is another compiled program, whose float additions XLA orders otherwise)")
 
 
 def write_report(workdir, size, configs: dict, results: dict, table: str, stages) -> pathlib.Path:

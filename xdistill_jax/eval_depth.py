@@ -157,7 +157,8 @@ def score_kitti_image(gt_depth, pred_disp, protocol: str, *, stereo: bool = Fals
     raise ValueError(f"protocol: expected one of {KITTI_PROTOCOLS}, got {protocol!r}")
 
 
-def _result(per_image: list, ids: list[str], keys: Sequence[str]) -> EvalResult:
+def make_result(per_image: list, ids: list[str], keys: Sequence[str]) -> EvalResult:
+    """The summary (means, median-scaling ratios) and per-image rows named by `ids` of scored images."""
     summary = evaluation.aggregate(per_image)
     for k in keys:
         if k not in summary:
@@ -190,7 +191,7 @@ def evaluate_kitti(model: DepthModel, data_dir, split_file, gt_path, *, protocol
         disp = predictor.predict(np.stack(images))
         for j, i in enumerate(chunk):
             per_image.append(score_kitti_image(gt[i], disp[j], protocol, stereo=stereo, crop=crop))
-    return _result(per_image, [str(line) for line in lines], evaluation.METRIC_KEYS)
+    return make_result(per_image, [str(line) for line in lines], evaluation.METRIC_KEYS)
 
 
 # ------------------------------------------------------------------------------------------ Make3D
@@ -282,7 +283,7 @@ def evaluate_make3d(model: DepthModel, make3d_dir, *, batch_size: int = 16, post
         disp = predictor.predict(np.stack(images))
         for j, i in enumerate(chunk):
             per_image.append(score_make3d_image(gts[i], disp[j], max_depth))
-    return _result(per_image, [item.image_path.name for item in items], evaluation.MAKE3D_METRIC_KEYS)
+    return make_result(per_image, [item.image_path.name for item in items], evaluation.MAKE3D_METRIC_KEYS)
 
 
 # ------------------------------------------------------------------------------------------ output
