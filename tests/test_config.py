@@ -350,3 +350,19 @@ def test_a_damaged_or_foreign_config_json_is_named(tmp_path, capsys):
         assert re.search(message, err) and "Traceback" not in err, err
         with pytest.raises(inference.ModelLoadError, match=message):
             inference.load_workdir_model(tmp_path / name)
+
+
+def test_a_resume_keeps_the_model_init_its_run_started_with(tmp_path):
+    """A KITTI run started from scratch before the configs said "imagenet" (2026-12-07), resumed
+    with its command: config.json was rewritten with "imagenet" (a run labelled with ImageNet
+    encoders it never had). The run's own init is kept once it has a checkpoint."""
+    kitti = config_utils.config_from_args(str(CONFIGS / "kitti_resnet18_640x192.py"))
+    started = config_utils.apply_overrides(kitti, ["--config.model.init=scratch"])
+    config_utils.save_config(started, tmp_path)
+    assert config_utils.keep_run_init(kitti, tmp_path).model.init == "imagenet"  # no checkpoint: it starts now
+    (tmp_path / "checkpoints" / "2.orbax-checkpoint-tmp-1").mkdir(parents=True)
+    assert config_utils.keep_run_init(kitti, tmp_path).model.init == "imagenet"  # an unfinished save is none
+    (tmp_path / "checkpoints" / "2").mkdir()
+    kept = config_utils.keep_run_init(kitti, tmp_path)
+    assert kept.model.init == "scratch" and kitti.model.init == "imagenet"  # a copy
+    assert list(config_utils.differences(config_utils.load_config(tmp_path), kept)) == []

@@ -412,6 +412,17 @@ def test_a_results_folder_that_cannot_be_written_exits_2_before_the_model_loads(
         assert err == f"xdistill eval: {message}\n", err
 
 
+def test_only_a_missing_torch_is_blamed_on_pth_files(tmp_path, monkeypatch):
+    """`eval` said "reading Monodepth2's .pth files needs PyTorch" for any missing module."""
+    def missing_scipy(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'scipy'", name="scipy")
+
+    monkeypatch.setattr(inference, "load_workdir_model", missing_scipy)
+    with pytest.raises(ModuleNotFoundError, match="scipy"):
+        cli.main(["eval", "--workdir", str(tmp_path), "--split", "make3d", "--data", str(tmp_path),
+                  "--out", str(tmp_path / "o"), "--no-progress"])
+
+
 def test_an_empty_odometry_split_or_poses_file_is_named(tmp_path):
     empty = tmp_path / "test_files_09.txt"
     empty.write_text("\n")  # was an IndexError traceback

@@ -7,6 +7,7 @@ import gc
 import json
 import logging
 import os
+import pathlib
 import re
 import signal
 import threading
@@ -740,3 +741,60 @@ def test_a_workdir_in_use_by_another_run_is_refused_and_left_alone(tmp_path):
     lock = training_loop.lock_workdir(workdir)  # released with its file: the next run takes it
     assert (workdir / training_loop.WORKDIR_LOCK).read_text() == f"{os.getpid()} {__import__('socket').gethostname()}\n"
     lock.close()
+
+
+
+def test_a_workdir_that_cannot_be_locked_trains_on_with_a_warning(tmp_path, monkeypatch, caplog):
+    """A file system without flock (NFS without lockd: ENOLCK) was refused as "in use by another
+    run (pid unknown)"; a read-only workdir (a finished run's rerun) a traceback making .lock."""
+    import errno
+    import fcntl
+
+    def no_flock(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    with monkeypatch.context() as m:
+        m.setattr(fcntl, "flock", no_flock)
+        with caplog.at_level(logging.WARNING, logger="xdistill_jax.training_loop"):
+            assert training_loop.lock_workdir(tmp_path / "nfs") is None
+    assert "its file system does not lock (No locks available); going on without the lock" in caplog.text
+    import shutil
+    import tempfile
+
+    base = pathlib.Path(tempfile.mkdtemp(prefix="xdistill_test_"))  # under /tmp: any user reaches it
+    readonly = base / "ro"
+    try:
+        base.chmod(0o755)
+        readonly.mkdir(mode=0o555)
+        readonly.chmod(0o555)
+        as_nobody = os.geteuid() == 0  # root writes anywhere: the user 'nobody' may not write here
+        if as_nobody:
+            os.seteuid(65534)
+        try:
+            with caplog.at_level(logging.WARNING, logger="xdistill_jax.training_loop"):
+                assert training_loop.lock_workdir(readonly) is None
+        finally:
+            if as_nobody:
+                os.seteuid(0)
+        assert f"workdir {readonly}: cannot make .lock (Permission denied); going on without the lock" in caplog.text
+        assert not any(readonly.iterdir())
+    finally:
+        readonly.chmod(0o755)
+        shutil.rmtree(base)
+
+
+def test_a_stop_signal_during_the_setup_checks_returns_75(tmp_path, monkeypatch, capsys):
+    """SIGTERM while the splits and stores were checked (before the run's own handlers): the
+    process died of it (-15), SIGINT a KeyboardInterrupt traceback. Now 75, nothing written."""
+    import time
+
+    def stopped_while_checking(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)
+        raise AssertionError("the signal did not stop the run")
+
+    monkeypatch.setattr(training_loop, "open_val_ground_truth", stopped_while_checking)
+    before = signal.getsignal(signal.SIGTERM)
+    assert training_loop.train_and_evaluate(tiny_config(distill_weight=0.0), tmp_path / "run", data=make_data()) == 75
+    assert "SIGTERM: stopped while starting, before any step was trained" in capsys.readouterr().out
+    assert signal.getsignal(signal.SIGTERM) is before and not (tmp_path / "run").exists()

@@ -327,6 +327,23 @@ def resolve_kernel_layout(config: ml_collections.ConfigDict, platform: str,
     return resolved
 
 
+def keep_run_init(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+    """`config` with the `model.init` of the run in `workdir` when it has checkpoints (a copy):
+    the encoders' start only applies when a run starts, and a resume with today's KITTI configs
+    ("imagenet") would otherwise relabel a run that started from "scratch" or a file."""
+    workdir = pathlib.Path(workdir)
+    ckpts = workdir / "checkpoints"
+    if not (workdir / CONFIG_JSON).is_file() or not ckpts.is_dir() or not any(
+            p.name.isdigit() for p in ckpts.iterdir()):
+        return config
+    saved = load_config(workdir).model.get("init")
+    if saved is None or saved == config.model.init:
+        return config
+    kept = ml_collections.ConfigDict(config.to_dict())
+    kept.model.init = saved
+    return kept
+
+
 def _flatten(value, prefix="") -> dict[str, Any]:
     if isinstance(value, dict):
         out = {}

@@ -251,8 +251,10 @@ def _latest_step(run_dir: pathlib.Path) -> int | None:
         ckpt.close()
 
 
-class DemoStopped(Exception):
-    """SIGTERM/SIGINT stopped the demo; what finished is kept, and a rerun resumes."""
+class DemoStopped(BaseException):
+    """SIGTERM/SIGINT stopped the demo; what finished is kept, and a rerun resumes. A
+    BaseException: raised wherever the main thread is, it must pass the `except Exception` of
+    the code it interrupts (which would name it a damaged store or a failed checkpoint write)."""
 
 
 def _raise_stopped(signum, frame):

@@ -450,7 +450,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, data=None)
 
     data: optional `TrainingData` replacing the TFDS splits named by config.data (tests,
     benchmarks); by default `tfds_training_data(config)`.
+
+    SIGTERM/SIGINT before the first step (setup checks, restore, compile, a redone validation)
+    return EXIT_PREEMPTED at once, nothing saved (the checkpoints are the state); in the loop
+    they save a checkpoint first.
     """
+    try:
+        with _stops_while_starting():
+            return _train_and_evaluate(config, workdir, data=data)
+    except _StoppedWhileStarting as e:  # exit 75 as a stop in the loop (was -15, or a KeyboardInterrupt traceback)
+        print(f"{e}: stopped while starting, before any step was trained; the checkpoints are as they were: "
+              "rerun the same command to continue", flush=True)
+        return EXIT_PREEMPTED
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, data=None) -> int:
     global _fault
     t_call = time.time()
     _fault = _FaultHook(os.environ.get("XDISTILL_TEST_FAULT"))
@@ -468,6 +482,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, data=None)
         config_utils.validate(config, num_devices=mesh.size)
         # "auto" kernel layout: the run's own if it resumes, else the platform's; saved resolved
         config = config_utils.resolve_kernel_layout(config, train.mesh_platform(mesh), workdir)
+        config = config_utils.keep_run_init(config, workdir)  # a resume keeps how its run started
         check_workdir_config(config, workdir)
         if data is None:
             data = tfds_training_data(config)
@@ -504,15 +519,28 @@ WORKDIR_LOCK = ".lock"
 def lock_workdir(workdir: pathlib.Path):
     """Hold an exclusive lock on `workdir/.lock` (made with the workdir) for as long as the returned
     file stays open, holding this process's pid and host; the kernel drops it when the process
-    ends, however it ends. Another run holding it: ConfigError naming the workdir and that run."""
+    ends, however it ends. Another run holding it: ConfigError naming the workdir and that run.
+    None, with a warning, where the lock cannot be had: a read-only workdir, a file system
+    without flock."""
+    import errno
     import fcntl
     import socket
 
-    workdir.mkdir(parents=True, exist_ok=True)
-    f = open(workdir / WORKDIR_LOCK, "a+")
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        f = open(workdir / WORKDIR_LOCK, "a+")
+    except OSError as e:  # a read-only workdir: a finished run's rerun writes nothing, anything else fails later
+        log.warning("workdir %s: cannot make %s (%s); going on without the lock", workdir, WORKDIR_LOCK,
+                    e.strerror or e)
+        return None
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as e:
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # no flock here (NFS without
+            log.warning("workdir %s: its file system does not lock (%s); going on without the lock "  # lockd)
+                        "(two runs in it would write the same files)", workdir, e.strerror or e)
+            f.close()
+            return None
         f.seek(0)
         holder = f.read().strip() or "unknown"
         f.close()
@@ -534,12 +562,7 @@ def _train(config, workdir: pathlib.Path, data: TrainingData, mesh, gt, steps_pe
     process 0 (all processes share it) for the run."""
     lock = lock_workdir(workdir) if jax.process_index() == 0 else None
     try:
-        with _stops_while_starting():
-            return _train_locked(config, workdir, data, mesh, gt, steps_per_epoch, encoder_init, t_call)
-    except _StoppedWhileStarting as e:  # exit 75 as a stop in the loop (was -15, or a KeyboardInterrupt traceback)
-        print(f"{e}: stopped while starting, before any step was trained; the checkpoints are as they were: "
-              "rerun the same command to continue", flush=True)
-        return EXIT_PREEMPTED
+        return _train_locked(config, workdir, data, mesh, gt, steps_per_epoch, encoder_init, t_call)
     finally:
         if lock is not None:
             lock.close()

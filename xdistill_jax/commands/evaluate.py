@@ -138,6 +138,8 @@ def run(args) -> int:
         print(f"xdistill eval: {e}", file=sys.stderr)
         return 2
     except ImportError as e:  # --monodepth2 .pth files: torch is an optional extra
+        if e.name != "torch":  # another missing module is no matter of .pth files: its own error
+            raise
         print(f"xdistill eval: reading Monodepth2's .pth files needs PyTorch ({e}); pip install torch "
               "(CPU is enough), or convert them once with `xdistill convert-weights --monodepth2` where "
               "torch is installed and pass the converted folder", file=sys.stderr)
