@@ -252,6 +252,13 @@ def load_torchvision_resnet(path_or_state_dict, num_layers: int, num_input_image
     return variables
 
 
+def torch_missing_message(error: ImportError) -> str:
+    """What to do when reading Monodepth2's .pth files finds no torch (an optional extra)."""
+    return (f"reading Monodepth2's .pth files needs PyTorch ({error}); pip install torch (CPU is enough), or "
+            "convert them once with `xdistill convert-weights --monodepth2` where torch is installed and pass "
+            "the converted folder")
+
+
 def _meta_int(state, key, path):
     v = state.get(key)
     if v is None:

@@ -42,7 +42,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import signal
 import time
 from typing import Callable
 
@@ -257,32 +256,15 @@ class DemoStopped(BaseException):
     the code it interrupts (which would name it a damaged store or a failed checkpoint write)."""
 
 
-def _raise_stopped(signum, frame):
-    raise DemoStopped(signal.Signals(signum).name)
-
-
-@contextlib.contextmanager
-def _stops_raise():
-    """SIGTERM/SIGINT as a DemoStopped exception in the main thread while the demo runs, so that
-    its background run is SIGTERMed (and checkpoints) on the way out, as on any failure; the
-    in-process training's own handlers take over while it trains (it saves and returns 75)."""
-    old = {}
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            old[sig] = signal.signal(sig, _raise_stopped)
-        except ValueError:  # not the main thread
-            pass
-    try:
-        yield
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
-
-
 def run_demo(workdir, *, quick: bool = False, printer: Callable[[str], None] = print) -> dict:
     """Runs (or resumes) the demo in `workdir`; returns {"table": str, "results": {...}, ...}.
     SIGTERM/SIGINT raise DemoStopped once the background run (if any) has stopped and saved."""
-    with _stops_raise():
+    # a stop raises wherever the demo is, so that its background run is SIGTERMed (and
+    # checkpoints) on the way out, as on any failure; the in-process training's own handlers take
+    # over while it trains (it saves and returns 75)
+    from xdistill_jax import stop_signals
+
+    with stop_signals.raise_on_stop(DemoStopped):
         return _run_demo(workdir, quick=quick, printer=printer)
 
 

@@ -59,7 +59,7 @@ import ml_collections
 import numpy as np
 
 from data_pipelines.damaged_store import DamagedStoreError
-from xdistill_jax import config_utils, gc_pauses, hosts, local_paths, train
+from xdistill_jax import config_utils, gc_pauses, hosts, local_paths, stop_signals, train
 from xdistill_jax.checkpoints import Checkpointer, CheckpointError
 from xdistill_jax.metric_writer import MetricWriter, colormap, label_image
 from xdistill_jax.objective import Networks
@@ -327,27 +327,6 @@ class _StoppedWhileStarting(BaseException):
     """SIGTERM/SIGINT before the step loop (restoring, compiling, the redone validation)."""
 
 
-def _stop_while_starting(signum, frame):
-    raise _StoppedWhileStarting(signal.Signals(signum).name)
-
-
-@contextlib.contextmanager
-def _stops_while_starting():
-    """Until the loop's `_StopSignal` takes over (and after it), SIGTERM/SIGINT end the run at
-    once through `_StoppedWhileStarting`: the checkpoint on disk is the state, nothing to save."""
-    old = {}
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            old[sig] = signal.signal(sig, _stop_while_starting)
-        except ValueError:  # not the main thread
-            pass
-    try:
-        yield
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
-
-
 class _StopSignal:
     """Records SIGTERM/SIGINT; the loop checks it between steps."""
 
@@ -456,7 +435,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, data=None)
     they save a checkpoint first.
     """
     try:
-        with _stops_while_starting():
+        # until the loop's `_StopSignal` takes over (and after it) a stop ends the run at once:
+        # the checkpoint on disk is the state, nothing to save
+        with stop_signals.raise_on_stop(_StoppedWhileStarting):
             return _train_and_evaluate(config, workdir, data=data)
     except _StoppedWhileStarting as e:  # exit 75 as a stop in the loop (was -15, or a KeyboardInterrupt traceback)
         print(f"{e}: stopped while starting, before any step was trained; the checkpoints are as they were: "

@@ -140,7 +140,7 @@ def run(args) -> int:
     except ImportError as e:  # --monodepth2 .pth files: torch is an optional extra
         if e.name != "torch":  # another missing module is no matter of .pth files: its own error
             raise
-        print(f"xdistill eval: reading Monodepth2's .pth files needs PyTorch ({e}); pip install torch "
-              "(CPU is enough), or convert them once with `xdistill convert-weights --monodepth2` where "
-              "torch is installed and pass the converted folder", file=sys.stderr)
+        from xdistill_jax.convert import torch_missing_message
+
+        print(f"xdistill eval: {torch_missing_message(e)}", file=sys.stderr)
         return 2

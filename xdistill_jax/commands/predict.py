@@ -54,9 +54,9 @@ def run(args) -> int:
     except ImportError as e:  # --monodepth2 reads .pth files: torch is an optional extra
         if e.name != "torch":  # another missing module is no matter of .pth files: its own error
             raise
-        print(f"xdistill predict: reading Monodepth2's .pth files needs PyTorch ({e}); pip install "
-              "torch (CPU is enough), or convert them once with `xdistill convert-weights --monodepth2` where "
-              "torch is installed and pass the converted folder", file=sys.stderr)
+        from xdistill_jax.convert import torch_missing_message
+
+        print(f"xdistill predict: {torch_missing_message(e)}", file=sys.stderr)
         return 2
     print(f"wrote {len(written)} depth maps (+ _disp.png) to {args.out}")
     if job.left_out:  # said, not silent: these were in the input folders
