@@ -26,6 +26,15 @@ import orbax.checkpoint as ocp
 log = logging.getLogger(__name__)
 
 
+def complete_steps(directory) -> list[int]:
+    """Steps with a complete checkpoint in `directory` (orbax renames a save's folder to its bare
+    step number once it is complete; temporary and set-aside folders carry a suffix)."""
+    directory = pathlib.Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be restored into the current config's state; the message says why."""
 
@@ -112,18 +121,14 @@ class Checkpointer:
             self.directory, options=options,
             item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()})
         self.damaged_steps: list[int] = []  # newer steps the last `restore` skipped as unreadable
+        self._pending: int | None = None  # the step of the last save started
         # a failed write (disk full) leaves orbax's in-flight reads and writes handing results to
         # a closed event loop, as a damaged checkpoint's reads do: one error, not a thousand
         quiet_closed_loop_callbacks()
 
-    def _complete_steps(self) -> list[int]:
-        if not self.directory.is_dir():
-            return []
-        return sorted(int(p.name) for p in self.directory.iterdir() if p.is_dir() and p.name.isdigit())
-
     def _write_error(self, error: Exception, step: int | None) -> CheckpointError:
         """A failed save as one CheckpointError: the step, the error, the last complete checkpoint."""
-        steps = [s for s in self._complete_steps() if s != step]
+        steps = [s for s in complete_steps(self.directory) if s != step]
         where = f"checkpoint {self.directory / str(step)}" if step is not None else f"a checkpoint in {self.directory}"
         last = (f"the last complete checkpoint is {self.directory / str(steps[-1])}: rerun the same command "
                 "to resume from it once the cause is fixed" if steps else "no complete checkpoint was written")
@@ -168,8 +173,6 @@ class Checkpointer:
             raise self._write_error(e, step) from e
         self._pending = step
         return saved
-
-    _pending: int | None = None  # the step of the last save started
 
     def wait(self):
         """Block until pending async saves are on disk; a failed one raises CheckpointError."""

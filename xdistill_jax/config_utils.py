@@ -331,10 +331,10 @@ def keep_run_init(config: ml_collections.ConfigDict, workdir: str | os.PathLike)
     """`config` with the `model.init` of the run in `workdir` when it has checkpoints (a copy):
     the encoders' start only applies when a run starts, and a resume with today's KITTI configs
     ("imagenet") would otherwise relabel a run that started from "scratch" or a file."""
+    from xdistill_jax.checkpoints import complete_steps  # orbax: only where a run resumes
+
     workdir = pathlib.Path(workdir)
-    ckpts = workdir / "checkpoints"
-    if not (workdir / CONFIG_JSON).is_file() or not ckpts.is_dir() or not any(
-            p.name.isdigit() for p in ckpts.iterdir()):
+    if not (workdir / CONFIG_JSON).is_file() or not complete_steps(workdir / "checkpoints"):
         return config
     saved = load_config(workdir).model.get("init")
     if saved is None or saved == config.model.init:

@@ -114,10 +114,10 @@ def evaluate_all(workdir, configs: dict, gt_path, world, *, printer: Callable[[s
 
     lines = raw.read_split_file(split_file)
     gts = eval_depth.load_matching_gt(gt_path, lines, protocol="eigen")  # bad entries fail before any model runs
-    m3_gts = eval_depth.load_make3d_gts(make3d.list_test_set(make3d_dir))
+    m3_items = make3d.list_test_set(make3d_dir)
+    m3_gts = eval_depth.load_make3d_gts(m3_items)
     ones = np.ones((8, 8), np.float32)  # any size: resized to the GT's
     # rows named as the runs' rows (split line, Make3D image), so the CSVs join (were 0, 1, ...)
-    m3_items = make3d.list_test_set(make3d_dir)
     constant = {
         EIGEN_SPLIT: eval_depth.make_result([eval_depth.score_kitti_image(g, ones, "eigen") for g in gts],
                                         [str(line) for line in lines], evaluation.METRIC_KEYS),

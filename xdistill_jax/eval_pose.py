@@ -141,11 +141,13 @@ def odometry_sequence(data_dir, split: str, split_file=None) -> PoseSequence:
 
 
 def _one_format(stems: Sequence[pathlib.Path]) -> list[pathlib.Path]:
-    """The frames' paths in frame 0's format: .png if it exists, else .jpg if that exists, else .png
-    (the missing-image error names it). A frame only in the other format (a sequence half-converted
-    to JPEG) raises ValueError naming both."""
-    ext = ".jpg" if not stems[0].with_suffix(".png").is_file() and stems[0].with_suffix(".jpg").is_file() else ".png"
-    other = ".png" if ext == ".jpg" else ".jpg"
+    """The frames' paths in frame 0's format (`raw.image_format`: .png, else .jpg, as the raw
+    layout's frames). A frame only in the other format (a sequence half-converted to JPEG) raises
+    ValueError naming both."""
+    from data_pipelines.kitti import raw
+
+    ext = raw.image_format(stems[0])
+    other = raw.IMAGE_EXTS[1] if ext == raw.IMAGE_EXTS[0] else raw.IMAGE_EXTS[0]
     for stem in stems:
         if not stem.with_suffix(ext).is_file() and stem.with_suffix(other).is_file():
             raise ValueError(f"{stems[0].with_suffix(ext)} is {ext} but {stem.with_suffix(other)} exists only as "

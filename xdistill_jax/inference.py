@@ -57,10 +57,9 @@ class DepthModel:
 
 def checkpoint_steps(workdir) -> list[int]:
     """Steps with a complete checkpoint in `workdir/checkpoints` (orbax renames finished saves)."""
-    ckpt_dir = pathlib.Path(workdir) / "checkpoints"
-    if not ckpt_dir.is_dir():
-        return []
-    return sorted(int(p.name) for p in ckpt_dir.iterdir() if p.is_dir() and p.name.isdigit())
+    from xdistill_jax.checkpoints import complete_steps
+
+    return complete_steps(pathlib.Path(workdir) / "checkpoints")
 
 
 def load_workdir_model(workdir, step: int | None = None) -> DepthModel:

@@ -147,11 +147,6 @@ def collect_inputs(inputs: Sequence) -> list[tuple[pathlib.Path, str]]:
     return scan_inputs(inputs)[0]
 
 
-def _check_out_dir(out_dir: pathlib.Path) -> None:
-    """Refuse an --out that cannot be a folder or that this user may not write in, before anything runs."""
-    check_output_dir(out_dir, "--out")
-
-
 def _check_no_overwrite(items: Sequence[tuple[pathlib.Path, str]], out_dir: pathlib.Path) -> None:
     """Predicting in place must not replace an input: `x.png`'s `x_disp.png` is a user's image too."""
     inputs = {p.resolve(): p for p, _ in items}
@@ -209,7 +204,7 @@ def prepare(inputs: Sequence, out_dir, *, scale: float | None = None, batch_size
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"--batch-size must be an integer > 0, got {batch_size}")
     out_dir = pathlib.Path(out_dir)
-    _check_out_dir(out_dir)
+    check_output_dir(out_dir, "--out")
     items, left_out = scan_inputs(inputs)
     _check_no_overwrite(items, out_dir)
     for path, _ in items:  # name an unreadable image before any compute: decoded in full, as a

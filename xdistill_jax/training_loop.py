@@ -558,12 +558,9 @@ def _train_locked(config, workdir: pathlib.Path, data: TrainingData, mesh, gt, s
         from xdistill_jax.inference import checkpoint_steps
 
         finished = max(checkpoint_steps(workdir), default=-1) >= num_steps
-        if finished and (workdir / config_utils.CONFIG_JSON).is_file():
-            # nothing will be trained: the saved config stays the one the checkpoints were
-            # trained with (a changed setting would label the finished run with it); said below,
-            # once a checkpoint restored (a damaged last one falls back and trains again)
-            pass
-        else:
+        # a finished run (said below, once a checkpoint restored) keeps the config.json its
+        # checkpoints were trained with: a changed setting would label the run with it
+        if not (finished and (workdir / config_utils.CONFIG_JSON).is_file()):
             config_utils.save_config(config, workdir)
 
     nets = Networks.from_config(config)

@@ -131,6 +131,16 @@ def read_split_file(path) -> list[SplitLine]:
 IMAGE_EXTS = (".png", ".jpg")  # KITTI as downloaded; converted as Monodepth2's README suggests
 
 
+def image_format(stem: Path) -> str:
+    """The suffix a frame `stem` is stored with: .png if that file exists, else .jpg if that does
+    (a tree converted to JPEG, as Monodepth2's README suggests), else .png (what a missing-frame
+    error names)."""
+    for candidate in IMAGE_EXTS:
+        if stem.with_suffix(candidate).is_file():
+            return candidate
+    return IMAGE_EXTS[0]
+
+
 def image_path(root, line: SplitLine, frame_offset: int = 0, ext: str | None = None) -> Path:
     """`ROOT/FOLDER/image_0{2,3}/data/%010d.EXT` of `line`'s frame plus `frame_offset`.
 
@@ -142,12 +152,7 @@ def image_path(root, line: SplitLine, frame_offset: int = 0, ext: str | None = N
     if index < 0:
         raise ValueError(f"split line {line}: frame {line.frame_index}{frame_offset:+d} is negative")
     stem = Path(root) / line.folder / f"image_0{line.camera}" / "data" / f"{index:010d}"
-    if ext is not None:
-        return stem.with_suffix(ext)
-    for candidate in IMAGE_EXTS:
-        if stem.with_suffix(candidate).is_file():
-            return stem.with_suffix(candidate)
-    return stem.with_suffix(IMAGE_EXTS[0])
+    return stem.with_suffix(ext if ext is not None else image_format(stem))
 
 
 def triplet_paths(root, line: SplitLine, offsets=(-1, 0, 1)) -> dict[int, Path]:

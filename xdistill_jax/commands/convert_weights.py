@@ -90,7 +90,7 @@ def run(args) -> int:
         return 2
     # an earlier conversion here is no longer complete while this one writes (meta.json marks a
     # complete folder), and a pose.msgpack it left must not outlive a model without a pose net
-    (out / "meta.json").unlink(missing_ok=True)
+    (out / convert.CONVERTED_META).unlink(missing_ok=True)
     if loaded["pose"] is None:
         (out / "pose.msgpack").unlink(missing_ok=True)
     convert.save_variables(out / "depth.msgpack", loaded["depth"])
@@ -101,6 +101,6 @@ def run(args) -> int:
     meta["kernel_layout"] = "HWIO"  # flax's; the networks read them with kernel_layout="HWIO"
     if "use_stereo" in loaded:
         meta["use_stereo"] = loaded["use_stereo"]
-    _write_json_atomic(out / "meta.json", meta)  # written last: its presence marks a complete folder
+    _write_json_atomic(out / convert.CONVERTED_META, meta)  # written last: its presence marks a complete folder
     print(f"wrote {out}/depth.msgpack" + (", pose.msgpack" if meta["has_pose"] else "") + f", meta.json {meta}")
     return 0
