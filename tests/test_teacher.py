@@ -292,6 +292,36 @@ def test_labels_backend_round_trip_through_store_and_loader(tmp_path):
         np.testing.assert_array_equal(ex["color"][1], img)
 
 
+def test_labels_of_several_sizes_in_one_batch_are_each_resized(tmp_path):
+    """Raw KITTI frames differ in size by recording date (1242x375, 1226x370, ...), and the
+    labels: backend refused a batch of label files of two sizes ("differ in size"), so a store of
+    an external tool's KITTI-size labels could be written only at --batch-size 1. Now each size
+    is resized on its own: the store equals the one written one example at a time."""
+    src = _source(4)
+    rng = np.random.default_rng(5)
+    sizes = [(2 * H, 2 * W), (2 * H + 1, 2 * W + 1), (2 * H, 2 * W), (4 * H, 4 * W)]
+    labels = [rng.integers(0, 19, s) for s in sizes]
+    labels[1][2, :7] = 255  # sampled: stored row 0, columns 0 and 1 (label columns 2 and 6)
+    _write_label_pngs(tmp_path / "labels", _ids(4), labels)
+    backend = backends.make_backend(f"labels:{tmp_path / 'labels'}")
+    assert isinstance(backend.class_logits(np.stack([r["image_0"] for r in src[:2]]), _ids(2)), list)
+    for bs in (4, 1):
+        precompute.precompute(backend, src, tmp_path / f"store{bs}", grouping="geometric",
+                              stride=2, batch_size=bs, progress=False)
+    together, alone = (store.TeacherLogitsSource(tmp_path / f"store{bs}") for bs in (4, 1))
+    from xdistill_jax.semantics import group_labels
+    for i in range(4):
+        np.testing.assert_array_equal(together[i][1], alone[i][1])
+        h0, w0 = sizes[i]  # nearest: the pixel whose centre is nearest the stored pixel's
+        rows = np.floor((np.arange(H // 2) + 0.5) * h0 / (H // 2)).astype(int)
+        cols = np.floor((np.arange(W // 2) + 0.5) * w0 / (W // 2)).astype(int)
+        want = group_labels(labels[i][np.ix_(rows, cols)].astype(np.uint8), "geometric")
+        valid = want != 255
+        assert (~valid).sum() == (2 if i == 1 else 0)
+        np.testing.assert_array_equal(together[i][1].argmax(-1)[valid], want[valid])
+        assert (together[i][1][~valid] == 0).all()
+
+
 def test_labels_backend_npy_logits_and_bad_files(tmp_path):
     root = tmp_path / "labels"
     ids = _ids(2)

@@ -24,8 +24,8 @@ A backend is chosen by a spec string ``KIND:PATH``:
   (uint8, 255 = ignore) -> logits ``label_logit`` (10) for the labelled class, 0 elsewhere
   (softmax 0.9992 on the label). ``.npy``: float (h,w,C) class logits, or integer (h,w) trainIds.
   Label files must have the image's aspect ratio (within 2%: raw KITTI-size labels of a resized
-  dataset are fine) or exactly ``expected_size`` when given; a wrong size or a missing id is a
-  ValueError naming the file.
+  dataset are fine, and one batch may mix the sizes of several recording dates) or exactly
+  ``expected_size`` when given; a wrong size or a missing id is a ValueError naming the file.
 
 Every backend returns float32 class logits (N,h,w,C) in the teacher's Cityscapes trainId order at
 its own resolution. From the `labels:` backend (``nan_means_no_opinion = True``) NaN at a pixel
@@ -281,12 +281,13 @@ class LabelsBackend:
         self._check_size(path, labels.shape, image_shape)
         return self._labels_to_logits(path, labels)
 
-    def class_logits(self, images: np.ndarray, example_ids: Sequence[str]) -> np.ndarray:
+    def class_logits(self, images: np.ndarray, example_ids: Sequence[str]) -> np.ndarray | list:
+        """(N,h,w,C) when the batch's label files share a size; else the list of N (h_i,w_i,C) maps
+        (raw KITTI frames differ in size by recording date: 1242x375, 1226x370, 1241x376), which
+        `precompute` resizes to the store size each on its own."""
         maps = [self.load(i, images.shape[1:3]) for i in example_ids]
-        shapes = {m.shape for m in maps}
-        if len(shapes) > 1:
-            raise ValueError(f"teacher label files of one batch differ in size {sorted(shapes)} "
-                             f"(ids {list(example_ids)}); resize them to one size")
+        if len({m.shape for m in maps}) > 1:
+            return maps
         return np.stack(maps)
 
 

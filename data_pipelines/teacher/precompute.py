@@ -81,7 +81,8 @@ def precompute(backend, source, out_dir, *, grouping: str = "geometric", stride:
 
     Args:
       backend: a `backends` object (``class_logits(images uint8 (N,H,W,3), ids) -> (N,h,w,C)``,
-        ``num_classes``, ``resize_method``, ``describe()``).
+        or a list of N (h_i,w_i,C) maps of several sizes; ``num_classes``, ``resize_method``,
+        ``describe()``).
       source: random access to the split's examples: ``source[i]`` is a dict with ``id`` (str or
         bytes) and ``image_0`` (uint8 (H,W,3)); e.g. `tfds_builder.open_split(...)`.
       out_dir: the store directory.
@@ -112,6 +113,20 @@ def precompute(backend, source, out_dir, *, grouping: str = "geometric", stride:
             raise ValueError(f"example {ids[0]!r}: image_0 is {images.shape[1:3]}, split images "
                              f"are {img_h}x{img_w}")
         logits = backend.class_logits(images, ids)
+        if isinstance(logits, list):  # maps of several sizes (label files of several KITTI dates)
+            if len(logits) != len(ids) or any(m.ndim != 3 or m.shape[-1] != g.num_classes
+                                               for m in logits):
+                raise ValueError(f"teacher backend returned logits {[m.shape for m in logits]} for "
+                                 f"{len(ids)} examples; expected (h,w,{g.num_classes}) each")
+            for k, m in enumerate(logits):
+                check_finite(m[None], backend, ids[k:k + 1], indices[k:k + 1])
+            out = np.empty((len(ids), height, width, g.num_groups), np.float32)
+            for shape in {m.shape for m in logits}:  # one resize per size: few compiled programs
+                ks = [k for k, m in enumerate(logits) if m.shape == shape]
+                out[ks] = np.asarray(group_and_resize(np.stack([logits[k] for k in ks]), grouping=g,
+                                                      height=height, width=width,
+                                                      method=backend.resize_method))
+            return ids, out
         if logits.ndim != 4 or logits.shape[0] != len(ids) or logits.shape[-1] != g.num_classes:
             raise ValueError(f"teacher backend returned logits {logits.shape} for {len(ids)} "
                              f"examples; expected (N,h,w,{g.num_classes})")
