@@ -68,6 +68,24 @@ def test_store_identity_names_the_content_not_the_place(tmp_path):
     assert store.TeacherLogitsSource(tmp_path / "c").identity != ident
 
 
+def test_a_store_resumed_from_another_folder_names_the_same_teacher(tmp_path, monkeypatch):
+    """The teacher spec was stored as typed and compared as a string: a store begun with
+    `flax:runs/teacher` was refused when resumed as `flax:$PWD/runs/teacher`. Paths are compared
+    absolute now; another teacher is still refused."""
+    ids = _ids(4)
+    kw = dict(group_names=GROUPS7, height=3, width=5, batch_size=2, progress=False)
+    monkeypatch.chdir(tmp_path)
+    teacher = lambda spec: {"teacher": {"backend": spec, "step": 2}}  # noqa: E731
+    store.write_store(tmp_path / "s", 4, _fake_batch(ids), grouping="geometric",
+                      extra_metadata=teacher("flax:runs/teacher"), **kw)
+    store.write_store(tmp_path / "s", 4, _fake_batch(ids), grouping="geometric",
+                      extra_metadata=teacher(f"flax:{tmp_path}/runs/../runs/teacher"), **kw)
+    with pytest.raises(ValueError, match=r"existing store has teacher=\{'backend': 'flax:runs/teacher'.*this run "
+                                         r"has .*flax:.*/runs/other"):
+        store.write_store(tmp_path / "s", 4, _fake_batch(ids), grouping="geometric",
+                          extra_metadata=teacher(f"flax:{tmp_path}/runs/other"), **kw)
+
+
 def test_store_resume_after_interruption(tmp_path):
     ids = _ids(8)
     calls = []
@@ -433,6 +451,38 @@ def test_flax_teacher_trains_saves_and_resumes(flax_teacher, capsys):
     assert re.search(r"config\.json: the teacher checkpoint here was trained with other settings "
                      r"\(height: 32 -> 64; lr: 0\.001 -> 0\.5\)", err), err
     assert (work / tt.CONFIG_FILE).read_bytes() == saved
+
+
+def test_an_unfinished_teacher_run_is_refused_and_resumes_without_its_pth(flax_teacher, tmp_path, capsys):
+    """An interrupted `teacher train` (last checkpoint before its last step) was used by
+    `precompute` as if finished, its store marked complete. And resuming a --pretrained run read
+    the .pth again, though the checkpoint holds the weights: a moved file made the run impossible
+    to resume. Both fixed; --workdir or --out that is a file is a one-line error, not a traceback."""
+    import json
+    import shutil
+
+    from data_pipelines.teacher import train_teacher as tt
+    from xdistill_jax import cli
+
+    work, argv = flax_teacher
+    part = tmp_path / "part"
+    shutil.copytree(work, part)
+    shutil.rmtree(part / "checkpoints" / "2")
+    with pytest.raises(ValueError, match=r"flax teacher .*part: its last checkpoint is of step 1 of 2; "
+                                         r"finish the run first"):
+        backends.make_backend(f"flax:{part}")
+    cfg = json.loads((part / tt.CONFIG_FILE).read_text())
+    cfg["pretrained"] = str(tmp_path / "moved_away.pth")  # a --pretrained run whose file is gone
+    (part / tt.CONFIG_FILE).write_text(json.dumps(cfg))
+    resume = [a if a != str(work) else str(part) for a in argv] + ["--pretrained", cfg["pretrained"]]
+    capsys.readouterr()
+    assert cli.main(resume) == 0
+    assert "'steps_run': 1" in capsys.readouterr().out
+    assert tt.load_teacher(part)[3] == 2
+    (tmp_path / "afile").write_text("x")
+    assert cli.main([a if a != str(work) else str(tmp_path / "afile") for a in argv]) == 1
+    assert capsys.readouterr().err.strip().endswith("--workdir " + str(tmp_path / "afile")
+                                                    + " exists and is not a folder")
 
 
 def test_flax_backend_round_trip_through_store_and_loader(flax_teacher, tmp_path):

@@ -76,6 +76,18 @@ def _identity(meta: dict, shard_sizes: Sequence[int] = ()) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
+def _absolute_backend(meta: dict) -> dict:
+    """`meta` with its teacher's ``KIND:PATH`` spec made absolute (against this process's working
+    directory): a store resumed from another folder, or begun with a relative path by an older
+    version, names the same teacher the same way."""
+    teacher = meta.get("teacher")
+    if isinstance(teacher, dict) and isinstance(teacher.get("backend"), str):
+        kind, sep, path = teacher["backend"].partition(":")
+        if sep and path:
+            meta = {**meta, "teacher": {**teacher, "backend": f"{kind}:{os.path.abspath(path)}"}}
+    return meta
+
+
 def _write_json_atomic(path: Path, obj: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
@@ -198,9 +210,10 @@ class TeacherLogitsWriter:
         if meta_path.is_file():
             old = json.loads(meta_path.read_text())
             new = json.loads(json.dumps(self.meta))  # as stored: tuples are lists there
+            old_abs, new_abs = _absolute_backend(old), _absolute_backend(new)
             for key in ("format", "grouping", "num_groups", "height", "width", "num_examples",
                         "shard_size", "fingerprint", "teacher"):
-                if old.get(key) != new.get(key):
+                if old_abs.get(key) != new_abs.get(key):
                     raise ValueError(
                         f"{meta_path}: existing store has {key}={old.get(key)!r}, this run has "
                         f"{self.meta.get(key)!r}; use another --out or delete the old store")

@@ -209,7 +209,8 @@ def train_teacher(cfg: TeacherTrainConfig, workdir, *, log_every: int = 20) -> d
     model = _model(cfg)
     tx = _optimizer(cfg)
     ckpt = Checkpointer(workdir / "checkpoints", keep=2, async_save=False)
-    abstract = jax.eval_shape(lambda: _init_state(cfg, model, tx))
+    # pretrained="": a resumed run's weights are in its checkpoint, the ImageNet file is not read
+    abstract = jax.eval_shape(lambda: _init_state(dataclasses.replace(cfg, pretrained=""), model, tx))
     state, _, _ = ckpt.restore(abstract)
     if state is None:
         # one compiled program, not hundreds of eagerly dispatched ops (cold: 5 s instead of 8);
@@ -309,11 +310,15 @@ class FlaxBackend:
             raise ValueError(f"flax teacher {self.workdir} has {cfg.num_classes} classes but "
                              f"the grouping expects {num_classes} teacher classes")
         self.model, self.variables, self.config, self.step = load_teacher(self.workdir)
+        if self.step < self.config.steps:  # an interrupted run: its logits are not the teacher's
+            raise ValueError(f"flax teacher {self.workdir}: its last checkpoint is of step {self.step} "
+                             f"of {self.config.steps}; finish the run first (`xdistill teacher train` "
+                             "with the same --workdir and settings resumes it)")
         self.num_classes = num_classes
         self._apply = jax.jit(lambda v, x: self.model.apply(v, x, train=False))
 
     def describe(self) -> dict:
-        return {"backend": f"flax:{self.workdir}", "variant": self.config.variant,
+        return {"backend": f"flax:{os.path.abspath(self.workdir)}", "variant": self.config.variant,
                 "input_size": [self.config.height, self.config.width], "step": self.step}
 
     def class_logits(self, images: np.ndarray, example_ids: Sequence[str]) -> np.ndarray:

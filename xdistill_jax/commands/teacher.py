@@ -92,6 +92,8 @@ def _backend_options(args) -> dict:
 
 
 def run(args) -> int:
+    from xdistill_jax.output_dirs import check_output_dir
+
     try:
         if args.teacher_verb == "train":
             from data_pipelines.teacher.train_teacher import TeacherTrainConfig, train_teacher
@@ -101,17 +103,26 @@ def run(args) -> int:
             fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(TeacherTrainConfig)
                       if hasattr(args, f.name)}
             cfg = TeacherTrainConfig(**fields, data_dir=args.data)
+            check_output_dir(args.workdir, "--workdir")
             metrics = train_teacher(cfg, args.workdir)
             print(f"teacher trained: {metrics}")
             return 0
         from data_pipelines.teacher.precompute import precompute_split
 
+        check_output_dir(args.out, "--out")
         path = precompute_split(args.backend, args.dataset, args.split, args.out,
                                 backend_options=_backend_options(args), grouping=args.grouping,
                                 stride=args.stride, batch_size=args.batch_size,
                                 shard_size=args.shard_size, progress=not args.no_progress)
     except ValueError as e:
         print(f"xdistill teacher {args.teacher_verb}: error: {e}", file=sys.stderr)
+        return 1
+    except ImportError as e:  # --pretrained .pth files: torch is an optional extra
+        if e.name != "torch":
+            raise
+        print(f"xdistill teacher {args.teacher_verb}: error: --pretrained {args.pretrained}: reading a "
+              f"torchvision .pth file needs PyTorch ({e}); pip install torch (CPU is enough)",
+              file=sys.stderr)
         return 1
     print(path)
     return 0
