@@ -783,6 +783,31 @@ def test_a_workdir_that_cannot_be_locked_trains_on_with_a_warning(tmp_path, monk
         shutil.rmtree(base)
 
 
+def test_a_stop_signal_while_the_first_step_compiles_returns_75_with_no_checkpoint(tmp_path, monkeypatch,
+                                                                                 capsys):
+    """SIGTERM while the loop waited for the step's compile (on its background thread): the loop's
+    handler only noted it, so the run waited out the compile (~90 s cold on a GPU, past a
+    preemption's grace), trained a step and saved a checkpoint, where the docs promise "stopped
+    while starting ... the checkpoints are as they were". Now the wait is before the loop."""
+    import time
+
+    from xdistill_jax import background_compile
+
+    compile_step = background_compile.AheadStep._compile
+
+    def compile_then_stop(self):
+        compile_step(self)
+        time.sleep(1.5)  # the main thread is waiting for this thread by now
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1.0)
+
+    monkeypatch.setattr(background_compile.AheadStep, "_compile", compile_then_stop)
+    assert training_loop.train_and_evaluate(tiny_config(distill_weight=0.0), tmp_path / "run", data=make_data()) == 75
+    assert "SIGTERM: stopped while starting, before any step was trained" in capsys.readouterr().out
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert not ckpts.exists() or not [p for p in ckpts.iterdir() if p.name.isdigit()]
+
+
 def test_a_stop_signal_during_the_setup_checks_returns_75(tmp_path, monkeypatch, capsys):
     """SIGTERM while the splits and stores were checked (before the run's own handlers): the
     process died of it (-15), SIGINT a KeyboardInterrupt traceback. Now 75, nothing written."""

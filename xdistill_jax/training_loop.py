@@ -668,6 +668,10 @@ def _train_locked(config, workdir: pathlib.Path, data: TrainingData, mesh, gt, s
             train_step.wait()  # the eval step compiles next, not while the step autotunes (GPU)
         validate(config, eval_step, mesh, state, data.make_val_iterator, writer, step, val_rng, gt)
 
+    if train_step is not None:
+        # the first step's compile is waited for here, where a stop still ends the run at once
+        # (a cold GPU compile is ~90 s; the loop's handler below would train a step, then save)
+        train_step.wait()
     pending, checked_step = [], step
     t_start, step_start = time.time(), step
     # time spent waiting for the next batch since the last log line (the loader's share of the loop)
