@@ -87,6 +87,8 @@ def test_bad_overrides_name_the_key(args, key):
     (["--config.optim.lr_drop_epochs=(10, 5)"], "optim.lr_drop_epochs"),
     (["--config.optim.lr_drop_steps=(-3,)"], "optim.lr_drop_steps"),  # the lr dropped from step 0
     (["--config.optim.lr_drop_steps=(5, 5)"], "optim.lr_drop_steps"),  # one drop, not two
+    (["--config.run.seed=-1"], "run.seed"),  # a numpy traceback after the workdir was written
+    (["--config.run.seed=9223372036854775808"], "run.seed"),  # an OverflowError in jax.random.key
     # the translator reads every scale with multi_scale: a scale asked for was ignored silently
     (["--config.distill.translator.multi_scale=True", "--config.distill.scale=3"], "distill.scale"),
 ])

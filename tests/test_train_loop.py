@@ -211,6 +211,15 @@ def test_an_unreadable_encoder_file_fails_naming_the_key_before_the_workdir_is_m
     assert not (tmp_path / "run").exists()
 
 
+def test_a_batch_larger_than_the_split_is_refused_with_steps_per_epoch_set(tmp_path):
+    """The check looked at optim.steps_per_epoch when it was set (> 0): a batch larger than the
+    split reached the loader, a traceback after config.json was written."""
+    config = tiny_config(distill_weight=0.0, **{"optim.batch_size": 16, "optim.steps_per_epoch": 10})
+    with pytest.raises(config_utils.ConfigError, match=r"config\.optim\.batch_size=16 exceeds the 8 training examples"):
+        training_loop.train_and_evaluate(config, tmp_path / "run", data=make_data())
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_workdir_that_is_a_file_is_refused_and_left_alone(tmp_path):
     """Until 2026-12-06 a FileExistsError traceback from the workdir's mkdir."""
     path = tmp_path / "run"

@@ -234,6 +234,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         _check(isinstance(drops, (tuple, list)) and all(type(v) is int and v > 0 for v in drops)
                and all(a < b for a, b in zip(drops, drops[1:])), f"optim.{key}",
                f"must be increasing integers > 0, got {drops!r}")
+    _check(type(r.seed) is int and 0 <= r.seed < 2**63, "run.seed",  # numpy's SeedSequence, jax.random.key
+           f"must be an integer from 0 to 2**63-1, got {r.seed!r}")
     _check(r.on_nonfinite in ("stop", "skip"), "run.on_nonfinite", f"must be 'stop' or 'skip', got {r.on_nonfinite!r}")
     state_layout = r.get("state_layout", "default")  # .get: a config.json saved before the field existed
     _check(state_layout in config_defaults.STATE_LAYOUTS, "run.state_layout",

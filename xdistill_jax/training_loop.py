@@ -471,7 +471,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, data=None
         num_examples = data.num_examples
         steps_per_epoch = (config.optim.steps_per_epoch if config.optim.steps_per_epoch > 0
                            else num_examples // config.optim.batch_size)
-        if steps_per_epoch <= 0:
+        if num_examples // config.optim.batch_size <= 0:  # whatever optim.steps_per_epoch says
             raise config_utils.ConfigError(
                 f"config.optim.batch_size={config.optim.batch_size} exceeds the {num_examples} training examples")
         from xdistill_jax.inference import checkpoint_steps
