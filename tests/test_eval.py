@@ -267,6 +267,14 @@ def test_cli_eval_kitti_make3d_and_pose(capsys):
     ids = [r.split(",")[1] for r in rows[1:]]
     assert rows[0].startswith("index,id,abs_rel") and len(ids) == 8 == len(set(ids))  # each image once
     np.testing.assert_allclose(np.mean([float(r.split(",")[2]) for r in rows[1:]]), summary["abs_rel"])
+    # other settings write their own files (they replaced the plain results until 2026-12-07)
+    assert cli.main(["eval", "--workdir", str(t.workdir), "--split", "eigen", "--data", str(t.world),
+                     "--split-file", str(test_split), "--gt", str(t.gt_test), "--batch-size", "3",
+                     "--no-progress", "--stereo", "--post-process", "--crop", "none"]) == 0
+    assert "wrote " + str(t.workdir / "eval" / "eigen-test_files-step2-stereo-pp-nocrop.json") in capsys.readouterr().out
+    other = json.loads((t.workdir / "eval" / "eigen-test_files-step2-stereo-pp-nocrop.json").read_text())
+    assert other["settings"]["stereo"] and other["settings"]["post_process"] and other["settings"]["crop"] is None
+    assert json.loads((t.workdir / "eval" / "eigen-test_files-step2.json").read_text()) == summary
 
     assert cli.main(["eval", "--workdir", str(t.workdir), "--split", "make3d", "--data", str(t.world / "make3d"),
                      "--no-progress"]) == 0

@@ -10,7 +10,9 @@
 The model is rebuilt from W/config.json and W/checkpoints/<step> alone. Results go to
 `W/eval/<name>.json` (metrics, num_images, settings) and `<name>.csv` (per image), name =
 `<split>-step<N>` (`<split>-<split-file stem>-step<N>` with --split-file; `-monodepth2` instead of
-`-step<N>` for converted weights). Exit status 2 on bad input, with the reason on stderr.
+`-step<N>` for converted weights), then `-stereo`, `-pp` (--post-process) and `-nocrop` (--crop none)
+for those settings, so that evaluations of one checkpoint under other settings do not replace
+each other. Exit status 2 on bad input, with the reason on stderr.
 """
 
 from __future__ import annotations
@@ -89,7 +91,12 @@ def run(args) -> int:
         tag = args.split
         if args.split_file:
             tag = f"{'pose' if args.pose else args.split}-{pathlib.Path(args.split_file).stem}"
-        name = f"{tag}-{suffix}"
+        # settings other than the protocol's defaults name their own file: a second eval of the
+        # same checkpoint with --stereo or --post-process replaced the first one's results
+        variant = "".join(part for on, part in ((args.stereo, "-stereo"), (args.post_process, "-pp"),
+                                                (args.crop == "none" and args.split == "eigen", "-nocrop"))
+                          if on and not args.pose and not args.split.startswith("odom"))
+        name = f"{tag}-{suffix}{variant}"
         settings = {"split": args.split, "split_file": args.split_file, "data": args.data, "gt": args.gt,
                     "stereo": args.stereo, "post_process": args.post_process, "source": model.source,
                     "step": model.step, "height": model.height, "width": model.width}
