@@ -122,7 +122,7 @@ def test_monodepth2_pickled_format_needs_explicit_opt_in(tmp_path):
     ragged = np.empty(2, dtype=object)
     ragged[0], ragged[1] = np.ones((3, 4), np.float32), np.zeros((2, 5), np.float32)
     np.savez_compressed(path, data=ragged)
-    with pytest.raises(ValueError, match="allow_pickle=True"):
+    with pytest.raises(ValueError, match=r"Only if you trust the file: `xdistill eval --allow-pickle` \(allow_pickle=True in Python\)"):
         load_gt_depths(path)
     depths, files = load_gt_depths(path, allow_pickle=True)
     assert [d.shape for d in depths] == [(3, 4), (2, 5)] and files == ["", ""]

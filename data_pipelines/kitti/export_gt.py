@@ -202,8 +202,9 @@ def _monodepth2_data(path: Path, npz, allow_pickle: bool) -> tuple[list[np.ndarr
     if not allow_pickle:
         raise ValueError(
             f"{path} is in Monodepth2's pickled format ('data' object array); loading it runs "
-            "pickle. Pass allow_pickle=True only if you trust the file, or re-export it with "
-            "`xdistill export-gt`.")
+            "pickle. Only if you trust the file: `xdistill eval --allow-pickle` (allow_pickle=True "
+            "in Python) reads it; or re-export it with `xdistill export-gt`, which writes no pickle "
+            "(what config.data.val_gt_depth needs).")
     with np.load(path, allow_pickle=True) as trusted:
         data = _read_member(path, trusted, "data")
     if data.ndim != 1:
