@@ -218,3 +218,16 @@ def test_a_stop_signal_ends_the_demo_with_75_saying_what_is_kept(tmp_path, monke
     # a workdir of another demo size: exit 2 (bad input, as every verb; was 1)
     (tmp_path / "d" / "demo.json").write_text('{"seed": -5}\n')
     assert cli.main(["demo", "--quick", "--workdir", str(tmp_path / "d")]) == 2
+
+
+def test_a_demo_without_its_configs_folder_says_to_install_the_checkout(tmp_path, monkeypatch, capsys):
+    """After a wheel install (`pip install .`, configs/ is not packaged) the demo said only that
+    site-packages/configs/demo.py does not exist, and left demo.json behind. Now exit 2 naming the
+    editable install, nothing written."""
+    from xdistill_jax import cli, demo
+
+    monkeypatch.setattr(demo, "DEMO_CONFIG", tmp_path / "site-packages" / "configs" / "demo.py")
+    assert cli.main(["demo", "--quick", "--workdir", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err
+    assert "the demo's config is missing; configs/ comes with the source checkout" in err and "pip install -e ." in err
+    assert not (tmp_path / "d").exists()

@@ -274,6 +274,10 @@ def _run_demo(workdir, *, quick: bool = False, printer: Callable[[str], None] = 
     from xdistill_jax import config_utils, demo_eval, demo_report
 
     size = SIZES["quick" if quick else "default"]
+    if not DEMO_CONFIG.is_file():  # before anything is written
+        raise ValueError(f"{DEMO_CONFIG}: the demo's config is missing; configs/ comes with the source "
+                         "checkout, not with a built wheel: install a clone with `pip install -e .` "
+                         "(the README's command)")
     workdir = pathlib.Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     _check_workdir(workdir, size)
