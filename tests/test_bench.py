@@ -494,3 +494,21 @@ def test_gpu_sh_names_a_failed_run_drops_its_old_json_and_exits_1(tmp_path):
     assert re.search(r"=== fp32_distill_cold: FAILED \(exit status 2\) after \d+ s; its log: ", summary), summary
     assert "runs that FAILED: fp32_distill_cold" in summary
     assert not (tmp_path / "fp32_distill_cold.json").exists() and "4.4" not in summary
+
+
+def test_code_version_is_none_in_another_repository(tmp_path, monkeypatch):
+    """Installed into a venv inside the user's own git repository, the bench recorded that
+    repository's commit as the code measured. Now None there (the checkout's commit above)."""
+    import shutil
+
+    if shutil.which("git") is None:
+        pytest.skip("no git")
+    outer = tmp_path / "user_repo"
+    package = outer / "venv" / "lib" / "site-packages" / "xdistill_jax"
+    package.mkdir(parents=True)
+    env = {**os.environ, "GIT_AUTHOR_NAME": "u", "GIT_AUTHOR_EMAIL": "u@x", "GIT_COMMITTER_NAME": "u",
+           "GIT_COMMITTER_EMAIL": "u@x"}
+    for cmd in (["init", "-q"], ["commit", "-q", "--allow-empty", "-m", "x"]):
+        subprocess.run(["git", *cmd], cwd=outer, env=env, check=True)
+    monkeypatch.setattr(benchmark, "__file__", str(package / "benchmark.py"))
+    assert benchmark.code_version() is None

@@ -486,12 +486,19 @@ def markdown_table(results: Sequence[dict], device: str | None = None) -> str:
 
 
 def code_version() -> str | None:
-    """The project's git commit (12 hex digits, "+dirty" with uncommitted changes), None outside a
-    git checkout (e.g. a copy of the tree on a device machine)."""
+    """The project's git commit (12 hex digits, "+dirty" with uncommitted changes), None outside
+    the project's own git checkout (e.g. a copy of the tree on a device machine, or an install
+    into a venv inside another repository)."""
     import subprocess
 
     here = pathlib.Path(__file__).resolve().parent
     try:
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=here, capture_output=True,
+                             text=True, timeout=10)
+        # the package's own checkout only: installed into a venv inside another repository, git
+        # would answer with that repository's commit
+        if top.returncode != 0 or pathlib.Path(top.stdout.strip()).resolve() != here.parent:
+            return None
         rev = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True,
                              text=True, timeout=10)
         if rev.returncode != 0:
