@@ -141,7 +141,19 @@ def test_a_failed_profile_summary_keeps_the_timings(monkeypatch, tmp_path):
     assert (tmp_path / "prof" / "summary.md").read_text().startswith("no profile summary: ValueError")
 
 
-def test_bench_rejects_bad_lists(capsys):
+def test_bench_rejects_bad_lists(capsys, tmp_path):
+    # --json / --profile-dir that cannot be written: named before anything is measured (--json
+    # was written after the whole benchmark, an IsADirectoryError traceback, a .tmp left behind)
+    (tmp_path / "afile").write_text("x")
+    for args, message in ((["--json", str(tmp_path)], f"--json {tmp_path} is a folder; give a file name"),
+                          (["--loader", "--json", str(tmp_path / "afile" / "r.json")],
+                           f"--json {tmp_path / 'afile' / 'r.json'}: its folder {tmp_path / 'afile'} exists and "
+                           "is not a folder"),
+                          (["--profile-dir", str(tmp_path / "afile")], "--profile-dir")):
+        assert cli.main(["bench", *args]) == 2, args
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
     assert cli.main(["bench", "--dtypes", "float16"]) == 2
     assert "--dtypes" in capsys.readouterr().err
     assert cli.main(["bench", "--config.optim.nope=1"]) == 2

@@ -1,4 +1,5 @@
-"""Checks of an output folder before a command computes anything (`predict --out`, `eval --out`)."""
+"""Checks of an output folder or file before a command computes anything (`predict --out`,
+`eval --out`, `bench --json`)."""
 
 from __future__ import annotations
 
@@ -20,3 +21,12 @@ def check_output_dir(out_dir, option: str = "--out") -> None:
     if not os.access(parent, os.W_OK | os.X_OK, effective_ids=True):  # False on a read-only file system too
         what = "cannot write in it" if parent == out_dir else f"cannot make the folder in {parent}"
         raise ValueError(f"{option} {out_dir}: {what} (permission denied or read-only)")
+
+
+def check_output_file(path, option: str) -> None:
+    """Refuse a file path that cannot be written: a folder, or a place `check_output_dir` refuses
+    for its folder. ValueError naming `option`."""
+    path = pathlib.Path(path)
+    if path.is_dir():
+        raise ValueError(f"{option} {path} is a folder; give a file name")
+    check_output_dir(path.parent, f"{option} {path}: its folder")

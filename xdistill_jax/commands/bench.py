@@ -112,6 +112,16 @@ def run(args) -> int:
     except ValueError as e:
         print(f"xdistill bench: {e}", file=sys.stderr)
         return 2
+    from xdistill_jax.output_dirs import check_output_dir, check_output_file
+
+    try:  # before anything is measured: the results must have a place
+        if args.json:
+            check_output_file(args.json, "--json")
+        if args.profile_dir:
+            check_output_dir(args.profile_dir, "--profile-dir")
+    except ValueError as e:
+        print(f"xdistill bench: {e}", file=sys.stderr)
+        return 2
     if args.loader:
         return _run_loader(args)
     try:
