@@ -327,9 +327,28 @@ def test_missing_neighbour_frame(bad_tree):
     (kitti_tiny.source_image(raw, lines[4], -1)).unlink()
     # A blank line first: the message must still give the line's real number in the file.
     split.write_text("\n" + "\n".join(lines) + "\n")
-    with pytest.raises(ValueError, match=rf"{split}:6 .*neighbour frame -1.*{1:010d}\.png"):
+    with pytest.raises(ValueError, match=rf"{split}:6 .*neighbour frame -1.*{1:010d}\.png \(nor {1:010d}\.jpg\)"):
         prepare.prepare_split(raw, split, out, "train", H, W)
     _assert_nothing_complete(out)
+
+
+def test_shards_and_out_that_cannot_be_are_named_before_any_image_is_read(bad_tree, capsys):
+    """--shards above the split's lines failed in TFDS after every image was encoded (an
+    AssertionError traceback; -1: 46 KB of record bytes; 0 was taken as the default), and an --out
+    below a file was a NotADirectoryError traceback. Now one line naming the option, exit 1."""
+    from xdistill_jax import cli
+
+    raw, split, out = bad_tree
+    n = len(kitti_tiny.split_lines(split))
+    for shards in (0, -1, n + 1):
+        with pytest.raises(ValueError, match=rf"--shards must be from 1 to the split's {n} lines, got {shards}"):
+            prepare.prepare_split(raw, split, out, "train", H, W, num_shards=shards)
+    out.write_text("x")
+    argv = ["prepare", "--raw", str(raw), "--split-file", str(split), "--split", "train", "--height", str(H),
+            "--width", str(W)]
+    assert cli.main(argv + ["--out", str(out / "tfds")]) == 1
+    err = capsys.readouterr().err
+    assert f"--out {out / 'tfds'}: cannot make the folder: {out} is a file" in err and "Traceback" not in err, err
 
 
 def test_a_neighbour_of_another_size_and_a_first_frame_are_named(bad_tree):

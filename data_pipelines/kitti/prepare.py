@@ -86,6 +86,9 @@ def prepare_split(
         raise ValueError(f"split name must be letters, digits or '_', got {split_name!r}")
     if num_workers < 1:
         raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+    from xdistill_jax.output_dirs import check_output_dir
+
+    check_output_dir(out_dir, "--out")
     settings = triplets.TripletSettings(
         height=height,
         width=width,
@@ -114,6 +117,9 @@ def prepare_split(
     lines = raw.read_split_file(split_file)  # errors name the file and line
     if not lines:
         raise ValueError(f"split file {split_file} has no lines")
+    if num_shards is not None and not 1 <= num_shards <= len(lines):
+        # TFDS failed after encoding every image (an AssertionError, or 46 KB of record bytes)
+        raise ValueError(f"--shards must be from 1 to the split's {len(lines)} lines, got {num_shards}")
     _check_files_exist(raw_dir, lines, split_file, settings)
 
     builder = tfds_builder.KittiTriplets(
@@ -169,7 +175,8 @@ def _check_files_exist(raw_dir, lines, split_file, settings) -> None:
             path = pathlib.Path(paths[offset])
             if not path.is_file():
                 what = "frame" if offset == 0 else f"neighbour frame {offset:+d}"
-                raise ValueError(f"{where}: missing {what}: {path} (nor {path.with_suffix('.jpg').name})")
+                other = path.with_suffix(".png" if path.suffix == ".jpg" else ".jpg")  # also looked for
+                raise ValueError(f"{where}: missing {what}: {path} (nor {other.name})")
         if settings.intrinsics == "calib":
             calib = raw_dir / line.folder.split("/")[0] / "calib_cam_to_cam.txt"
             if not calib.is_file():

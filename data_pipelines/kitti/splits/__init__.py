@@ -1,7 +1,7 @@
 """The standard KITTI split lists shipped with the project (see README.md in this folder).
 
 `split_file("eigen_zhou/train")` or `split_file("eigen", "test")` -> Path of the .txt list.
-Lines are `DATE/DATE_drive_XXXX_sync FRAME SIDE` (odom: `SEQUENCE FRAME l`); read them with
+Lines are `DATE/DATE_drive_XXXX_sync FRAME SIDE` (odom: `SEQUENCE FRAME SIDE`, both sides in train/val); read them with
 `data_pipelines.kitti.raw.read_split_file`.
 """
 
