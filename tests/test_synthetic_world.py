@@ -186,26 +186,36 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
     assert a["velodyne_points/data/0000000001.bin"] != c["velodyne_points/data/0000000001.bin"]
 
 
-def test_generate_world_refuses_bad_arguments_and_existing_output(tmp_path):
+def test_generate_world_refuses_bad_arguments_and_existing_output(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match="--drives"):
         generate_world(tmp_path / "w", drives=1, frames=3, width=32, height=16)
     with pytest.raises(ValueError, match="--frames"):
         generate_world(tmp_path / "w", drives=2, frames=2, width=32, height=16)
+    # the minimums wrote a world with an empty train split (its one line went to val), exit 0
+    with pytest.raises(ValueError, match=r"--drives 2 and --frames 3 give 1 training line\(s\), \(drives - 1\) x "
+                                         r"\(frames - 2\); the train and val splits need at least 2"):
+        generate_world(tmp_path / "w", drives=2, frames=3, width=32, height=16)
+    # --out . : "PosixPath('.') has an empty name"; the world would replace this process's folder
+    for cwd_spelling in (".", "./", str(tmp_path)):
+        with pytest.raises(ValueError, match=r"is the current folder \(or a file system root\): name a folder"):
+            generate_world(cwd_spelling, drives=2, frames=4, width=32, height=16)
+    assert not list(tmp_path.iterdir())
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("keep")
     with pytest.raises(ValueError, match="not empty"):
-        generate_world(tmp_path / "full", drives=2, frames=3, width=32, height=16)
+        generate_world(tmp_path / "full", drives=2, frames=4, width=32, height=16)
     assert (tmp_path / "full" / "x").read_text() == "keep"
     # --overwrite replaced any folder, deleting what it held (--out ~ --overwrite: a home folder)
     with pytest.raises(ValueError, match=r"--out .*full holds no synthetic world \(no world\.json; found x\): "
                                          "--overwrite replaces only a world `xdistill synth` wrote"):
-        generate_world(tmp_path / "full", drives=2, frames=3, width=32, height=16, overwrite=True)
+        generate_world(tmp_path / "full", drives=2, frames=4, width=32, height=16, overwrite=True)
     assert (tmp_path / "full" / "x").read_text() == "keep"
     for kwargs, message in (({"workers": 0}, "--workers must be >= 1, got 0"),  # was taken as 1
                             ({}, "exists and is not a folder"), ({"sub": True}, "cannot be made: .*x is a file")):
         out = tmp_path / "full" / "x" / "sub" if kwargs.pop("sub", False) else tmp_path / "full" / "x"
         with pytest.raises(ValueError, match=message):
-            generate_world(out, drives=2, frames=3, width=32, height=16, **kwargs)
+            generate_world(out, drives=2, frames=4, width=32, height=16, **kwargs)
     assert not list(tmp_path.glob("**/*.partial"))
 
 
@@ -213,7 +223,7 @@ def test_synth_command_writes_a_world(tmp_path, capsys):
     from xdistill_jax import cli
 
     out = tmp_path / "w"
-    assert cli.main(["synth", "--out", str(out), "--seed", "5", "--drives", "2", "--frames", "3",
+    assert cli.main(["synth", "--out", str(out), "--seed", "5", "--drives", "2", "--frames", "4",
                      "--width", "48", "--height", "16", "--make3d-images", "1", "--make3d-size", "16x12",
                      "--lidar-azimuths", "64", "--velodyne", "test", "--workers", "1"]) == 0
     assert '"test_drive"' in capsys.readouterr().out
@@ -225,7 +235,7 @@ def test_synth_command_writes_a_world(tmp_path, capsys):
     # bad arguments and an existing --out: exit 2 naming them, no traceback, the world kept
     before = sorted(p.relative_to(out) for p in out.rglob("*"))
     capsys.readouterr()
-    assert cli.main(["synth", "--out", str(out), "--drives", "2", "--frames", "3", "--width", "48",
+    assert cli.main(["synth", "--out", str(out), "--drives", "2", "--frames", "4", "--width", "48",
                      "--height", "16"]) == 2
     err = capsys.readouterr().err
     assert "xdistill synth: error: " in err and str(out) in err and "Traceback" not in err
@@ -233,7 +243,7 @@ def test_synth_command_writes_a_world(tmp_path, capsys):
     assert cli.main(["synth", "--out", str(tmp_path / "w2"), "--drives", "1"]) == 2
     assert "xdistill synth: error: " in capsys.readouterr().err
     # a negative seed: named, and checked before the temporary w4.partial/ is made
-    assert cli.main(["synth", "--out", str(tmp_path / "w4"), "--seed", "-1", "--drives", "2", "--frames", "3",
+    assert cli.main(["synth", "--out", str(tmp_path / "w4"), "--seed", "-1", "--drives", "2", "--frames", "4",
                      "--width", "48", "--height", "16", "--make3d-images", "0", "--workers", "1"]) == 2
     assert "xdistill synth: error: --seed must be >= 0, got -1" in capsys.readouterr().err
     assert not (tmp_path / "w4").exists() and not (tmp_path / "w4.partial").exists()
@@ -244,7 +254,7 @@ def test_synth_command_writes_a_world(tmp_path, capsys):
 
 def test_worker_processes_do_not_change_the_world(tmp_path):
     def world_bytes(out, workers):
-        generate_world(out, seed=9, drives=2, frames=3, width=32, height=16, make3d_images=2,
+        generate_world(out, seed=9, drives=2, frames=4, width=32, height=16, make3d_images=2,
                        make3d_size=(16, 12), lidar_azimuths=32, workers=workers)
         return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
 

@@ -9,6 +9,7 @@ number of worker processes). See README.md in this folder for the layout and uni
 from __future__ import annotations
 
 import json
+import os
 import multiprocessing
 import shutil
 import time
@@ -62,10 +63,19 @@ def generate_world(out, seed: int = 0, drives: int = DEMO["drives"], frames: int
                              ("lidar_azimuths", lidar_azimuths, 16)):
         if int(value) < low:
             raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+    if (int(drives) - 1) * (int(frames) - 2) < 2:  # frames 1..F-2 of every drive but the test drive
+        raise ValueError(f"--drives {drives} and --frames {frames} give {(int(drives) - 1) * (int(frames) - 2)} "
+                         "training line(s), (drives - 1) x (frames - 2); the train and val splits need at "
+                         "least 2: more drives or frames")
     if workers is not None and (isinstance(workers, bool) or int(workers) < 1):
         raise ValueError(f"--workers must be >= 1, got {workers}")
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a folder")
+    absolute = Path(os.path.abspath(out))
+    if not absolute.name or absolute == Path(os.path.abspath(os.getcwd())):
+        # the world is built beside --out and renamed into its place: not this process's folder
+        raise ValueError(f"--out {out} is the current folder (or a file system root): name a folder "
+                         "for the world, e.g. --out world")
     blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
     if blocker is not None:
         raise ValueError(f"--out {out}: cannot be made: {blocker} is a file")
@@ -77,7 +87,7 @@ def generate_world(out, seed: int = 0, drives: int = DEMO["drives"], frames: int
             raise ValueError(f"--out {out} holds no synthetic world (no world.json; found {found}): "
                              "--overwrite replaces only a world `xdistill synth` wrote")
     start = time.time()
-    tmp = out.with_name(out.name + ".partial")
+    tmp = absolute.with_name(absolute.name + ".partial")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
