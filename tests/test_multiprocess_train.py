@@ -260,7 +260,10 @@ def test_two_processes_train_as_one_process_of_two_devices(runs):
     the resume (weights re-initialised, statistics or moments reset) is far beyond these bounds.
     Since the hosts share each global batch (2026-12-07) the batches differ from those of that
     measurement: losses and weights as close, one near-zero first-moment leaf 1.4e-2 of its
-    largest (2.2e-8 apart)."""
+    largest (2.2e-8 apart). On an AVX2-only AMD EPYC VM (2026-12-07, later) the pose encoder's
+    layer1_1 conv2 first moment was 1.8e-2 of its largest (1.6e-6 apart; largest 8.8e-5, the
+    largest first moment 1.5e-2), past the 1e-2 bound then: 5e-2 now, still far below what a
+    moment reset or a re-initialised weight gives (all of the leaf)."""
     got, want = _metrics(runs["workdir"]), _metrics(runs["ref"])
     assert [(m["step"], m["split"]) for m in got] == [(m["step"], m["split"]) for m in want]
     np.testing.assert_allclose([m["loss"] for m in got], [m["loss"] for m in want], rtol=0, atol=1e-6)
@@ -280,12 +283,14 @@ def test_two_processes_train_as_one_process_of_two_devices(runs):
     largest = {}
     for k in b:
         largest[kind(k)] = max(largest.get(kind(k), 0.0), float(np.max(np.abs(b[k]))))
-    for part, bound, scale in (("[0]", 2 * LR * STEPS, None), ("[1]", 1e-4, None), ("[2]", 1e-2, "leaf")):
+    for part, bound, scale in (("[0]", 2 * LR * STEPS, None), ("[1]", 1e-4, None), ("[2]", 5e-2, "leaf")):
         keys = [k for k in a if k.startswith(part)]
         assert keys
         worst = max((float(np.max(np.abs(a[k] - b[k])) / (
             max(float(np.max(np.abs(b[k]))), 1e-3 * largest[kind(k)]) + 1e-30 if scale else 1)), k) for k in keys)
-        assert worst[0] <= bound, (worst, bound)
+        k = worst[1]
+        assert worst[0] <= bound, (worst, bound, float(np.max(np.abs(a[k] - b[k]))), float(np.max(np.abs(b[k]))),
+                                   largest[kind(k)])
     # both started from the encoder file (its weights x 0.9 stay within lr x steps of the init)
     from xdistill_jax.convert import load_variables
 
