@@ -37,7 +37,6 @@ is an error naming the teacher and the example (`precompute.check_finite`).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -145,7 +144,7 @@ class OnnxBackend:
                              + _other_layout_hint(out_shape, layout, num_classes))
 
     def describe(self) -> dict:
-        return {"backend": f"onnx:{os.path.abspath(self.path)}", "input_size": self.input_size,
+        return {"backend": f"onnx:{self.path}", "input_size": self.input_size,
                 "mean": self.mean.tolist(), "std": self.std.tolist(), "layout": self.layout,
                 "class_order": self.class_order}
 
@@ -223,7 +222,7 @@ class LabelsBackend:
         self.label_logit = float(label_logit)
 
     def describe(self) -> dict:
-        return {"backend": f"labels:{os.path.abspath(self.root)}", "template": self.template,
+        return {"backend": f"labels:{self.root}", "template": self.template,
                 "expected_size": self.expected_size, "label_logit": self.label_logit}
 
     def path_for(self, example_id: str) -> Path:

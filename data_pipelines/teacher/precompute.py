@@ -114,26 +114,22 @@ def precompute(backend, source, out_dir, *, grouping: str = "geometric", stride:
                              f"are {img_h}x{img_w}")
         logits = backend.class_logits(images, ids)
         if isinstance(logits, list):  # maps of several sizes (label files of several KITTI dates)
-            if len(logits) != len(ids) or any(m.ndim != 3 or m.shape[-1] != g.num_classes
-                                               for m in logits):
-                raise ValueError(f"teacher backend returned logits {[m.shape for m in logits]} for "
-                                 f"{len(ids)} examples; expected (h,w,{g.num_classes}) each")
-            for k, m in enumerate(logits):
-                check_finite(m[None], backend, ids[k:k + 1], indices[k:k + 1])
-            out = np.empty((len(ids), height, width, g.num_groups), np.float32)
-            for shape in {m.shape for m in logits}:  # one resize per size: few compiled programs
-                ks = [k for k, m in enumerate(logits) if m.shape == shape]
-                out[ks] = np.asarray(group_and_resize(np.stack([logits[k] for k in ks]), grouping=g,
-                                                      height=height, width=width,
-                                                      method=backend.resize_method))
-            return ids, out
-        if logits.ndim != 4 or logits.shape[0] != len(ids) or logits.shape[-1] != g.num_classes:
-            raise ValueError(f"teacher backend returned logits {logits.shape} for {len(ids)} "
-                             f"examples; expected (N,h,w,{g.num_classes})")
-        check_finite(logits, backend, ids, indices)
-        out = group_and_resize(logits, grouping=g, height=height, width=width,
-                               method=backend.resize_method)
-        return ids, np.asarray(out)
+            if len(logits) != len(ids):
+                raise ValueError(f"teacher backend returned {len(logits)} logit maps for {len(ids)} examples")
+            groups = [np.array([k for k, m in enumerate(logits) if m.shape == size])
+                      for size in dict.fromkeys(m.shape for m in logits)]
+            parts = [np.stack([logits[k] for k in ks]) for ks in groups]
+        else:
+            groups, parts = [np.arange(len(ids))], [logits]
+        out = np.empty((len(ids), height, width, g.num_groups), np.float32)
+        for ks, part in zip(groups, parts):  # one resize per size: few compiled programs
+            if part.ndim != 4 or part.shape[0] != len(ks) or part.shape[-1] != g.num_classes:
+                raise ValueError(f"teacher backend returned logits {part.shape} for {len(ks)} "
+                                 f"examples; expected (N,h,w,{g.num_classes})")
+            check_finite(part, backend, [ids[k] for k in ks], np.asarray(indices)[ks])
+            out[ks] = np.asarray(group_and_resize(part, grouping=g, height=height, width=width,
+                                                  method=backend.resize_method))
+        return ids, out
 
     meta = {"teacher": backend.describe(), **(extra_metadata or {})}
     return store.write_store(out_dir, n, batch_fn, grouping=g.name, group_names=g.group_names,

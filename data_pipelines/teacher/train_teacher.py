@@ -318,7 +318,7 @@ class FlaxBackend:
         self._apply = jax.jit(lambda v, x: self.model.apply(v, x, train=False))
 
     def describe(self) -> dict:
-        return {"backend": f"flax:{os.path.abspath(self.workdir)}", "variant": self.config.variant,
+        return {"backend": f"flax:{self.workdir}", "variant": self.config.variant,
                 "input_size": [self.config.height, self.config.width], "step": self.step}
 
     def class_logits(self, images: np.ndarray, example_ids: Sequence[str]) -> np.ndarray:

@@ -91,17 +91,18 @@ def run(args) -> int:
         tag = args.split
         if args.split_file:
             tag = f"{'pose' if args.pose else args.split}-{pathlib.Path(args.split_file).stem}"
-        # settings other than the protocol's defaults name their own file: a second eval of the
-        # same checkpoint with --stereo or --post-process replaced the first one's results
-        variant = "".join(part for on, part in ((args.stereo, "-stereo"), (args.post_process, "-pp"),
-                                                (args.crop == "none" and args.split == "eigen", "-nocrop"))
-                          if on and not args.pose and not args.split.startswith("odom"))
+        pose = args.pose or args.split.startswith("odom")
+        # a depth eval's settings other than the defaults name their own file: a second eval of
+        # the same checkpoint with --stereo or --post-process replaced the first one's results
+        variant = "" if pose else "".join(part for on, part in (
+            (args.stereo, "-stereo"), (args.post_process, "-pp"),
+            (args.crop == "none" and args.split == "eigen", "-nocrop")) if on)
         name = f"{tag}-{suffix}{variant}"
         settings = {"split": args.split, "split_file": args.split_file, "data": args.data, "gt": args.gt,
                     "stereo": args.stereo, "post_process": args.post_process, "source": model.source,
                     "step": model.step, "height": model.height, "width": model.width}
 
-        if args.pose or args.split.startswith("odom"):
+        if pose:
             if args.pose:
                 if not args.split_file:
                     raise ValueError("--pose needs --split-file (consecutive frames of one raw-layout drive)")
