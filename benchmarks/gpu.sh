@@ -54,8 +54,8 @@
 #   autotune, and run 5, which has a cache of its own) times a first compile on a fresh machine.
 #   (The init lowers its random draws to jaxlib's threefry GPU kernel in every run,
 #   `train.threefry_kernel_lowering`; an earlier run 8 set JAX_THREEFRY_GPU_KERNEL_LOWERING=1.)
-#   summary.md ends with the targets' table (benchmarks/gpu_targets.py: each figure, its target,
-#   met or MISSED; "not measured" where a run is missing).
+#   summary.md ends with benchmarks/gpu_targets.py's tables: the targets' (each figure, its
+#   target, met or MISSED; "not measured" where a run is missing), then each run's slowest step.
 #   OUTDIR/autotune_cache_run1 keeps what run 1's compile autotuned (XLA's per-fusion cache).
 #   Run 2 also traces 5 steps: OUTDIR/profile/*/summary.md says where the device time goes (by
 #   named scope: depth_net, pose_net, warp, reprojection, ..., optimizer; by kind of op; top ops),

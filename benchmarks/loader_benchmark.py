@@ -5,8 +5,11 @@
     python benchmarks/loader_benchmark.py --format raw --compression none --target-scales-only --stored-scales  # fastest
     python benchmarks/loader_benchmark.py ... --workers -1   # as training loads: a worker per core less one
 
-Same as `xdistill bench --loader`; the work is `xdistill_jax.loader_benchmark.run` (see its
-docstring for what is timed). With --threads 0 the figure is examples/s per core.
+The work of `xdistill bench --loader` (`xdistill_jax.loader_benchmark.run`; see its docstring
+for what is timed), with one default the other way round: this script makes scales 1..3 of all
+three frames (what `loss.v1_multiscale` reads) unless --target-scales-only, the CLI those of
+frame 0 alone (what training loads) unless --loader-all-scales. With --threads 0 the figure is
+examples/s per core.
 """
 
 from __future__ import annotations

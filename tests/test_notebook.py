@@ -86,3 +86,24 @@ def test_a_gpu_runtime_whose_jax_runs_on_the_cpu_stops_at_the_install_cell(tmp_p
     namespace["REQUIRE_ACCELERATOR"] = False
     exec(compile(install, "install", "exec"), namespace)
     assert callable(namespace["xd"])
+
+
+def test_the_notebooks_own_training_settings_load_and_validate():
+    """`test_colab_notebook_runs` trains with the suite's tiny settings in place of the notebook's
+    (so that its compile comes from the cache); the notebook's own TRAIN_OVERRIDES and
+    DISTILL_WEIGHT, as its training cell passes them, must still name existing keys and valid
+    values of configs/synthetic_demo.py:smoke."""
+    from xdistill_jax import config_utils
+
+    namespace = {"__name__": "__notebook__"}
+    exec(compile(_code_cells()[0], "parameters", "exec"), namespace)
+    overrides = [f"--config.{k}={v}" for k, v in namespace["TRAIN_OVERRIDES"].items()]
+    overrides.append(f"--config.distill.weight={namespace['DISTILL_WEIGHT']}")
+    config_file = NOTEBOOK.parent.parent / "configs" / "synthetic_demo.py"
+    config = config_utils.config_from_args(f"{config_file}:smoke", overrides)
+    for key, value in namespace["TRAIN_OVERRIDES"].items():
+        group, leaf = key.split(".")
+        got = config[group][leaf]
+        assert got == (() if value == "()" else value), (key, got, value)
+    assert config.optim.lr_drop_epochs == ()  # "()" parsed as an empty tuple: a constant rate
+    assert config.distill.weight == namespace["DISTILL_WEIGHT"] > 0

@@ -45,7 +45,8 @@ def add_arguments(parser):
                              "runs, as in training; sequential: after the init (A/B)")
     parser.add_argument("--json", default=None, help="write the results here (JSON)")
     parser.add_argument("--profile-dir", default=None,
-                        help="trace 5 extra steps per variant with jax.profiler into DIR/<variant> and print "
+                        help="trace 5 extra steps per variant with jax.profiler into DIR/<dtype>_distill_<0|1> "
+                             "(e.g. DIR/bfloat16_distill_1) and print "
                              "where their device time goes (by named scope, kind of op, top ops)")
     parser.add_argument("--compilation-cache", default=None,
                         help="persistent compile cache dir ('off' to disable); default "
