@@ -106,7 +106,8 @@ def _prediction(folder, stem):
 def test_inputs_leave_out_the_outputs_hidden_files_and_refuse_bad_images_before_compute(tmp_path):
     """--out inside an input folder (Monodepth2's test_simple writes next to its inputs): the
     predictions are not inputs of the next run. A truncated JPEG passes PIL's verify() and was
-    found only after the images before it were written; a 16-bit image was clipped to white."""
+    found only after the images before it were written; a 16-bit image was clipped to white; an
+    EXIF block PIL cannot parse stopped predict after the batches before it were written."""
     frames = tmp_path / "frames"
     frames.mkdir()
     rng = np.random.default_rng(0)
@@ -128,6 +129,17 @@ def test_inputs_leave_out_the_outputs_hidden_files_and_refuse_bad_images_before_
         im.verify()  # what the check used: it passes
     with pytest.raises(ValueError, match=r"cannot read image .*b\.jpg: OSError"):
         predict.predict_paths(model, [frames], tmp_path / "out", show_progress=False)
+    (frames / "b.jpg").write_bytes(whole)
+    # pixels that decode behind an EXIF block PIL cannot parse: the orientation step of the reading
+    # raised SyntaxError (a traceback naming no file) after the batches before it were written
+    Image.open(frames / "b.jpg").save(frames / "b.jpg", exif=b"Exif\x00\x00garbage-bytes-here")
+    with Image.open(frames / "b.jpg") as im:
+        im.load()  # decodes
+    with pytest.raises(ValueError, match=r"cannot read the EXIF orientation of image .*b\.jpg: SyntaxError"):
+        predict.predict_paths(model, [frames], tmp_path / "out", show_progress=False)
+    with pytest.raises(ValueError, match=r"cannot read the EXIF orientation of image .*b\.jpg"):
+        inference.load_resized(frames / "b.jpg", 32, 96, exif_orientation=True)
+    assert inference.load_resized(frames / "b.jpg", 32, 96)[1] == (64, 64)  # evaluation reads the pixels
     (frames / "b.jpg").write_bytes(whole)
     Image.fromarray(np.full((8, 8), 40000, np.uint16)).save(frames / "c16.png")
     with pytest.raises(ValueError, match=r"image .*c16\.png has mode I;16 \(16-bit or float samples\)"):

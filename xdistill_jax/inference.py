@@ -223,6 +223,20 @@ class PosePredictor:
         return np.asarray(out, np.float64)[:n]
 
 
+def exif_oriented(image, path):
+    """`image` turned as its EXIF orientation tag says (PIL's `ImageOps.exif_transpose`). An EXIF
+    block PIL cannot parse (it raises SyntaxError, struct.error, ...) raises ValueError naming
+    `path`: a photo whose pixels decode may still carry one."""
+    from PIL import ImageOps
+
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception as e:  # noqa: BLE001 - PIL's EXIF parser raises several types
+        raise ValueError(f"cannot read the EXIF orientation of image {path}: {type(e).__name__}: {e} "
+                         "(its pixels decode; save it again without the EXIF block, e.g. with PIL's "
+                         "Image.save, which writes none unless asked)") from e
+
+
 def load_resized(path, height: int, width: int, *,
                  exif_orientation: bool = False) -> tuple[np.ndarray, tuple[int, int]]:
     """(uint8 (height,width,3) PIL-LANCZOS-resized RGB, original (h, w)) of an image file.
@@ -239,9 +253,7 @@ def load_resized(path, height: int, width: int, *,
         raise ValueError(f"image not found: {path}")
     image = load_rgb(path)  # ValueError naming the file when it cannot be decoded
     if exif_orientation:
-        from PIL import ImageOps
-
-        image = ImageOps.exif_transpose(image)  # convert("RGB") keeps the EXIF block it reads
+        image = exif_oriented(image, path)  # convert("RGB") keeps the EXIF block it reads
     size = (image.height, image.width)
     return np.asarray(resize_lanczos(image, height, width), np.uint8), size
 

@@ -38,7 +38,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from xdistill_jax import evaluation
-from xdistill_jax.inference import DepthModel, DepthPredictor, batched, load_resized
+from xdistill_jax.inference import DepthModel, DepthPredictor, batched, exif_oriented, load_resized
 from xdistill_jax.output_dirs import check_output_dir
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
@@ -212,6 +212,8 @@ def prepare(inputs: Sequence, out_dir, *, scale: float | None = None, batch_size
             with Image.open(path) as im:
                 im.load()
                 check_image_mode(im, path)
+                exif_oriented(im.convert("RGB"), path)  # as predict_prepared reads it (the opened
+                # JPEG itself parses EXIF more leniently than its RGB copy)
         except ValueError:
             raise
         except Exception as e:  # PIL raises several types
