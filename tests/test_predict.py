@@ -16,24 +16,32 @@ from xdistill_jax import cli, inference, predict
 
 
 def test_magma_table():
-    # matplotlib's magma at 0, 0.5 and 1 (its 256-entry table: entries 0, 128 and 255)
-    np.testing.assert_allclose(predict.magma(0.0), [0.001462, 0.000466, 0.013866])
-    np.testing.assert_allclose(predict.magma(128 / 255), [0.716387, 0.214982, 0.475290])
-    np.testing.assert_allclose(predict.magma(2.0), [0.987053, 0.991438, 0.749504])  # clipped
-    # between the stored samples: entry 100 of the full table is (0.537755, 0.156894, 0.506551)
-    np.testing.assert_allclose(predict.magma(100 / 255), [0.537755, 0.156894, 0.506551], atol=2e-3)
+    # matplotlib's magma: entries 0, 100, 128 and 255 of its 256-entry table
+    np.testing.assert_array_equal(predict.magma(0.0), [0.001462, 0.000466, 0.013866])
+    np.testing.assert_array_equal(predict.magma(100 / 256), [0.537755, 0.156894, 0.506551])
+    np.testing.assert_array_equal(predict.magma(0.5), [0.716387, 0.214982, 0.475290])
+    np.testing.assert_array_equal(predict.magma(np.nextafter(0.5, 0)), predict.magma(127 / 256))
+    for x in (1.0, 2.0, 255 / 256):  # 1 and beyond: the last entry, as matplotlib's over colour
+        np.testing.assert_array_equal(predict.magma(x), [0.987053, 0.991438, 0.749504])
+    np.testing.assert_array_equal(predict.magma(-0.5), predict.magma(0.0))
     lum = predict.magma(np.linspace(0, 1, 64)) @ np.array([0.2126, 0.7152, 0.0722])
     assert np.all(np.diff(lum) > 0)  # perceptually ordered: brighter for nearer
 
 
-def test_colorize_normalises_to_min_and_95th_percentile():
+def test_colorize_is_test_simples_matplotlib_colouring_byte_for_byte():
+    """tests/data/magma_test_simple.npz: a float64 disparity map (values at the minimum, at bin
+    edges k/256 of the normalised range, beyond the 95th percentile) coloured by matplotlib
+    3.11.2 exactly as test_simple.py does: Normalize(vmin=disp.min(), vmax=np.percentile(disp,
+    95)), ScalarMappable(cmap="magma").to_rgba(disp)[:, :, :3] * 255 cast to uint8; and a flat
+    map. The 17-sample interpolated table before 2026-12-07 was up to 4 levels off."""
+    ref = np.load(pathlib.Path(__file__).parent / "data" / "magma_test_simple.npz")
+    rgb = predict.colorize_disparity(ref["disp"])
+    assert rgb.shape == ref["rgb"].shape and rgb.dtype == np.uint8
+    np.testing.assert_array_equal(rgb, ref["rgb"])
+    np.testing.assert_array_equal(predict.colorize_disparity(np.full((3, 4), 0.2))[0, 0], ref["rgb_flat"])
     disp = np.linspace(1.0, 2.0, 200).reshape(10, 20)
-    rgb = predict.colorize_disparity(disp)
-    assert rgb.shape == (10, 20, 3) and rgb.dtype == np.uint8
-    np.testing.assert_array_equal(rgb[0, 0], np.round(predict.magma(0.0) * 255))  # the minimum
     top = disp >= np.percentile(disp, 95)
-    assert top.sum() == 10 and np.all(rgb[top] == np.round(predict.magma(1.0) * 255))  # saturated
-    assert np.all(predict.colorize_disparity(np.ones((3, 4))) == rgb[0, 0])  # flat map: no division by 0
+    assert top.sum() == 10 and np.all(predict.colorize_disparity(disp)[top] == [251, 252, 191])  # saturated
 
 
 def test_depth_at_size_units():

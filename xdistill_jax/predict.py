@@ -10,8 +10,8 @@ align_corners=False). Per image `NAME` (relative names are kept for folders) it 
       ratio measured on GT for monocular ones);
     without: relative depth = 1 / scaled_disp, in the units of the training min/max depth
       (`disp_to_depth`), correct only up to an unknown scale for monocular models;
-- `NAME_disp.png`: the disparity mapped with magma, normalised like test_simple (vmin = the map's
-  minimum, vmax = its 95th percentile, clipped).
+- `NAME_disp.png`: the disparity coloured as test_simple colours it (matplotlib's magma, vmin =
+  the map's minimum, vmax = its 95th percentile, clipped; the same bytes as its matplotlib calls).
 Images are taken as viewers show them: a JPEG's EXIF orientation (a phone's portrait photo) is
 applied first, so the maps line up with the photo (test_simple ignores it; evaluation never reads
 EXIF, as KITTI and Make3D carry none).
@@ -39,36 +39,32 @@ import numpy as np
 
 from xdistill_jax import evaluation
 from xdistill_jax.inference import DepthModel, DepthPredictor, batched, exif_oriented, load_resized
+from xdistill_jax.magma_table import MAGMA_256
 from xdistill_jax.output_dirs import check_output_dir
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
 
-# matplotlib's magma (CC0, BIDS colormap data) sampled at entries 0, 16, ..., 240 and 255 of its
-# 256-entry table; linear interpolation between them stays within 1/255 of the full table.
-_MAGMA_AT = np.array([0, 16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 176, 192, 208, 224, 240, 255]) / 255.0
-_MAGMA = np.array([
-    [0.001462, 0.000466, 0.013866], [0.039608, 0.031090, 0.133515], [0.113094, 0.065492, 0.276784],
-    [0.211718, 0.061992, 0.418647], [0.316654, 0.071690, 0.485380], [0.414709, 0.110431, 0.504662],
-    [0.512831, 0.148179, 0.507648], [0.613617, 0.181811, 0.498536], [0.716387, 0.214982, 0.475290],
-    [0.816914, 0.255895, 0.436461], [0.904281, 0.319610, 0.388137], [0.960949, 0.418323, 0.359630],
-    [0.986700, 0.535582, 0.382210], [0.996096, 0.653659, 0.446213], [0.996898, 0.769591, 0.534892],
-    [0.992440, 0.884330, 0.640099], [0.987053, 0.991438, 0.749504],
-])
+_MAGMA = np.asarray(MAGMA_256, np.float64)  # matplotlib's table (CC0), `magma_table`
 
 
 def magma(x: np.ndarray) -> np.ndarray:
-    """Values in [0,1] (clipped) -> (..., 3) float64 RGB in [0,1] on the magma colormap."""
-    x = np.clip(np.asarray(x, np.float64), 0.0, 1.0)
-    return np.stack([np.interp(x, _MAGMA_AT, _MAGMA[:, c]) for c in range(3)], axis=-1)
+    """Values in [0,1] (clipped) -> (..., 3) float64 RGB in [0,1] on the magma colormap, looked up
+    as matplotlib's `Colormap.__call__` does: entry floor(256 x) of the 256-entry table, x = 1 the
+    last (as are values above it), values below 0 the first."""
+    xa = np.asarray(x, np.float64) * 256.0
+    n = len(_MAGMA)
+    index = np.where(xa == n, n - 1, np.floor(np.clip(xa, 0, n - 1))).astype(np.intp)
+    return _MAGMA[index]
 
 
 def colorize_disparity(disp: np.ndarray) -> np.ndarray:
-    """(H,W) disparity -> (H,W,3) uint8 magma, vmin = min, vmax = 95th percentile (test_simple)."""
+    """(H,W) disparity -> (H,W,3) uint8 magma, as Monodepth2's test_simple.py colours it:
+    matplotlib's Normalize(vmin = the minimum, vmax = the 95th percentile) and magma, then
+    `(rgb * 255).astype(np.uint8)` (truncated). A flat map: x = 0 everywhere (Normalize's)."""
     disp = np.asarray(disp, np.float64)
     vmin, vmax = float(disp.min()), float(np.percentile(disp, 95))
     x = (disp - vmin) / (vmax - vmin) if vmax > vmin else np.zeros_like(disp)
-    # matplotlib's to_rgba(...) * 255 then astype(uint8) truncates; we round instead.
-    return (magma(x) * 255.0 + 0.5).astype(np.uint8)
+    return (magma(x) * 255.0).astype(np.uint8)
 
 
 OUTPUT_SUFFIXES = ("_depth.npy", "_disp.png")  # what predict writes per image
