@@ -219,10 +219,17 @@ def test_convert_weights_cli_round_trip(torch_folder, converted, tmp_path, capsy
     jax.tree.map(np.testing.assert_array_equal, loaded, want)
     assert not list(tmp_path.glob("**/*.tmp"))  # no temp files left behind
 
-    # a wrong depth is reported by name, with exit status 2 (bad input, as predict, eval, train)
+    # a wrong depth is named, with the depth the file holds, exit status 2 (bad input, as predict,
+    # eval, train); until 2026-12-07 ~2 kB of missing and unexpected keys; so is a Monodepth2 file
     assert cli.main(["convert-weights", "--torchvision", str(pth), "--num-layers", "34", "--out",
                      str(tmp_path / "x.msgpack")]) == 2
-    assert "missing keys: " in capsys.readouterr().err
+    assert f"{pth} holds a ResNet-18, not a ResNet-34: pass --num-layers 18" in capsys.readouterr().err
+    for name in ("encoder.pth", "pose_encoder.pth", "depth.pth"):
+        assert cli.main(["convert-weights", "--torchvision", str(torch_folder[0] / name), "--num-layers", "18",
+                         "--out", str(tmp_path / "x.msgpack")]) == 2
+        err = capsys.readouterr().err
+        assert "not a torchvision" in err and "convert its model folder with --monodepth2 DIR" in err, err
+        assert "missing keys" not in err
     assert not (tmp_path / "x.msgpack").exists()
     # converting a folder without a pose net over that conversion leaves no stale pose.msgpack
     depth_only = tmp_path / "depth_only"
@@ -246,6 +253,45 @@ def test_convert_weights_cli_round_trip(torch_folder, converted, tmp_path, capsy
         assert cli.main(args) == 2
         err = capsys.readouterr().err
         assert f"--out {msg / 'sub'}: cannot be made: {msg} is a file" in err and "Traceback" not in err
+
+
+def test_a_failed_write_is_one_line_and_an_incomplete_folder_is_named(torch_folder, tmp_path, capsys,
+                                                                       monkeypatch):
+    """A full disk while convert-weights writes: one line naming the file (was an OSError traceback,
+    exit 1); a re-conversion that fails leaves the folder without meta.json, which `--monodepth2`
+    names as an incomplete conversion (said "missing encoder.pth, depth.pth" of a converted folder)."""
+    from xdistill_jax import inference
+
+    out = tmp_path / "converted"
+    assert cli.main(["convert-weights", "--monodepth2", str(torch_folder[0]), "--out", str(out)]) == 0
+    capsys.readouterr()
+    save = convert.save_variables
+
+    def full_disk_at_pose(path, variables):
+        if str(path).endswith("pose.msgpack"):
+            raise OSError(28, "No space left on device")
+        save(path, variables)
+
+    monkeypatch.setattr(convert, "save_variables", full_disk_at_pose)
+    assert cli.main(["convert-weights", "--monodepth2", str(torch_folder[0]), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"writing {out / 'pose.msgpack'} failed: No space left on device; {out} holds no complete " \
+           "conversion (no meta.json)" in err, err
+    assert not (out / "meta.json").exists()
+    with pytest.raises(ValueError, match=r"holds depth.msgpack but no meta.json.*an incomplete conversion"):
+        inference.load_monodepth2_model(out)
+
+    pth = tmp_path / "r18.pth"
+    torch.save(torch_folder[1][0].encoder.state_dict(), pth)
+    def full_disk(path, variables):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(convert, "save_variables", full_disk)
+    assert cli.main(["convert-weights", "--torchvision", str(pth), "--num-layers", "18", "--out",
+                     str(tmp_path / "enc.msgpack")]) == 2
+    err = capsys.readouterr().err
+    assert f"writing {tmp_path / 'enc.msgpack'} failed: No space left on device; nothing was written" in err, err
 
 
 def test_a_converted_folder_is_read_by_eval_and_predict_without_torch(torch_folder, converted, tmp_path,

@@ -245,11 +245,33 @@ def load_torchvision_resnet(path_or_state_dict, num_layers: int, num_input_image
         source = "<state dict>"
         state = {k: (np.asarray(v.detach().cpu().float().numpy()) if hasattr(v, "detach") else v)
                  for k, v in path_or_state_dict.items()}
+    _check_torchvision_kind(state, num_layers, source)
     problems = _Problems()
     variables = _encoder_variables_from_state(state, num_layers, num_input_images, source, problems,
                                               imagenet_conv1=True)
     problems.raise_if_any()
     return variables
+
+
+def _check_torchvision_kind(state: Mapping[str, Any], num_layers: int, source: str) -> None:
+    """A Monodepth2 file, or a ResNet of another depth than asked, named as such (instead of
+    every key missing and unexpected)."""
+    keys = [k for k in state if k not in MONODEPTH2_META_KEYS]
+    if any(k.startswith("encoder.") for k in keys):
+        raise ValueError(f"{source}: its keys start with 'encoder.': a Monodepth2 encoder.pth or "
+                         "pose_encoder.pth, not a torchvision state dict; convert its model folder with "
+                         "--monodepth2 DIR")
+    if any(k.startswith(("decoder.", "net.")) for k in keys) and not any(k.startswith("layer1.") for k in keys):
+        raise ValueError(f"{source}: its keys are a Monodepth2 decoder's (depth.pth or pose.pth), not a "
+                         "torchvision ResNet's; convert its model folder with --monodepth2 DIR")
+    if any(k.startswith("layer1.") for k in keys):
+        try:
+            found = infer_resnet_depth(state)
+        except ValueError:
+            return  # not a ResNet of a known depth: every problem is listed key by key
+        if found != num_layers:
+            raise ValueError(f"{source} holds a ResNet-{found}, not a ResNet-{num_layers}: pass "
+                             f"--num-layers {found} (model.num_layers {found} to train with it)")
 
 
 def torch_missing_message(error: ImportError) -> str:

@@ -116,6 +116,11 @@ def load_monodepth2_model(folder) -> DepthModel:
     from xdistill_jax.models.pose import PoseNet
 
     folder = pathlib.Path(folder)
+    if (not (folder / CONVERTED_META).exists() and not (folder / "encoder.pth").exists()
+            and (folder / "depth.msgpack").exists()):
+        raise ValueError(f"{folder} holds depth.msgpack but no {CONVERTED_META}, which `xdistill "
+                         "convert-weights --monodepth2` writes last: an incomplete conversion (stopped or "
+                         "failed while writing); convert the Monodepth2 folder again")
     if (folder / CONVERTED_META).is_file() and not (folder / "encoder.pth").exists():
         loaded = load_converted_monodepth2(folder)
     else:

@@ -34,10 +34,14 @@ def add_arguments(parser) -> None:
 
 def _write_json_atomic(path: Path, obj) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _below_a_file(path: Path) -> Path | None:
@@ -69,7 +73,12 @@ def run(args) -> int:
                 print("xdistill convert-weights: --num-layers is required with --torchvision", file=sys.stderr)
                 return 2
             variables = convert.load_torchvision_resnet(args.torchvision, args.num_layers, args.num_input_images)
-            convert.save_variables(args.out, variables)
+            try:
+                convert.save_variables(args.out, variables)
+            except OSError as e:  # the disk full, a quota: nothing is left under the name
+                print(f"xdistill convert-weights: writing {args.out} failed: {e.strerror or e}; "
+                      "nothing was written", file=sys.stderr)
+                return 2
             print(f"wrote {args.out} (ResNet-{args.num_layers} encoder, {args.num_input_images} input image(s))")
             return 0
         if args.num_input_images != 1:
@@ -93,14 +102,24 @@ def run(args) -> int:
     (out / convert.CONVERTED_META).unlink(missing_ok=True)
     if loaded["pose"] is None:
         (out / "pose.msgpack").unlink(missing_ok=True)
-    convert.save_variables(out / "depth.msgpack", loaded["depth"])
-    if loaded["pose"] is not None:
-        convert.save_variables(out / "pose.msgpack", loaded["pose"])
     meta = {k: loaded[k] for k in ("num_layers", "height", "width")}
     meta["has_pose"] = loaded["pose"] is not None
     meta["kernel_layout"] = "HWIO"  # flax's; the networks read them with kernel_layout="HWIO"
     if "use_stereo" in loaded:
         meta["use_stereo"] = loaded["use_stereo"]
-    _write_json_atomic(out / convert.CONVERTED_META, meta)  # written last: its presence marks a complete folder
+    writing = out / "depth.msgpack"
+    try:
+        convert.save_variables(writing, loaded["depth"])
+        if loaded["pose"] is not None:
+            writing = out / "pose.msgpack"
+            convert.save_variables(writing, loaded["pose"])
+        writing = out / convert.CONVERTED_META
+        _write_json_atomic(writing, meta)  # written last: its presence marks a complete folder
+    except OSError as e:  # the disk full, a quota: the folder is left without meta.json, which
+        # `--monodepth2 OUT` names as an incomplete conversion
+        print(f"xdistill convert-weights: writing {writing} failed: {e.strerror or e}; {out} holds no "
+              f"complete conversion (no {convert.CONVERTED_META}): convert again once there is room",
+              file=sys.stderr)
+        return 2
     print(f"wrote {out}/depth.msgpack" + (", pose.msgpack" if meta["has_pose"] else "") + f", meta.json {meta}")
     return 0
