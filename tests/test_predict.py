@@ -1,12 +1,14 @@
 """`xdistill predict`: magma table, test_simple-style resizing, depth units, outputs and bad input."""
 
 import errno
+import json
 import os
 import pathlib
 import re
 import shutil
 import tempfile
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
@@ -82,6 +84,28 @@ def test_predict_from_checkpoint(tmp_path, capsys):
     image, size = inference.load_resized(frames / "0000000003.png", 32, 96)
     scaled = inference.DepthPredictor(model, 1).predict(image[None])[0]
     np.testing.assert_allclose(rel, 1.0 / predict.evaluation.resize_linear(scaled, *size), rtol=1e-5)
+
+
+def test_a_bf16_trained_workdir_is_predicted_in_float32(tmp_path):
+    """A run trained with model.dtype bfloat16 keeps float32 weights; eval and predict built its
+    networks in bf16, so disparities came out of a bf16 logit (208 distinct values of 3,072
+    pixels, steps of 3 %). The shared workdir's checkpoint with its config saying bfloat16 (the
+    weights' shapes and dtypes are the same) is predicted as the float32 one."""
+    t = trained()
+    bf16 = tmp_path / "bf16_run"
+    shutil.copytree(t.workdir, bf16)
+    config = json.loads((bf16 / "config.json").read_text())
+    assert config["model"]["dtype"] == "float32"
+    config["model"]["dtype"] = "bfloat16"
+    (bf16 / "config.json").write_text(json.dumps(config))
+    images = np.stack([inference.load_resized(p, 32, 96)[0]
+                       for p in sorted((t.world / TEST_DRIVE / "image_02" / "data").glob("*.png"))[:4]])
+    want = inference.DepthPredictor(inference.load_workdir_model(t.workdir), 4).predict(images)
+    model = inference.load_workdir_model(bf16)
+    assert model.depth_net.dtype == jnp.float32
+    got = inference.DepthPredictor(model, 4).predict(images)
+    np.testing.assert_array_equal(got, want)
+    assert len(np.unique(got)) > 0.9 * got.size  # no bf16 quantisation
 
 
 def test_bad_inputs_are_named(tmp_path, capsys):
