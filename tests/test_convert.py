@@ -315,6 +315,17 @@ def test_a_converted_folder_is_read_by_eval_and_predict_without_torch(torch_fold
     assert cli.main(["predict", "--monodepth2", str(out), "--no-progress", "--out", str(tmp_path / "pred"),
                      str(image)]) == 0
     assert np.load(tmp_path / "pred" / "a_depth.npy").shape == (40, 100)
+    assert "use_stereo" not in capsys.readouterr().err  # a monocular model: no note
+    # stereo-trained weights (encoder.pth's use_stereo, kept in meta.json): predict says what
+    # --scale gives metres (use_stereo was read and saved, and used by nothing)
+    meta = json.loads((out / "meta.json").read_text())
+    (out / "meta.json").write_text(json.dumps(dict(meta, use_stereo=True)))
+    assert inference.load_monodepth2_model(out).use_stereo is True
+    assert cli.main(["predict", "--monodepth2", str(out), "--no-progress", "--out", str(tmp_path / "pred_st"),
+                     str(image)]) == 0
+    assert "trained with stereo pairs (encoder.pth: use_stereo=True): --scale 5.4 writes its depth in metres" \
+        in capsys.readouterr().err
+    (out / "meta.json").write_text(json.dumps(meta))
     # the .pth folder without torch: exit 2 saying what to do, no traceback
     for verb in (["eval", "--monodepth2", str(torch_folder[0]), "--data", str(tmp_path), "--gt", str(tmp_path / "g"),
                   "--out", str(tmp_path / "ev")],

@@ -499,3 +499,17 @@ def test_monodepth2_weights_match_torch_evaluation(tmp_path):
     assert got["num_images"] == 8 and want["abs_rel"] > 0
     for k in evaluation.METRIC_KEYS:
         np.testing.assert_allclose(got[k], want[k], rtol=2e-4, err_msg=k)
+
+
+def test_a_protocol_that_does_not_fit_how_monodepth2_weights_were_trained_is_warned():
+    """Monodepth2's evaluate_depth makes the user choose --eval_mono or --eval_stereo; encoder.pth's
+    use_stereo says which fits, and was read and saved but used by nothing (a stereo model was
+    median-scaled without a word)."""
+    def model(use_stereo):
+        return inference.DepthModel(None, {}, None, None, 32, 96, 0.1, 100.0, None, "md2", use_stereo)
+
+    assert "trained with stereo pairs" in inference.protocol_warning(model(True), stereo=False)
+    assert "--eval_stereo (here --stereo" in inference.protocol_warning(model(True), stereo=False)
+    assert "has no metric scale" in inference.protocol_warning(model(False), stereo=True)
+    for use_stereo, stereo in ((True, True), (False, False), (None, True), (None, False)):
+        assert inference.protocol_warning(model(use_stereo), stereo=stereo) is None

@@ -54,6 +54,24 @@ class DepthModel:
     max_depth: float
     step: int | None  # checkpoint step (None for converted weights)
     source: str       # workdir or model folder
+    # Monodepth2 weights: encoder.pth's `use_stereo` (trained with stereo pairs, so metric depth
+    # at x5.4); None where not known (this project's runs train on monocular triplets)
+    use_stereo: bool | None = None
+
+
+def protocol_warning(model: DepthModel, stereo: bool) -> str | None:
+    """A warning where the evaluation protocol asked does not fit how Monodepth2 weights were
+    trained (Monodepth2's evaluate_depth makes the user choose --eval_mono or --eval_stereo);
+    None where it fits or is not known."""
+    if model.use_stereo is None or model.use_stereo == stereo:
+        return None
+    if model.use_stereo:
+        return (f"warning: {model.source} was trained with stereo pairs (encoder.pth: use_stereo=True), "
+                "which Monodepth2 evaluates with --eval_stereo (here --stereo: depth x 5.4, no median "
+                "scaling); evaluating with per-image median scaling as asked")
+    return (f"warning: {model.source} was trained on monocular video (encoder.pth: use_stereo=False): its "
+            "depth has no metric scale, so --stereo's fixed x 5.4 does not fit it (Monodepth2 evaluates "
+            "such weights with --eval_mono, here the default)")
 
 
 def checkpoint_steps(workdir) -> list[int]:
@@ -139,7 +157,8 @@ def load_monodepth2_model(folder) -> DepthModel:
     # Converted weights hold flax's HWIO kernels: the networks are built to read them as they are.
     depth_net, pose_net = DepthNet(num_layers=n, kernel_layout="HWIO"), PoseNet(num_layers=n, kernel_layout="HWIO")
     return DepthModel(depth_net, loaded["depth"], pose_net if pose else None, pose,
-                      int(loaded["height"]), int(loaded["width"]), *MONODEPTH2_DEPTH_RANGE, None, str(folder))
+                      int(loaded["height"]), int(loaded["width"]), *MONODEPTH2_DEPTH_RANGE, None, str(folder),
+                      loaded.get("use_stereo"))
 
 
 def _inference_mesh() -> Mesh:

@@ -92,6 +92,9 @@ def run(args) -> int:
         if args.split_file:
             tag = f"{'pose' if args.pose else args.split}-{pathlib.Path(args.split_file).stem}"
         pose = args.pose or args.split.startswith("odom")
+        warning = None if pose or args.split == "make3d" else inference.protocol_warning(model, args.stereo)
+        if warning:
+            print(warning, file=sys.stderr)
         # a depth eval's settings other than the defaults name their own file: a second eval of
         # the same checkpoint with --stereo or --post-process replaced the first one's results
         variant = "" if pose else "".join(part for on, part in (

@@ -47,6 +47,9 @@ def run(args) -> int:
             model = inference.load_workdir_model(args.workdir, args.step)
         else:
             model = inference.load_monodepth2_model(args.monodepth2)
+        if model.use_stereo and args.scale is None:
+            print(f"note: {model.source} was trained with stereo pairs (encoder.pth: use_stereo=True): "
+                  "--scale 5.4 writes its depth in metres (Monodepth2's STEREO_SCALE_FACTOR)", file=sys.stderr)
         written = predict.predict_prepared(model, job, show_progress=not args.no_progress)
     except (ValueError, OSError, CheckpointError) as e:  # OSError: --out, a folder that cannot be read
         print(f"xdistill predict: {e}", file=sys.stderr)
