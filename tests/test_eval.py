@@ -466,6 +466,17 @@ def test_odometry_split_sides_and_image_formats_are_checked(tmp_path):
     with pytest.raises(ValueError, match=re.escape(f"{image_3 / '000000.jpg'} is .jpg but {image_3 / '000002.png'} "
                                                    "exists only as .png")):
         eval_pose.odometry_sequence(tmp_path, "odom_09", split)
+    # the same in the raw layout (`--pose --split-file`): a drive half-converted to JPEG was
+    # evaluated with its frames in both formats, without a word
+    frames = tmp_path / "2011_09_26" / "2011_09_26_drive_0001_sync" / "image_02" / "data"
+    frames.mkdir(parents=True)
+    for i, ext in enumerate([".png", ".jpg", ".png"]):
+        (frames / f"{i:010d}{ext}").write_bytes(b"x")
+    raw_split = tmp_path / "pose_files.txt"
+    raw_split.write_text("".join(f"2011_09_26/2011_09_26_drive_0001_sync {i} l\n" for i in range(3)))
+    with pytest.raises(ValueError, match=re.escape(f"{frames / '0000000000.png'} is .png but "
+                                                   f"{frames / '0000000001.jpg'} exists only as .jpg")):
+        eval_pose.raw_sequence(tmp_path, raw_split)
 
 
 def test_monodepth2_weights_match_torch_evaluation(tmp_path):

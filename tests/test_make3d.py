@@ -54,6 +54,12 @@ def test_real_layout_without_list_file_and_missing_depth(tmp_path):
     items[1].depth_path.write_bytes(b"not a mat file at all" * 20)
     with pytest.raises(ValueError, match=r"depth_sph_corr-b-p-2t0\.mat: cannot read the Make3D depth file"):
         reader.load_depth(items[1].depth_path)
+    # saved again as MATLAB v7.3 (HDF5; its 128-byte header says version 0x0200): scipy's
+    # NotImplementedError was a traceback naming no file
+    header = b"MATLAB 7.3 MAT-file, Platform: GLNXA64, HDF5 schema 1.00 .".ljust(116) + bytes(8) + b"\x00\x02IM"
+    items[1].depth_path.write_bytes(header.ljust(512, b"\x00") + b"\x89HDF\r\n\x1a\n" + bytes(64))
+    with pytest.raises(ValueError, match=r"depth_sph_corr-b-p-2t0\.mat: a MATLAB v7\.3 \(HDF5\) file"):
+        reader.load_depth(items[1].depth_path)
     items[1].image_path.write_bytes(b"not a jpeg")
     with pytest.raises(ValueError, match=r"img-b-p-2t0\.jpg: cannot read the Make3D image"):
         reader.load_image(items[1].image_path)

@@ -66,6 +66,10 @@ def load_depth(path) -> np.ndarray:
         raise
     except (ValueError, TypeError, OSError, scipy.io.matlab.MatReadError) as e:  # truncated, not a .mat
         raise ValueError(f"{path}: cannot read the Make3D depth file ({type(e).__name__}: {e})") from e
+    except NotImplementedError as e:  # a MATLAB v7.3 (HDF5) file: scipy reads v4-v7.2 only
+        raise ValueError(f"{path}: a MATLAB v7.3 (HDF5) file, which scipy cannot read ({e}); the Make3D "
+                         "release's Gridlaserdata files are v5: use the original file, or save it again "
+                         "in MATLAB with save(..., '-v7')") from e
     if "Position3DGrid" not in mat:
         raise ValueError(f"{path}: no 'Position3DGrid' variable")
     grid = np.asarray(mat["Position3DGrid"])
