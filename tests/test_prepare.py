@@ -97,6 +97,40 @@ def test_a_tree_converted_to_jpeg_as_monodepth2_suggests(tree, tmp_path):
     _assert_nothing_complete(tmp_path / "out3")
 
 
+def test_an_odometry_split_prepares_from_the_odometry_layout(tree, prepared, tmp_path):
+    """The shipped odom/train_files.txt (`8 4056 r`: a sequence number, no drive folder) was read as
+    a raw drive folder "8" ("missing neighbour frame ... 8/image_03/data/..."): its lines now read
+    the KITTI odometry layout, sequences/%02d/image_{2,3}/%06d.png, as Monodepth2's
+    KITTIOdomDataset does. The tiny tree's frames copied into that layout give the same records."""
+    raw_root, split = tree
+    lines = kitti_tiny.split_lines(split)
+    odom = tmp_path / "odometry"
+    sequence_of = {}
+    odom_lines = []
+    for line in lines:
+        folder, frame, side = line.split()
+        seq = sequence_of.setdefault(folder, len(sequence_of) + 3)
+        for offset in (-1, 0, 1):
+            target = (odom / "sequences" / f"{seq:02d}" / f"image_{2 if side == 'l' else 3}"
+                      / f"{int(frame) + offset:06d}.png")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(kitti_tiny.source_image(raw_root, line, offset), target)
+        odom_lines.append(f"{seq} {frame} {side}")
+    odom_split = tmp_path / "odom_train_files.txt"
+    odom_split.write_text("\n".join(odom_lines) + "\n")
+    prepare.prepare_split(odom, odom_split, tmp_path / "out", "train", H, W)
+    got, want = tfds_builder.open_split(tmp_path / "out", "train"), tfds_builder.open_split(prepared[0], "train")
+    assert len(got) == len(want) == len(lines)
+    for i, text in enumerate(odom_lines):
+        assert got[i]["id"].decode() == text
+        for key in ("image_m1", "image_0", "image_p1", "K"):
+            np.testing.assert_array_equal(got[i][key], want[i][key], err_msg=f"{text} {key}")
+    # per-drive calibration is a raw drive's file: refused, naming the line, before any image is read
+    with pytest.raises(ValueError, match=rf"{odom_split}:1 .*an odometry sequence's line; --intrinsics calib"):
+        prepare.prepare_split(odom, odom_split, tmp_path / "out_calib", "train", H, W, intrinsics="calib")
+    _assert_nothing_complete(tmp_path / "out_calib")
+
+
 def test_rerun_is_idempotent_and_other_settings_are_refused(tree, prepared, tmp_path, caplog):
     raw, split = tree
     out, path = prepared

@@ -51,7 +51,9 @@ def prepare_split(
     """Builds (or finds complete) the triplet dataset of one split; returns its directory.
 
     Args:
-      raw_dir: KITTI raw root (dates at the top), or a synthetic world in that layout.
+      raw_dir: KITTI raw root (dates at the top), or a synthetic world in that layout; for an
+        odometry split (lines `SEQ FRAME SIDE`) the KITTI odometry root (`sequences/` at the top,
+        `raw.image_path`), prepared with Monodepth2's fixed K (`intrinsics="calib"` is refused).
       split_file: Monodepth2-format split ("DATE/DATE_drive_XXXX_sync FRAME l|r" per line).
       out_dir: TFDS data_dir; the split goes to OUT/kitti_triplets/<split_name>/1.0.0.
       split_name: TFDS split name, e.g. "train", "val".
@@ -177,6 +179,10 @@ def _check_files_exist(raw_dir, lines, split_file, settings) -> None:
                 what = "frame" if offset == 0 else f"neighbour frame {offset:+d}"
                 other = path.with_suffix(".png" if path.suffix == ".jpg" else ".jpg")  # also looked for
                 raise ValueError(f"{where}: missing {what}: {path} (nor {other.name})")
+        if settings.intrinsics == "calib" and line.is_odometry:
+            raise ValueError(f"{where}: an odometry sequence's line; --intrinsics calib reads a raw drive's "
+                             "DATE/calib_cam_to_cam.txt: prepare odometry splits with --intrinsics monodepth2 "
+                             "(Monodepth2 trains its odom split with that fixed K)")
         if settings.intrinsics == "calib":
             calib = raw_dir / line.folder.split("/")[0] / "calib_cam_to_cam.txt"
             if not calib.is_file():

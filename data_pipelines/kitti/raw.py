@@ -45,6 +45,12 @@ class SplitLine:
         """KITTI camera number of this side (2 for `l`, 3 for `r`)."""
         return SIDE_TO_CAMERA[self.side]
 
+    @property
+    def is_odometry(self) -> bool:
+        """A line of an odometry split (`odom/`): its folder is a sequence number (`8 4056 r`),
+        its frames in the KITTI odometry layout (`image_path`), not a raw drive's."""
+        return self.folder.isascii() and self.folder.isdigit()
+
 
 class CalibFile(dict):
     """`read_calib_file`'s result: {key: float64 array or string}, and `lines[key]`, the line
@@ -142,7 +148,10 @@ def image_format(stem: Path) -> str:
 
 
 def image_path(root, line: SplitLine, frame_offset: int = 0, ext: str | None = None) -> Path:
-    """`ROOT/FOLDER/image_0{2,3}/data/%010d.EXT` of `line`'s frame plus `frame_offset`.
+    """`ROOT/FOLDER/image_0{2,3}/data/%010d.EXT` of `line`'s frame plus `frame_offset`; for an
+    odometry split's line (`SplitLine.is_odometry`) `ROOT/sequences/%02d/image_{2,3}/%06d.EXT`, the
+    KITTI odometry layout, as Monodepth2's KITTIOdomDataset reads it (ROOT the odometry dataset's
+    folder holding `sequences/`).
 
     ext None: the frame's .png if it exists, else its .jpg if that exists (a KITTI tree converted
     to JPEG, as Monodepth2's README suggests and its loader reads by default), else the .png path
@@ -151,7 +160,10 @@ def image_path(root, line: SplitLine, frame_offset: int = 0, ext: str | None = N
     index = line.frame_index + frame_offset
     if index < 0:
         raise ValueError(f"split line {line}: frame {line.frame_index}{frame_offset:+d} is negative")
-    stem = Path(root) / line.folder / f"image_0{line.camera}" / "data" / f"{index:010d}"
+    if line.is_odometry:
+        stem = Path(root) / "sequences" / f"{int(line.folder):02d}" / f"image_{line.camera}" / f"{index:06d}"
+    else:
+        stem = Path(root) / line.folder / f"image_0{line.camera}" / "data" / f"{index:010d}"
     return stem.with_suffix(ext if ext is not None else image_format(stem))
 
 

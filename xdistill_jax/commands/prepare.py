@@ -16,7 +16,8 @@ import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--raw", required=True, help="KITTI raw root (dates at the top)")
+    parser.add_argument("--raw", required=True,
+                        help="KITTI raw root (dates at the top); for an odometry split (odom/, lines 'SEQ FRAME SIDE') the KITTI odometry root (sequences/ at the top)")
     parser.add_argument("--split-file", required=True, help="Monodepth2-format split file")
     parser.add_argument("--out", required=True, help="TFDS data directory to write into")
     parser.add_argument("--split", required=True, help="split name to store, e.g. train, val")
