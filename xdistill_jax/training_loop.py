@@ -474,6 +474,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, data=None
         if num_examples // config.optim.batch_size <= 0:  # whatever optim.steps_per_epoch says
             raise config_utils.ConfigError(
                 f"config.optim.batch_size={config.optim.batch_size} exceeds the {num_examples} training examples")
+        if data.num_val_examples is not None and data.num_val_examples < config.optim.batch_size:
+            # `validate` takes its loss means over full batches: there is none (said here, once;
+            # each val line held the step alone, without a word, until 2026-12-07)
+            log.warning("the val split %r has %d examples, fewer than a batch (optim.batch_size=%d): "
+                        "validation logs no loss, only %s", config.data.val_split, data.num_val_examples,
+                        config.optim.batch_size,
+                        "the depth metrics (data.val_gt_depth)" if gt is not None else
+                        "its images (give data.val_gt_depth for depth metrics over every example)")
         from xdistill_jax.inference import checkpoint_steps
 
         # the encoder file of a run that starts (a missing or unreadable one fails here, on every
