@@ -14,19 +14,19 @@ import pytest
 from PIL import Image, ImageOps
 
 from eval_workdir import TEST_DRIVE, trained
-from xdistill_jax import cli, inference, predict
+from xdistill_jax import cli, colormap, inference, predict
 
 
 def test_magma_table():
     # matplotlib's magma: entries 0, 100, 128 and 255 of its 256-entry table
-    np.testing.assert_array_equal(predict.magma(0.0), [0.001462, 0.000466, 0.013866])
-    np.testing.assert_array_equal(predict.magma(100 / 256), [0.537755, 0.156894, 0.506551])
-    np.testing.assert_array_equal(predict.magma(0.5), [0.716387, 0.214982, 0.475290])
-    np.testing.assert_array_equal(predict.magma(np.nextafter(0.5, 0)), predict.magma(127 / 256))
+    np.testing.assert_array_equal(colormap.magma(0.0), [0.001462, 0.000466, 0.013866])
+    np.testing.assert_array_equal(colormap.magma(100 / 256), [0.537755, 0.156894, 0.506551])
+    np.testing.assert_array_equal(colormap.magma(0.5), [0.716387, 0.214982, 0.475290])
+    np.testing.assert_array_equal(colormap.magma(np.nextafter(0.5, 0)), colormap.magma(127 / 256))
     for x in (1.0, 2.0, 255 / 256):  # 1 and beyond: the last entry, as matplotlib's over colour
-        np.testing.assert_array_equal(predict.magma(x), [0.987053, 0.991438, 0.749504])
-    np.testing.assert_array_equal(predict.magma(-0.5), predict.magma(0.0))
-    lum = predict.magma(np.linspace(0, 1, 64)) @ np.array([0.2126, 0.7152, 0.0722])
+        np.testing.assert_array_equal(colormap.magma(x), [0.987053, 0.991438, 0.749504])
+    np.testing.assert_array_equal(colormap.magma(-0.5), colormap.magma(0.0))
+    lum = colormap.magma(np.linspace(0, 1, 64)) @ np.array([0.2126, 0.7152, 0.0722])
     assert np.all(np.diff(lum) > 0)  # perceptually ordered: brighter for nearer
 
 
@@ -37,13 +37,21 @@ def test_colorize_is_test_simples_matplotlib_colouring_byte_for_byte():
     95)), ScalarMappable(cmap="magma").to_rgba(disp)[:, :, :3] * 255 cast to uint8; and a flat
     map. The 17-sample interpolated table before 2026-12-07 was up to 4 levels off."""
     ref = np.load(pathlib.Path(__file__).parent / "data" / "magma_test_simple.npz")
-    rgb = predict.colorize_disparity(ref["disp"])
+    rgb = colormap.colorize_disparity(ref["disp"])
     assert rgb.shape == ref["rgb"].shape and rgb.dtype == np.uint8
     np.testing.assert_array_equal(rgb, ref["rgb"])
-    np.testing.assert_array_equal(predict.colorize_disparity(np.full((3, 4), 0.2))[0, 0], ref["rgb_flat"])
+    np.testing.assert_array_equal(colormap.colorize_disparity(np.full((3, 4), 0.2))[0, 0], ref["rgb_flat"])
     disp = np.linspace(1.0, 2.0, 200).reshape(10, 20)
     top = disp >= np.percentile(disp, 95)
-    assert top.sum() == 10 and np.all(predict.colorize_disparity(disp)[top] == [251, 252, 191])  # saturated
+    assert top.sum() == 10 and np.all(colormap.colorize_disparity(disp)[top] == [251, 252, 191])  # saturated
+    # the training's val_disp image and the demo report's tiles are the same colouring: an early
+    # network's map, 0.50-0.54, spans the table (the home-made ramp from 0 before 2026-12-07 made it
+    # ~30 near-yellow colours)
+    from xdistill_jax import metric_writer
+
+    narrow = np.linspace(0.50, 0.54, 4096).reshape(64, 64)
+    np.testing.assert_array_equal(metric_writer.colormap(narrow), colormap.colorize_disparity(narrow))
+    assert len(np.unique(metric_writer.colormap(narrow).reshape(-1, 3), axis=0)) == 256
 
 
 def test_depth_at_size_units():

@@ -180,15 +180,13 @@ class _Board:
 
 
 def colormap(disp: np.ndarray) -> np.ndarray:
-    """(H,W) disparity -> (H,W,3) uint8, normalised to its 95th percentile (Monodepth2's display)."""
-    disp = np.asarray(disp, np.float32)
-    vmax = float(np.percentile(disp, 95)) or 1.0
-    x = np.clip(disp / vmax, 0.0, 1.0)
-    # a dependency-free magma-like ramp: black -> purple -> orange -> yellow-white
-    r = np.clip(1.6 * x, 0, 1)
-    g = np.clip(1.8 * x - 0.6, 0, 1)
-    b = np.clip(np.where(x < 0.5, 1.2 * x, 1.6 - 1.6 * x + 0.2), 0, 1)
-    return (np.stack([r, g, b], -1) * 255 + 0.5).astype(np.uint8)
+    """(H,W) disparity -> (H,W,3) uint8 as Monodepth2's test_simple shows it (`colormap.colorize_disparity`:
+    magma, vmin = the map's minimum, vmax = its 95th percentile). Until 2026-12-07 a home-made
+    ramp from 0 (a map whose spread is small next to its level, an early network's, came out one
+    flat colour; a jump in blue at half range drew a contour that was not in the data)."""
+    from xdistill_jax.colormap import colorize_disparity
+
+    return colorize_disparity(disp)
 
 
 def label_image(labels: np.ndarray, num_groups: int) -> np.ndarray:

@@ -39,33 +39,10 @@ import numpy as np
 
 from xdistill_jax import evaluation
 from xdistill_jax.inference import DepthModel, DepthPredictor, batched, exif_oriented, load_resized
-from xdistill_jax.magma_table import MAGMA_256
+from xdistill_jax.colormap import colorize_disparity
 from xdistill_jax.output_dirs import check_output_dir
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
-
-_MAGMA = np.asarray(MAGMA_256, np.float64)  # matplotlib's table (CC0), `magma_table`
-
-
-def magma(x: np.ndarray) -> np.ndarray:
-    """Values in [0,1] (clipped) -> (..., 3) float64 RGB in [0,1] on the magma colormap, looked up
-    as matplotlib's `Colormap.__call__` does: entry floor(256 x) of the 256-entry table, x = 1 the
-    last (as are values above it), values below 0 the first."""
-    xa = np.asarray(x, np.float64) * 256.0
-    n = len(_MAGMA)
-    index = np.where(xa == n, n - 1, np.floor(np.clip(xa, 0, n - 1))).astype(np.intp)
-    return _MAGMA[index]
-
-
-def colorize_disparity(disp: np.ndarray) -> np.ndarray:
-    """(H,W) disparity -> (H,W,3) uint8 magma, as Monodepth2's test_simple.py colours it:
-    matplotlib's Normalize(vmin = the minimum, vmax = the 95th percentile) and magma, then
-    `(rgb * 255).astype(np.uint8)` (truncated). A flat map: x = 0 everywhere (Normalize's)."""
-    disp = np.asarray(disp, np.float64)
-    vmin, vmax = float(disp.min()), float(np.percentile(disp, 95))
-    x = (disp - vmin) / (vmax - vmin) if vmax > vmin else np.zeros_like(disp)
-    return (magma(x) * 255.0).astype(np.uint8)
-
 
 OUTPUT_SUFFIXES = ("_depth.npy", "_disp.png")  # what predict writes per image
 

@@ -1,8 +1,16 @@
-"""matplotlib's magma colormap, its 256 entries (RGB in [0, 1]), as `matplotlib._cm_listed._magma_data`
-(matplotlib 3.11.2) holds them: Monodepth2's test_simple.py colours disparities with it. The
-colormap is by Nathaniel J. Smith and Stefan van der Walt (BIDS, https://github.com/BIDS/colormap),
-released under CC0 (public domain dedication). `predict.colorize_disparity` indexes it as
-matplotlib does."""
+"""Disparity maps as Monodepth2 shows them: `colorize_disparity` (predict's `_disp.png`, the
+training's `val_disp` image, the demo report's figures), matplotlib's magma normalised to the
+map's minimum and 95th percentile, as test_simple.py colours them.
+
+MAGMA_256: matplotlib's magma colormap, its 256 entries (RGB in [0, 1]), as
+`matplotlib._cm_listed._magma_data` (matplotlib 3.11.2) holds them. The colormap is by Nathaniel
+J. Smith and Stefan van der Walt (BIDS, https://github.com/BIDS/colormap), released under CC0
+(public domain dedication).
+"""
+
+from __future__ import annotations
+
+import numpy as np
 
 MAGMA_256 = (
     (0.001462, 0.000466, 0.013866), (0.002258, 0.001295, 0.018331),
@@ -134,3 +142,25 @@ MAGMA_256 = (
     (0.988033, 0.970012, 0.727077), (0.987691, 0.977154, 0.734536),
     (0.987387, 0.984288, 0.742002), (0.987053, 0.991438, 0.749504),
 )
+
+_MAGMA = np.asarray(MAGMA_256, np.float64)
+
+
+def magma(x: np.ndarray) -> np.ndarray:
+    """Values in [0,1] (clipped) -> (..., 3) float64 RGB in [0,1] on the magma colormap, looked up
+    as matplotlib's `Colormap.__call__` does: entry floor(256 x) of the 256-entry table, x = 1 the
+    last (as are values above it), values below 0 the first."""
+    xa = np.asarray(x, np.float64) * 256.0
+    n = len(_MAGMA)
+    index = np.where(xa == n, n - 1, np.floor(np.clip(xa, 0, n - 1))).astype(np.intp)
+    return _MAGMA[index]
+
+
+def colorize_disparity(disp: np.ndarray) -> np.ndarray:
+    """(H,W) disparity -> (H,W,3) uint8 magma, as Monodepth2's test_simple.py colours it:
+    matplotlib's Normalize(vmin = the minimum, vmax = the 95th percentile) and magma, then
+    `(rgb * 255).astype(np.uint8)` (truncated). A flat map: x = 0 everywhere (Normalize's)."""
+    disp = np.asarray(disp, np.float64)
+    vmin, vmax = float(disp.min()), float(np.percentile(disp, 95))
+    x = (disp - vmin) / (vmax - vmin) if vmax > vmin else np.zeros_like(disp)
+    return (magma(x) * 255.0).astype(np.uint8)
