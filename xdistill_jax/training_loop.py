@@ -738,8 +738,8 @@ def _train_locked(config, workdir: pathlib.Path, data: TrainingData, mesh, gt, s
                         now = time.perf_counter()
                         # near 1: the loop waits for data (more data.num_workers, a faster store)
                         scalars["input_wait_frac"] = input_wait / max(now - t_window, 1e-9)
-                        # the loop's rate since the last log line (images_per_s is since the start,
-                        # the first step's compile included); validation and saving count in it
+                        # the loop's rate since the last log line (images_per_s is since the loop
+                        # started, after the first step's compile); validation and saving count in both
                         scalars["window_images_per_s"] = (step - window_start) * config.optim.batch_size / max(
                             now - t_window, 1e-9)
                         input_wait, t_window, window_start = 0.0, now, step
