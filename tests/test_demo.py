@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -157,6 +158,16 @@ def test_report_and_figures(quick_demo):
         assert arr.std() > 10, f"{name}.png is (nearly) blank"
     for stage in STAGES:
         assert f" {stage}:" in stdout or f" {stage} done" in stdout, stage
+    # the learning rate as the run had it: the quick demo keeps the epoch drop (the report said
+    # "lr 0.0001" until 2026-12-07); every logged window before the drop's step at the rate, after at x0.1
+    drop = re.search(r"learning rate 0\.0001, x0\.1 from step (\d+) of (\d+)", report)
+    assert drop, report[:800]
+    first_low = int(drop.group(1))
+    train_lines = [json.loads(s) for s in (workdir / "runs" / "xdistill" / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [m for m in train_lines if m["split"] == "train"]
+    assert train_lines and all(m["lr"] == pytest.approx(1e-4 if m["step"] < first_low else 1e-5)
+                               for m in train_lines)
+    assert "rendered at 192x64 (WxH)" in report and "32x96 (HxW)" in report
 
 
 def test_second_invocation_skips_every_stage(quick_demo):
@@ -231,3 +242,16 @@ def test_a_demo_without_its_configs_folder_says_to_install_the_checkout(tmp_path
     err = capsys.readouterr().err
     assert "the demo's config is missing; configs/ comes with the source checkout" in err and "pip install -e ." in err
     assert not (tmp_path / "d").exists()
+
+
+def test_the_reports_warmup_step_is_the_logs_first_with_the_gradient():
+    """The report's "reaches the depth net from step N" counts steps as the training log does
+    (from 1); it said the 0-based start, one step early."""
+    import ml_collections
+
+    from xdistill_jax import demo_report, objective
+
+    distill = ml_collections.ConfigDict({"depth_grad_start": 60, "depth_grad_ramp": 80})
+    n = int(re.search(r"from step (\d+)", demo_report._warmup_text(distill)).group(1))
+    # the state's step before the update is the log's step - 1
+    assert float(objective.depth_grad_factor(distill, n - 2)) == 0.0 < float(objective.depth_grad_factor(distill, n - 1))

@@ -292,7 +292,7 @@ def _run_demo(workdir, *, quick: bool = False, printer: Callable[[str], None] = 
     tfds_dir = workdir / "tfds"
     stages = Stages(total=9, printer=printer)
     printer(f"xdistill demo ({size.name}) in {workdir}: {size.drives} drives x {size.frames} frames, "
-            f"training {height}x{width}, {steps} steps x batch {configs['baseline'].optim.batch_size} per run")
+            f"training {height}x{width} (HxW), {steps} steps x batch {configs['baseline'].optim.batch_size} per run")
 
     def make_world():
         from data_pipelines.synthetic_world.generate import generate_world
@@ -305,7 +305,7 @@ def _run_demo(workdir, *, quick: bool = False, printer: Callable[[str], None] = 
         printer(f"  splits: {summary['split_sizes']}")
 
     stages.run("world", f"render {size.drives} drives x {size.frames} frames at "
-               f"{size.world_width}x{size.world_height} + {size.make3d_images} Make3D images",
+               f"{size.world_width}x{size.world_height} (WxH) + {size.make3d_images} Make3D images",
                lambda: (world / "world.json").is_file(), make_world)
 
     def prepare():
@@ -318,7 +318,7 @@ def _run_demo(workdir, *, quick: bool = False, printer: Callable[[str], None] = 
 
         return dataset_dir(tfds_dir, "train").is_dir()  # built under a temporary name, renamed
 
-    stages.run("prepare", f"train split -> TFDS triplets at {height}x{width}", prepared, prepare)
+    stages.run("prepare", f"train split -> TFDS triplets at {height}x{width} (HxW)", prepared, prepare)
 
     for run in RUNS:
         _check_run_config(workdir / "runs" / run, configs[run])

@@ -220,10 +220,25 @@ def frame_figures(workdir: pathlib.Path, size, configs: dict):
 def _warmup_text(distill) -> str:
     if not (distill.depth_grad_start or distill.depth_grad_ramp):
         return ""
-    return (f"; its gradient reaches the depth net from step {distill.depth_grad_start}, ramped to full "
+    # the log's steps, counted from 1: the factor is 0 up to step `depth_grad_start` of that count
+    return (f"; its gradient reaches the depth net from step {distill.depth_grad_start + 1}, ramped to full "
             f"over {distill.depth_grad_ramp} steps (the translator learns from step 0; the two runs' "
             "photometric curves part before that all the same, at rounding level first: X-Distill's step "
             "is another compiled program, whose float additions XLA orders otherwise)")
+
+
+def _lr_text(cfg) -> str:
+    """The learning rate and its drops within the run, as the training log's first line says it
+    (the quick demo keeps the epoch drop: x0.1 from step 113 of 120)."""
+    from data_pipelines.kitti import tfds_builder
+    from xdistill_jax import train
+
+    o = cfg.optim
+    if o.steps_per_epoch > 0:
+        steps_per_epoch = int(o.steps_per_epoch)
+    else:
+        steps_per_epoch = len(tfds_builder.open_split(cfg.data.dataset_dir, cfg.data.train_split)) // o.batch_size
+    return train.describe_lr_schedule(cfg, steps_per_epoch)
 
 
 def write_report(workdir, size, configs: dict, results: dict, table: str, stages) -> pathlib.Path:
@@ -239,14 +254,15 @@ def write_report(workdir, size, configs: dict, results: dict, table: str, stages
     palette = group_palette(size.grouping)
     legend = ", ".join(f"{name} rgb{tuple(int(v) for v in palette[i])}" for i, name in enumerate(g.group_names))
     cfg = configs["xdistill"]
+    lr_text = _lr_text(cfg)
     timing = ", ".join(f"{k} {v:.0f} s" for k, v in stages.seconds.items())
     text = f"""# xdistill demo ({size.name})
 
-World: {size.drives} drives x {size.frames} frames rendered at {size.world_width}x{size.world_height}
+World: {size.drives} drives x {size.frames} frames rendered at {size.world_width}x{size.world_height} (WxH)
 (the last drive is the test split), {size.make3d_images} Make3D-layout images; seed {size.seed}.
 Teacher: {size.teacher_variant}, {size.teacher_steps} steps on the world's labels, {size.grouping} grouping.
-Both runs: ResNet-18 from scratch, {cfg.data.height}x{cfg.data.width}, batch {cfg.optim.batch_size},
-{steps} steps, lr {cfg.optim.lr}, seed {cfg.run.seed}; X-Distill adds lambda = {cfg.distill.weight}
+Both runs: ResNet-18 from scratch, {cfg.data.height}x{cfg.data.width} (HxW), batch {cfg.optim.batch_size},
+{steps} steps, {lr_text}, seed {cfg.run.seed}; X-Distill adds lambda = {cfg.distill.weight}
 ({cfg.distill.mode}){_warmup_text(cfg.distill)}. Configs: runs/baseline/config.json, runs/xdistill/config.json.
 
 {table}
