@@ -150,10 +150,8 @@ def magma(x: np.ndarray) -> np.ndarray:
     """Values in [0,1] (clipped) -> (..., 3) float64 RGB in [0,1] on the magma colormap, looked up
     as matplotlib's `Colormap.__call__` does: entry floor(256 x) of the 256-entry table, x = 1 the
     last (as are values above it), values below 0 the first."""
-    xa = np.asarray(x, np.float64) * 256.0
-    n = len(_MAGMA)
-    index = np.where(xa == n, n - 1, np.floor(np.clip(xa, 0, n - 1))).astype(np.intp)
-    return _MAGMA[index]
+    index = np.floor(np.clip(np.asarray(x, np.float64) * len(_MAGMA), 0, len(_MAGMA) - 1))
+    return _MAGMA[index.astype(np.intp)]
 
 
 def colorize_disparity(disp: np.ndarray) -> np.ndarray:

@@ -233,12 +233,8 @@ def _lr_text(cfg) -> str:
     from data_pipelines.kitti import tfds_builder
     from xdistill_jax import train
 
-    o = cfg.optim
-    if o.steps_per_epoch > 0:
-        steps_per_epoch = int(o.steps_per_epoch)
-    else:
-        steps_per_epoch = len(tfds_builder.open_split(cfg.data.dataset_dir, cfg.data.train_split)) // o.batch_size
-    return train.describe_lr_schedule(cfg, steps_per_epoch)
+    num_examples = len(tfds_builder.open_split(cfg.data.dataset_dir, cfg.data.train_split))
+    return train.describe_lr_schedule(cfg, train.epoch_steps(cfg, num_examples))
 
 
 def write_report(workdir, size, configs: dict, results: dict, table: str, stages) -> pathlib.Path:

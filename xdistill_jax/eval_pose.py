@@ -196,7 +196,7 @@ def raw_sequence(data_dir, split_file) -> PoseSequence:
     frames = [line.frame_index for line in lines]
     _check_consecutive(frames, split_file)
     # one format, as prepare's triplets (a drive half-converted to JPEG mixed them until 2026-12-07)
-    images = _one_format([raw.image_path(data_dir, line).with_suffix("") for line in lines])
+    images = _one_format([raw.image_path(data_dir, line, ext="") for line in lines])
     drive = pathlib.Path(data_dir) / lines[0].folder
     poses = raw_camera_poses(drive, frames, lines[0].camera)
     return PoseSequence(images, poses, lines[0].folder)

@@ -23,6 +23,8 @@ from typing import Mapping
 
 import numpy as np
 
+from xdistill_jax.colormap import colorize_disparity
+
 
 class MetricWriter:
     def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True, tensorboard: bool = True):
@@ -179,14 +181,9 @@ class _Board:
         self._writer.close()
 
 
-def colormap(disp: np.ndarray) -> np.ndarray:
-    """(H,W) disparity -> (H,W,3) uint8 as Monodepth2's test_simple shows it (`colormap.colorize_disparity`:
-    magma, vmin = the map's minimum, vmax = its 95th percentile). Until 2026-12-07 a home-made
-    ramp from 0 (a map whose spread is small next to its level, an early network's, came out one
-    flat colour; a jump in blue at half range drew a contour that was not in the data)."""
-    from xdistill_jax.colormap import colorize_disparity
-
-    return colorize_disparity(disp)
+# the training's val_disp image (and the demo report's tiles): predict's colouring, test_simple's
+# magma from the map's minimum to its 95th percentile (a home-made ramp from 0 until 2026-12-07)
+colormap = colorize_disparity
 
 
 def label_image(labels: np.ndarray, num_groups: int) -> np.ndarray:

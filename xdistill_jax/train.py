@@ -103,6 +103,13 @@ def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int) -> o
     return optax.adam(lr_schedule(config, steps_per_epoch), b1=o.b1, b2=o.b2, eps=o.eps)
 
 
+def epoch_steps(config: ml_collections.ConfigDict, num_examples: int) -> int:
+    """Steps per epoch of a split of `num_examples`: `optim.steps_per_epoch` where set, else the
+    full batches in it."""
+    o = config.optim
+    return int(o.steps_per_epoch) if o.steps_per_epoch > 0 else num_examples // o.batch_size
+
+
 def total_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
     o = config.optim
     return int(o.num_steps) if o.num_steps > 0 else int(o.epochs) * steps_per_epoch

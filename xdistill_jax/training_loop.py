@@ -469,8 +469,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, data=None
             data = tfds_training_data(config)
         gt = open_val_ground_truth(config, data)
         num_examples = data.num_examples
-        steps_per_epoch = (config.optim.steps_per_epoch if config.optim.steps_per_epoch > 0
-                           else num_examples // config.optim.batch_size)
+        steps_per_epoch = train.epoch_steps(config, num_examples)
         if num_examples // config.optim.batch_size <= 0:  # whatever optim.steps_per_epoch says
             raise config_utils.ConfigError(
                 f"config.optim.batch_size={config.optim.batch_size} exceeds the {num_examples} training examples")

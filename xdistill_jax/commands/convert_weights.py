@@ -13,9 +13,7 @@ width, has_pose, kernel_layout (HWIO) and use_stereo when encoder.pth has it. `x
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 
@@ -32,18 +30,6 @@ def add_arguments(parser) -> None:
                         help="output .msgpack file (--torchvision) or directory (--monodepth2)")
 
 
-def _write_json_atomic(path: Path, obj) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _below_a_file(path: Path) -> Path | None:
     """The file among `path`'s ancestors that keeps it from being made, if any."""
     parent = path.parent
@@ -54,6 +40,7 @@ def _below_a_file(path: Path) -> Path | None:
 
 def run(args) -> int:
     from xdistill_jax import convert
+    from xdistill_jax.eval_depth import _atomic_write
 
     out = Path(args.out)
     if args.torchvision and out.is_dir():
@@ -114,7 +101,7 @@ def run(args) -> int:
             writing = out / "pose.msgpack"
             convert.save_variables(writing, loaded["pose"])
         writing = out / convert.CONVERTED_META
-        _write_json_atomic(writing, meta)  # written last: its presence marks a complete folder
+        _atomic_write(writing, json.dumps(meta, indent=2) + "\n")  # last: its presence marks a complete folder
     except OSError as e:  # the disk full, a quota: the folder is left without meta.json, which
         # `--monodepth2 OUT` names as an incomplete conversion
         print(f"xdistill convert-weights: writing {writing} failed: {e.strerror or e}; {out} holds no "
