@@ -279,8 +279,8 @@ def _replicated_state(shapes, seed=0):
 def test_a_save_of_a_replicated_state_compiles_nothing(tmp_path):
     """Each array is written whole by its first replica (`checkpoints.state_item_handler`):
     orbax's replica-parallel default cut each replicated array into one slice per device, each an
-    eagerly compiled `jit(slice)`, here 3 arrays x 4 slices; for the train state 140 compiles
-    and 11.3 s on its first save (2.0 s written whole)."""
+    eagerly compiled `jit(slice)`, here 3 arrays x 4 slices; for the train state 140 compiles,
+    9.2 s for a process's first save against 1.2 s written whole (benchmarks/checkpoint_save.py)."""
     state = _replicated_state([(12, 40, 3), (36, 5), (20, 1, 9)])
     compiles = []
 

@@ -112,14 +112,16 @@ def _describe_tree(tree) -> dict[str, tuple]:
 def state_item_handler() -> ocp.PyTreeCheckpointHandler:
     """The train state's orbax handler: what `ocp.StandardCheckpointHandler` builds (its own
     concurrency limits, the same files on disk), except that each array is written whole by its
-    first replica (`use_replica_parallel=False`, orbax's own choice on GPUs).
+    first replica (`use_replica_parallel=False`: orbax's own default where JAX_PLATFORMS names a
+    GPU; elsewhere, a GPU host with JAX_PLATFORMS unset included, it writes replica-parallel).
 
     Replica-parallel writes (orbax's default elsewhere) cut every replicated array into one slice
     per device, each slice an eager `jit(slice)` compiled once per shape and process and
-    dispatched at every save. For the ResNet-18 state replicated on 4 CPU devices (32x96, this VM,
-    2026-12-07) the first save compiled 140 of them and took 11.3 s, each later save 3.1-3.5 s
-    (2,294 slices); written whole, 2.0 s and 1.4-1.5 s. The state is small (307 MB in float32:
-    two ResNet-18s and Adam's moments), so one device's copy to the host costs little."""
+    dispatched at every save. For the ResNet-18 train state (308 MiB: two ResNet-18s and Adam's
+    moments) replicated on 4 CPU devices, orbax's standard handler took 9.2 s for a process's
+    first save and 2.4 s for later ones; written whole, 1.2 s each, as on one device
+    (`python benchmarks/checkpoint_save.py`, benchmarks/RESULTS.md). One device's copy of so
+    small a state costs little to bring to the host."""
     default = ocp.type_handlers.get_type_handler(jax.Array)
     whole = ocp.type_handlers.ArrayHandler(
         use_replica_parallel=False,
