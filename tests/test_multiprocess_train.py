@@ -79,9 +79,10 @@ def _write_gt(tfds_dir):
 
 
 def _two_processes(dataset, workdir, steps, *, datasets=None, workdirs=None, end_others=True, timeout=600,
-                   extra=()):
+                   extra=(), faults=(None, None)):
     """Both processes of one `xdistill train` command; [(exit status, output)] by process.
     `datasets` / `workdirs`: each process's own (as if each host's disk held a different one).
+    `faults`: each process's XDISTILL_TEST_FAULT (training_loop's test hook), or None.
     With `end_others`, one that fails ends the other (which would wait for it at its next
     collective); without, both are left to end by themselves within `timeout` seconds."""
     datasets = datasets or [dataset, dataset]
@@ -94,6 +95,8 @@ def _two_processes(dataset, workdir, steps, *, datasets=None, workdirs=None, end
         env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
                    XDISTILL_TEST_BATCH_LOG=str(workdir.parent / f"batches_{i}.txt"))
         env.pop("XDISTILL_TEST_FAULT", None)
+        if faults[i]:
+            env["XDISTILL_TEST_FAULT"] = faults[i]
         cmd = [sys.executable, "-m", "xdistill_jax", "train", "--config", CONFIG, "--workdir", str(workdirs[i]),
                *_overrides(datasets[i], steps), *extra, "--config.distributed.enabled=True",
                f"--config.distributed.coordinator_address=127.0.0.1:{port}",
@@ -316,6 +319,28 @@ def test_a_process_whose_data_is_missing_stops_every_process(dataset, tmp_path):
     assert "process 1 of 2 failed its setup checks" in out0
     assert "Traceback" not in out0 + out1
     assert not workdir.exists()
+
+
+@pytest.mark.parametrize("stopped", [0, 1])
+def test_a_stop_signal_on_one_host_while_starting_ends_every_process_with_75(dataset, tmp_path, stopped):
+    """SIGTERM to one process after the setup checks, before the first step (the test hook's
+    "start" point): every process exits 75 (rerun the same command), the stopped one saying so
+    and the other naming it, without a traceback or an abort, and nothing is written. Until
+    2026-12-07 the stopped process printed its exit-75 message and then aborted in JAX's shutdown
+    barrier (-6, after ~100 s when it was process 0), and the other exited 2, "failed"."""
+    workdir = tmp_path / "run"
+    faults = [None, None]
+    faults[stopped] = "term@start:0"
+    results = _two_processes(dataset, workdir, 2, end_others=False, timeout=240, faults=faults)
+    (rc0, out0), (rc1, out1) = results
+    assert (rc0, rc1) == (75, 75), (out0[-2000:], out1[-2000:])
+    outs = [out0, out1]
+    assert "stopped while starting, before any step was trained" in outs[stopped]
+    assert f"process {stopped} of 2 was stopped (_StoppedWhileStarting: SIGTERM)" in outs[1 - stopped]
+    assert "rerun the same command" in outs[1 - stopped]
+    assert "Traceback" not in out0 + out1 and "Terminating process" not in out0 + out1
+    checkpoints = workdir / "checkpoints"
+    assert not checkpoints.exists() or not [p for p in checkpoints.iterdir() if p.name.isdigit()]
 
 
 def test_a_workdir_not_every_host_sees_stops_every_process(dataset, tmp_path):

@@ -23,7 +23,11 @@ minutes. Inside `StopTogether` each process watches the coordination service's k
 process prints it ("process 1 of 2 failed during training (...)") and ends at once with exit 2,
 and the failing one ends with its own status without JAX's shutdown barrier
 (`end_if_reported`). Process 0, which hosts the service, waits (10 s at most) until every other
-process has seen the report before it ends.
+process has seen the report before it ends. A stop is no failure: a process stopped by a signal
+while it starts (SIGTERM, SIGINT: an exception that is not an `Exception`) reports "stopped", and
+the others end with it with the stop's status, `EXIT_STOPPED` (75: rerun the same command), as it
+does. Until 2026-12-07 the others ended with exit 2, and the stopped process returned 75 into
+JAX's shutdown barrier and aborted (SIGABRT; after ~100 s where it was process 0).
 
 With one process all of these are no-ops (beyond re-raising the process's own error).
 """
@@ -46,6 +50,8 @@ import numpy as np
 PROBE_NAME = ".xdistill_shared_probe"
 FAILED_KEY = "xdistill/failed"  # FAILED_KEY/<process>: that process's error, mid-run
 SEEN_KEY = "xdistill/failure_seen"  # SEEN_KEY/<process>: that process has seen a report
+STOPPED = "stopped: "  # a report's start when that process was stopped (a signal), not failed
+EXIT_STOPPED = 75  # the status of a stopped run (training_loop.EXIT_PREEMPTED): rerun the same command
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +262,8 @@ class StopTogether:
                 if others:
                     log.info("after another process's failure: %s: %s", type(error).__name__, error)
                     self._stop_with(others)
-            report = f"{type(error).__name__}: {error}".replace("\n", " ")[:4000]
+            stopped = STOPPED if not isinstance(error, Exception) else ""  # SIGTERM/SIGINT's, not a failure
+            report = f"{stopped}{type(error).__name__}: {error}".replace("\n", " ")[:4000]
             try:
                 self._client.key_value_set(f"{FAILED_KEY}/{me}", report)
             except Exception as e:  # noqa: BLE001 - the service is gone: JAX's own handling remains
@@ -293,13 +300,20 @@ class StopTogether:
                 self._stop_with(reports)
 
     def _stop_with(self, reports: dict[int, str]) -> None:
-        """Another process failed: say which and why, and end this one with exit 2."""
+        """Another process failed: say which and why, and end this one with exit 2; or every
+        report is a stop: end this one as stopped (EXIT_STOPPED)."""
         me, n = jax.process_index(), jax.process_count()
         with contextlib.suppress(Exception):
             self._client.key_value_set(f"{SEEN_KEY}/{me}", "1")
         if me == 0:
             self._await_seen()
+        stopped = all(r.startswith(STOPPED) for r in reports.values())
         for p, report in sorted(reports.items()):
-            print(f"xdistill train: process {p} of {n} failed during training ({report}); process "
-                  f"{me} ({socket.gethostname()}) stops with it", file=sys.stderr, flush=True)
-        _end_now(2)
+            if stopped:
+                print(f"xdistill train: process {p} of {n} was stopped ({report[len(STOPPED):]}); process {me} "
+                      f"({socket.gethostname()}) stops with it, before any step was trained: rerun the same "
+                      "command to continue", file=sys.stderr, flush=True)
+            else:
+                print(f"xdistill train: process {p} of {n} failed during training ({report}); process "
+                      f"{me} ({socket.gethostname()}) stops with it", file=sys.stderr, flush=True)
+        _end_now(EXIT_STOPPED if stopped else 2)

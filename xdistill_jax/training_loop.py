@@ -69,7 +69,7 @@ log = logging.getLogger(__name__)
 
 EXIT_OK = 0
 EXIT_NONFINITE = 3
-EXIT_PREEMPTED = 75
+EXIT_PREEMPTED = hosts.EXIT_STOPPED  # 75
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -442,6 +442,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, data=None)
     except _StoppedWhileStarting as e:  # exit 75 as a stop in the loop (was -15, or a KeyboardInterrupt traceback)
         print(f"{e}: stopped while starting, before any step was trained; the checkpoints are as they were: "
               "rerun the same command to continue", flush=True)
+        # several processes: the others were told (hosts.StopTogether) and end with 75 too; this one
+        # ends now, not in JAX's shutdown barrier (which aborts it once the others are gone)
+        hosts.end_if_reported(e, EXIT_PREEMPTED)
         return EXIT_PREEMPTED
 
 
