@@ -53,6 +53,26 @@ def test_kernels_of_hand_written_hlo():
     assert (ks["copy.4"]["bytes"], ks["copy.4"]["scope"]) == (64, "optimizer")
 
 
+def test_an_async_collective_is_one_kernel_its_done_a_wait():
+    """XLA:GPU writes an all-reduce as an "-start"/"-done" pair: one launch, the "-done" only
+    waits for it (as `collectives` reads them). Counted twice until 2026-12-07: 2 kernels and
+    16 MB for one all-reduce of 4 MB."""
+    text = """HloModule m
+%region (a: f32[], b: f32[]) -> f32[] {
+  ROOT %add = f32[] add(%a, %b)
+}
+ENTRY %main (p: f32[1000000]) -> f32[1000000] {
+  %p = f32[1000000]{0} parameter(0)
+  %all-reduce-start = f32[1000000]{0} all-reduce-start(%p), replica_groups={{0,1,2,3}}, to_apply=%region
+  ROOT %all-reduce-done = f32[1000000]{0} all-reduce-done(%all-reduce-start)
+}
+"""
+    ks = hc.kernels(text)
+    assert [(k["name"], k["bytes"]) for k in ks] == [("all-reduce-start", 8_000_000)]  # 4 MB in, 4 MB out
+    assert hc.summarize(ks)["kernels"] == 1
+    assert len(hc.collectives(text)) == 1
+
+
 def test_summary_totals_and_roofline():
     s = hc.summarize(hc.kernels(HLO), bandwidth=1e9, top=2)
     assert s["kernels"] == 3 and s["bytes"] == 64 + 2080 + 64

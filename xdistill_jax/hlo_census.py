@@ -267,7 +267,7 @@ def kernels(hlo_text: str) -> list[dict[str, Any]]:
         if opcode in NOT_STRAIGHT:
             raise ValueError(f"instruction {name} is a {opcode}: the census counts straight-line "
                              "entry computations only")
-        if opcode in NO_WORK:
+        if opcode in NO_WORK or opcode.endswith("-done"):  # an async op's "-done" waits for its "-start"
             continue
         operands = dict.fromkeys(re.findall(r"%([\w.\-]+)", operand_text))
         unknown = [o for o in operands if o not in shapes]
