@@ -453,3 +453,30 @@ def test_check_same_sends_values_beyond_int32(value):
     from xdistill_jax import hosts
 
     assert hosts._from_halves(hosts._to_halves([value, 7])).tolist() == [value, 7]
+
+
+def test_a_probe_write_cut_short_is_removed(tmp_path, monkeypatch):
+    """Process 0's probe write fails part way (the disk full): SetupError naming the probe, and
+    the half-written probe removed (it was left in the workdir's parent until 2026-12-07). One
+    process standing in for process 0 of 2: the collectives return what two processes would."""
+    import errno
+
+    from jax.experimental import multihost_utils
+
+    from xdistill_jax import hosts
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: 0)
+    monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", lambda x: x)
+    monkeypatch.setattr(multihost_utils, "process_allgather",
+                        lambda x: np.stack([np.asarray(x), np.zeros_like(np.asarray(x))]))
+
+    def write_then_fail(self, text, *args, **kwargs):
+        with open(self, "w") as f:
+            f.write(text[:2])
+        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+
+    monkeypatch.setattr(pathlib.Path, "write_text", write_then_fail)
+    with pytest.raises(hosts.SetupError, match=r"process 0 \(.*\) cannot write .*xdistill_shared_probe.*No space left"):
+        hosts.check_shared_directory(tmp_path / "new_run")
+    assert list(tmp_path.iterdir()) == []

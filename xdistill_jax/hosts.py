@@ -169,6 +169,8 @@ def check_shared_directory(path: pathlib.Path, what: str = "workdir") -> None:
             probe.write_text(f"{token}\n")
         except OSError as e:
             error = f"process 0 ({socket.gethostname()}) cannot write {probe}: {e}"
+            with contextlib.suppress(OSError):  # a write cut short (the disk full) leaves the file
+                probe.unlink()
     # (a collective: no process reads before process 0 has written)
     if failed_processes(error is not None):
         raise SetupError(error or f"process 0 cannot write a probe into {where} (its output says why)")
