@@ -125,3 +125,24 @@ def test_trace_of_a_jitted_function(tmp_path):
     assert "scopes" in s["warning"] and "WARNING" in ps.markdown(s)
     with pytest.raises(FileNotFoundError, match="xplane"):
         ps.newest_xplane(tmp_path / "missing")
+
+
+def test_several_devices_give_one_devices_time():
+    """A step on 4 GPUs: each device plane runs the same 10 ms kernel per step. The op times
+    are one device's, 10 ms, and the header says so (they were summed: 40 ms against a 10 ms
+    step, until 2026-12-07)."""
+    from types import SimpleNamespace as NS
+
+    def ev(op):
+        return NS(name=op, start_ns=0.0, duration_ns=10e6, stats=[("hlo_op", op), ("hlo_module", "jit_train_step(1)")])
+
+    planes = [NS(name=f"/device:GPU:{d}", lines=[NS(name="XLA Ops", events=[ev("copy.4")])]) for d in range(4)]
+    op_ns, source = ps.collect_op_times(NS(planes=planes), "jit_train_step")
+    assert op_ns == {"copy.4": pytest.approx(10e6)} and source["devices"] == 4
+    summary = ps.summarize(op_ns, ps.hlo_instructions(HLO), steps=1, wall_ms_per_step=10.0)
+    summary["source"] = source
+    assert summary["busy_ms_per_step"] == pytest.approx(10.0)
+    assert ps.markdown(summary).splitlines()[0].startswith(
+        "XLA op time per step: 10.00 ms summed over ops, one device's (the mean of 4) (1 distinct ops")
+    one = [NS(name="/device:GPU:0", lines=[NS(name="XLA Ops", events=[ev("copy.4")])])]
+    assert ps.collect_op_times(NS(planes=one), "jit_train_step")[0] == {"copy.4": pytest.approx(10e6)}
