@@ -15,6 +15,9 @@ def check_output_dir(out_dir, option: str = "--out") -> None:
         raise ValueError(f"{option} {out_dir} exists and is not a folder")
     parent = out_dir
     while not parent.exists() and parent != parent.parent:  # the nearest existing ancestor
+        if parent.is_symlink():  # a link to nothing: mkdir would fail with "File exists"
+            raise ValueError(f"{option} {out_dir}: {parent} is a broken symbolic link "
+                             f"(to {os.readlink(parent)}, which does not exist)")
         parent = parent.parent
     if parent.exists() and not parent.is_dir():
         raise ValueError(f"{option} {out_dir}: cannot make the folder: {parent} is a file")
