@@ -43,6 +43,29 @@ def test_worker_processes_time_the_same_batches(tmp_path):
     assert len(list(tmp_path.glob("tfds_*"))) == 1
 
 
+def test_a_raw_tree_interrupted_while_writing_frames_is_written_again(tmp_path):
+    """A first run stopped while it wrote the frames left the folder without the split file: every
+    rerun failed with FileExistsError (a traceback, exit 1) until 2026-12-07."""
+    folder = tmp_path / "raw" / "2011_09_26" / "2011_09_26_drive_0001_sync" / "image_02" / "data"
+    folder.mkdir(parents=True)
+    (folder / "0000000000.png").write_bytes(b"cut short")
+    split = loader_benchmark.write_raw_tree(tmp_path / "raw", 3, 8, 24)
+    assert split.read_text().splitlines() == [f"2011_09_26/2011_09_26_drive_0001_sync {f} l" for f in (1, 2, 3)]
+    assert sorted(p.name for p in folder.iterdir()) == [f"{f:010d}.png" for f in range(5)]
+    from PIL import Image
+
+    assert Image.open(folder / "0000000000.png").size == (24, 8)
+
+
+def test_a_folder_of_another_number_of_examples_is_refused(tmp_path):
+    """A workdir prepared for 4 examples, asked for 40: timed 2 examples and reported their rate as
+    the benchmark's (until 2026-12-07); now refused naming both counts, before any work."""
+    loader_benchmark.write_raw_tree(tmp_path / "raw", 4, 8, 24)
+    with pytest.raises(ValueError, match=rf"{tmp_path} holds the benchmark data of 4 examples .* not the 40 asked for"):
+        loader_benchmark.prepare_data(tmp_path, examples=40, height=8, width=24, say=lambda *a: None)
+    assert [p.name for p in tmp_path.iterdir()] == ["raw"]
+
+
 def _train_feed():
     path = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "train_feed.py"
     spec = importlib.util.spec_from_file_location("train_feed", path)

@@ -26,13 +26,14 @@ import numpy as np
 
 
 def write_raw_tree(root: pathlib.Path, num_examples: int, height: int, width: int) -> pathlib.Path:
-    """One drive of num_examples + 2 textured frames (image_02); returns the split file."""
+    """One drive of num_examples + 2 textured frames (image_02); returns the split file, written
+    last: a tree without it (a run interrupted while writing frames) is written again."""
     from PIL import Image
 
     date = "2011_09_26"
     drive = f"{date}/{date}_drive_0001_sync"
     folder = root / drive / "image_02" / "data"
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
     base = np.stack([np.sin(x / 13) * np.cos(y / 7), np.cos(x / 29 + y / 17), np.sin((x + y) / 41)], -1)
@@ -62,6 +63,11 @@ def prepare_data(root: pathlib.Path, *, examples: int = 48, height: int = 192, w
     t0 = time.perf_counter()
     if not split.is_file():
         split = write_raw_tree(raw, examples, 375, 1242)
+    else:
+        have = len(split.read_text().splitlines())
+        if have != examples:  # the timing would cover the examples there, not those asked for
+            raise ValueError(f"{root} holds the benchmark data of {have} examples ({split}), not the "
+                             f"{examples} asked for: ask for {have}, or give another folder (or remove this one)")
     data_dir = root / (f"tfds_{image_format}{'_scales' if target_scales else ''}"
                        f"{'' if compression == 'zstd' else '_' + compression}_{width}x{height}")
     workers = min(2, os.cpu_count() or 1) if prepare_workers is None else prepare_workers
