@@ -48,6 +48,7 @@ import dataclasses
 import logging
 import os
 import pathlib
+import re
 import signal
 import sys
 import time
@@ -239,6 +240,11 @@ def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
         return
     kwargs = {}
     if d.coordinator_address:
+        match = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[^\s:\[\]]+):(\d{1,5})", d.coordinator_address)
+        if match is None or not 0 < int(match.group(2)) < 65536:
+            raise config_utils.ConfigError(
+                f"config.distributed.coordinator_address={d.coordinator_address!r}: expected HOST:PORT "
+                "(process 0's host name or address and a free port, e.g. 10.0.0.2:1234 or [::1]:1234)")
         kwargs["coordinator_address"] = d.coordinator_address
     if d.num_processes > 0:
         kwargs["num_processes"] = d.num_processes
@@ -252,6 +258,12 @@ def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
                 f"config.distributed: {e} (give --config.distributed.coordinator_address, "
                 "--config.distributed.num_processes and this host's --config.distributed.process_id "
                 "where JAX cannot detect them)") from e
+        except RuntimeError as e:  # JaxRuntimeError: the port taken on process 0, the coordinator not reached
+            where = d.coordinator_address or "the detected coordinator"
+            raise config_utils.ConfigError(
+                f"config.distributed.coordinator_address={where}: the coordination service could not be "
+                f"started or reached ({str(e).splitlines()[0][:300]}): is its port free on process 0's host, "
+                "and that host reachable from this one?") from e
 
 
 def check_workdir_config(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
