@@ -157,3 +157,18 @@ def test_a_url_cache_directory_is_refused_naming_where_it_came_from(where, monke
     with pytest.raises(ValueError, match=rf"{flag}=gs://bucket/cache: a URL \(gs://\)"):
         compilation_cache.cache_dir("gs://bucket/cache" if where == "argument" else None)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_killed_writers_temporary_file_is_removed_by_a_later_write_once_stale(tmp_path):
+    """A process killed between its write and its rename leaves `.KEY.PID.HEX.tmp` (a whole
+    executable for the train step), kept for good until 2026-12-07: the next write into the
+    directory removes it once it is an hour old; a younger one (a live writer's) stays."""
+    import time
+
+    stale, live = tmp_path / ".k9.123.abcd1234.tmp", tmp_path / ".k8.456.ef567890.tmp"
+    for f in (stale, live):
+        f.write_bytes(ENTRY[:100])
+    old = time.time() - compilation_cache.STALE_TMP_S - 60
+    os.utime(stale, (old, old))
+    _cache(tmp_path).put("k1", ENTRY)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".k8.456.ef567890.tmp", "k1-cache"]

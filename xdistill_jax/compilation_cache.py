@@ -16,7 +16,9 @@ start; and a process reading an entry while another wrote it read a partial one.
 is written to a temporary file in the same directory and renamed into place (readers see the
 whole entry or none), and a damaged entry (one that does not decompress) is replaced, with a
 warning naming its file, when JAX, having failed to read it, writes the program it compiled:
-one more compile, then the entry is read again.
+one more compile, then the entry is read again. A temporary file a killed writer left (between
+its write and its rename) is removed by the next write into the directory once it is an hour
+old (`STALE_TMP_S`; each was a whole executable, kept for good until 2026-12-07).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import logging
 import os
 import pathlib
 import secrets
+import time
 import warnings
 
 logger = logging.getLogger(__name__)
@@ -32,6 +35,7 @@ logger = logging.getLogger(__name__)
 ENV_VAR = "XDISTILL_COMPILATION_CACHE"
 DEFAULT_DIR = pathlib.Path.home() / ".cache" / "xdistill_jax" / "jax_cache"
 _OFF = ("", "off", "none", "0", "false")
+STALE_TMP_S = 3600.0  # a temporary entry file this old is a killed writer's (a write takes seconds)
 
 
 def cache_dir(path: str | os.PathLike | None = None) -> pathlib.Path | None:
@@ -111,6 +115,7 @@ class WholeEntryCache:
             self._base.put(key, value)
             return
         path = self.entry_path(key)
+        self._remove_stale_tmp(path.parent)
         if path.exists():
             why = self.damage(path)
             if why is None:
@@ -132,6 +137,19 @@ class WholeEntryCache:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+
+
+    @staticmethod
+    def _remove_stale_tmp(directory: pathlib.Path) -> None:
+        """Remove the temporary entry files (`.KEY.PID.HEX.tmp`) older than STALE_TMP_S."""
+        now = time.time()
+        for tmp in directory.glob(".*.tmp"):
+            try:
+                if now - tmp.stat().st_mtime > STALE_TMP_S:
+                    tmp.unlink()
+                    logger.info("removed %s, a compilation cache entry a killed process left half-written", tmp)
+            except OSError:  # gone meanwhile (another process's sweep), or not ours to remove
+                pass
 
 
 def install_whole_entry_cache() -> bool:
