@@ -267,13 +267,14 @@ def test_a_failed_checkpoint_write_is_one_error_naming_the_step_and_the_last_com
 
 def _replicated_state(shapes, seed=0):
     """{name: float32 array} replicated over the 4 test devices, with `shapes` of its own (so
-    that no earlier test compiled anything for them)."""
+    that no earlier test compiled anything for them), and its abstract tree (to restore it)."""
     from jax.sharding import NamedSharding, PartitionSpec
 
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:4]), ("data",))
     r = np.random.default_rng(seed)
-    return {f"a{i}": jax.device_put(r.normal(size=s).astype(np.float32), NamedSharding(mesh, PartitionSpec()))
-            for i, s in enumerate(shapes)}
+    state = {f"a{i}": jax.device_put(r.normal(size=s).astype(np.float32), NamedSharding(mesh, PartitionSpec()))
+             for i, s in enumerate(shapes)}
+    return state, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
 
 
 def test_a_save_of_a_replicated_state_compiles_nothing(tmp_path):
@@ -281,7 +282,7 @@ def test_a_save_of_a_replicated_state_compiles_nothing(tmp_path):
     orbax's replica-parallel default cut each replicated array into one slice per device, each an
     eagerly compiled `jit(slice)`, here 3 arrays x 4 slices; for the train state 140 compiles,
     9.2 s for a process's first save against 1.2 s written whole (benchmarks/checkpoint_save.py)."""
-    state = _replicated_state([(12, 40, 3), (36, 5), (20, 1, 9)])
+    state, abstract = _replicated_state([(12, 40, 3), (36, 5), (20, 1, 9)])
     compiles = []
 
     def listener(event, duration, **kwargs):
@@ -297,7 +298,6 @@ def test_a_save_of_a_replicated_state_compiles_nothing(tmp_path):
         jax.monitoring.unregister_event_duration_listener(listener)
     ckpt.close()
     assert compiles == []
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
     got, data, step = Checkpointer(tmp_path / "c").restore(abstract)
     assert (step, data) == (1, {"at": 1})
     for k in state:
@@ -310,14 +310,13 @@ def test_a_checkpoint_written_by_orbaxs_standard_handler_restores(tmp_path):
     2026-12-07) hold the same PyTree format: they restore, and this version's restore under it."""
     import orbax.checkpoint as ocp
 
-    state = _replicated_state([(6, 10), (3, 7, 2)], seed=1)
+    state, abstract = _replicated_state([(6, 10), (3, 7, 2)], seed=1)
     manager = ocp.CheckpointManager(tmp_path / "c", options=ocp.CheckpointManagerOptions(create=True),
                                     item_handlers={"state": ocp.StandardCheckpointHandler(),
                                                    "data": ocp.JsonCheckpointHandler()})
     manager.save(4, args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave({"at": 4})))
     manager.wait_until_finished()
     manager.close()
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
     got, data, step = Checkpointer(tmp_path / "c").restore(abstract)
     assert (step, data) == (4, {"at": 4})
     for k in state:

@@ -138,7 +138,6 @@ class WholeEntryCache:
             tmp.unlink(missing_ok=True)
             raise
 
-
     @staticmethod
     def _remove_stale_tmp(directory: pathlib.Path) -> None:
         """Remove the temporary entry files (`.KEY.PID.HEX.tmp`) older than STALE_TMP_S."""

@@ -200,7 +200,7 @@ def collect_op_times(profile, module: str | None) -> tuple[dict[str, float], dic
     planes = device_planes or list(per_plane)
     totals: dict[str, float] = collections.defaultdict(float)
     line_totals = {}
-    share = 1.0 / len(device_planes) if device_planes else 1.0  # one device's time
+    devices = max(1, len(device_planes))  # each runs the same program: one device's time is the mean
     for p in planes:
         lines = per_plane[p]
         # a derived "XLA Ops" line repeats the kernels of the stream lines: use it alone
@@ -208,9 +208,9 @@ def collect_op_times(profile, module: str | None) -> tuple[dict[str, float], dic
         for line_name, events in chosen.items():
             line_totals[f"{p} | {line_name}"] = sum(e[1] for e in events)
             for _, dur, op in events:
-                totals[op] += dur * share
+                totals[op] += dur / devices
     return dict(totals), {"planes": planes, "lines": line_totals, "module_matched": matched,
-                          "devices": max(1, len(device_planes))}
+                          "devices": devices}
 
 
 def summarize(op_ns: dict[str, float], instructions: dict[str, dict[str, str]], steps: int,
