@@ -26,7 +26,7 @@ import pytest
 
 import kitti_tiny
 from train_fixtures import restored_state
-from xdistill_jax import config_utils, input_pipeline, training_loop
+from xdistill_jax import config_utils, hosts, input_pipeline, training_loop
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = "configs/synthetic_demo.py:smoke"
@@ -446,11 +446,11 @@ def test_a_resume_from_config_json_without_a_process_id_is_a_config_error(tmp_pa
     assert "Traceback" not in out.stderr
 
 
-def test_a_coordinator_address_that_is_not_host_port_is_a_config_error(tmp_path):
+def test_a_coordinator_address_that_is_not_host_port_or_whose_port_is_taken_is_a_config_error(tmp_path):
     """`--config.distributed.coordinator_address=localhost` (no port) was an IndexError traceback
-    from inside jax.distributed, exit 1 (until 2026-12-07): now exit 2 naming the key. (A port in
-    use on process 0 is a JaxRuntimeError in jax 0.10, caught and named; a newer JAX build ends
-    the process with SIGSEGV there: not tested.)"""
+    from inside jax.distributed, exit 1 (until 2026-12-07); a port in use on process 0's host a
+    JaxRuntimeError traceback in jax 0.10 and SIGSEGV in newer builds: now both exit 2 naming the
+    key, the port found taken by a probe before JAX starts its service."""
     def train(address):
         return subprocess.run(
             [sys.executable, "-m", "xdistill_jax", "train", "--config", CONFIG, "--workdir", str(tmp_path / "w"),
@@ -462,7 +462,35 @@ def test_a_coordinator_address_that_is_not_host_port_is_a_config_error(tmp_path)
     assert out.returncode == 2, out.stderr[-2000:]
     assert "config.distributed.coordinator_address='localhost': expected HOST:PORT" in out.stderr
     assert "Traceback" not in out.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        out = train(address)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert (f"config.distributed.coordinator_address={address}: process 0 starts the coordination service "
+            f"there, and port {address.split(':')[1]} is in use on this host") in out.stderr
+    assert "Traceback" not in out.stderr
     assert not (tmp_path / "w").exists()
+
+
+def test_the_coordinator_port_probe(monkeypatch):
+    """`hosts.coordinator_port_in_use`: a port another socket listens on (IPv4 loopback) is taken
+    for JAX's all-address bind; the same port once closed is free; a bind address of the user's
+    (JAX_COORDINATOR_BIND_ADDRESS) is what is probed."""
+    monkeypatch.delenv("JAX_COORDINATOR_BIND_ADDRESS", raising=False)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert hosts.coordinator_port_in_use(f"10.0.0.2:{port}") == f"port {port} is in use on this host ([::]:{port})"
+        monkeypatch.setenv("JAX_COORDINATOR_BIND_ADDRESS", f"127.0.0.2:{port}")
+        assert hosts.coordinator_port_in_use(f"10.0.0.2:{port}") is None
+        monkeypatch.setenv("JAX_COORDINATOR_BIND_ADDRESS", f"127.0.0.1:{port}")
+        assert hosts.coordinator_port_in_use(f"10.0.0.2:{port}") == (
+            f"port {port} is in use on this host (127.0.0.1:{port})")
+    monkeypatch.delenv("JAX_COORDINATOR_BIND_ADDRESS")
+    assert hosts.coordinator_port_in_use(f"10.0.0.2:{port}") is None
 
 
 @pytest.mark.parametrize("value", [0, 5, 2**31 - 1, 2**31, 2**40 + 5, 2**62 - 1])

@@ -35,6 +35,7 @@ With one process all of these are no-ops (beyond re-raising the process's own er
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import multiprocessing
 import os
@@ -193,6 +194,36 @@ def check_shared_directory(path: pathlib.Path, what: str = "workdir") -> None:
             + f"the {what} must be one directory every host sees ({_processes(failed)} of "
             f"{jax.process_count()} {'do' if len(failed) > 1 else 'does'} not): a shared or mounted "
             "filesystem (NFS, Filestore, Cloud Storage FUSE `gcsfuse BUCKET /mnt/BUCKET`), not each host's own disk")
+
+
+def coordinator_port_in_use(coordinator_address: str) -> str | None:
+    """Why process 0 cannot start the coordination service on `coordinator_address`'s port, or
+    None: a probe binds the address JAX's service binds (JAX_COORDINATOR_BIND_ADDRESS, else every
+    address, `[::]:PORT`) and closes it again. A port that another program listens on is
+    EADDRINUSE here; in jax 0.10 starting the service there is a runtime error, in newer builds
+    the process ends with SIGSEGV, neither naming the setting. Any other outcome of the probe (no
+    IPv6, an address this host lacks) is left for JAX to meet."""
+    port = coordinator_address.rsplit(":", 1)[1]
+    bind = os.environ.get("JAX_COORDINATOR_BIND_ADDRESS") or f"[::]:{port}"
+    host, _, bind_port = bind.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        infos = socket.getaddrinfo(host or None, int(bind_port), type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except (OSError, ValueError):
+        return None
+    for family, kind, proto, _, address in infos[:1]:
+        try:
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no conflict
+                if family == socket.AF_INET6 and host in ("::", ""):
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # IPv4 too, as gRPC
+                probe.bind(address)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return f"port {bind_port} is in use on this host ({bind})"
+            return None
+    return None
 
 
 def _coordination_client():

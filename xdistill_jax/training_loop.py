@@ -251,6 +251,12 @@ def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
     if d.process_id >= 0:
         kwargs["process_id"] = d.process_id
     if not jax.distributed.is_initialized():
+        if d.coordinator_address and d.process_id == 0:  # this process starts the service
+            taken = hosts.coordinator_port_in_use(d.coordinator_address)
+            if taken:
+                raise config_utils.ConfigError(
+                    f"config.distributed.coordinator_address={d.coordinator_address}: process 0 starts the "
+                    f"coordination service there, and {taken}: give a free port")
         try:
             jax.distributed.initialize(**kwargs)
         except ValueError as e:  # e.g. no process id given nor detected (a resume from config.json)
