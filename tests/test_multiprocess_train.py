@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 import kitti_tiny
-from train_fixtures import restored_state
+from train_fixtures import multiprocess_env, restored_state
 from xdistill_jax import config_utils, hosts, input_pipeline, training_loop
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -92,8 +92,8 @@ def _two_processes(dataset, workdir, steps, *, datasets=None, workdirs=None, end
         port = s.getsockname()[1]
     procs, logs = [], []
     for i in range(2):
-        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-                   XDISTILL_TEST_BATCH_LOG=str(workdir.parent / f"batches_{i}.txt"))
+        env = multiprocess_env(dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+                                    XDISTILL_TEST_BATCH_LOG=str(workdir.parent / f"batches_{i}.txt")))
         env.pop("XDISTILL_TEST_FAULT", None)
         if faults[i]:
             env["XDISTILL_TEST_FAULT"] = faults[i]

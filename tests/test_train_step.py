@@ -1,12 +1,14 @@
 """The X-Distill objective and the jitted data-parallel train step (tiny ResNet-18 at 32x96)."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from train_fixtures import make_batch, tiny_config
+from train_fixtures import make_batch, multiprocess_env, tiny_config
 from xdistill_jax import distillation, geometry, losses, objective, train
 from xdistill_jax.models.translator import translate
 from xdistill_jax.objective import Networks
@@ -459,8 +461,9 @@ def _two_processes(tmp_path, dtype: str):
         port = str(s.getsockname()[1])
     worker = pathlib.Path(__file__).with_name("distributed_worker.py")
     out = tmp_path / f"params_{dtype}.npz"
+    env = multiprocess_env(dict(os.environ))
     procs = [subprocess.Popen([sys.executable, str(worker), str(out), str(i), "2", port, dtype],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
              for i in range(2)]
     logs = [p.communicate(timeout=600)[0] for p in procs]
     for p, log in zip(procs, logs):

@@ -1,9 +1,23 @@
 """Small configs and batches shared by the training tests (no test functions here)."""
 
+import os
+import pathlib
+
 import numpy as np
 
 from xdistill_jax import config_utils
 from xdistill_jax.config_defaults import base_config
+
+
+SUBPROCESS_SITE = pathlib.Path(__file__).with_name("subprocess_site")
+
+
+def multiprocess_env(env: dict) -> dict:
+    """`env` for one process of a multi-process launch on the CPU: its PYTHONPATH led by
+    `subprocess_site/`, whose sitecustomize keys the compilation cache's entries the same on every
+    process (process 1 then reads the programs process 0 wrote instead of compiling them)."""
+    paths = [str(SUBPROCESS_SITE)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return dict(env, PYTHONPATH=os.pathsep.join(paths))
 
 
 def abstract_state_of(workdir):
