@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import pathlib
 import struct
+import subprocess
+import sys
 
 import pytest
 
@@ -60,3 +64,32 @@ def test_a_disabled_writer_writes_nothing(tmp_path):
     assert writer.write_image(1, "x", [[0.5]]) is None
     writer.close()
     assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("torch_first", [False, True])
+def test_the_event_file_is_written_without_importing_torch(tmp_path, torch_first):
+    """tensorboardX imports torch where it is installed (2.2 s of a run's start): the writer
+    loads it with torch hidden, and torch stays importable after; where torch is already loaded
+    nothing is hidden. The scalars and an image reach the event file either way."""
+    pytest.importorskip("tensorboardX")
+    if importlib.util.find_spec("torch") is None:
+        pytest.skip("torch is not installed here: there is nothing to hide")
+    code = "\n".join([
+        "import sys",
+        "import torch" if torch_first else "",
+        "from xdistill_jax.metric_writer import MetricWriter",
+        "w = MetricWriter(sys.argv[1])",
+        "w.write_scalars(1, {'loss': 0.5})",
+        "w.write_image(1, 'disp', [[0.0, 1.0]])",
+        "w.close()",
+        "print('torch loaded:', 'torch' in sys.modules)",
+        "import torch",
+        "print('torch imports:', torch.zeros(2).shape == (2,))",
+    ])
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=300,
+                         cwd=pathlib.Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.splitlines() == [f"torch loaded: {torch_first}", "torch imports: True"]
+    (events,) = _events(tmp_path).values()
+    assert (1, "train/loss", 0.5) in events
+    assert any(tag == "disp" for _, tag, _ in events)

@@ -9,6 +9,11 @@ file starts with a purge event at that checkpoint's step + 1, which makes Tensor
 earlier files' events from that step on (the work that is redone), and every write reaches the
 file before the call returns, so a killed run's logged steps are on disk (tensorboardX's
 `SummaryWriter` queued them to a thread, flushed every 120 s: they were lost).
+
+tensorboardX's package imports torch where torch is installed, only to accept torch tensors
+(`SummaryWriter`'s, not used here): 2.2 s of a run's start on this project's CPU VM (the
+import of jax, flax and TFDS before it 2.5-3.2 s), at its first metric write. It is imported
+with torch hidden unless torch is already loaded (`_tensorboardx`).
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import json
 import math
 import os
 import pathlib
+import sys
+import threading
 import time
 from typing import Mapping
 
@@ -137,6 +144,28 @@ class MetricWriter:
 _BOARDS = itertools.count()
 
 
+_IMPORT_LOCK = threading.Lock()
+
+
+def _tensorboardx():
+    """The tensorboardX modules the event file needs, imported without torch (module docstring):
+    while tensorboardX loads, `import torch` fails as for a machine without it (tensorboardX then
+    takes numpy arrays alone), unless torch is already loaded. ImportError if tensorboardX is
+    absent."""
+    with _IMPORT_LOCK:
+        hide = "torch" not in sys.modules
+        if hide:
+            sys.modules["torch"] = None  # `import torch` raises ImportError while this stands
+        try:
+            from tensorboardX import summary
+            from tensorboardX.event_file_writer import EventsWriter
+            from tensorboardX.proto.event_pb2 import Event, SessionLog
+        finally:
+            if hide and sys.modules.get("torch", False) is None:
+                del sys.modules["torch"]
+    return EventsWriter, Event, SessionLog, summary
+
+
 class _Board:
     """A TensorBoard event file written and flushed in the caller's thread (tensorboardX's
     `SummaryWriter` hands events to a thread through a queue, and its flush does not wait for the
@@ -145,9 +174,7 @@ class _Board:
     own `purge_step` does."""
 
     def __init__(self, logdir: pathlib.Path, purge_step: int | None = None):
-        from tensorboardX.event_file_writer import EventsWriter
-        from tensorboardX.proto.event_pb2 import Event, SessionLog
-
+        EventsWriter, Event, SessionLog, self._summary = _tensorboardx()
         self._event = Event
         logdir.mkdir(parents=True, exist_ok=True)
         # the file name holds the time in seconds and the host: the pid and a count keep a
@@ -165,14 +192,10 @@ class _Board:
         self._writer.flush()
 
     def add_scalars(self, step: int, values) -> None:
-        from tensorboardX import summary
-
-        self._write([self._event(step=step, summary=summary.scalar(tag, v)) for tag, v in values])
+        self._write([self._event(step=step, summary=self._summary.scalar(tag, v)) for tag, v in values])
 
     def add_image(self, step: int, tag: str, image: np.ndarray) -> None:
-        from tensorboardX import summary
-
-        self._write([self._event(step=step, summary=summary.image(tag, image, dataformats="HWC"))])
+        self._write([self._event(step=step, summary=self._summary.image(tag, image, dataformats="HWC"))])
 
     def flush(self) -> None:
         self._writer.flush()
