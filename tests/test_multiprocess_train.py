@@ -449,8 +449,8 @@ def test_a_resume_from_config_json_without_a_process_id_is_a_config_error(tmp_pa
 def test_a_coordinator_address_that_is_not_host_port_or_whose_port_is_taken_is_a_config_error(tmp_path):
     """`--config.distributed.coordinator_address=localhost` (no port) was an IndexError traceback
     from inside jax.distributed, exit 1 (until 2026-12-07); a port in use on process 0's host a
-    JaxRuntimeError traceback in jax 0.10 and SIGSEGV in newer builds: now both exit 2 naming the
-    key, the port found taken by a probe before JAX starts its service."""
+    JaxRuntimeError traceback or SIGSEGV (both seen): now both exit 2 naming the key, the port
+    found taken by a probe before JAX starts its service."""
     def train(address):
         return subprocess.run(
             [sys.executable, "-m", "xdistill_jax", "train", "--config", CONFIG, "--workdir", str(tmp_path / "w"),
@@ -477,7 +477,8 @@ def test_a_coordinator_address_that_is_not_host_port_or_whose_port_is_taken_is_a
 def test_the_coordinator_port_probe(monkeypatch):
     """`hosts.coordinator_port_in_use`: a port another socket listens on (IPv4 loopback) is taken
     for JAX's all-address bind; the same port once closed is free; a bind address of the user's
-    (JAX_COORDINATOR_BIND_ADDRESS) is what is probed."""
+    (JAX_COORDINATOR_BIND_ADDRESS) is what is probed. A listener on IPv6 alone leaves IPv4's
+    wildcard, where gRPC's service starts: free (the first probe, dual-stack only, said taken)."""
     monkeypatch.delenv("JAX_COORDINATOR_BIND_ADDRESS", raising=False)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -491,6 +492,16 @@ def test_the_coordinator_port_probe(monkeypatch):
             f"port {port} is in use on this host (127.0.0.1:{port})")
     monkeypatch.delenv("JAX_COORDINATOR_BIND_ADDRESS")
     assert hosts.coordinator_port_in_use(f"10.0.0.2:{port}") is None
+    try:
+        v6 = socket.socket(socket.AF_INET6)
+    except OSError:
+        return  # no IPv6 on this host
+    with v6:
+        v6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        v6.bind(("::", 0))
+        v6.listen()
+        port = v6.getsockname()[1]
+        assert hosts.coordinator_port_in_use(f"10.0.0.2:{port}") is None
 
 
 @pytest.mark.parametrize("value", [0, 5, 2**31 - 1, 2**31, 2**40 + 5, 2**62 - 1])

@@ -198,32 +198,41 @@ def check_shared_directory(path: pathlib.Path, what: str = "workdir") -> None:
 
 def coordinator_port_in_use(coordinator_address: str) -> str | None:
     """Why process 0 cannot start the coordination service on `coordinator_address`'s port, or
-    None: a probe binds the address JAX's service binds (JAX_COORDINATOR_BIND_ADDRESS, else every
-    address, `[::]:PORT`) and closes it again. A port that another program listens on is
-    EADDRINUSE here; in jax 0.10 starting the service there is a runtime error, in newer builds
-    the process ends with SIGSEGV, neither naming the setting. Any other outcome of the probe (no
-    IPv6, an address this host lacks) is left for JAX to meet."""
+    None. JAX's service (gRPC) binds JAX_COORDINATOR_BIND_ADDRESS, else every address (`[::]:PORT`:
+    dual-stack IPv6, or IPv4's 0.0.0.0 where that fails), and starts where any of its addresses
+    binds. The probe binds the same addresses in turn and closes them again: only when none binds
+    and one was EADDRINUSE (another program listens on the port) is the port taken. Starting the
+    service there ended the process with a JaxRuntimeError traceback or SIGSEGV (both seen with
+    jax 0.10-0.11), neither naming the setting. Any other outcome (no IPv6, an address this host
+    lacks, a bind address that does not parse) is left for JAX to meet."""
     port = coordinator_address.rsplit(":", 1)[1]
     bind = os.environ.get("JAX_COORDINATOR_BIND_ADDRESS") or f"[::]:{port}"
     host, _, bind_port = bind.rpartition(":")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     try:
-        infos = socket.getaddrinfo(host or None, int(bind_port), type=socket.SOCK_STREAM,
-                                   flags=socket.AI_PASSIVE)
-    except (OSError, ValueError):
+        number = int(bind_port)
+        if host in ("", "::"):  # every address: gRPC's dual-stack socket, else IPv4's wildcard
+            candidates = [(socket.AF_INET6, ("::", number, 0, 0), True),
+                          (socket.AF_INET, ("0.0.0.0", number), False)]
+        else:
+            candidates = [(family, address, False) for family, _, _, _, address in socket.getaddrinfo(
+                host, number, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)]
+    except (OSError, ValueError, OverflowError):
         return None
-    for family, kind, proto, _, address in infos[:1]:
+    taken = False
+    for family, address, dual_stack in candidates:
         try:
-            with socket.socket(family, kind, proto) as probe:
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no conflict
-                if family == socket.AF_INET6 and host in ("::", ""):
-                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # IPv4 too, as gRPC
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                # SO_REUSEADDR as gRPC sets it: a closed connection's TIME_WAIT is no conflict
+                # when its owner set it too
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if dual_stack:
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
                 probe.bind(address)
-        except OSError as e:
-            if e.errno == errno.EADDRINUSE:
-                return f"port {bind_port} is in use on this host ({bind})"
-            return None
-    return None
+            return None  # one address binds: the service starts
+        except (OSError, OverflowError) as e:
+            taken = taken or getattr(e, "errno", None) == errno.EADDRINUSE
+    return f"port {bind_port} is in use on this host ({bind})" if taken else None
 
 
 def _coordination_client():

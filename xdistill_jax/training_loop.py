@@ -264,7 +264,7 @@ def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
                 f"config.distributed: {e} (give --config.distributed.coordinator_address, "
                 "--config.distributed.num_processes and this host's --config.distributed.process_id "
                 "where JAX cannot detect them)") from e
-        except RuntimeError as e:  # JaxRuntimeError: the port taken on process 0, the coordinator not reached
+        except RuntimeError as e:  # JaxRuntimeError: e.g. the coordinator not reached
             where = d.coordinator_address or "the detected coordinator"
             raise config_utils.ConfigError(
                 f"config.distributed.coordinator_address={where}: the coordination service could not be "
