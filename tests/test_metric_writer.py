@@ -93,3 +93,42 @@ def test_the_event_file_is_written_without_importing_torch(tmp_path, torch_first
     (events,) = _events(tmp_path).values()
     assert (1, "train/loss", 0.5) in events
     assert any(tag == "disp" for _, tag, _ in events)
+
+
+def test_torch_is_hidden_from_the_loading_thread_alone(tmp_path):
+    """While tensorboardX loads without torch, another thread that imports torch gets it (the
+    first form put None in sys.modules for the whole process: found in review). The other thread
+    starts when tensorboardX's import begins (a finder asked first; it cannot wait there: finders
+    run under the global import lock) and looks torch up while tensorboardX loads (~0.3 s)."""
+    pytest.importorskip("tensorboardX")
+    if importlib.util.find_spec("torch") is None:
+        pytest.skip("torch is not installed here: there is nothing to hide")
+    code = "\n".join([
+        "import importlib.abc, sys, threading",
+        "seen, threads = [], []",
+        "def other():",
+        "    try:",
+        "        import torch",
+        "        seen.append('imported')",
+        "    except ImportError as e:",
+        "        seen.append(repr(e))",
+        "class During(importlib.abc.MetaPathFinder):",
+        "    def find_spec(self, name, path=None, target=None):",
+        "        if name == 'tensorboardX' and not threads:",
+        "            threads.append(threading.Thread(target=other))",
+        "            threads[0].start()",
+        "        return None",
+        "sys.meta_path.insert(0, During())  # asked before the path finder, after the writer's",
+        "from xdistill_jax.metric_writer import MetricWriter",
+        "w = MetricWriter(sys.argv[1])",
+        "w.write_scalars(1, {'loss': 0.5})",
+        "w.close()",
+        "threads[0].join()",
+        "print(seen)",
+    ])
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=300,
+                         cwd=pathlib.Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "['imported']"
+    (events,) = _events(tmp_path).values()
+    assert (1, "train/loss", 0.5) in events

@@ -13,11 +13,13 @@ file before the call returns, so a killed run's logged steps are on disk (tensor
 tensorboardX's package imports torch where torch is installed, only to accept torch tensors
 (`SummaryWriter`'s, not used here): 2.2 s of a run's start on this project's CPU VM (the
 import of jax, flax and TFDS before it 2.5-3.2 s), at its first metric write. It is imported
-with torch hidden unless torch is already loaded (`_tensorboardx`).
+with torch hidden from the importing thread (other threads import as ever) unless torch is
+already loaded (`_tensorboardx`).
 """
 
 from __future__ import annotations
 
+import importlib.abc
 import itertools
 import json
 import math
@@ -144,25 +146,35 @@ class MetricWriter:
 _BOARDS = itertools.count()
 
 
-_IMPORT_LOCK = threading.Lock()
+class _NoTorchInThisThread(importlib.abc.MetaPathFinder):
+    """While installed (first on sys.meta_path), `import torch` fails in the thread that
+    installed it, as on a machine without torch; other threads (the loader's, the step's
+    compile) import as ever."""
+
+    def __init__(self):
+        self.thread = threading.get_ident()
+
+    def find_spec(self, name, path=None, target=None):
+        if (name == "torch" or name.startswith("torch.")) and threading.get_ident() == self.thread:
+            raise ModuleNotFoundError(f"no module named {name!r} (hidden while tensorboardX loads)", name=name)
+        return None
 
 
 def _tensorboardx():
-    """The tensorboardX modules the event file needs, imported without torch (module docstring):
-    while tensorboardX loads, `import torch` fails as for a machine without it (tensorboardX then
-    takes numpy arrays alone), unless torch is already loaded. ImportError if tensorboardX is
-    absent."""
-    with _IMPORT_LOCK:
-        hide = "torch" not in sys.modules
-        if hide:
-            sys.modules["torch"] = None  # `import torch` raises ImportError while this stands
-        try:
-            from tensorboardX import summary
-            from tensorboardX.event_file_writer import EventsWriter
-            from tensorboardX.proto.event_pb2 import Event, SessionLog
-        finally:
-            if hide and sys.modules.get("torch", False) is None:
-                del sys.modules["torch"]
+    """The tensorboardX modules the event file needs, loaded without torch (module docstring):
+    while tensorboardX loads, `import torch` fails in this thread (tensorboardX then takes numpy
+    arrays alone), unless torch is already loaded. ImportError if tensorboardX is absent."""
+    hide = "torch" not in sys.modules and "tensorboardX.summary" not in sys.modules
+    finder = _NoTorchInThisThread() if hide else None
+    if finder is not None:
+        sys.meta_path.insert(0, finder)
+    try:
+        from tensorboardX import summary
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
+    finally:
+        if finder is not None:
+            sys.meta_path.remove(finder)
     return EventsWriter, Event, SessionLog, summary
 
 

@@ -29,13 +29,13 @@ def _key_cpu_devices_by_id(cache_key) -> None:
     if by_topology is None:
         return
 
-    def _hash_accelerator_config(hash_obj, accelerators):
+    def _hash_accelerator_config(hash_obj, accelerators, *args, **kwargs):
         devices = list(accelerators.flat)
         if devices and all(d.platform == "cpu" for d in devices):
             for d in devices:
                 hash_obj.update(f"cpu:{d.id};".encode())
             return
-        by_topology(hash_obj, accelerators)
+        by_topology(hash_obj, accelerators, *args, **kwargs)
 
     cache_key._hash_accelerator_config = _hash_accelerator_config
 
