@@ -66,15 +66,24 @@ def test_a_disabled_writer_writes_nothing(tmp_path):
     assert not (tmp_path / "w").exists()
 
 
+def _run_writer(tmp_path, lines):
+    """`lines` run as a fresh Python process (the writer's workdir its argv[1]); its stdout. Skips
+    where tensorboardX or torch is absent (then there is nothing to hide)."""
+    pytest.importorskip("tensorboardX")
+    if importlib.util.find_spec("torch") is None:
+        pytest.skip("torch is not installed here: there is nothing to hide")
+    out = subprocess.run([sys.executable, "-c", "\n".join(lines), str(tmp_path)], capture_output=True, text=True,
+                         timeout=300, cwd=pathlib.Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
 @pytest.mark.parametrize("torch_first", [False, True])
 def test_the_event_file_is_written_without_importing_torch(tmp_path, torch_first):
     """tensorboardX imports torch where it is installed (2.2 s of a run's start): the writer
     loads it with torch hidden, and torch stays importable after; where torch is already loaded
     nothing is hidden. The scalars and an image reach the event file either way."""
-    pytest.importorskip("tensorboardX")
-    if importlib.util.find_spec("torch") is None:
-        pytest.skip("torch is not installed here: there is nothing to hide")
-    code = "\n".join([
+    stdout = _run_writer(tmp_path, [
         "import sys",
         "import torch" if torch_first else "",
         "from xdistill_jax.metric_writer import MetricWriter",
@@ -86,10 +95,7 @@ def test_the_event_file_is_written_without_importing_torch(tmp_path, torch_first
         "import torch",
         "print('torch imports:', torch.zeros(2).shape == (2,))",
     ])
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=300,
-                         cwd=pathlib.Path(__file__).resolve().parents[1])
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.splitlines() == [f"torch loaded: {torch_first}", "torch imports: True"]
+    assert stdout.splitlines() == [f"torch loaded: {torch_first}", "torch imports: True"]
     (events,) = _events(tmp_path).values()
     assert (1, "train/loss", 0.5) in events
     assert any(tag == "disp" for _, tag, _ in events)
@@ -100,10 +106,7 @@ def test_torch_is_hidden_from_the_loading_thread_alone(tmp_path):
     first form put None in sys.modules for the whole process: found in review). The other thread
     starts when tensorboardX's import begins (a finder asked first; it cannot wait there: finders
     run under the global import lock) and looks torch up while tensorboardX loads (~0.3 s)."""
-    pytest.importorskip("tensorboardX")
-    if importlib.util.find_spec("torch") is None:
-        pytest.skip("torch is not installed here: there is nothing to hide")
-    code = "\n".join([
+    stdout = _run_writer(tmp_path, [
         "import importlib.abc, sys, threading",
         "seen, threads = [], []",
         "def other():",
@@ -126,9 +129,6 @@ def test_torch_is_hidden_from_the_loading_thread_alone(tmp_path):
         "threads[0].join()",
         "print(seen)",
     ])
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=300,
-                         cwd=pathlib.Path(__file__).resolve().parents[1])
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip() == "['imported']"
+    assert stdout.strip() == "['imported']"
     (events,) = _events(tmp_path).values()
     assert (1, "train/loss", 0.5) in events

@@ -508,8 +508,6 @@ def test_the_coordinator_port_probe(monkeypatch):
 def test_check_same_sends_values_beyond_int32(value):
     """With jax's 64-bit mode off an int64 crosses processes as int32: `check_same` sends two
     31-bit halves (one process: the encoding round trip, as the allgather returns it)."""
-    from xdistill_jax import hosts
-
     assert hosts._from_halves(hosts._to_halves([value, 7])).tolist() == [value, 7]
 
 
@@ -520,8 +518,6 @@ def test_a_probe_write_cut_short_is_removed(tmp_path, monkeypatch):
     import errno
 
     from jax.experimental import multihost_utils
-
-    from xdistill_jax import hosts
 
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     monkeypatch.setattr(jax, "process_index", lambda: 0)

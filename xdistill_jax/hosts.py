@@ -211,13 +211,15 @@ def coordinator_port_in_use(coordinator_address: str) -> str | None:
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     try:
         number = int(bind_port)
+        if not 0 <= number < 65536:
+            return None
         if host in ("", "::"):  # every address: gRPC's dual-stack socket, else IPv4's wildcard
             candidates = [(socket.AF_INET6, ("::", number, 0, 0), True),
                           (socket.AF_INET, ("0.0.0.0", number), False)]
         else:
             candidates = [(family, address, False) for family, _, _, _, address in socket.getaddrinfo(
                 host, number, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)]
-    except (OSError, ValueError, OverflowError):
+    except (OSError, ValueError):
         return None
     taken = False
     for family, address, dual_stack in candidates:
@@ -230,8 +232,8 @@ def coordinator_port_in_use(coordinator_address: str) -> str | None:
                     probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
                 probe.bind(address)
             return None  # one address binds: the service starts
-        except (OSError, OverflowError) as e:
-            taken = taken or getattr(e, "errno", None) == errno.EADDRINUSE
+        except OSError as e:
+            taken = taken or e.errno == errno.EADDRINUSE
     return f"port {bind_port} is in use on this host ({bind})" if taken else None
 
 

@@ -164,9 +164,9 @@ def _tensorboardx():
     """The tensorboardX modules the event file needs, loaded without torch (module docstring):
     while tensorboardX loads, `import torch` fails in this thread (tensorboardX then takes numpy
     arrays alone), unless torch is already loaded. ImportError if tensorboardX is absent."""
-    hide = "torch" not in sys.modules and "tensorboardX.summary" not in sys.modules
-    finder = _NoTorchInThisThread() if hide else None
-    if finder is not None:
+    finder = None
+    if "torch" not in sys.modules and "tensorboardX.summary" not in sys.modules:
+        finder = _NoTorchInThisThread()
         sys.meta_path.insert(0, finder)
     try:
         from tensorboardX import summary

@@ -61,7 +61,4 @@ class _OnImport(importlib.abc.MetaPathFinder):
         return spec
 
 
-if _MODULE in sys.modules:
-    _key_cpu_devices_by_id(sys.modules[_MODULE])
-else:
-    sys.meta_path.insert(0, _OnImport())
+sys.meta_path.insert(0, _OnImport())  # site runs this before anything imports JAX
