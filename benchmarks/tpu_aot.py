@@ -14,6 +14,11 @@ variant (compute dtype x distillation on/off) this prints, for one chip's progra
   * XLA's cost analysis of the compiled program: FLOPs (convolutions included, unlike the GPU's
     compile-only client) and "bytes accessed", XLA's own estimate (it counts what each
     operation's tiled layout touches; not a measured traffic);
+  * libtpu's own estimate of the step's time (`hlo_census.estimated_cycles`: the cycles its
+    compiler's cost model writes on each instruction, summed by scope; ms at `--clock-ghz`, 1.5
+    for a v5e, whose 197 bf16 TFLOP/s are 4 MXUs of 128 x 128 at 1.5 GHz): a model's figure, not
+    every instruction carries one (those that do not are named), for comparing two versions of
+    the step on the same topology;
   * the collectives per step by kind, with their elements by type (`hlo_census.collectives`,
     `collective_totals`): a data-parallel step should only all-reduce (gradients, BatchNorm
     statistics, loss means), in float32. An all-gather means every chip computed something on
@@ -42,7 +47,9 @@ def measure(config, mesh, seed: int = 0) -> dict:
     _, compiled, lower_s, compile_s = benchmark.compile_step(config, mesh, seed)
     mem = compiled.memory_analysis()
     flops, accessed = benchmark._cost(compiled)
+    estimate = hlo_census.estimated_cycles(compiled.as_text())
     return {
+        "estimate": {**estimate, "scopes": {f"{s}/{p}": c for (s, p), c in estimate["scopes"].items()}},
         "lower_s": lower_s, "compile_s": compile_s,
         "memory_bytes": benchmark._xla_memory_bytes(compiled),
         "argument_bytes": int(mem.argument_size_in_bytes), "temp_bytes": int(mem.temp_size_in_bytes),
@@ -75,6 +82,8 @@ def main() -> None:
     p.add_argument("--distill", default="on", type=_comma_list(("on", "off")), help="comma list of on,off")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--clock-ghz", type=float, default=1.5,
+                   help="TPU clock for libtpu's estimated cycles in ms (1.5: a v5e)")
     args, overrides = p.parse_known_args()
 
     import jax
@@ -108,6 +117,9 @@ def main() -> None:
     print(f"{xdistill_jax.__file__}, jax {jax.__version__}, {args.topology}, {args.config} {' '.join(overrides)} "
           f"({time.perf_counter() - t0:.0f} s)")
     print(table(rows, device, chips))
+    for r in rows:
+        estimate = dict(r["estimate"], scopes={tuple(k.split("/")): v for k, v in r["estimate"]["scopes"].items()})
+        print(f"\n{r['variant']}, one chip's step: " + hlo_census.cycles_markdown(estimate, args.clock_ghz * 1e9))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"topology": args.topology, "device": device, "chips": chips, "config": args.config,

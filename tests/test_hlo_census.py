@@ -293,3 +293,41 @@ def test_a_kernel_that_is_only_a_slice_reads_what_it_writes():
     ks = {k["name"]: k["bytes"] for k in hc.kernels(SLICE_HLO)}
     assert ks == {"wrapped_slice.1": 2 * 64 * 4, "wrapped_slice.2": 2 * 936 * 4,
                   "loop_slice_exp_fusion": 64 * 4 + 1000 * 4, "slice.4": 2 * 10 * 4}
+
+
+# Hand-written TPU-style optimised HLO: libtpu writes its cost model's estimate into each
+# instruction's backend config; a reduce-window doing work without one; async copies.
+TPU_HLO = """HloModule jit_train_step
+
+ENTRY %main.3_spmd (p0: bf16[3,96,320,16], p1: f32[3,194,642,3]) -> bf16[3,192,640,16] {
+  %p0 = bf16[3,96,320,16]{3,2,1,0:T(8,128)(2,1)} parameter(0)
+  %p1 = f32[3,194,642,3]{2,1,3,0:T(8,128)} parameter(1)
+  %copy-start.1 = (bf16[3,96,320,16]{3,2,1,0:T(8,128)(2,1)S(1)}, bf16[3,96,320,16]{3,2,1,0:T(8,128)(2,1)}, u32[]) copy-start(%p0)
+  %copy-done.1 = bf16[3,96,320,16]{3,2,1,0:T(8,128)(2,1)S(1)} copy-done(%copy-start.1)
+  %reduce-window.2 = f32[3,192,640,3]{2,1,3,0:T(8,128)} reduce-window(%p1, %p1), window={size=1x3x3x1}, metadata={op_name="jit(train_step)/jvp(photometric)/vmap(reprojection)/reduce_window_sum"}
+  %fusion.4 = bf16[3,192,640,16]{3,2,1,0:T(8,128)(2,1)} fusion(%copy-done.1), kind=kLoop, calls=%f, metadata={op_name="jit(train_step)/jvp(depth_net)/DepthNet/decoder/dot_general"}, backend_config={"flag_configs":[],"estimated_cycles":"3000"}
+  %fusion.5 = bf16[3,96,320,16]{3,2,1,0:T(8,128)(2,1)} fusion(%fusion.4), kind=kLoop, calls=%g, metadata={op_name="jit(train_step)/transpose(jvp(depth_net))/DepthNet/decoder/add_any"}, backend_config={"flag_configs":[],"estimated_cycles":"1500"}
+  %copy.6 = bf16[3,96,320,16]{3,2,1,0:T(8,128)(2,1)} copy(%fusion.5), metadata={op_name="jit(train_step)/optimizer/copy"}, backend_config={"estimated_cycles":"500"}
+  %add.7 = u32[1]{0:T(128)} add(%p0, %p0)
+  ROOT %fusion.8 = bf16[3,192,640,16]{3,2,1,0:T(8,128)(2,1)} fusion(%copy.6), kind=kLoop, calls=%h, backend_config={"estimated_cycles":"1000"}
+}
+"""
+
+
+def test_estimated_cycles_of_hand_written_tpu_hlo():
+    """libtpu's estimated cycles summed by scope and pass and by opcode; an instruction moving
+    real bytes without an estimate is named (the reduce-window), a tiny one (a u32 add) and the
+    async copies are not."""
+    e = hc.estimated_cycles(TPU_HLO)
+    assert e["cycles"] == 3000 + 1500 + 500 + 1000
+    assert e["scopes"] == {("depth_net", "fwd"): 3000, ("depth_net", "bwd"): 1500, ("optimizer", "fwd"): 500,
+                           ("other", "fwd"): 1000}
+    assert e["opcodes"] == {"fusion": 5500, "copy": 500}
+    assert e["unestimated"] == {"reduce-window": 1}
+    assert e["top"] == ["fusion.4", "fusion.5", "fusion.8", "copy.6"]
+    text = hc.cycles_markdown(e, 1.5e9)
+    assert text.startswith("0.0 M cycles estimated by libtpu, 0.00 ms at 1.5 GHz (not estimated: 1 reduce-window)")
+    assert "| depth_net | 0.00 | 0.00 | 0.00 (75.0) |" in text  # 4500 of 6000 cycles
+    with pytest.raises(ValueError, match="while"):
+        hc.estimated_cycles(TPU_HLO.replace("%add.7 = u32[1]{0:T(128)} add(%p0, %p0)",
+                                            "%add.7 = u32[1]{0:T(128)} while(%p0), condition=%c, body=%b"))

@@ -528,6 +528,53 @@ def test_decoder_padded_elu_form_per_platform():
     assert found == {"cpu": ["2x6x10x3"], "cuda": ["2x8x12x3"], "tpu": ["2x8x12x3"]}, found
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 5, 7, 3), (1, 1, 3, 16), (2, 2, 1, 4)])
+def test_decoder_tpu_forms_are_the_broadcast_and_the_pad(dtype, shape):
+    """The TPU's forms of the decoder's upsampling and reflection padding (columns gathered by a
+    0/1 matrix product) give bitwise the values of the broadcast and of jnp.pad (sizes of 1
+    included, as jnp.pad reflects them), and their gradients the same sums: bitwise for the pad
+    of maps of 2 or more pixels (at most two terms each), and within rounding where there are more
+    terms, summed in another order (the upsampling's four; a size of 1 padded to 3)."""
+    from xdistill_jax.models import depth
+
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.normal(size=shape), dtype)
+    b, h, w, c = shape
+    pairs = ((depth._reflect_pad1_by_pad, depth._reflect_pad1_columns_by_matmul, (b, h + 2, w + 2, c)),
+             (depth._upsample_nearest2_by_broadcast, depth._upsample_nearest2_columns_by_matmul, (b, 2 * h, 2 * w, c)))
+    for plain, tpu, out_shape in pairs:
+        g = jnp.asarray(rng.normal(size=out_shape), dtype)
+        y, vjp = jax.vjp(plain, x)
+        y_tpu, vjp_tpu = jax.vjp(tpu, x)
+        assert y_tpu.dtype == y.dtype and y_tpu.shape == out_shape
+        np.testing.assert_array_equal(np.asarray(y_tpu, np.float32), np.asarray(y, np.float32))
+        grad, grad_tpu = (np.asarray(f(g)[0], np.float64) for f in (vjp, vjp_tpu))
+        tol = 8 * float(jnp.finfo(dtype).eps) * float(np.abs(np.asarray(g, np.float64)).max())
+        if plain is depth._reflect_pad1_by_pad:
+            if min(h, w) >= 2:
+                np.testing.assert_array_equal(grad_tpu, grad)
+            else:
+                np.testing.assert_allclose(grad_tpu, grad, rtol=0, atol=tol)
+        else:
+            g64 = np.asarray(g, np.float64).reshape(b, h, 2, w, 2, c).sum(axis=(2, 4))
+            for got in (grad, grad_tpu):
+                np.testing.assert_allclose(got, g64, rtol=0, atol=tol)
+
+
+def test_decoder_upsampling_and_padding_forms_per_platform():
+    """The TPU gathers the decoder's upsampled and padded columns by a matrix product; the CPU and
+    CUDA lower the broadcast and jnp.pad (no dot_general)."""
+    from exported_forms import stablehlo_by_platform
+    from xdistill_jax.models import depth
+
+    spec = jax.ShapeDtypeStruct((2, 6, 10, 16), jnp.bfloat16)
+    for fn in (depth.upsample_nearest2, depth.reflect_pad1):
+        texts = stablehlo_by_platform(fn, spec)
+        assert "stablehlo.dot_general" in texts["tpu"], fn.__name__
+        assert all("dot_general" not in texts[p] for p in ("cpu", "cuda")), fn.__name__
+
+
 def test_depthnet_gradients_with_the_output_masked_relu(monkeypatch):
     """DepthNet's parameter gradients (train mode, jitted) with models.activations.relu in the
     encoder against the same network with jax.nn.relu: the masks are the same, so the gradients

@@ -85,6 +85,32 @@ def test_choose_a_gpu_form():
     assert float(jax.jit(_three_forms)(x)) == 3.0
 
 
+def _four_forms(x):
+    return platform_forms.choose(x, cpu=lambda v: v + 1.0, default=lambda v: v * 3.0, gpu=lambda v: v - 5.0,
+                                 tpu=lambda v: v / 4.0)
+
+
+def test_choose_a_tpu_form():
+    """`tpu=`: the TPU's form, at lowering and inside `target`; CUDA and ROCm keep theirs (or
+    `default` without `gpu=`)."""
+    x = jnp.float32(2.0)
+    texts = stablehlo_by_platform(_four_forms, jax.ShapeDtypeStruct((), jnp.float32))
+    assert "stablehlo.divide" in texts["tpu"] and "stablehlo.multiply" not in texts["tpu"]
+    assert "stablehlo.subtract" in texts["cuda"] and "stablehlo.divide" not in texts["cuda"]
+    assert "stablehlo.add" in texts["cpu"] and "stablehlo.divide" not in texts["cpu"]
+    for platform, want in (("tpu", 0.5), ("gpu", -3.0), ("cuda", -3.0), ("rocm", -3.0), ("cpu", 3.0)):
+        with platform_forms.target(platform):
+            assert float(_four_forms(x)) == want, platform
+    without_gpu = lambda v: platform_forms.choose(v, cpu=lambda v: v + 1.0, default=lambda v: v * 3.0,  # noqa: E731
+                                                  tpu=lambda v: v / 4.0)
+    for platform, want in (("tpu", 0.5), ("cuda", 6.0), ("cpu", 3.0)):
+        with platform_forms.target(platform):
+            assert float(without_gpu(x)) == want, platform
+    texts = stablehlo_by_platform(without_gpu, jax.ShapeDtypeStruct((), jnp.float32))
+    assert "stablehlo.multiply" in texts["cuda"] and "stablehlo.divide" not in texts["cuda"]
+    assert float(jax.jit(_four_forms)(x)) == 3.0
+
+
 def test_target_carries_channel_padding():
     assert platform_forms.channel_padding() is True
     with platform_forms.target("gpu", channel_padding=False):

@@ -356,3 +356,58 @@ def markdown(summary: dict[str, Any]) -> str:
     lines += [f"- {k['name']} {k['scope']} ({k['pass']}), {k['channels'][0]} {k['channels'][1]} -> "
               f"{k['channels'][2]} channels" for k in off]
     return "\n".join(lines)
+
+
+_CYCLES_RE = re.compile(r'"estimated_cycles":"(\d+)"')
+
+
+def estimated_cycles(hlo_text: str) -> dict[str, Any]:
+    """libtpu's own estimate of a TPU program's time: the `estimated_cycles` its compiler writes
+    into the backend config of the entry computation's instructions, summed by scope and pass
+    (`profile_summary.scope_of`) and by opcode. A cost model's figure, not a measurement, and not
+    every instruction carries one: "unestimated" counts by opcode those that do work and carry
+    none (on a v5e train step: all-reduces, reduce-windows, some pads), and the async copies
+    (`copy-start`/`-done`, overlapped with other work) are left out. For comparing two versions
+    of a program compiled for the same TPU."""
+    info = profile_summary.hlo_instructions(hlo_text)
+    scopes: dict[tuple[str, str], int] = collections.Counter()
+    opcodes: dict[str, int] = collections.Counter()
+    unestimated: dict[str, int] = collections.Counter()
+    top = []
+    for line in entry_lines(hlo_text):
+        match = _DEF_RE.match(line)
+        if match is None:
+            continue
+        name = match.group(1)
+        shape, opcode, _ = split_definition(match.group(2))
+        if opcode in NOT_STRAIGHT:
+            raise ValueError(f"instruction {name} is a {opcode}: the cycle count reads straight-line "
+                             "entry computations only")
+        found = _CYCLES_RE.search(line)
+        if found is None:
+            if (opcode not in NO_WORK and not opcode.startswith(("copy-", "slice-"))
+                    and shape_bytes(shape) > SMALL_KERNEL_BYTES):
+                unestimated[opcode] += 1
+            continue
+        cycles = int(found.group(1))
+        scopes[profile_summary.scope_of(info[name]["op_name"] if name in info else "")] += cycles
+        opcodes[opcode] += cycles
+        top.append((cycles, name))
+    return {"cycles": sum(opcodes.values()), "scopes": dict(scopes), "opcodes": dict(opcodes),
+            "unestimated": dict(unestimated), "top": [name for _, name in sorted(top, reverse=True)[:10]]}
+
+
+def cycles_markdown(estimate: dict[str, Any], clock_hz: float) -> str:
+    """`estimated_cycles`'s result as markdown: the total, then a table by scope (ms at `clock_hz`)."""
+    total = estimate["cycles"]
+    lines = [f"{total / 1e6:.1f} M cycles estimated by libtpu, {total / clock_hz * 1e3:.2f} ms at "
+             f"{clock_hz / 1e9:g} GHz" + (" (not estimated: " + ", ".join(
+                 f"{n} {op}" for op, n in sorted(estimate["unestimated"].items())) + ")"
+                 if estimate["unestimated"] else ""), "",
+             "| scope | fwd ms | bwd ms | ms (%) |", "|---|---|---|---|"]
+    order = profile_summary.SCOPES + ("other",)
+    for scope in sorted({s for s, _ in estimate["scopes"]}, key=order.index):
+        fwd, bwd = (estimate["scopes"].get((scope, p), 0) for p in ("fwd", "bwd"))
+        lines.append(f"| {scope} | {fwd / clock_hz * 1e3:.2f} | {bwd / clock_hz * 1e3:.2f} | "
+                     f"{(fwd + bwd) / clock_hz * 1e3:.2f} ({profile_summary._pct(fwd + bwd, total)}) |")
+    return "\n".join(lines)

@@ -4,7 +4,9 @@ Several pieces of the train step have a form that rounds like the code the demo'
 figures were measured with, kept on the CPU, and a form that moves less memory on a GPU or TPU
 (benchmarks/RESULTS.md). `choose(*args, cpu=f, default=g)` applies one of them (`gpu=h`: a
 third form for CUDA and ROCm alone, the TPU keeping `default`: the 16-bit convolutions'
-tensor-core channel padding, `models.conv`, which `target`'s `channel_padding` turns off):
+tensor-core channel padding, `models.conv`, which `target`'s `channel_padding` turns off;
+`tpu=t`: a form for the TPU alone, the GPUs keeping `default`: the depth decoder's upsampling,
+`models.depth.upsample_nearest2`):
 
 - while `target(platform)` is active, the form for that platform alone, picked in Python. The
   train step is traced inside it, with its mesh's platform (`train.make_train_step`);
@@ -93,13 +95,20 @@ def channel_padding() -> bool:
     return _CHANNEL_PADDING.get()
 
 
-def choose(*args, cpu: Callable, default: Callable, gpu: Callable | None = None):
-    """cpu(*args), gpu(*args) (CUDA or ROCm; `default` where not given) or default(*args), for the
-    platform of `target`, else at lowering time."""
+def choose(*args, cpu: Callable, default: Callable, gpu: Callable | None = None,
+           tpu: Callable | None = None):
+    """cpu(*args), gpu(*args) (CUDA or ROCm; `default` where not given), tpu(*args) (`default`
+    where not given) or default(*args), for the platform of `target`, else at lowering time."""
     platform = _TARGET.get()
     if platform is None:
-        per_gpu = {} if gpu is None else {"cuda": gpu, "rocm": gpu}
-        return jax.lax.platform_dependent(*args, cpu=cpu, default=default, **per_gpu)
+        per_platform = {} if gpu is None else {"cuda": gpu, "rocm": gpu}
+        if tpu is not None:
+            per_platform["tpu"] = tpu
+        return jax.lax.platform_dependent(*args, cpu=cpu, default=default, **per_platform)
     if platform == "cpu":
         return cpu(*args)
-    return (gpu if gpu is not None and platform in GPU_PLATFORMS else default)(*args)
+    if gpu is not None and platform in GPU_PLATFORMS:
+        return gpu(*args)
+    if tpu is not None and platform == "tpu":
+        return tpu(*args)
+    return default(*args)

@@ -21,6 +21,7 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 from xdistill_jax import platform_forms
@@ -54,9 +55,38 @@ def torch_default_conv(features: int, in_features: int, kernel: int, *, name: st
     )
 
 
-def reflect_pad1(x):
-    """torch.nn.ReflectionPad2d(1) on an NHWC tensor (edge pixel not repeated)."""
+def _reflect_pad1_by_pad(x):
     return jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+
+
+def _columns_by_matmul(x, src):
+    """x (B,H,W,C) -> (B,H,len(src),C), out[:, :, v] = x[:, :, src[v]] (src: static indices), as a
+    product with the 0/1 matrix that has column v's one in row src[v]: exact, each output is one
+    term times 1 plus zeros (16-bit products are exact; wider types at HIGHEST precision, which a
+    TPU runs as exact bf16 pieces). Unlike a copy, it spreads a non-finite input along its row (0 x
+    inf), where a non-finite activation has made the loss non-finite anyway."""
+    select = jnp.asarray(np.arange(x.shape[2])[:, None] == np.asarray(src)[None, :], x.dtype)
+    precision = jax.lax.Precision.HIGHEST if jnp.finfo(x.dtype).bits > 16 else None
+    return jnp.einsum("bhwc,wv->bhvc", x, select, precision=precision, preferred_element_type=x.dtype)
+
+
+def _reflect_pad1_columns_by_matmul(x):
+    h, w = x.shape[1:3]
+    rows = np.pad(np.arange(h), 1, mode="reflect")  # jnp.pad's own rule, a size of 1 included
+    x = jnp.concatenate([x[:, rows[0]:rows[0] + 1], x, x[:, rows[-1]:rows[-1] + 1]], axis=1)
+    return _columns_by_matmul(x, np.pad(np.arange(w), 1, mode="reflect"))
+
+
+def reflect_pad1(x):
+    """torch.nn.ReflectionPad2d(1) on an NHWC tensor (edge pixel not repeated).
+
+    On a TPU the columns are gathered by a matrix product (`_columns_by_matmul`), the same values:
+    the decoder's maps have 16-64 channels, the minor dimension of a TPU tile of 128 lanes, and a
+    pad along the width, the tile's other dimension, was a shifted copy of each padded tile; by
+    libtpu's own cost estimate the depth net's forward + backward (batch 3, 640x192, bf16) took
+    25.0 -> 21.2 ms with it (benchmarks/RESULTS.md, "The depth decoder on a TPU")."""
+    return platform_forms.choose(x, cpu=_reflect_pad1_by_pad, default=_reflect_pad1_by_pad,
+                                 tpu=_reflect_pad1_columns_by_matmul)
 
 
 def _elu_then_pad(x, copies: int):
@@ -86,11 +116,28 @@ def elu_reflect_padded(x, copies: int):
                                  default=functools.partial(_pad_then_elu, copies=copies))
 
 
-def upsample_nearest2(x):
-    """F.interpolate(scale_factor=2, mode="nearest") on NHWC: out[i, j] = in[i // 2, j // 2]."""
+def _upsample_nearest2_by_broadcast(x):
     b, h, w, c = x.shape
     x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c))
     return x.reshape(b, 2 * h, 2 * w, c)
+
+
+def _upsample_nearest2_columns_by_matmul(x):
+    b, h, w, c = x.shape
+    x = jnp.broadcast_to(x[:, :, None], (b, h, 2, w, c)).reshape(b, 2 * h, w, c)
+    return _columns_by_matmul(x, np.arange(2 * w) // 2)
+
+
+def upsample_nearest2(x):
+    """F.interpolate(scale_factor=2, mode="nearest") on NHWC: out[i, j] = in[i // 2, j // 2].
+
+    The rows are repeated by a broadcast; on a TPU the columns by a matrix product
+    (`_columns_by_matmul`; the same values), elsewhere by the same broadcast. The broadcast's
+    (2, C) minor dimensions took a TPU tile of 128 lanes per 16-32 channels, and its gradient a
+    reduction over them: by libtpu's cost estimate the depth net's forward + backward (batch 3,
+    640x192, bf16) took 35.1 -> 25.0 ms with the product (benchmarks/RESULTS.md)."""
+    return platform_forms.choose(x, cpu=_upsample_nearest2_by_broadcast, default=_upsample_nearest2_by_broadcast,
+                                 tpu=_upsample_nearest2_columns_by_matmul)
 
 
 class DepthDecoder(nn.Module):
