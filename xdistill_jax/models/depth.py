@@ -62,8 +62,9 @@ def _reflect_pad1_by_pad(x):
 def _columns_by_matmul(x, src):
     """x (B,H,W,C) -> (B,H,len(src),C), out[:, :, v] = x[:, :, src[v]] (src: static indices), as a
     product with the 0/1 matrix that has column v's one in row src[v]: exact, each output is one
-    term times 1 plus zeros (16-bit products are exact; wider types at HIGHEST precision, which a
-    TPU runs as exact bf16 pieces). Unlike a copy, it spreads a non-finite input along its row (0 x
+    term times 1 plus zeros (16-bit products are exact; wider types at HIGHEST precision, at which
+    a TPU splits a float32 into three bf16 pieces, exact against a 1: not run on a TPU here).
+    Unlike a copy, it spreads a non-finite input along its row (0 x
     inf), where a non-finite activation has made the loss non-finite anyway."""
     select = jnp.asarray(np.arange(x.shape[2])[:, None] == np.asarray(src)[None, :], x.dtype)
     precision = jax.lax.Precision.HIGHEST if jnp.finfo(x.dtype).bits > 16 else None
