@@ -5,8 +5,8 @@ figures were measured with, kept on the CPU, and a form that moves less memory o
 (benchmarks/RESULTS.md). `choose(*args, cpu=f, default=g)` applies one of them (`gpu=h`: a
 third form for CUDA and ROCm alone, the TPU keeping `default`: the 16-bit convolutions'
 tensor-core channel padding, `models.conv`, which `target`'s `channel_padding` turns off;
-`tpu=t`: a form for the TPU alone, the GPUs keeping `default`: the depth decoder's upsampling,
-`models.depth.upsample_nearest2`):
+`tpu=t`: a form for the TPU alone, the GPUs keeping `default`: the depth decoder's upsampling
+and reflection pads, `models.depth`):
 
 - while `target(platform)` is active, the form for that platform alone, picked in Python. The
   train step is traced inside it, with its mesh's platform (`train.make_train_step`);

@@ -64,8 +64,8 @@ def _columns_by_matmul(x, src):
     product with the 0/1 matrix that has column v's one in row src[v]: exact, each output is one
     term times 1 plus zeros (16-bit products are exact; wider types at HIGHEST precision, at which
     a TPU splits a float32 into three bf16 pieces, exact against a 1: not run on a TPU here).
-    Unlike a copy, it spreads a non-finite input along its row (0 x
-    inf), where a non-finite activation has made the loss non-finite anyway."""
+    Unlike a copy, it spreads a non-finite input along its row (0 x inf), where a non-finite
+    activation has made the loss non-finite anyway."""
     select = jnp.asarray(np.arange(x.shape[2])[:, None] == np.asarray(src)[None, :], x.dtype)
     precision = jax.lax.Precision.HIGHEST if jnp.finfo(x.dtype).bits > 16 else None
     return jnp.einsum("bhwc,wv->bhvc", x, select, precision=precision, preferred_element_type=x.dtype)
