@@ -3,7 +3,6 @@ elsewhere; the train and eval steps are traced with their mesh's platform."""
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from exported_forms import stablehlo_by_platform
 from train_fixtures import make_batch, tiny_config
