@@ -47,9 +47,8 @@ def measure(config, mesh, seed: int = 0) -> dict:
     _, compiled, lower_s, compile_s = benchmark.compile_step(config, mesh, seed)
     mem = compiled.memory_analysis()
     flops, accessed = benchmark._cost(compiled)
-    estimate = hlo_census.estimated_cycles(compiled.as_text())
     return {
-        "estimate": {**estimate, "scopes": {f"{s}/{p}": c for (s, p), c in estimate["scopes"].items()}},
+        "estimate": hlo_census.estimated_cycles(compiled.as_text()),
         "lower_s": lower_s, "compile_s": compile_s,
         "memory_bytes": benchmark._xla_memory_bytes(compiled),
         "argument_bytes": int(mem.argument_size_in_bytes), "temp_bytes": int(mem.temp_size_in_bytes),
@@ -118,8 +117,7 @@ def main() -> None:
           f"({time.perf_counter() - t0:.0f} s)")
     print(table(rows, device, chips))
     for r in rows:
-        estimate = dict(r["estimate"], scopes={tuple(k.split("/")): v for k, v in r["estimate"]["scopes"].items()})
-        print(f"\n{r['variant']}, one chip's step: " + hlo_census.cycles_markdown(estimate, args.clock_ghz * 1e9))
+        print(f"\n{r['variant']}, one chip's step: " + hlo_census.cycles_markdown(r["estimate"], args.clock_ghz * 1e9))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"topology": args.topology, "device": device, "chips": chips, "config": args.config,

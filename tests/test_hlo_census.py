@@ -320,8 +320,8 @@ def test_estimated_cycles_of_hand_written_tpu_hlo():
     async copies are not."""
     e = hc.estimated_cycles(TPU_HLO)
     assert e["cycles"] == 3000 + 1500 + 500 + 1000
-    assert e["scopes"] == {("depth_net", "fwd"): 3000, ("depth_net", "bwd"): 1500, ("optimizer", "fwd"): 500,
-                           ("other", "fwd"): 1000}
+    assert e["scopes"] == {"depth_net": {"fwd": 3000, "bwd": 1500}, "optimizer": {"fwd": 500, "bwd": 0},
+                           "other": {"fwd": 1000, "bwd": 0}}
     assert e["opcodes"] == {"fusion": 5500, "copy": 500}
     assert e["unestimated"] == {"reduce-window": 1}
     assert e["top"] == ["fusion.4", "fusion.5", "fusion.8", "copy.6"]

@@ -248,6 +248,22 @@ def slice_computations(hlo_text: str) -> set[str]:
     return {c for c, found in ops.items() if [op for op in found if op != "parameter"] == ["slice"]}
 
 
+def _straight_entry(hlo_text: str):
+    """(line, name, right-hand side, split_definition of it) per instruction of the ENTRY
+    computation, in program order; ValueError at a `while`, `conditional` or `call` (the work of
+    their bodies would count an unknown number of times)."""
+    for line in entry_lines(hlo_text):
+        match = _DEF_RE.match(line)
+        if match is None:
+            continue
+        name, rhs = match.groups()
+        parts = split_definition(rhs)
+        if parts[1] in NOT_STRAIGHT:
+            raise ValueError(f"instruction {name} is a {parts[1]}: only straight-line entry computations "
+                             "are read")
+        yield line, name, rhs, parts
+
+
 def kernels(hlo_text: str) -> list[dict[str, Any]]:
     """The kernels of the entry computation, in program order: {"name", "opcode", "kind",
     "scope", "pass", "bytes", "out_bytes", "window", "config"} (see the module docstring;
@@ -257,16 +273,8 @@ def kernels(hlo_text: str) -> list[dict[str, Any]]:
     slices = slice_computations(hlo_text)
     shapes: dict[str, str] = {}
     out = []
-    for line in entry_lines(hlo_text):
-        match = _DEF_RE.match(line)
-        if match is None:
-            continue
-        name = match.group(1)
-        shape, opcode, operand_text = split_definition(match.group(2))
+    for line, name, rhs, (shape, opcode, operand_text) in _straight_entry(hlo_text):
         shapes[name] = shape
-        if opcode in NOT_STRAIGHT:
-            raise ValueError(f"instruction {name} is a {opcode}: the census counts straight-line "
-                             "entry computations only")
         if opcode in NO_WORK or opcode.endswith("-done"):  # an async op's "-done" waits for its "-start"
             continue
         operands = dict.fromkeys(re.findall(r"%([\w.\-]+)", operand_text))
@@ -284,8 +292,8 @@ def kernels(hlo_text: str) -> list[dict[str, Any]]:
                     "bytes": 2 * out_bytes if only_a_slice else
                     out_bytes + sum(shape_bytes(shapes[o]) for o in operands),
                     "window": tuple(int(v) for v in window.group(1).split("x")) if window else None,
-                    "config": config_key(match.group(2), shapes) if library else None,
-                    "channels": conv_channels(match.group(2), shapes) if library else None})
+                    "config": config_key(rhs, shapes) if library else None,
+                    "channels": conv_channels(rhs, shapes) if library else None})
     return out
 
 
@@ -364,25 +372,17 @@ _CYCLES_RE = re.compile(r'"estimated_cycles":"(\d+)"')
 def estimated_cycles(hlo_text: str) -> dict[str, Any]:
     """libtpu's own estimate of a TPU program's time: the `estimated_cycles` its compiler writes
     into the backend config of the entry computation's instructions, summed by scope and pass
-    (`profile_summary.scope_of`) and by opcode. A cost model's figure, not a measurement, and not
+    (`profile_summary.scope_of`; "scopes": {scope: {"fwd": cycles, "bwd": cycles}}) and by opcode. A cost model's figure, not a measurement, and not
     every instruction carries one: "unestimated" counts by opcode those that do work and carry
     none (on a v5e train step: all-reduces, reduce-windows, some pads), and the async copies
     (`copy-start`/`-done`, overlapped with other work) are left out. For comparing two versions
     of a program compiled for the same TPU."""
     info = profile_summary.hlo_instructions(hlo_text)
-    scopes: dict[tuple[str, str], int] = collections.Counter()
+    scopes: dict[str, dict[str, int]] = collections.defaultdict(lambda: {"fwd": 0, "bwd": 0})
     opcodes: dict[str, int] = collections.Counter()
     unestimated: dict[str, int] = collections.Counter()
     top = []
-    for line in entry_lines(hlo_text):
-        match = _DEF_RE.match(line)
-        if match is None:
-            continue
-        name = match.group(1)
-        shape, opcode, _ = split_definition(match.group(2))
-        if opcode in NOT_STRAIGHT:
-            raise ValueError(f"instruction {name} is a {opcode}: the cycle count reads straight-line "
-                             "entry computations only")
+    for line, name, _, (shape, opcode, _) in _straight_entry(hlo_text):
         found = _CYCLES_RE.search(line)
         if found is None:
             if (opcode not in NO_WORK and not opcode.startswith(("copy-", "slice-"))
@@ -390,11 +390,14 @@ def estimated_cycles(hlo_text: str) -> dict[str, Any]:
                 unestimated[opcode] += 1
             continue
         cycles = int(found.group(1))
-        scopes[profile_summary.scope_of(info[name]["op_name"] if name in info else "")] += cycles
+        scope, direction = profile_summary.scope_of(info[name]["op_name"] if name in info else "")
+        scopes[scope][direction] += cycles
         opcodes[opcode] += cycles
         top.append((cycles, name))
-    return {"cycles": sum(opcodes.values()), "scopes": dict(scopes), "opcodes": dict(opcodes),
-            "unestimated": dict(unestimated), "top": [name for _, name in sorted(top, reverse=True)[:10]]}
+    order = profile_summary.SCOPES + ("other",)
+    return {"cycles": sum(opcodes.values()), "scopes": dict(sorted(scopes.items(), key=lambda kv: order.index(kv[0]))),
+            "opcodes": dict(opcodes), "unestimated": dict(unestimated),
+            "top": [name for _, name in sorted(top, reverse=True)[:10]]}
 
 
 def cycles_markdown(estimate: dict[str, Any], clock_hz: float) -> str:
@@ -405,9 +408,8 @@ def cycles_markdown(estimate: dict[str, Any], clock_hz: float) -> str:
                  f"{n} {op}" for op, n in sorted(estimate["unestimated"].items())) + ")"
                  if estimate["unestimated"] else ""), "",
              "| scope | fwd ms | bwd ms | ms (%) |", "|---|---|---|---|"]
-    order = profile_summary.SCOPES + ("other",)
-    for scope in sorted({s for s, _ in estimate["scopes"]}, key=order.index):
-        fwd, bwd = (estimate["scopes"].get((scope, p), 0) for p in ("fwd", "bwd"))
+    for scope, passes in estimate["scopes"].items():
+        fwd, bwd = passes["fwd"], passes["bwd"]
         lines.append(f"| {scope} | {fwd / clock_hz * 1e3:.2f} | {bwd / clock_hz * 1e3:.2f} | "
                      f"{(fwd + bwd) / clock_hz * 1e3:.2f} ({profile_summary._pct(fwd + bwd, total)}) |")
     return "\n".join(lines)
